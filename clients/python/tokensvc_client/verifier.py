@@ -1,0 +1,369 @@
+"""The one place that decides whether an access token is acceptable (SPEC.md section 7).
+
+Used by the server's Introspect and by :class:`~tokensvc_client.AuthInterceptor` alike.
+
+Verification is three steps, each rejecting with one stable :class:`Reason`:
+
+1. :func:`parse` -- shape only: size cap, exactly three canonical base64url segments, a
+   strictly parsed header with ``alg`` ES256, ``typ`` at+jwt, a ``kid`` and nothing else
+   (so no ``jwk``/``jku``/``x5u``/``x5c``/``crit``/``zip``), a 64-byte raw R||S signature.
+2. :meth:`Verifier.check_signature` -- ``kid`` looked up in a :class:`KeySet` that came from
+   the configured JWKS source (never from the token), r and s in range, then jwcrypto's
+   ES256 verification.
+3. :meth:`Verifier.check_claims` -- strictly typed claims, ``exp``/``nbf``/``iat`` against an
+   injectable clock with a small leeway, ``iss`` and ``aud``.
+
+What jwcrypto does not check and this module does: canonical base64url (jwcrypto's decoder
+ignores stray characters and non-zero padding bits), the signature length (jwcrypto splits
+any byte string in half), duplicate JSON keys, header members beyond the three we emit,
+claim types. Revocation is not decided here: the server asks Redis, the interceptor asks
+its revocation source; both call this module first.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from jwcrypto import jwk, jws
+
+from tokensvc_client.errors import InvalidToken, KeysUnavailable, Reason
+
+ALGORITHM: Final = "ES256"
+TOKEN_TYPE: Final = "at+jwt"
+#: Refresh tokens start with this prefix; see tokensvc.tokens.
+REFRESH_TOKEN_PREFIX: Final = "tsr1_"
+DEFAULT_MAX_TOKEN_BYTES: Final = 4096
+DEFAULT_LEEWAY_SECONDS: Final = 30
+
+# Order of the P-256 group: r and s must lie in [1, n-1] (SEC 1, 4.1.4).
+_P256_ORDER: Final = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+_SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
+_ALLOWED_HEADER: Final = frozenset({"alg", "typ", "kid"})
+_ACCEPTED_TYP: Final = frozenset({"at+jwt", "application/at+jwt"})
+_MAX_NUMERIC_DATE: Final = 2**53
+
+
+def b64url_decode(segment: str) -> bytes:
+    """Decode one unpadded, canonical base64url segment or raise ``ValueError``."""
+    if not _SEGMENT.fullmatch(segment) or len(segment) % 4 == 1:
+        raise ValueError("not base64url")
+    raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    # Re-encoding must give the segment back: rejects non-zero trailing bits, so one
+    # token has exactly one spelling (and the jwcrypto signing input equals the token's).
+    if base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii") != segment:
+        raise ValueError("non-canonical base64url")
+    return raw
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate member {key!r}")
+        out[key] = value
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def strict_json_object(raw: bytes) -> dict[str, Any]:
+    """Parse UTF-8 JSON that must be an object without duplicate members."""
+    try:
+        value = json.loads(
+            raw.decode("utf-8"),
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_reject_constant,
+        )
+    except (ValueError, RecursionError) as err:
+        raise ValueError("invalid JSON") from err
+    if not isinstance(value, dict):
+        raise ValueError("JSON is not an object")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedToken:
+    """A token whose shape and header passed :func:`parse`; signature not yet checked."""
+
+    header_json: str
+    payload: bytes
+    signature: bytes
+    kid: str
+
+
+def parse(token: str, max_bytes: int = DEFAULT_MAX_TOKEN_BYTES) -> ParsedToken:
+    """Check the shape and header of a compact ES256 JWS access token.
+
+    Raises:
+        InvalidToken: with the first rule the token breaks.
+    """
+    if not isinstance(token, str) or not token:
+        raise InvalidToken(Reason.MALFORMED, "empty")
+    if len(token) > max_bytes:
+        raise InvalidToken(Reason.TOO_LARGE, f"longer than {max_bytes}")
+    if token.startswith(REFRESH_TOKEN_PREFIX):
+        raise InvalidToken(Reason.REFRESH_AS_ACCESS)
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise InvalidToken(Reason.MALFORMED, "not a compact JWS")
+    try:
+        header_raw, payload, signature = (b64url_decode(p) for p in parts)
+        header = strict_json_object(header_raw)
+        header_json = header_raw.decode("utf-8")
+    except ValueError as err:
+        raise InvalidToken(Reason.MALFORMED, str(err)) from None
+    alg = header.get("alg")
+    if alg != ALGORITHM:
+        raise InvalidToken(Reason.BAD_ALGORITHM, repr(alg)[:40])
+    extra = set(header) - _ALLOWED_HEADER
+    if extra:
+        raise InvalidToken(Reason.BAD_HEADER, f"unexpected header {sorted(extra)!r}"[:80])
+    typ = header.get("typ")
+    if not isinstance(typ, str) or typ.lower() not in _ACCEPTED_TYP:
+        raise InvalidToken(Reason.BAD_TYPE, repr(typ)[:40])
+    kid = header.get("kid")
+    if not isinstance(kid, str) or not kid:
+        raise InvalidToken(Reason.BAD_HEADER, "kid missing")
+    if len(signature) != 64:
+        raise InvalidToken(Reason.BAD_SIGNATURE, "not a 64-byte R||S signature")
+    return ParsedToken(header_json=header_json, payload=payload, signature=signature, kid=kid)
+
+
+class KeySet:
+    """Immutable set of ES256 public verification keys, indexed by ``kid``.
+
+    Built only from a JWK Set obtained from the configured source (GetKeys or a pinned
+    URL). Keys that are not EC P-256, carry private material or lack a ``kid`` are refused.
+    """
+
+    __slots__ = ("_keys",)
+
+    def __init__(self, keys: Mapping[str, jwk.JWK]) -> None:
+        self._keys = dict(keys)
+
+    @classmethod
+    def from_jwks(cls, jwks_json: str) -> KeySet:
+        """Parse an RFC 7517 JWK Set.
+
+        Raises:
+            KeysUnavailable: the document is not a usable JWK Set.
+        """
+        try:
+            doc = json.loads(jwks_json)
+            entries = doc["keys"]
+            if not isinstance(entries, list):
+                raise TypeError("keys is not a list")
+            keys: dict[str, jwk.JWK] = {}
+            for entry in entries:
+                if not isinstance(entry, dict):
+                    raise TypeError("JWK is not an object")
+                if entry.get("kty") != "EC" or entry.get("crv") != "P-256" or "d" in entry:
+                    raise ValueError("only public EC P-256 keys are accepted")
+                if entry.get("use", "sig") != "sig" or entry.get("alg", ALGORITHM) != ALGORITHM:
+                    continue
+                kid = entry.get("kid")
+                if not isinstance(kid, str) or not kid:
+                    raise ValueError("JWK without kid")
+                keys[kid] = jwk.JWK(**entry)
+        except (ValueError, TypeError, KeyError) as err:
+            raise KeysUnavailable(f"unusable JWK Set: {err}") from err
+        return cls(keys)
+
+    @classmethod
+    def of(cls, keys: Iterable[jwk.JWK]) -> KeySet:
+        """Build from jwcrypto keys (public parts are taken)."""
+        return cls.from_jwks(json.dumps({"keys": [json.loads(k.export_public()) for k in keys]}))
+
+    def get(self, kid: str) -> jwk.JWK | None:
+        return self._keys.get(kid)
+
+    def __contains__(self, kid: object) -> bool:
+        return kid in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    @property
+    def kids(self) -> frozenset[str]:
+        return frozenset(self._keys)
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    """The verified claims of an access token."""
+
+    issuer: str
+    subject: str
+    audience: tuple[str, ...]
+    expires_at: int
+    issued_at: int
+    not_before: int
+    token_id: str
+    session_id: str
+    client_id: str
+    roles: tuple[str, ...]
+    acr: str = ""
+    amr: tuple[str, ...] = ()
+    auth_time: int | None = None
+    cnf_x5t_s256: str = ""
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _str(claims: Mapping[str, Any], name: str, *, required: bool, nonempty: bool = False) -> str:
+    value = claims.get(name)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str) or (nonempty and not value):
+        raise InvalidToken(Reason.BAD_CLAIMS, f"{name} must be a string")
+    return value
+
+
+def _str_list(claims: Mapping[str, Any], name: str) -> tuple[str, ...]:
+    value = claims.get(name, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidToken(Reason.BAD_CLAIMS, f"{name} must be a list of strings")
+    return tuple(value)
+
+
+def _date(claims: Mapping[str, Any], name: str, *, required: bool) -> int | None:
+    value = claims.get(name)
+    if value is None and not required:
+        return None
+    if not _is_int(value) or not 0 <= value < _MAX_NUMERIC_DATE:
+        raise InvalidToken(Reason.BAD_CLAIMS, f"{name} must be an integer NumericDate")
+    return int(value)
+
+
+def claims_from_dict(claims: Mapping[str, Any]) -> Claims:
+    """Type-check a claims object into :class:`Claims` (no time or issuer checks)."""
+    aud = claims.get("aud")
+    if isinstance(aud, str):
+        audience: tuple[str, ...] = (aud,)
+    else:
+        audience = _str_list(claims, "aud")
+    if not audience:
+        raise InvalidToken(Reason.BAD_CLAIMS, "aud missing")
+    cnf = claims.get("cnf")
+    thumbprint = ""
+    if cnf is not None:
+        if not isinstance(cnf, dict) or not isinstance(cnf.get("x5t#S256"), str):
+            raise InvalidToken(Reason.BAD_CLAIMS, "cnf must hold x5t#S256")
+        thumbprint = cnf["x5t#S256"]
+    exp = _date(claims, "exp", required=True)
+    iat = _date(claims, "iat", required=True)
+    nbf = _date(claims, "nbf", required=True)
+    assert exp is not None and iat is not None and nbf is not None  # noqa: S101 (required)
+    return Claims(
+        issuer=_str(claims, "iss", required=True),
+        subject=_str(claims, "sub", required=True, nonempty=True),
+        audience=audience,
+        expires_at=exp,
+        issued_at=iat,
+        not_before=nbf,
+        token_id=_str(claims, "jti", required=True, nonempty=True),
+        session_id=_str(claims, "sid", required=True, nonempty=True),
+        client_id=_str(claims, "client_id", required=False),
+        roles=_str_list(claims, "roles"),
+        acr=_str(claims, "acr", required=False),
+        amr=_str_list(claims, "amr"),
+        auth_time=_date(claims, "auth_time", required=False),
+        cnf_x5t_s256=thumbprint,
+        raw=claims,
+    )
+
+
+class Verifier:
+    """Verifies access tokens against one issuer and one expected audience.
+
+    Args:
+        issuer: the only accepted ``iss``.
+        audience: the audience this verifier belongs to; must be in the token's ``aud``.
+            ``None`` accepts any audience (only the token service itself uses that, for
+            Introspect, where the caller checks the audience it cares about).
+        leeway: seconds of clock skew tolerated for ``nbf`` and ``iat``. ``exp`` gets none.
+        max_token_bytes: tokens longer than this are rejected before any decoding.
+        clock: returns the current UNIX time; injectable for tests.
+    """
+
+    def __init__(
+        self,
+        issuer: str,
+        audience: str | None,
+        *,
+        leeway: int = DEFAULT_LEEWAY_SECONDS,
+        max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.issuer = issuer
+        self.audience = audience
+        self.leeway = leeway
+        self.max_token_bytes = max_token_bytes
+        self.clock = clock
+
+    def verify(self, token: str, keys: KeySet) -> Claims:
+        """Run every check of SPEC.md section 7 except revocation.
+
+        Raises:
+            InvalidToken: the token is not acceptable; ``reason`` says why.
+        """
+        parsed = parse(token, self.max_token_bytes)
+        self.check_signature(parsed, keys)
+        return self.check_claims(parsed)
+
+    @staticmethod
+    def check_signature(parsed: ParsedToken, keys: KeySet) -> None:
+        """Verify the ES256 signature with the key named by ``kid``.
+
+        Raises:
+            InvalidToken: ``UNKNOWN_KEY`` or ``BAD_SIGNATURE``.
+        """
+        key = keys.get(parsed.kid)
+        if key is None:
+            raise InvalidToken(Reason.UNKNOWN_KEY)
+        r = int.from_bytes(parsed.signature[:32], "big")
+        s = int.from_bytes(parsed.signature[32:], "big")
+        if not (0 < r < _P256_ORDER and 0 < s < _P256_ORDER):
+            raise InvalidToken(Reason.BAD_SIGNATURE, "r or s out of range")
+        try:
+            # JWSCore rebuilds the signing input from the header text and payload bytes;
+            # parse() guaranteed canonical base64url, so it equals the token's own bytes.
+            core = jws.JWSCore(ALGORITHM, key, parsed.header_json, parsed.payload, [ALGORITHM])
+            core.verify(parsed.signature)
+        except Exception as err:  # jwcrypto raises several types for a bad signature
+            raise InvalidToken(Reason.BAD_SIGNATURE) from err
+
+    def check_claims(self, parsed: ParsedToken) -> Claims:
+        """Type-check the claims and check time, issuer and audience.
+
+        Raises:
+            InvalidToken: ``BAD_CLAIMS``, ``EXPIRED``, ``NOT_YET_VALID``, ``WRONG_ISSUER``
+                or ``WRONG_AUDIENCE``.
+        """
+        try:
+            raw = strict_json_object(parsed.payload)
+        except ValueError as err:
+            raise InvalidToken(Reason.MALFORMED, str(err)) from None
+        claims = claims_from_dict(raw)
+        now = self.clock()
+        if now >= claims.expires_at:
+            raise InvalidToken(Reason.EXPIRED)
+        if claims.not_before > now + self.leeway or claims.issued_at > now + self.leeway:
+            raise InvalidToken(Reason.NOT_YET_VALID)
+        if claims.issuer != self.issuer:
+            raise InvalidToken(Reason.WRONG_ISSUER)
+        if self.audience is not None and self.audience not in claims.audience:
+            raise InvalidToken(Reason.WRONG_AUDIENCE)
+        return claims

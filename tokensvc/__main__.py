@@ -1,0 +1,5 @@
+import sys
+
+from tokensvc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,193 @@
+"""Service configuration: defaults, then ``TOKENSVC_*`` environment, then flags.
+
+Everything is validated once, at start-up, into a frozen :class:`Settings`. A bad value
+raises :class:`ConfigError` whose message is the one line the CLI prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Access tokens never live longer than this unless the operator overrides the cap.
+ACCESS_TTL_CAP = 900
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the setting."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    listen: str = "127.0.0.1:50051"
+    redis_url: str | None = None
+    issuer: str = "https://tokensvc.local"
+    audience: tuple[str, ...] = ("mesh",)
+    access_ttl: int = ACCESS_TTL_CAP
+    allow_long_access_ttl: bool = False
+    refresh_idle_ttl: int = 14 * 86400
+    family_max_age: int = 30 * 86400
+    jwks_max_age: int = 300
+    leeway: int = 30
+    kek_file: Path | None = None
+    data_dir: Path = Path(".tokensvc")
+    insecure: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    redis_timeout: float = 2.0
+    grace_seconds: float = 10.0
+    log_level: str = "INFO"
+
+    @property
+    def host(self) -> str:
+        return self.listen.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rsplit(":", 1)[1])
+
+    def validate(self) -> Settings:
+        """Return self if every value is usable.
+
+        Raises:
+            ConfigError: naming the first bad setting.
+        """
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ConfigError(f"--listen must be HOST:PORT, got {self.listen!r}")
+        for name in ("access_ttl", "refresh_idle_ttl", "family_max_age", "jwks_max_age"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive number of seconds")
+        if self.access_ttl > ACCESS_TTL_CAP and not self.allow_long_access_ttl:
+            raise ConfigError(
+                f"--access-ttl {self.access_ttl} exceeds the {ACCESS_TTL_CAP} s cap; "
+                "pass --allow-long-access-ttl to override"
+            )
+        if self.refresh_idle_ttl > self.family_max_age:
+            raise ConfigError("--refresh-idle-ttl must not exceed --family-max-age")
+        if not 0 <= self.leeway <= 300:
+            raise ConfigError("--leeway must be between 0 and 300 seconds")
+        if not self.issuer:
+            raise ConfigError("--issuer must not be empty")
+        if not self.audience or not all(self.audience):
+            raise ConfigError("--audience must name at least one audience")
+        if self.insecure:
+            if not _is_loopback(host.strip("[]")):
+                raise ConfigError(f"--insecure is only allowed on a loopback address, not {host}")
+        elif self.tls_cert is None or self.tls_key is None:
+            raise ConfigError("TLS needs --tls-cert and --tls-key (or --insecure on loopback)")
+        for path in (self.tls_cert, self.tls_key, self.tls_client_ca, self.kek_file):
+            if path is not None and not path.is_file():
+                raise ConfigError(f"file not found: {path}")
+        if self.redis_url is not None and not self.redis_url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ConfigError("--redis-url must start with redis://, rediss:// or unix://")
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# flag name -> (help, type); every flag is also TOKENSVC_<NAME> in the environment.
+_OPTIONS: dict[str, tuple[str, type]] = {
+    "listen": ("HOST:PORT to serve gRPC on", str),
+    "redis_url": ("Redis URL; omit to run an embedded Redis in --data-dir", str),
+    "issuer": ("iss of every token", str),
+    "audience": ("default aud (comma-separated for several)", str),
+    "access_ttl": ("access token lifetime in seconds (cap 900)", int),
+    "refresh_idle_ttl": ("refresh token idle lifetime in seconds", int),
+    "family_max_age": ("absolute session (refresh family) lifetime in seconds", int),
+    "jwks_max_age": ("seconds a verifier may cache the JWK Set", int),
+    "leeway": ("clock skew tolerated for nbf/iat, seconds", int),
+    "kek_file": ("key-encryption key (JWK JSON, kty oct); dev default in --data-dir", Path),
+    "data_dir": ("directory for the embedded Redis and the development KEK", Path),
+    "tls_cert": ("server certificate chain (PEM)", Path),
+    "tls_key": ("server private key (PEM)", Path),
+    "tls_client_ca": ("CA bundle for client certificates (enables mTLS)", Path),
+    "redis_timeout": ("Redis socket timeout in seconds", float),
+    "log_level": ("DEBUG, INFO, WARNING or ERROR", str),
+}
+_FLAGS = ("insecure", "allow_long_access_ttl")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add every setting as ``--flag`` to a parser (defaults come from :func:`load`)."""
+    defaults = Settings()
+    for name, (text, _kind) in _OPTIONS.items():
+        default = getattr(defaults, name)
+        if isinstance(default, tuple):
+            default = ",".join(default)
+        env = "TOKENSVC_" + name.upper()
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            default=None,
+            help=f"{text} [env {env}; default {default}]",
+        )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="serve plaintext; loopback only [env TOKENSVC_INSECURE]",
+    )
+    parser.add_argument(
+        "--allow-long-access-ttl",
+        action="store_true",
+        default=None,
+        help="allow --access-ttl above 900 s [env TOKENSVC_ALLOW_LONG_ACCESS_TTL]",
+    )
+
+
+def load(args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Merge defaults, environment and parsed flags, then validate.
+
+    Raises:
+        ConfigError: on any unparsable or invalid value.
+    """
+    env = os.environ if env is None else env
+    values: dict[str, object] = {}
+    for name, (_text, kind) in _OPTIONS.items():
+        raw = getattr(args, name, None) if args is not None else None
+        if raw is None:
+            raw = env.get("TOKENSVC_" + name.upper())
+        if raw is None or raw == "":
+            continue
+        try:
+            values[name] = _convert(name, str(raw), kind)
+        except ValueError:
+            raise ConfigError(f"--{name.replace('_', '-')}: cannot parse {raw!r}") from None
+    for name in _FLAGS:
+        flag = getattr(args, name, None) if args is not None else None
+        if flag is None:
+            flag = env.get("TOKENSVC_" + name.upper(), "").lower() in ("1", "true", "yes")
+        values[name] = bool(flag)
+    return Settings(**values).validate()  # type: ignore[arg-type]
+
+
+def _convert(name: str, raw: str, kind: type) -> object:
+    if name == "audience":
+        return tuple(a.strip() for a in raw.split(",") if a.strip())
+    if kind is Path:
+        return Path(raw).expanduser()
+    if name == "log_level" and raw.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError(raw)
+    return kind(raw.upper() if name == "log_level" else raw)
+
+
+def parse_args(argv: Sequence[str]) -> Settings:
+    """Parse ``serve`` flags (used by tests and the CLI)."""
+    parser = argparse.ArgumentParser(prog="tokensvc serve")
+    add_arguments(parser)
+    return load(parser.parse_args(list(argv)))

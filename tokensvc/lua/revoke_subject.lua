@@ -1,0 +1,20 @@
+-- Revoke everything of a subject. KEYS[1] subject hash, KEYS[2] session index,
+-- KEYS[3..] the subject's family hashes (read from the index just before).
+-- The watermark alone revokes every family created up to now (Refresh and Introspect
+-- compare a family's creation time with it), so a family created between reading the
+-- index and this script is covered too; marking the listed families only makes session
+-- listings exact. ARGV: now ms, reason, watermark ttl ms.
+local now = tonumber(ARGV[1])
+local old = tonumber(redis.call('HGET', KEYS[1], 'revoked_before') or '0')
+redis.call('HSET', KEYS[1], 'revoked_before', math.max(old, now))
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+local count = 0
+for i = 3, #KEYS do
+  if redis.call('HGET', KEYS[i], 'state') == 'active' then
+    redis.call('HSET', KEYS[i], 'state', 'revoked', 'revoked_at', now, 'reason', ARGV[2])
+    count = count + 1
+  end
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+return count

@@ -1,0 +1,156 @@
+"""Assemble and run the service: Redis (embedded or external), key ring, gRPC server with
+health checking, reflection and tracing, and graceful shutdown on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+import grpc.aio
+import redis.asyncio as aioredis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.sdk.trace import TracerProvider
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from tokensvc import telemetry
+from tokensvc.config import Settings
+from tokensvc.embedded import RedisProcess
+from tokensvc.keyring import KeyRing, load_kek
+from tokensvc.service import TokenService
+from tokensvc.store import FamilyStore, StoreUnavailable
+from tokensvc_client.v1 import tokensvc_pb2, tokensvc_pb2_grpc
+
+log = logging.getLogger("tokensvc.server")
+SERVICE_NAME = tokensvc_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name
+_MAINTENANCE_INTERVAL = 5.0
+_KEYRING_INTERVAL = 60.0
+
+
+def redis_client(url: str, timeout: float) -> aioredis.Redis:
+    """An asyncio Redis client that never retries on its own (see tokensvc.store)."""
+    return aioredis.Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+        retry_on_timeout=False,
+    )
+
+
+def _server_credentials(settings: Settings) -> grpc.ServerCredentials:
+    assert settings.tls_cert is not None and settings.tls_key is not None
+    client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+@dataclass
+class Running:
+    """A started service; ``port`` is the bound port (useful with ``--listen HOST:0``)."""
+
+    settings: Settings
+    server: grpc.aio.Server
+    port: int
+    redis: aioredis.Redis
+    health: HealthServicer
+    embedded: RedisProcess | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop taking calls, finish in-flight ones within ``grace``, release Redis."""
+        await self.health.enter_graceful_shutdown()
+        for task in self.tasks:
+            task.cancel()
+        await self.server.stop(self.settings.grace_seconds if grace is None else grace)
+        await self.redis.aclose()
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.stop)
+
+
+async def _maintain(store: FamilyStore, keyring: KeyRing, health: HealthServicer) -> None:
+    """Report readiness from Redis reachability and pick up key changes of other replicas."""
+    since_keys = 0.0
+    while True:
+        await asyncio.sleep(_MAINTENANCE_INTERVAL)
+        since_keys += _MAINTENANCE_INTERVAL
+        try:
+            await store.ping()
+            if since_keys >= _KEYRING_INTERVAL:
+                since_keys = 0.0
+                await keyring.load()
+            status = health_pb2.HealthCheckResponse.SERVING
+        except StoreUnavailable:
+            status = health_pb2.HealthCheckResponse.NOT_SERVING
+        except Exception:
+            log.exception("maintenance step failed")
+            status = health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await health.set(name, status)
+
+
+async def start(settings: Settings, tracer_provider: TracerProvider | None = None) -> Running:
+    """Start everything; raises on a configuration that cannot work (bad KEK, no Redis)."""
+    embedded = None
+    url = settings.redis_url
+    if url is None:
+        embedded = RedisProcess(settings.data_dir / "redis", unix_socket=True, prefer_system=False)
+        await asyncio.to_thread(embedded.start)
+        url = embedded.url
+        log.info("embedded redis-server started, data in %s", embedded.data_dir)
+    redis = redis_client(url, settings.redis_timeout)
+    try:
+        keyring = KeyRing(redis, load_kek(settings.kek_file, settings.data_dir))
+        await keyring.load()
+    except Exception:
+        await redis.aclose()
+        if embedded is not None:
+            embedded.stop()
+        raise
+    store = FamilyStore(redis)
+    provider = telemetry.setup_tracing(tracer_provider)
+
+    server = grpc.aio.server(interceptors=telemetry.server_interceptors(provider))
+    tokensvc_pb2_grpc.add_TokenServiceServicer_to_server(TokenService(settings, store, keyring), server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    for name in ("", SERVICE_NAME):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    if settings.insecure:
+        log.warning("serving PLAINTEXT on %s (development mode, loopback only)", settings.listen)
+        port = server.add_insecure_port(settings.listen)
+    else:
+        port = server.add_secure_port(settings.listen, _server_credentials(settings))
+    await server.start()
+    running = Running(settings, server, port, redis, health, embedded)
+    running.tasks.append(asyncio.create_task(_maintain(store, keyring, health)))
+    log.info("tokensvc serving on port %d issuer=%s", port, settings.issuer)
+    return running
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    running = await start(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    print(f"tokensvc listening on {settings.host}:{running.port}", flush=True)
+    await stop.wait()
+    log.info("shutting down: finishing in-flight calls")
+    await running.stop()

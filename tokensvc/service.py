@@ -1,0 +1,213 @@
+"""The gRPC servicer: request validation, token minting and the family store glued together.
+
+Each RPC does at most one Redis round trip on its normal path (Issue: one script; Refresh:
+one script; Introspect: one pipeline in one hash slot; GetKeys: none).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import grpc.aio
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from tokensvc import limits, tokens
+from tokensvc.config import Settings
+from tokensvc.errors import BadRequest, NotAuthenticated, rpc
+from tokensvc.keyring import KeyRing
+from tokensvc.store import FamilyStore, NewFamily, RefreshStatus
+from tokensvc_client.errors import InvalidToken, Reason
+from tokensvc_client.v1 import tokensvc_pb2 as pb
+from tokensvc_client.v1 import tokensvc_pb2_grpc as pb_grpc
+from tokensvc_client.verifier import Claims, Verifier
+
+log = logging.getLogger("tokensvc.service")
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+def _ts(seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromMilliseconds(int(seconds * 1000))
+    return stamp
+
+
+class TokenService(pb_grpc.TokenServiceServicer):
+    """Implements tokensvc.v1.TokenService on a key ring and a family store."""
+
+    def __init__(
+        self, settings: Settings, store: FamilyStore, keyring: KeyRing, *, clock: Any = time.time
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.keyring = keyring
+        self.clock = clock
+        self.verifier = Verifier(
+            settings.issuer, None, leeway=settings.leeway, max_token_bytes=limits.MAX_TOKEN, clock=clock
+        )
+
+    # -- minting -----------------------------------------------------------------------
+
+    def _mint(self, base: dict[str, Any], sid: str, now: int, family_expires_ms: int) -> tuple[str, int]:
+        """Sign an access token; it never outlives its family."""
+        exp = min(now + self.settings.access_ttl, family_expires_ms // 1000)
+        claims = {"iss": self.settings.issuer, **base, "exp": exp, "iat": now, "nbf": now,
+                  "jti": tokens.new_token_id(), "sid": sid}
+        key = self.keyring.signing
+        return tokens.sign_access_token(key.key, key.kid, claims), exp
+
+    def _pair(self, access: str, access_exp: int, refresh: str, refresh_exp_ms: int, sid: str) -> pb.TokenPair:
+        return pb.TokenPair(
+            access_token=access,
+            refresh_token=refresh,
+            token_type="Bearer",
+            access_expires_at=_ts(access_exp),
+            refresh_expires_at=_ts(refresh_exp_ms / 1000),
+            session_id=sid,
+        )
+
+    # -- RPCs ----------------------------------------------------------------------------
+
+    @rpc
+    async def Issue(self, request: pb.IssueRequest, context: Ctx) -> pb.IssueResponse:
+        subject = limits.text("subject", request.subject, required=True)
+        base: dict[str, Any] = {
+            "sub": subject,
+            "aud": limits.text_list("audience", request.audience, limit=limits.MAX_ID)
+            or list(self.settings.audience),
+            "client_id": limits.text("client_id", request.client_id),
+            "roles": limits.text_list("roles", request.roles),
+        }
+        if request.acr:
+            base["acr"] = limits.text("acr", request.acr, limit=limits.MAX_SHORT)
+        if request.amr:
+            base["amr"] = limits.text_list("amr", request.amr)
+        if request.HasField("auth_time"):
+            base["auth_time"] = request.auth_time.seconds
+        label = limits.text("session_label", request.session_label)
+
+        now_f = self.clock()
+        now, now_ms = int(now_f), int(now_f * 1000)
+        sid = tokens.new_session_id(subject)
+        refresh = tokens.new_refresh_token(sid)
+        family_exp_ms = now_ms + self.settings.family_max_age * 1000
+        refresh_exp_ms = min(now_ms + self.settings.refresh_idle_ttl * 1000, family_exp_ms)
+        access, access_exp = self._mint(base, sid, now, family_exp_ms)
+        await self.store.create(
+            NewFamily(sid, tokens.refresh_hash(refresh), subject, base["client_id"], label, base,
+                      now_ms, refresh_exp_ms, family_exp_ms)
+        )
+        log.info("issued sid=%s client_id=%s", sid, base["client_id"])
+        return pb.IssueResponse(tokens=self._pair(access, access_exp, refresh, refresh_exp_ms, sid))
+
+    @rpc
+    async def Refresh(self, request: pb.RefreshRequest, context: Ctx) -> pb.RefreshResponse:
+        presented = limits.token("refresh_token", request.refresh_token)
+        sid = tokens.refresh_session_id(presented)
+        if sid is None:
+            raise NotAuthenticated(Reason.MALFORMED.value)
+        successor = tokens.new_refresh_token(sid)
+        now_f = self.clock()
+        rotation = await self.store.rotate(
+            sid, tokens.refresh_hash(presented), tokens.refresh_hash(successor),
+            int(now_f * 1000), self.settings.refresh_idle_ttl * 1000,
+        )
+        if rotation.status is RefreshStatus.REUSE:
+            log.warning("refresh token reuse: family revoked sid=%s", sid)
+            raise NotAuthenticated("reused")
+        if rotation.status is not RefreshStatus.OK or rotation.claims is None:
+            log.info("refresh refused sid=%s status=%s", sid, rotation.status.value)
+            raise NotAuthenticated(rotation.status.value)
+        access, access_exp = self._mint(rotation.claims, sid, int(now_f), rotation.family_expires_ms)
+        log.info("refreshed sid=%s", sid)
+        return pb.RefreshResponse(
+            tokens=self._pair(access, access_exp, successor, rotation.token_expires_ms, sid)
+        )
+
+    @rpc
+    async def Revoke(self, request: pb.RevokeRequest, context: Ctx) -> pb.RevokeResponse:
+        reason = limits.text("reason", request.reason, limit=limits.MAX_REASON) or "revoked"
+        now_ms = int(self.clock() * 1000)
+        target = request.WhichOneof("target")
+        if target == "token":
+            count = await self._revoke_token(limits.token("token", request.token), now_ms, reason)
+        elif target == "session_id":
+            sid = limits.text("session_id", request.session_id, required=True)
+            if not tokens.is_session_id(sid):
+                raise BadRequest("session_id is not a session id")
+            count = await self.store.revoke_sessions([sid], now_ms, reason)
+        elif target == "subject":
+            subject = limits.text("subject", request.subject, required=True)
+            count = await self.store.revoke_subject(
+                tokens.subject_tag(subject), now_ms, reason,
+                (self.settings.family_max_age + self.settings.leeway) * 1000,
+            )
+        else:
+            raise BadRequest("target is required: token, session_id or subject")
+        log.info("revoked target=%s sessions=%d reason=%s", target, count, reason)
+        return pb.RevokeResponse(revoked_sessions=count)
+
+    async def _revoke_token(self, token: str, now_ms: int, reason: str) -> int:
+        """Revoke a refresh token's family or an access token's jti (RFC 7009: an invalid
+        token is not an error, there is simply nothing to revoke)."""
+        sid = tokens.refresh_session_id(token)
+        if sid is not None:
+            return await self.store.revoke_sessions([sid], now_ms, reason, tokens.refresh_hash(token))
+        try:
+            claims = await self._verify(token)
+        except InvalidToken:
+            return 0
+        await self.store.revoke_jti(claims.session_id, claims.token_id, claims.expires_at)
+        log.info("revoked jti=%s sid=%s", claims.token_id, claims.session_id)
+        return 0
+
+    @rpc
+    async def Introspect(self, request: pb.IntrospectRequest, context: Ctx) -> pb.IntrospectResponse:
+        token = limits.token("token", request.token)
+        now_f = self.clock()
+        sid = tokens.refresh_session_id(token)
+        if sid is not None:
+            family = await self.store.refresh_state(sid, tokens.refresh_hash(token), int(now_f * 1000))
+            if family is None:
+                return pb.IntrospectResponse(active=False)
+            return self._describe_refresh(sid, family)
+        try:
+            claims = await self._verify(token)
+        except InvalidToken as err:
+            log.info("introspect: inactive token reason=%s", err.reason.value)
+            return pb.IntrospectResponse(active=False)
+        state = await self.store.access_state(claims.session_id, claims.token_id, int(now_f * 1000))
+        if not state.active:
+            log.info("introspect: jti=%s inactive reason=%s", claims.token_id, state.reason)
+            return pb.IntrospectResponse(active=False)
+        return pb.IntrospectResponse(
+            active=True, token_type="access", subject=claims.subject, roles=claims.roles,
+            audience=claims.audience, issuer=claims.issuer, client_id=claims.client_id,
+            session_id=claims.session_id, token_id=claims.token_id, acr=claims.acr,
+            amr=claims.amr, issued_at=_ts(claims.issued_at), expires_at=_ts(claims.expires_at),
+            not_before=_ts(claims.not_before),
+        )
+
+    def _describe_refresh(self, sid: str, family: dict[str, str]) -> pb.IntrospectResponse:
+        base = json.loads(family["claims"])
+        return pb.IntrospectResponse(
+            active=True, token_type="refresh", subject=family["sub"], roles=base.get("roles", []),
+            audience=base.get("aud", []), issuer=self.settings.issuer, client_id=family.get("cid", ""),
+            session_id=sid, acr=base.get("acr", ""), amr=base.get("amr", []),
+            issued_at=_ts(int(family["last"]) / 1000), expires_at=_ts(int(family["cur_exp"]) / 1000),
+        )
+
+    async def _verify(self, token: str) -> Claims:
+        """Verify with the ring's public keys, reloading the ring once on an unknown kid."""
+        try:
+            return self.verifier.verify(token, self.keyring.public)
+        except InvalidToken as err:
+            if err.reason is not Reason.UNKNOWN_KEY or not await self.keyring.reload_if_stale():
+                raise
+        return self.verifier.verify(token, self.keyring.public)
+
+    @rpc
+    async def GetKeys(self, request: pb.GetKeysRequest, context: Ctx) -> pb.GetKeysResponse:
+        return pb.GetKeysResponse(jwks=self.keyring.jwks_json, max_age_seconds=self.settings.jwks_max_age)

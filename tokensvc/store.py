@@ -1,0 +1,222 @@
+"""The family store: refresh families and revocations in Redis.
+
+Key layout (``T`` = the subject's 128-bit tag, see :mod:`tokensvc.tokens`; the braces are
+the Redis Cluster hash tag, so all keys of one subject share one slot)::
+
+    ts:{T}:fam:<sid>   hash   one refresh family: state, current token hash (cur), its
+                              expiry, creation, absolute expiry, subject, client_id, label,
+                              claims JSON, and one ``u:<hash>`` field per rotated token
+    ts:{T}:sessions    zset   the subject's session ids, scored by absolute expiry
+    ts:{T}:subject     hash   revoked_before (ms watermark)
+    ts:{T}:jti:<jti>   string a revoked access token, expiring with the token
+
+Every mutation is one Lua script (registered once, called by SHA; redis-py reloads it on
+NOSCRIPT), so a failure half-way never leaves a family half-written. Only hashes of
+refresh tokens are stored. Automatic client retries are off: re-sending a Refresh whose
+reply was lost would present a spent token and revoke the family.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from tokensvc.tokens import tag_of
+
+
+class StoreUnavailable(RuntimeError):
+    """Redis is unreachable or timed out; nothing was (or can be known to be) written."""
+
+
+def _script(name: str) -> str:
+    return resources.files("tokensvc").joinpath("lua", name).read_text()
+
+
+def family_key(sid: str) -> str:
+    return f"ts:{{{tag_of(sid)}}}:fam:{sid}"
+
+
+def sessions_key(tag: str) -> str:
+    return f"ts:{{{tag}}}:sessions"
+
+
+def subject_key(tag: str) -> str:
+    return f"ts:{{{tag}}}:subject"
+
+
+def jti_key(sid: str, jti: str) -> str:
+    return f"ts:{{{tag_of(sid)}}}:jti:{jti}"
+
+
+class RefreshStatus(enum.Enum):
+    OK = "ok"
+    REUSE = "reuse"
+    REVOKED = "revoked"
+    EXPIRED = "expired"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class NewFamily:
+    session_id: str
+    token_hash: str
+    subject: str
+    client_id: str
+    label: str
+    claims: dict[str, Any]
+    now_ms: int
+    token_expires_ms: int
+    family_expires_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rotation:
+    status: RefreshStatus
+    subject: str = ""
+    client_id: str = ""
+    claims: dict[str, Any] | None = None
+    family_expires_ms: int = 0
+    token_expires_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class AccessState:
+    """What Redis says about an access token's session."""
+
+    active: bool
+    reason: str = ""
+
+
+_FAMILY_FIELDS = ("state", "cur", "cur_exp", "exp", "created", "last", "sub", "cid", "label", "claims")
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class FamilyStore:
+    """Refresh families and revocation state, each operation one Redis round trip."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+        self._issue = redis.register_script(_script("issue.lua"))
+        self._refresh = redis.register_script(_script("refresh.lua"))
+        self._revoke_family = redis.register_script(_script("revoke_family.lua"))
+        self._revoke_subject = redis.register_script(_script("revoke_subject.lua"))
+
+    async def create(self, family: NewFamily) -> None:
+        tag = tag_of(family.session_id)
+        await self._call(
+            self._issue,
+            keys=[family_key(family.session_id), sessions_key(tag)],
+            args=[
+                family.session_id,
+                family.token_hash,
+                family.now_ms,
+                family.token_expires_ms,
+                family.family_expires_ms,
+                family.subject,
+                family.client_id,
+                family.label,
+                json.dumps(family.claims, separators=(",", ":")),
+            ],
+        )
+
+    async def rotate(
+        self, sid: str, presented_hash: str, successor_hash: str, now_ms: int, idle_ttl_ms: int
+    ) -> Rotation:
+        reply = await self._call(
+            self._refresh,
+            keys=[family_key(sid), subject_key(tag_of(sid))],
+            args=[presented_hash, successor_hash, now_ms, idle_ttl_ms],
+        )
+        status = RefreshStatus(_s(reply[0]))
+        if status is RefreshStatus.OK:
+            return Rotation(
+                status,
+                subject=_s(reply[2]),
+                client_id=_s(reply[3]),
+                claims=json.loads(reply[1]),
+                family_expires_ms=int(reply[4]),
+                token_expires_ms=int(reply[5]),
+            )
+        if status is RefreshStatus.REUSE:
+            return Rotation(status, subject=_s(reply[1]))
+        return Rotation(status)
+
+    async def refresh_state(self, sid: str, token_hash: str, now_ms: int) -> dict[str, str] | None:
+        """The family of a refresh token if that token is its current, usable one.
+
+        One round trip: a non-transactional pipeline whose keys share one hash slot.
+        """
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(family_key(sid), *_FAMILY_FIELDS)
+            pipe.hget(subject_key(tag_of(sid)), "revoked_before")
+            values, watermark = await self._call(pipe.execute)
+        if values[0] is None:
+            return None
+        fields = {name: _s(v) for name, v in zip(_FAMILY_FIELDS, values, strict=True) if v is not None}
+        if fields.get("cur") != token_hash or fields.get("state") != "active":
+            return None
+        if now_ms >= int(fields["cur_exp"]) or now_ms >= int(fields["exp"]):
+            return None
+        if watermark is not None and int(fields["created"]) <= int(watermark):
+            return None
+        return fields
+
+    async def access_state(self, sid: str, jti: str, now_ms: int) -> AccessState:
+        """Revocation state of an access token's jti, its family and its subject.
+
+        One round trip: a non-transactional pipeline whose keys share one hash slot.
+        """
+        tag = tag_of(sid)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(family_key(sid), "state", "created", "exp")
+            pipe.exists(jti_key(sid, jti))
+            pipe.hget(subject_key(tag), "revoked_before")
+            (state, created, exp), jti_revoked, watermark = await self._call(pipe.execute)
+        if state is None:
+            return AccessState(False, "unknown_session")
+        if _s(state) != "active" or now_ms >= int(exp):
+            return AccessState(False, "session_revoked")
+        if jti_revoked:
+            return AccessState(False, "token_revoked")
+        if watermark is not None and int(created) <= int(watermark):
+            return AccessState(False, "subject_revoked")
+        return AccessState(True)
+
+    async def revoke_jti(self, sid: str, jti: str, expires_at_s: int) -> None:
+        await self._call(self.redis.set, jti_key(sid, jti), b"1", exat=expires_at_s)
+
+    async def revoke_sessions(
+        self, sids: list[str], now_ms: int, reason: str, token_hash: str | None = None
+    ) -> int:
+        args: list[Any] = [now_ms, reason] + ([token_hash] if token_hash else [])
+        return int(await self._call(self._revoke_family, keys=[family_key(s) for s in sids], args=args))
+
+    async def revoke_subject(self, tag: str, now_ms: int, reason: str, watermark_ttl_ms: int) -> int:
+        sids = await self._call(self.redis.zrangebyscore, sessions_key(tag), now_ms, "+inf")
+        keys = [subject_key(tag), sessions_key(tag)] + [family_key(_s(s)) for s in sids]
+        return int(await self._call(self._revoke_subject, keys=keys, args=[now_ms, reason, watermark_ttl_ms]))
+
+    async def ping(self) -> bool:
+        return bool(await self._call(self.redis.ping))
+
+    @staticmethod
+    async def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as err:
+            raise StoreUnavailable(f"redis unavailable: {type(err).__name__}") from err
+        except RedisError as err:
+            if "LOADING" in str(err) or "MASTERDOWN" in str(err) or "READONLY" in str(err):
+                raise StoreUnavailable(f"redis not ready: {type(err).__name__}") from err
+            raise
