@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import redis
 
-from tests.support import ServerThread, test_settings
+from tests.support import ServerThread, settings_for
 from tokensvc.config import Settings
 from tokensvc.embedded import RedisProcess
 from tokensvc_client.v1 import tokensvc_pb2_grpc
@@ -35,7 +35,7 @@ def redis_url(redis_server: RedisProcess) -> str:
 @pytest.fixture
 def make_settings(redis_url: str, tmp_path: Path) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
-        return test_settings(redis_url, tmp_path / "data", **overrides)
+        return settings_for(redis_url, tmp_path / "data", **overrides)
 
     return make
 

@@ -52,10 +52,11 @@ class ServerThread:
             self.loop.close()
 
 
-def test_settings(redis_url: str, data_dir: Any, **overrides: Any) -> Settings:
+def settings_for(default_redis_url: str, data_dir: Any, **overrides: Any) -> Settings:
+    """Loopback plaintext settings for tests; ``overrides`` replace any field."""
     base = Settings(
         listen="127.0.0.1:0",
-        redis_url=redis_url,
+        redis_url=overrides.pop("redis_url", default_redis_url),
         issuer="https://tokensvc.test",
         audience=("mesh",),
         insecure=True,

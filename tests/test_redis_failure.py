@@ -1,0 +1,64 @@
+"""Redis going away: UNAVAILABLE, nothing half-written, and service resumes when it is back."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from tokensvc.embedded import RedisProcess
+from tokensvc_client.v1 import tokensvc_pb2 as pb
+
+
+@pytest.fixture
+def own_redis(tmp_path) -> Iterator[RedisProcess]:
+    proc = RedisProcess(tmp_path / "own-redis").start()
+    yield proc
+    proc.stop()
+
+
+def _until_ok(fn, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return fn()
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def test_redis_down_is_unavailable_then_service_resumes(own_redis, make_settings, start_server):
+    stub = start_server(make_settings(redis_url=own_redis.url)).stub()
+    pair = stub.Issue(pb.IssueRequest(subject="alice")).tokens
+
+    own_redis.stop()
+    calls = {
+        "Issue": lambda: stub.Issue(pb.IssueRequest(subject="alice")),
+        "Refresh": lambda: stub.Refresh(pb.RefreshRequest(refresh_token=pair.refresh_token)),
+        "Introspect": lambda: stub.Introspect(pb.IntrospectRequest(token=pair.access_token)),
+        "Revoke": lambda: stub.Revoke(pb.RevokeRequest(session_id=pair.session_id)),
+    }
+    for name, call in calls.items():
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, name
+        assert "Traceback" not in err.value.details()
+    # public keys are served from memory: verifiers keep working while Redis is away
+    assert stub.GetKeys(pb.GetKeysRequest()).jwks
+
+    own_redis.start()  # same port and data directory: the append-only file is replayed
+    # the failed Refresh above wrote nothing: the original token is still the current one
+    nxt = _until_ok(lambda: stub.Refresh(pb.RefreshRequest(refresh_token=pair.refresh_token))).tokens
+    assert stub.Introspect(pb.IntrospectRequest(token=nxt.access_token)).active
+    assert stub.Issue(pb.IssueRequest(subject="bob")).tokens.access_token
+
+
+def test_server_refuses_to_start_without_redis(make_settings, start_server):
+    from tokensvc.embedded import free_port
+
+    settings = make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    with pytest.raises(Exception, match="redis|Redis|connect|Connect"):
+        start_server(settings)
