@@ -55,7 +55,9 @@ def start_server() -> Iterator[Callable[..., ServerThread]]:
 
 
 @pytest.fixture
-def tokensvc(make_settings: Callable[..., Settings], start_server: Callable[..., ServerThread]) -> ServerThread:
+def tokensvc(
+    make_settings: Callable[..., Settings], start_server: Callable[..., ServerThread]
+) -> ServerThread:
     """A running tokensvc on the test Redis with default settings."""
     return start_server(make_settings())
 

@@ -42,13 +42,20 @@ def test_bad_values_fail_with_one_clear_line(argv, message):
 
 
 def test_long_access_ttl_needs_the_explicit_override():
-    assert config.parse_args(["--insecure", "--access-ttl", "3600", "--allow-long-access-ttl"]).access_ttl == 3600
+    assert (
+        config.parse_args(
+            ["--insecure", "--access-ttl", "3600", "--allow-long-access-ttl"]
+        ).access_ttl
+        == 3600
+    )
 
 
 def test_cli_reports_a_bad_value_in_one_line_and_exit_2():
     proc = subprocess.run(
         [sys.executable, "-m", "tokensvc", "serve", "--insecure", "--access-ttl", "901"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "access-ttl" in proc.stderr
@@ -57,9 +64,22 @@ def test_cli_reports_a_bad_value_in_one_line_and_exit_2():
 
 def test_help_documents_every_setting_and_its_environment_variable():
     out = subprocess.run(
-        [sys.executable, "-m", "tokensvc", "serve", "--help"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "tokensvc", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
     ).stdout
-    for flag in ("--listen", "--redis-url", "--issuer", "--audience", "--access-ttl", "--refresh-idle-ttl",
-                 "--family-max-age", "--kek-file", "--data-dir", "--insecure"):
+    for flag in (
+        "--listen",
+        "--redis-url",
+        "--issuer",
+        "--audience",
+        "--access-ttl",
+        "--refresh-idle-ttl",
+        "--family-max-age",
+        "--kek-file",
+        "--data-dir",
+        "--insecure",
+    ):
         assert flag in out
     assert "TOKENSVC_REDIS_URL" in out

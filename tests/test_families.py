@@ -92,8 +92,10 @@ def test_only_hashes_of_refresh_tokens_are_stored(stub, redis_url):
     pair = stub.Issue(pb.IssueRequest(subject="alice")).tokens
     nxt = _refresh(stub, pair.refresh_token)
     client = redis.Redis.from_url(redis_url)
-    dump = b"".join(k + b"".join(client.hgetall(k).keys()) + b"".join(client.hgetall(k).values())
-                    for k in client.keys("ts:{*}:fam:*"))
+    dump = b"".join(
+        k + b"".join(client.hgetall(k).keys()) + b"".join(client.hgetall(k).values())
+        for k in client.keys("ts:{*}:fam:*")
+    )
     assert pair.refresh_token.encode() not in dump and nxt.refresh_token.encode() not in dump
     fields = client.hgetall(family_key(pair.session_id))
     assert fields[b"cur"].decode() == refresh_hash(nxt.refresh_token)

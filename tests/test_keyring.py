@@ -63,7 +63,11 @@ def test_wrong_kek_fails_at_start_with_a_clear_error(make_settings, start_server
 
 @pytest.mark.parametrize(
     "content",
-    ["not json", jwk.JWK.generate(kty="oct", size=128).export(), jwk.JWK.generate(kty="EC", crv="P-256").export()],
+    [
+        "not json",
+        jwk.JWK.generate(kty="oct", size=128).export(),
+        jwk.JWK.generate(kty="EC", crv="P-256").export(),
+    ],
 )
 def test_unusable_kek_file_is_refused(tmp_path, content):
     path = tmp_path / "kek.json"

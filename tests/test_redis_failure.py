@@ -51,7 +51,9 @@ def test_redis_down_is_unavailable_then_service_resumes(own_redis, make_settings
 
     own_redis.start()  # same port and data directory: the append-only file is replayed
     # the failed Refresh above wrote nothing: the original token is still the current one
-    nxt = _until_ok(lambda: stub.Refresh(pb.RefreshRequest(refresh_token=pair.refresh_token))).tokens
+    nxt = _until_ok(
+        lambda: stub.Refresh(pb.RefreshRequest(refresh_token=pair.refresh_token))
+    ).tokens
     assert stub.Introspect(pb.IntrospectRequest(token=nxt.access_token)).active
     assert stub.Issue(pb.IssueRequest(subject="bob")).tokens.access_token
 
@@ -60,5 +62,5 @@ def test_server_refuses_to_start_without_redis(make_settings, start_server):
     from tokensvc.embedded import free_port
 
     settings = make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0")
-    with pytest.raises(Exception, match="redis|Redis|connect|Connect"):
+    with pytest.raises(Exception, match=r"(?i)redis|connect"):
         start_server(settings)

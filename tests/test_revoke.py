@@ -10,8 +10,8 @@ import pytest
 import redis
 
 from tokensvc.store import jti_key
-from tokensvc_client.verifier import b64url_decode
 from tokensvc_client.v1 import tokensvc_pb2 as pb
+from tokensvc_client.verifier import b64url_decode
 
 
 def _active(stub, token) -> bool:
@@ -55,7 +55,12 @@ def test_revoke_invalid_token_is_not_an_error(stub):
 
 def test_revoke_session(stub):
     pair, other = _issue(stub), _issue(stub)
-    assert stub.Revoke(pb.RevokeRequest(session_id=pair.session_id, reason="lost device")).revoked_sessions == 1
+    assert (
+        stub.Revoke(
+            pb.RevokeRequest(session_id=pair.session_id, reason="lost device")
+        ).revoked_sessions
+        == 1
+    )
     assert stub.Revoke(pb.RevokeRequest(session_id=pair.session_id)).revoked_sessions == 0
     assert not _active(stub, pair.access_token) and not _active(stub, pair.refresh_token)
     assert _active(stub, other.access_token)
@@ -64,7 +69,9 @@ def test_revoke_session(stub):
 def test_revoke_subject_logs_out_everywhere_and_only_that_subject(stub):
     sessions = [_issue(stub, "alice") for _ in range(3)]
     bob = _issue(stub, "bob")
-    assert stub.Revoke(pb.RevokeRequest(subject="alice", reason="compromised")).revoked_sessions == 3
+    assert (
+        stub.Revoke(pb.RevokeRequest(subject="alice", reason="compromised")).revoked_sessions == 3
+    )
     for pair in sessions:
         assert not _active(stub, pair.access_token) and not _active(stub, pair.refresh_token)
         with pytest.raises(grpc.RpcError):

@@ -8,8 +8,8 @@ import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from tokensvc_client.verifier import b64url_decode
 from tokensvc_client.v1 import tokensvc_pb2 as pb
+from tokensvc_client.verifier import b64url_decode
 
 
 def _segments(token: str) -> tuple[dict, dict]:
@@ -21,16 +21,32 @@ def test_issue_mints_an_rfc9068_access_token_with_exactly_the_spec_claims(stub):
     auth_time = Timestamp(seconds=1_700_000_000)
     pair = stub.Issue(
         pb.IssueRequest(
-            subject="alice", roles=["reader", "writer"], client_id="web", acr="mfa",
-            amr=["pwd", "otp"], auth_time=auth_time, session_label="laptop",
+            subject="alice",
+            roles=["reader", "writer"],
+            client_id="web",
+            acr="mfa",
+            amr=["pwd", "otp"],
+            auth_time=auth_time,
+            session_label="laptop",
         )
     ).tokens
     header, claims = _segments(pair.access_token)
     keys = json.loads(stub.GetKeys(pb.GetKeysRequest()).jwks)["keys"]
     assert header == {"alg": "ES256", "typ": "at+jwt", "kid": keys[0]["kid"]}
     assert set(claims) == {
-        "iss", "sub", "aud", "exp", "iat", "nbf", "jti", "sid", "client_id", "roles",
-        "acr", "amr", "auth_time",
+        "iss",
+        "sub",
+        "aud",
+        "exp",
+        "iat",
+        "nbf",
+        "jti",
+        "sid",
+        "client_id",
+        "roles",
+        "acr",
+        "amr",
+        "auth_time",
     }
     assert claims["sub"] == "alice" and claims["aud"] == ["mesh"]
     assert claims["roles"] == ["reader", "writer"] and claims["amr"] == ["pwd", "otp"]
@@ -56,11 +72,18 @@ def test_issue_with_explicit_audience(stub):
 
 
 def test_introspect_access_token_reports_every_field(stub):
-    pair = stub.Issue(pb.IssueRequest(subject="alice", roles=["r"], client_id="web", acr="mfa")).tokens
+    pair = stub.Issue(
+        pb.IssueRequest(subject="alice", roles=["r"], client_id="web", acr="mfa")
+    ).tokens
     info = stub.Introspect(pb.IntrospectRequest(token=pair.access_token))
     _header, claims = _segments(pair.access_token)
     assert info.active and info.token_type == "access"
-    assert (info.subject, list(info.roles), info.client_id, info.acr) == ("alice", ["r"], "web", "mfa")
+    assert (info.subject, list(info.roles), info.client_id, info.acr) == (
+        "alice",
+        ["r"],
+        "web",
+        "mfa",
+    )
     assert info.issuer == "https://tokensvc.test" and info.session_id == pair.session_id
     assert info.token_id == claims["jti"]
     assert info.expires_at.seconds == claims["exp"] and info.issued_at.seconds == claims["iat"]

@@ -22,9 +22,22 @@ from tokensvc_client.v1 import tokensvc_pb2_grpc as pb_grpc
 def _start(tmp_path, *extra: str) -> tuple[subprocess.Popen[str], str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENSVC_")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tokensvc", "serve", "--insecure", "--listen", "127.0.0.1:0",
-         "--data-dir", str(tmp_path / "data"), *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "tokensvc",
+            "serve",
+            "--insecure",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(tmp_path / "data"),
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -42,7 +55,11 @@ def test_serve_with_embedded_redis_health_reflection_and_graceful_sigterm(tmp_pa
                 reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING
             refl = reflection_pb2_grpc.ServerReflectionStub(channel)
-            answer = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+            answer = next(
+                refl.ServerReflectionInfo(
+                    iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+                )
+            )
             names = {s.name for s in answer.list_services_response.service}
             assert {"tokensvc.v1.TokenService", "grpc.health.v1.Health"} <= names
 
@@ -64,7 +81,11 @@ def test_serve_with_embedded_redis_health_reflection_and_graceful_sigterm(tmp_pa
 def test_embedded_redis_persists_across_restarts(tmp_path):
     proc, target = _start(tmp_path)
     with grpc.insecure_channel(target) as channel:
-        pair = pb_grpc.TokenServiceStub(channel).Issue(pb.IssueRequest(subject="alice"), timeout=5).tokens
+        pair = (
+            pb_grpc.TokenServiceStub(channel)
+            .Issue(pb.IssueRequest(subject="alice"), timeout=5)
+            .tokens
+        )
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0
 

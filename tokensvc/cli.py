@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -78,7 +79,7 @@ def _cmd_health(args: argparse.Namespace) -> int:
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
             )
         except grpc.RpcError as err:
-            print(f"unhealthy: {err.code().name}", file=sys.stderr)  # type: ignore[attr-defined]
+            print(f"unhealthy: {err.code().name}", file=sys.stderr)
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(status)
@@ -92,12 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_arguments(serve)
     serve.set_defaults(run=_cmd_serve)
     health = commands.add_parser("health", help="query a server's gRPC health service")
-    health.add_argument("--target", default="127.0.0.1:50051")
+    env = os.environ.get
+    health.add_argument("--target", default=env("TOKENSVC_HEALTH_TARGET", "127.0.0.1:50051"))
     health.add_argument("--service", default="")
     health.add_argument("--timeout", type=float, default=3.0)
-    health.add_argument("--ca", help="CA bundle (enables TLS)")
-    health.add_argument("--cert", help="client certificate for mTLS")
-    health.add_argument("--key", help="client key for mTLS")
+    health.add_argument("--ca", default=env("TOKENSVC_HEALTH_CA"), help="CA bundle (enables TLS)")
+    health.add_argument("--cert", default=env("TOKENSVC_HEALTH_CERT"), help="client cert (mTLS)")
+    health.add_argument("--key", default=env("TOKENSVC_HEALTH_KEY"), help="client key (mTLS)")
     health.set_defaults(run=_cmd_health)
     return parser
 

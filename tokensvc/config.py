@@ -62,7 +62,9 @@ class Settings:
             raise ConfigError(f"--listen must be HOST:PORT, got {self.listen!r}")
         for name in ("access_ttl", "refresh_idle_ttl", "family_max_age", "jwks_max_age"):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be a positive number of seconds")
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be a positive number of seconds"
+                )
         if self.access_ttl > ACCESS_TTL_CAP and not self.allow_long_access_ttl:
             raise ConfigError(
                 f"--access-ttl {self.access_ttl} exceeds the {ACCESS_TTL_CAP} s cap; "

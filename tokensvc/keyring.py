@@ -55,7 +55,9 @@ def load_kek(path: Path | None, data_dir: Path) -> jwk.JWK:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as out:
                 out.write(jwk.JWK.generate(kty="oct", size=256).export())
-        log.warning("using a development key-encryption key from %s; set --kek-file in production", path)
+        log.warning(
+            "using a development key-encryption key from %s; set --kek-file in production", path
+        )
     try:
         kek = jwk.JWK.from_json(path.read_text())
         if kek.get("kty") != "oct" or len(b64url_decode(kek.get("k", ""))) != 32:
@@ -106,7 +108,9 @@ class KeyRing:
         """Read the ring from Redis, creating the first key if there is none."""
         if not await self._redis.exists(ACTIVE_KEY):
             record = self._new_record("active")
-            created = await self._bootstrap(keys=[RING_KEY, ACTIVE_KEY], args=[record["kid"], json.dumps(record)])
+            created = await self._bootstrap(
+                keys=[RING_KEY, ACTIVE_KEY], args=[record["kid"], json.dumps(record)]
+            )
             if created:
                 log.info("created the first signing key kid=%s", record["kid"])
         self._loaded_at = time.monotonic()

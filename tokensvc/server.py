@@ -121,13 +121,19 @@ async def start(settings: Settings, tracer_provider: TracerProvider | None = Non
     provider = telemetry.setup_tracing(tracer_provider)
 
     server = grpc.aio.server(interceptors=telemetry.server_interceptors(provider))
-    tokensvc_pb2_grpc.add_TokenServiceServicer_to_server(TokenService(settings, store, keyring), server)
+    tokensvc_pb2_grpc.add_TokenServiceServicer_to_server(
+        TokenService(settings, store, keyring), server
+    )
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
         server,
     )
     if settings.insecure:

@@ -45,20 +45,35 @@ class TokenService(pb_grpc.TokenServiceServicer):
         self.keyring = keyring
         self.clock = clock
         self.verifier = Verifier(
-            settings.issuer, None, leeway=settings.leeway, max_token_bytes=limits.MAX_TOKEN, clock=clock
+            settings.issuer,
+            None,
+            leeway=settings.leeway,
+            max_token_bytes=limits.MAX_TOKEN,
+            clock=clock,
         )
 
     # -- minting -----------------------------------------------------------------------
 
-    def _mint(self, base: dict[str, Any], sid: str, now: int, family_expires_ms: int) -> tuple[str, int]:
+    def _mint(
+        self, base: dict[str, Any], sid: str, now: int, family_expires_ms: int
+    ) -> tuple[str, int]:
         """Sign an access token; it never outlives its family."""
         exp = min(now + self.settings.access_ttl, family_expires_ms // 1000)
-        claims = {"iss": self.settings.issuer, **base, "exp": exp, "iat": now, "nbf": now,
-                  "jti": tokens.new_token_id(), "sid": sid}
+        claims = {
+            "iss": self.settings.issuer,
+            **base,
+            "exp": exp,
+            "iat": now,
+            "nbf": now,
+            "jti": tokens.new_token_id(),
+            "sid": sid,
+        }
         key = self.keyring.signing
         return tokens.sign_access_token(key.key, key.kid, claims), exp
 
-    def _pair(self, access: str, access_exp: int, refresh: str, refresh_exp_ms: int, sid: str) -> pb.TokenPair:
+    def _pair(
+        self, access: str, access_exp: int, refresh: str, refresh_exp_ms: int, sid: str
+    ) -> pb.TokenPair:
         return pb.TokenPair(
             access_token=access,
             refresh_token=refresh,
@@ -96,8 +111,17 @@ class TokenService(pb_grpc.TokenServiceServicer):
         refresh_exp_ms = min(now_ms + self.settings.refresh_idle_ttl * 1000, family_exp_ms)
         access, access_exp = self._mint(base, sid, now, family_exp_ms)
         await self.store.create(
-            NewFamily(sid, tokens.refresh_hash(refresh), subject, base["client_id"], label, base,
-                      now_ms, refresh_exp_ms, family_exp_ms)
+            NewFamily(
+                sid,
+                tokens.refresh_hash(refresh),
+                subject,
+                base["client_id"],
+                label,
+                base,
+                now_ms,
+                refresh_exp_ms,
+                family_exp_ms,
+            )
         )
         log.info("issued sid=%s client_id=%s", sid, base["client_id"])
         return pb.IssueResponse(tokens=self._pair(access, access_exp, refresh, refresh_exp_ms, sid))
@@ -111,8 +135,11 @@ class TokenService(pb_grpc.TokenServiceServicer):
         successor = tokens.new_refresh_token(sid)
         now_f = self.clock()
         rotation = await self.store.rotate(
-            sid, tokens.refresh_hash(presented), tokens.refresh_hash(successor),
-            int(now_f * 1000), self.settings.refresh_idle_ttl * 1000,
+            sid,
+            tokens.refresh_hash(presented),
+            tokens.refresh_hash(successor),
+            int(now_f * 1000),
+            self.settings.refresh_idle_ttl * 1000,
         )
         if rotation.status is RefreshStatus.REUSE:
             log.warning("refresh token reuse: family revoked sid=%s", sid)
@@ -120,7 +147,9 @@ class TokenService(pb_grpc.TokenServiceServicer):
         if rotation.status is not RefreshStatus.OK or rotation.claims is None:
             log.info("refresh refused sid=%s status=%s", sid, rotation.status.value)
             raise NotAuthenticated(rotation.status.value)
-        access, access_exp = self._mint(rotation.claims, sid, int(now_f), rotation.family_expires_ms)
+        access, access_exp = self._mint(
+            rotation.claims, sid, int(now_f), rotation.family_expires_ms
+        )
         log.info("refreshed sid=%s", sid)
         return pb.RefreshResponse(
             tokens=self._pair(access, access_exp, successor, rotation.token_expires_ms, sid)
@@ -141,7 +170,9 @@ class TokenService(pb_grpc.TokenServiceServicer):
         elif target == "subject":
             subject = limits.text("subject", request.subject, required=True)
             count = await self.store.revoke_subject(
-                tokens.subject_tag(subject), now_ms, reason,
+                tokens.subject_tag(subject),
+                now_ms,
+                reason,
                 (self.settings.family_max_age + self.settings.leeway) * 1000,
             )
         else:
@@ -154,7 +185,9 @@ class TokenService(pb_grpc.TokenServiceServicer):
         token is not an error, there is simply nothing to revoke)."""
         sid = tokens.refresh_session_id(token)
         if sid is not None:
-            return await self.store.revoke_sessions([sid], now_ms, reason, tokens.refresh_hash(token))
+            return await self.store.revoke_sessions(
+                [sid], now_ms, reason, tokens.refresh_hash(token)
+            )
         try:
             claims = await self._verify(token)
         except InvalidToken:
@@ -164,12 +197,16 @@ class TokenService(pb_grpc.TokenServiceServicer):
         return 0
 
     @rpc
-    async def Introspect(self, request: pb.IntrospectRequest, context: Ctx) -> pb.IntrospectResponse:
+    async def Introspect(
+        self, request: pb.IntrospectRequest, context: Ctx
+    ) -> pb.IntrospectResponse:
         token = limits.token("token", request.token)
         now_f = self.clock()
         sid = tokens.refresh_session_id(token)
         if sid is not None:
-            family = await self.store.refresh_state(sid, tokens.refresh_hash(token), int(now_f * 1000))
+            family = await self.store.refresh_state(
+                sid, tokens.refresh_hash(token), int(now_f * 1000)
+            )
             if family is None:
                 return pb.IntrospectResponse(active=False)
             return self._describe_refresh(sid, family)
@@ -183,20 +220,37 @@ class TokenService(pb_grpc.TokenServiceServicer):
             log.info("introspect: jti=%s inactive reason=%s", claims.token_id, state.reason)
             return pb.IntrospectResponse(active=False)
         return pb.IntrospectResponse(
-            active=True, token_type="access", subject=claims.subject, roles=claims.roles,
-            audience=claims.audience, issuer=claims.issuer, client_id=claims.client_id,
-            session_id=claims.session_id, token_id=claims.token_id, acr=claims.acr,
-            amr=claims.amr, issued_at=_ts(claims.issued_at), expires_at=_ts(claims.expires_at),
+            active=True,
+            token_type="access",
+            subject=claims.subject,
+            roles=claims.roles,
+            audience=claims.audience,
+            issuer=claims.issuer,
+            client_id=claims.client_id,
+            session_id=claims.session_id,
+            token_id=claims.token_id,
+            acr=claims.acr,
+            amr=claims.amr,
+            issued_at=_ts(claims.issued_at),
+            expires_at=_ts(claims.expires_at),
             not_before=_ts(claims.not_before),
         )
 
     def _describe_refresh(self, sid: str, family: dict[str, str]) -> pb.IntrospectResponse:
         base = json.loads(family["claims"])
         return pb.IntrospectResponse(
-            active=True, token_type="refresh", subject=family["sub"], roles=base.get("roles", []),
-            audience=base.get("aud", []), issuer=self.settings.issuer, client_id=family.get("cid", ""),
-            session_id=sid, acr=base.get("acr", ""), amr=base.get("amr", []),
-            issued_at=_ts(int(family["last"]) / 1000), expires_at=_ts(int(family["cur_exp"]) / 1000),
+            active=True,
+            token_type="refresh",
+            subject=family["sub"],
+            roles=base.get("roles", []),
+            audience=base.get("aud", []),
+            issuer=self.settings.issuer,
+            client_id=family.get("cid", ""),
+            session_id=sid,
+            acr=base.get("acr", ""),
+            amr=base.get("amr", []),
+            issued_at=_ts(int(family["last"]) / 1000),
+            expires_at=_ts(int(family["cur_exp"]) / 1000),
         )
 
     async def _verify(self, token: str) -> Claims:
@@ -210,4 +264,6 @@ class TokenService(pb_grpc.TokenServiceServicer):
 
     @rpc
     async def GetKeys(self, request: pb.GetKeysRequest, context: Ctx) -> pb.GetKeysResponse:
-        return pb.GetKeysResponse(jwks=self.keyring.jwks_json, max_age_seconds=self.settings.jwks_max_age)
+        return pb.GetKeysResponse(
+            jwks=self.keyring.jwks_json, max_age_seconds=self.settings.jwks_max_age
+        )

