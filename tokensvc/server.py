@@ -112,12 +112,13 @@ async def start(settings: Settings, tracer_provider: TracerProvider | None = Non
     try:
         keyring = KeyRing(redis, load_kek(settings.kek_file, settings.data_dir))
         await keyring.load()
+        store = FamilyStore(redis)
+        await store.load_scripts()
     except Exception:
         await redis.aclose()
         if embedded is not None:
             embedded.stop()
         raise
-    store = FamilyStore(redis)
     provider = telemetry.setup_tracing(tracer_provider)
 
     server = grpc.aio.server(interceptors=telemetry.server_interceptors(provider))

@@ -123,6 +123,11 @@ class FamilyStore:
         self._revoke_family = redis.register_script(_script("revoke_family.lua"))
         self._revoke_subject = redis.register_script(_script("revoke_subject.lua"))
 
+    async def load_scripts(self) -> None:
+        """Load every script once at start-up so the first calls need no NOSCRIPT retry."""
+        for script in (self._issue, self._refresh, self._revoke_family, self._revoke_subject):
+            await self._call(self.redis.script_load, script.script)
+
     async def create(self, family: NewFamily) -> None:
         tag = tag_of(family.session_id)
         await self._call(
