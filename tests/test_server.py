@@ -117,3 +117,48 @@ def test_sigterm_finishes_in_flight_calls(tmp_path, redis_url):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_workers_share_one_port_and_one_key_ring(tmp_path):
+    from tokensvc.embedded import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENSVC_")}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tokensvc",
+            "serve",
+            "--insecure",
+            "--workers",
+            "2",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--data-dir",
+            str(tmp_path / "data"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline(), proc.stdout.readline()]
+        assert all(f"listening on 127.0.0.1:{port}" in line for line in lines), lines
+        jwks = set()
+        for _ in range(6):  # new connections are spread over the workers by the kernel
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.TokenServiceStub(channel)
+                jwks.add(stub.GetKeys(pb.GetKeysRequest(), timeout=5).jwks)
+                pair = stub.Issue(pb.IssueRequest(subject="alice"), timeout=5).tokens
+                assert stub.Introspect(
+                    pb.IntrospectRequest(token=pair.access_token), timeout=5
+                ).active
+        assert len(jwks) == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -41,7 +41,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def _setup_logging(level: str) -> None:
+def setup_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=level, handlers=[handler], force=True)
@@ -51,8 +51,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from tokensvc import server  # imported here: `tokensvc health` stays light
 
     settings = config.load(args)
-    _setup_logging(settings.log_level)
+    setup_logging(settings.log_level)
     try:
+        if settings.workers > 1:
+            return server.serve_workers(settings)
         asyncio.run(server.serve(settings))
     except KeyRingError as err:
         print(f"tokensvc: {err}", file=sys.stderr)

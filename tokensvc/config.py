@@ -42,6 +42,7 @@ class Settings:
     redis_timeout: float = 2.0
     grace_seconds: float = 10.0
     log_level: str = "INFO"
+    workers: int = 1
 
     @property
     def host(self) -> str:
@@ -72,6 +73,10 @@ class Settings:
             )
         if self.refresh_idle_ttl > self.family_max_age:
             raise ConfigError("--refresh-idle-ttl must not exceed --family-max-age")
+        if not 1 <= self.workers <= 256:
+            raise ConfigError("--workers must be between 1 and 256")
+        if self.workers > 1 and self.port == 0:
+            raise ConfigError("--workers above 1 needs a fixed --listen port (they share it)")
         if not 0 <= self.leeway <= 300:
             raise ConfigError("--leeway must be between 0 and 300 seconds")
         if not self.issuer:
@@ -120,6 +125,7 @@ _OPTIONS: dict[str, tuple[str, type]] = {
     "tls_client_ca": ("CA bundle for client certificates (enables mTLS)", Path),
     "redis_timeout": ("Redis socket timeout in seconds", float),
     "log_level": ("DEBUG, INFO, WARNING or ERROR", str),
+    "workers": ("server processes sharing the port (SO_REUSEPORT)", int),
 }
 _FLAGS = ("insecure", "allow_long_access_ttl")
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import os
 import signal
 from dataclasses import dataclass, field
 
@@ -121,7 +123,11 @@ async def start(settings: Settings, tracer_provider: TracerProvider | None = Non
         raise
     provider = telemetry.setup_tracing(tracer_provider)
 
-    server = grpc.aio.server(interceptors=telemetry.server_interceptors(provider))
+    server = grpc.aio.server(
+        interceptors=telemetry.server_interceptors(provider),
+        # several worker processes bind the same port; the kernel spreads connections
+        options=[("grpc.so_reuseport", 1)],
+    )
     tokensvc_pb2_grpc.add_TokenServiceServicer_to_server(
         TokenService(settings, store, keyring), server
     )
@@ -161,3 +167,48 @@ async def serve(settings: Settings) -> None:
     await stop.wait()
     log.info("shutting down: finishing in-flight calls")
     await running.stop()
+
+
+def _worker_main(settings: Settings) -> None:
+    """Entry point of one worker process (multiprocessing, spawn)."""
+    from tokensvc.cli import setup_logging
+
+    setup_logging(settings.log_level)
+    asyncio.run(serve(settings))
+
+
+def serve_workers(settings: Settings) -> int:
+    """Run ``settings.workers`` server processes on one port; forward SIGTERM/SIGINT.
+
+    An embedded Redis, if any, is started once here and shared by the workers. Returns the
+    worst exit code of the workers.
+    """
+    import multiprocessing
+
+    embedded = None
+    if settings.redis_url is None:
+        embedded = RedisProcess(settings.data_dir / "redis", unix_socket=True, prefer_system=False)
+        embedded.start()
+        settings = dataclasses.replace(settings, redis_url=embedded.url)
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=_worker_main, args=(settings,), daemon=False)
+        for _ in range(settings.workers)
+    ]
+    for proc in procs:
+        proc.start()
+
+    def forward(signum: int, _frame: object) -> None:
+        for proc in procs:
+            if proc.pid is not None and proc.is_alive():
+                os.kill(proc.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = []
+    for proc in procs:
+        proc.join()
+        codes.append(proc.exitcode or 0)
+    if embedded is not None:
+        embedded.stop()
+    return max(codes)
