@@ -10,7 +10,7 @@ the Redis Cluster hash tag, so all keys of one subject share one slot)::
     ts:{T}:subject     hash   revoked_before (ms watermark)
     ts:{T}:jti:<jti>   string a revoked access token, expiring with the token
 
-Every mutation is one Lua script (registered once, called by SHA; redis-py reloads it on
+Every operation is one Lua script (registered once, called by SHA; redis-py reloads it on
 NOSCRIPT), so a failure half-way never leaves a family half-written. Only hashes of
 refresh tokens are stored. Automatic client retries are off: re-sending a Refresh whose
 reply was lost would present a spent token and revoke the family.
@@ -122,10 +122,18 @@ class FamilyStore:
         self._refresh = redis.register_script(_script("refresh.lua"))
         self._revoke_family = redis.register_script(_script("revoke_family.lua"))
         self._revoke_subject = redis.register_script(_script("revoke_subject.lua"))
+        self._read_state = redis.register_script(_script("state.lua"))
 
     async def load_scripts(self) -> None:
         """Load every script once at start-up so the first calls need no NOSCRIPT retry."""
-        for script in (self._issue, self._refresh, self._revoke_family, self._revoke_subject):
+        scripts = (
+            self._issue,
+            self._refresh,
+            self._revoke_family,
+            self._revoke_subject,
+            self._read_state,
+        )
+        for script in scripts:
             await self._call(self.redis.script_load, script.script)
 
     async def create(self, family: NewFamily) -> None:
@@ -168,46 +176,41 @@ class FamilyStore:
             return Rotation(status, subject=_s(reply[1]))
         return Rotation(status)
 
-    async def refresh_state(self, sid: str, token_hash: str, now_ms: int) -> dict[str, str] | None:
-        """The family of a refresh token if that token is its current, usable one.
+    async def _state(
+        self, sid: str, jti: str | None, fields: tuple[str, ...]
+    ) -> tuple[dict[str, str], int | None, bool]:
+        """Family fields, subject watermark and jti revocation: one read-only script."""
+        fam = family_key(sid)
+        reply = await self._call(
+            self._read_state,
+            keys=[fam, subject_key(tag_of(sid)), jti_key(sid, jti) if jti else fam],
+            args=list(fields),
+        )
+        values = {n: _s(v) for n, v in zip(fields, reply, strict=False) if v is not None}
+        watermark = reply[len(fields)]
+        return values, (int(watermark) if watermark else None), bool(reply[len(fields) + 1])
 
-        One round trip: a non-transactional pipeline whose keys share one hash slot.
-        """
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(family_key(sid), *_FAMILY_FIELDS)
-            pipe.hget(subject_key(tag_of(sid)), "revoked_before")
-            values, watermark = await self._call(pipe.execute)
-        if values[0] is None:
-            return None
-        fields = {
-            name: _s(v) for name, v in zip(_FAMILY_FIELDS, values, strict=True) if v is not None
-        }
+    async def refresh_state(self, sid: str, token_hash: str, now_ms: int) -> dict[str, str] | None:
+        """The family of a refresh token if that token is its current, usable one."""
+        fields, watermark, _ = await self._state(sid, None, _FAMILY_FIELDS)
         if fields.get("cur") != token_hash or fields.get("state") != "active":
             return None
         if now_ms >= int(fields["cur_exp"]) or now_ms >= int(fields["exp"]):
             return None
-        if watermark is not None and int(fields["created"]) <= int(watermark):
+        if watermark is not None and int(fields["created"]) <= watermark:
             return None
         return fields
 
     async def access_state(self, sid: str, jti: str, now_ms: int) -> AccessState:
-        """Revocation state of an access token's jti, its family and its subject.
-
-        One round trip: a non-transactional pipeline whose keys share one hash slot.
-        """
-        tag = tag_of(sid)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(family_key(sid), "state", "created", "exp")
-            pipe.exists(jti_key(sid, jti))
-            pipe.hget(subject_key(tag), "revoked_before")
-            (state, created, exp), jti_revoked, watermark = await self._call(pipe.execute)
-        if state is None:
+        """Revocation state of an access token's jti, its family and its subject."""
+        fields, watermark, jti_revoked = await self._state(sid, jti, ("state", "created", "exp"))
+        if "state" not in fields:
             return AccessState(False, "unknown_session")
-        if _s(state) != "active" or now_ms >= int(exp):
+        if fields["state"] != "active" or now_ms >= int(fields["exp"]):
             return AccessState(False, "session_revoked")
         if jti_revoked:
             return AccessState(False, "token_revoked")
-        if watermark is not None and int(created) <= int(watermark):
+        if watermark is not None and int(fields["created"]) <= watermark:
             return AccessState(False, "subject_revoked")
         return AccessState(True)
 
