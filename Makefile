@@ -38,8 +38,8 @@ check-protos: setup
 	done; rm -rf $$tmp; echo "generated stubs are up to date"
 
 lint: setup
-	$(BIN)/ruff check tokensvc clients/python tests
-	$(BIN)/ruff format --check tokensvc clients/python tests
+	$(BIN)/ruff check tokensvc clients/python tests bench
+	$(BIN)/ruff format --check tokensvc clients/python tests bench
 	$(BIN)/mypy tokensvc clients/python/tokensvc_client
 
 clean:

@@ -100,7 +100,10 @@ class TokenService(pb_grpc.TokenServiceServicer):
         if request.amr:
             base["amr"] = limits.text_list("amr", request.amr)
         if request.HasField("auth_time"):
-            base["auth_time"] = request.auth_time.seconds
+            auth_time = request.auth_time.seconds
+            if not 0 < auth_time <= self.clock() + self.settings.leeway:
+                raise BadRequest("auth_time must be a past instant")
+            base["auth_time"] = auth_time
         label = limits.text("session_label", request.session_label)
 
         now_f = self.clock()

@@ -9,6 +9,7 @@ touches is known from the token alone.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -17,7 +18,14 @@ from typing import Any, Final
 
 from jwcrypto import jwk, jws
 
-from tokensvc_client.verifier import ALGORITHM, REFRESH_TOKEN_PREFIX, TOKEN_TYPE
+from tokensvc_client.verifier import (
+    ALGORITHM,
+    P256_HALF_ORDER,
+    P256_ORDER,
+    REFRESH_TOKEN_PREFIX,
+    TOKEN_TYPE,
+    b64url_decode,
+)
 
 _TAG_HEX: Final = 32  # 128-bit subject tag
 _SESSION_ID = re.compile(r"[0-9a-f]{64}")
@@ -71,4 +79,16 @@ def sign_access_token(key: jwk.JWK, kid: str, claims: dict[str, Any]) -> str:
     header = _compact_json({"alg": ALGORITHM, "typ": TOKEN_TYPE, "kid": kid})
     payload = _compact_json(claims).encode("utf-8")
     signed = jws.JWSCore(ALGORITHM, key, header, payload, [ALGORITHM]).sign()
-    return f"{signed['protected']}.{signed['payload'].decode('ascii')}.{signed['signature']}"
+    return (
+        f"{signed['protected']}.{signed['payload'].decode('ascii')}.{_low_s(signed['signature'])}"
+    )
+
+
+def _low_s(signature_b64: str) -> str:
+    """Normalise an ECDSA signature to low-S form; the verifier accepts only that spelling."""
+    raw = b64url_decode(signature_b64)
+    s = int.from_bytes(raw[32:], "big")
+    if s <= P256_HALF_ORDER:
+        return signature_b64
+    fixed = raw[:32] + (P256_ORDER - s).to_bytes(32, "big")
+    return base64.urlsafe_b64encode(fixed).rstrip(b"=").decode("ascii")

@@ -1,5 +1,12 @@
 """Client library of tokensvc: stubs, TokenClient, AuthInterceptor, call credentials."""
 
+from tokensvc_client._auth import DEFAULT_EXEMPT, MethodPolicy, Rejection, RevocationCheck
+from tokensvc_client.aio import AsyncTokenClient
+from tokensvc_client.aio_interceptor import AioAuthInterceptor
+from tokensvc_client.channels import aio_channel, channel, channel_credentials
+from tokensvc_client.client import TokenClient
+from tokensvc_client.context import NoClaims, current_claims, current_claims_or_none
+from tokensvc_client.credentials import TokenCredentials, token_call_credentials
 from tokensvc_client.errors import (
     InvalidArgument,
     InvalidToken,
@@ -12,20 +19,44 @@ from tokensvc_client.errors import (
     Unauthenticated,
     Unavailable,
 )
+from tokensvc_client.interceptor import AuthInterceptor
+from tokensvc_client.jwks import AsyncJwksCache, JwksCache
+from tokensvc_client.results import Introspection, Jwks, TokenPair
 from tokensvc_client.verifier import Claims, KeySet, Verifier
 
 __all__ = [
+    "DEFAULT_EXEMPT",
+    "AioAuthInterceptor",
+    "AsyncJwksCache",
+    "AsyncTokenClient",
+    "AuthInterceptor",
     "Claims",
+    "Introspection",
     "InvalidArgument",
     "InvalidToken",
+    "Jwks",
+    "JwksCache",
     "KeySet",
     "KeysUnavailable",
+    "MethodPolicy",
+    "NoClaims",
     "PermissionDenied",
     "RateLimited",
     "Reason",
+    "Rejection",
+    "RevocationCheck",
     "RpcFailed",
+    "TokenClient",
+    "TokenCredentials",
+    "TokenPair",
     "TokenServiceError",
     "Unauthenticated",
     "Unavailable",
     "Verifier",
+    "aio_channel",
+    "channel",
+    "channel_credentials",
+    "current_claims",
+    "current_claims_or_none",
+    "token_call_credentials",
 ]

@@ -42,11 +42,13 @@ DEFAULT_MAX_TOKEN_BYTES: Final = 4096
 DEFAULT_LEEWAY_SECONDS: Final = 30
 
 # Order of the P-256 group: r and s must lie in [1, n-1] (SEC 1, 4.1.4).
-_P256_ORDER: Final = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+P256_ORDER: Final = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+P256_HALF_ORDER: Final = P256_ORDER // 2
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
 _ALLOWED_HEADER: Final = frozenset({"alg", "typ", "kid"})
 _ACCEPTED_TYP: Final = frozenset({"at+jwt", "application/at+jwt"})
-_MAX_NUMERIC_DATE: Final = 2**53
+# Exclusive bound: 10000-01-01T00:00:00Z, the first instant a protobuf Timestamp cannot hold.
+_MAX_NUMERIC_DATE: Final = 253_402_300_800
 
 
 def b64url_decode(segment: str) -> bytes:
@@ -82,6 +84,8 @@ def strict_json_object(raw: bytes) -> dict[str, Any]:
             object_pairs_hook=_no_duplicates,
             parse_constant=_reject_constant,
         )
+        # escaped lone surrogates ("\ud800") are valid JSON but not Unicode text
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
     except (ValueError, RecursionError) as err:
         raise ValueError("invalid JSON") from err
     if not isinstance(value, dict):
@@ -329,7 +333,9 @@ class Verifier:
             raise InvalidToken(Reason.UNKNOWN_KEY)
         r = int.from_bytes(parsed.signature[:32], "big")
         s = int.from_bytes(parsed.signature[32:], "big")
-        if not (0 < r < _P256_ORDER and 0 < s < _P256_ORDER):
+        # low-S only (s <= n/2): otherwise (r, n-s) would be a second valid spelling of
+        # every token; tokensvc.tokens normalises the signatures it makes.
+        if not (0 < r < P256_ORDER and 0 < s <= P256_HALF_ORDER):
             raise InvalidToken(Reason.BAD_SIGNATURE, "r or s out of range")
         try:
             # JWSCore rebuilds the signing input from the header text and payload bytes;

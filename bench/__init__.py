@@ -1,0 +1,1 @@
+"""tokensvc benchmark: `make bench` or `python -m bench` (see bench/run.py)."""

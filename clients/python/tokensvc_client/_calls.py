@@ -1,0 +1,161 @@
+"""Request building and response parsing for every TokenService RPC, written once.
+
+Each function returns a :class:`Call`: the stub method to invoke, the request message and
+the parser of its response. :class:`~tokensvc_client.client.TokenClient` and
+:class:`~tokensvc_client.aio.AsyncTokenClient` differ only in how they invoke a call
+(blocking or awaited), so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Generic, Literal, TypeVar
+
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from tokensvc_client.errors import RpcFailed
+from tokensvc_client.results import Introspection, Jwks, TokenPair
+from tokensvc_client.v1 import tokensvc_pb2 as pb
+
+Resp = TypeVar("Resp", bound=Message)
+Result = TypeVar("Result")
+Method = Literal["Issue", "Refresh", "Revoke", "Introspect", "GetKeys"]
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[Resp, Result]):
+    """One RPC ready to send: ``getattr(stub, method)(request)``, then ``parse``."""
+
+    method: Method
+    request: Message
+    parse: Callable[[Resp], Result]
+
+
+def check_timeout(timeout: float) -> float:
+    """Validate a client's per-call deadline (seconds).
+
+    Raises:
+        ValueError: not a positive number.
+    """
+    if not timeout > 0:
+        raise ValueError("timeout must be a positive number of seconds")
+    return float(timeout)
+
+
+def _seconds(stamp: Timestamp) -> float:
+    return stamp.seconds + stamp.nanos / 1e9
+
+
+def _optional_seconds(message: Message, name: str) -> float | None:
+    return _seconds(getattr(message, name)) if message.HasField(name) else None
+
+
+def _pair(message: pb.TokenPair) -> TokenPair:
+    return TokenPair(
+        access_token=message.access_token,
+        refresh_token=message.refresh_token,
+        token_type=message.token_type,
+        access_expires_at=_seconds(message.access_expires_at),
+        refresh_expires_at=_seconds(message.refresh_expires_at),
+        session_id=message.session_id,
+    )
+
+
+def _tokens_of(response: pb.IssueResponse | pb.RefreshResponse) -> TokenPair:
+    if not response.HasField("tokens") or not response.tokens.access_token:
+        raise RpcFailed("response without tokens")
+    return _pair(response.tokens)
+
+
+def issue(
+    subject: str,
+    *,
+    roles: Iterable[str] = (),
+    audience: Iterable[str] = (),
+    client_id: str = "",
+    acr: str = "",
+    amr: Iterable[str] = (),
+    auth_time: float | datetime | None = None,
+    session_label: str = "",
+) -> Call[pb.IssueResponse, TokenPair]:
+    """Build an Issue call; ``auth_time`` is epoch seconds or an aware datetime."""
+    request = pb.IssueRequest(
+        subject=subject,
+        roles=list(roles),
+        audience=list(audience),
+        client_id=client_id,
+        acr=acr,
+        amr=list(amr),
+        session_label=session_label,
+    )
+    if auth_time is not None:
+        seconds = auth_time.timestamp() if isinstance(auth_time, datetime) else auth_time
+        request.auth_time.FromNanoseconds(int(seconds * 1e9))
+    return Call("Issue", request, _tokens_of)
+
+
+def refresh(refresh_token: str) -> Call[pb.RefreshResponse, TokenPair]:
+    """Build a Refresh call."""
+    return Call("Refresh", pb.RefreshRequest(refresh_token=refresh_token), _tokens_of)
+
+
+def revoke(
+    *,
+    token: str | None = None,
+    session_id: str | None = None,
+    subject: str | None = None,
+    reason: str = "",
+) -> Call[pb.RevokeResponse, int]:
+    """Build a Revoke call for exactly one target.
+
+    Raises:
+        ValueError: not exactly one of ``token``, ``session_id``, ``subject`` given.
+    """
+    targets = {"token": token, "session_id": session_id, "subject": subject}
+    given = {name: value for name, value in targets.items() if value is not None}
+    if len(given) != 1:
+        raise ValueError("revoke needs exactly one of token, session_id or subject")
+    request = pb.RevokeRequest(reason=reason, **given)
+    return Call("Revoke", request, _revoked_sessions)
+
+
+def _revoked_sessions(response: pb.RevokeResponse) -> int:
+    return response.revoked_sessions
+
+
+def introspect(token: str) -> Call[pb.IntrospectResponse, Introspection]:
+    """Build an Introspect call."""
+    return Call("Introspect", pb.IntrospectRequest(token=token), _introspection)
+
+
+def _introspection(response: pb.IntrospectResponse) -> Introspection:
+    if not response.active:
+        return Introspection(active=False)
+    return Introspection(
+        active=True,
+        token_type=response.token_type,
+        subject=response.subject,
+        roles=tuple(response.roles),
+        audience=tuple(response.audience),
+        issuer=response.issuer,
+        client_id=response.client_id,
+        session_id=response.session_id,
+        token_id=response.token_id,
+        acr=response.acr,
+        amr=tuple(response.amr),
+        issued_at=_optional_seconds(response, "issued_at"),
+        expires_at=_optional_seconds(response, "expires_at"),
+        not_before=_optional_seconds(response, "not_before"),
+    )
+
+
+def get_keys() -> Call[pb.GetKeysResponse, Jwks]:
+    """Build a GetKeys call."""
+    return Call("GetKeys", pb.GetKeysRequest(), _jwks)
+
+
+def _jwks(response: pb.GetKeysResponse) -> Jwks:
+    return Jwks(jwks_json=response.jwks, max_age_seconds=response.max_age_seconds)

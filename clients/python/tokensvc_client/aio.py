@@ -1,0 +1,137 @@
+"""Asyncio client of tokensvc: :class:`AsyncTokenClient`.
+
+The twin of :class:`~tokensvc_client.client.TokenClient`: same methods, same arguments, same
+results and exceptions, built by the same :mod:`tokensvc_client._calls`; only the invocation
+is awaited. Method documentation lives on the blocking client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+
+from tokensvc_client import _calls
+from tokensvc_client.channels import Pem, aio_channel
+from tokensvc_client.errors import from_rpc_error
+from tokensvc_client.results import Introspection, Jwks, TokenPair
+from tokensvc_client.v1 import tokensvc_pb2_grpc
+
+Result = TypeVar("Result")
+
+
+class AsyncTokenClient:
+    """Calls TokenService over a ``grpc.aio`` channel.
+
+    Args:
+        channel_or_target: an existing ``grpc.aio.Channel`` (the caller keeps owning it)
+            or a "host:port" target opened with
+            :func:`~tokensvc_client.channels.aio_channel` and closed by :meth:`close`.
+        timeout: deadline of every call, seconds.
+        ca, cert, key, insecure: TLS settings for a target; not allowed with a channel.
+
+    Raises:
+        ValueError: TLS settings passed together with a channel, or a bad timeout.
+    """
+
+    def __init__(
+        self,
+        channel_or_target: grpc.aio.Channel | str,
+        *,
+        timeout: float = 5.0,
+        ca: Pem | None = None,
+        cert: Pem | None = None,
+        key: Pem | None = None,
+        insecure: bool = False,
+    ) -> None:
+        self._timeout = _calls.check_timeout(timeout)
+        if isinstance(channel_or_target, str):
+            self._channel = aio_channel(
+                channel_or_target, ca=ca, cert=cert, key=key, insecure=insecure
+            )
+            self._owns_channel = True
+        else:
+            if ca is not None or cert is not None or key is not None or insecure:
+                raise ValueError("TLS settings only apply to a target, not to a channel")
+            self._channel = channel_or_target
+            self._owns_channel = False
+        self._stub = tokensvc_pb2_grpc.TokenServiceStub(self._channel)
+
+    async def _invoke(self, call: _calls.Call[Any, Result]) -> Result:
+        method = getattr(self._stub, call.method)
+        try:
+            response = await method(call.request, timeout=self._timeout)
+        except grpc.RpcError as err:  # grpc.aio.AioRpcError is a grpc.RpcError
+            raise from_rpc_error(err) from err
+        return call.parse(response)
+
+    async def issue(
+        self,
+        subject: str,
+        *,
+        roles: Iterable[str] = (),
+        audience: Iterable[str] = (),
+        client_id: str = "",
+        acr: str = "",
+        amr: Iterable[str] = (),
+        auth_time: float | datetime | None = None,
+        session_label: str = "",
+    ) -> TokenPair:
+        """See :meth:`TokenClient.issue <tokensvc_client.client.TokenClient.issue>`."""
+        return await self._invoke(
+            _calls.issue(
+                subject,
+                roles=roles,
+                audience=audience,
+                client_id=client_id,
+                acr=acr,
+                amr=amr,
+                auth_time=auth_time,
+                session_label=session_label,
+            )
+        )
+
+    async def refresh(self, refresh_token: str) -> TokenPair:
+        """See :meth:`TokenClient.refresh <tokensvc_client.client.TokenClient.refresh>`."""
+        return await self._invoke(_calls.refresh(refresh_token))
+
+    async def revoke(
+        self,
+        *,
+        token: str | None = None,
+        session_id: str | None = None,
+        subject: str | None = None,
+        reason: str = "",
+    ) -> int:
+        """See :meth:`TokenClient.revoke <tokensvc_client.client.TokenClient.revoke>`."""
+        return await self._invoke(
+            _calls.revoke(token=token, session_id=session_id, subject=subject, reason=reason)
+        )
+
+    async def introspect(self, token: str) -> Introspection:
+        """See :meth:`TokenClient.introspect <tokensvc_client.client.TokenClient.introspect>`."""
+        return await self._invoke(_calls.introspect(token))
+
+    async def get_keys(self) -> Jwks:
+        """See :meth:`TokenClient.get_keys <tokensvc_client.client.TokenClient.get_keys>`."""
+        return await self._invoke(_calls.get_keys())
+
+    async def close(self) -> None:
+        """Close the channel if this client opened it."""
+        if self._owns_channel:
+            await self._channel.close(None)
+
+    async def __aenter__(self) -> AsyncTokenClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

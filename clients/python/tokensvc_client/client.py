@@ -1,0 +1,155 @@
+"""Blocking client of tokensvc.
+
+Every call has a deadline and raises the library's exceptions
+(:mod:`tokensvc_client.errors`), never ``grpc.RpcError``. Requests and results are built by
+:mod:`tokensvc_client._calls`, shared with the asyncio client in :mod:`tokensvc_client.aio`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+
+from tokensvc_client import _calls
+from tokensvc_client.channels import Pem, channel
+from tokensvc_client.errors import from_rpc_error
+from tokensvc_client.results import Introspection, Jwks, TokenPair
+from tokensvc_client.v1 import tokensvc_pb2_grpc
+
+Result = TypeVar("Result")
+
+
+class TokenClient:
+    """Calls TokenService over a blocking gRPC channel.
+
+    Args:
+        channel_or_target: an existing channel (the caller keeps owning it), or a
+            "host:port" target for which the client opens -- and :meth:`close` closes -- a
+            channel with :func:`~tokensvc_client.channels.channel`.
+        timeout: deadline of every call, seconds.
+        ca, cert, key, insecure: TLS settings for a target (see
+            :func:`~tokensvc_client.channels.channel`); not allowed with a channel.
+
+    Raises:
+        ValueError: TLS settings passed together with a channel, or a bad timeout.
+
+    Every method raises :class:`~tokensvc_client.errors.RpcFailed` (or the subclass for the
+    status code) when the call fails, e.g. ``InvalidArgument``, ``Unauthenticated``,
+    ``Unavailable`` (also on a missed deadline).
+    """
+
+    def __init__(
+        self,
+        channel_or_target: grpc.Channel | str,
+        *,
+        timeout: float = 5.0,
+        ca: Pem | None = None,
+        cert: Pem | None = None,
+        key: Pem | None = None,
+        insecure: bool = False,
+    ) -> None:
+        self._timeout = _calls.check_timeout(timeout)
+        if isinstance(channel_or_target, str):
+            self._channel = channel(channel_or_target, ca=ca, cert=cert, key=key, insecure=insecure)
+            self._owns_channel = True
+        else:
+            if ca is not None or cert is not None or key is not None or insecure:
+                raise ValueError("TLS settings only apply to a target, not to a channel")
+            self._channel = channel_or_target
+            self._owns_channel = False
+        self._stub = tokensvc_pb2_grpc.TokenServiceStub(self._channel)
+
+    def _invoke(self, call: _calls.Call[Any, Result]) -> Result:
+        method = getattr(self._stub, call.method)
+        try:
+            response = method(call.request, timeout=self._timeout)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        return call.parse(response)
+
+    def issue(
+        self,
+        subject: str,
+        *,
+        roles: Iterable[str] = (),
+        audience: Iterable[str] = (),
+        client_id: str = "",
+        acr: str = "",
+        amr: Iterable[str] = (),
+        auth_time: float | datetime | None = None,
+        session_label: str = "",
+    ) -> TokenPair:
+        """Start a session for an authenticated ``subject``.
+
+        ``audience`` empty means the service's default; ``auth_time`` is epoch seconds or
+        an aware datetime of the user's authentication.
+        """
+        return self._invoke(
+            _calls.issue(
+                subject,
+                roles=roles,
+                audience=audience,
+                client_id=client_id,
+                acr=acr,
+                amr=amr,
+                auth_time=auth_time,
+                session_label=session_label,
+            )
+        )
+
+    def refresh(self, refresh_token: str) -> TokenPair:
+        """Spend ``refresh_token`` for a new pair; keep the new refresh token.
+
+        Raises:
+            Unauthenticated: the token is invalid, expired, revoked or was already used
+                (a reuse revokes the whole session).
+        """
+        return self._invoke(_calls.refresh(refresh_token))
+
+    def revoke(
+        self,
+        *,
+        token: str | None = None,
+        session_id: str | None = None,
+        subject: str | None = None,
+        reason: str = "",
+    ) -> int:
+        """Revoke one token, one session or every session of a subject.
+
+        Returns:
+            The number of sessions revoked (0 for an access token).
+
+        Raises:
+            ValueError: not exactly one target given.
+        """
+        return self._invoke(
+            _calls.revoke(token=token, session_id=session_id, subject=subject, reason=reason)
+        )
+
+    def introspect(self, token: str) -> Introspection:
+        """Ask the service whether ``token`` (access or refresh) is active."""
+        return self._invoke(_calls.introspect(token))
+
+    def get_keys(self) -> Jwks:
+        """Fetch the public keys that verify access tokens."""
+        return self._invoke(_calls.get_keys())
+
+    def close(self) -> None:
+        """Close the channel if this client opened it."""
+        if self._owns_channel:
+            self._channel.close()
+
+    def __enter__(self) -> TokenClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,180 @@
+"""Server interceptor for blocking gRPC servers: every call must carry a valid access token.
+
+Usage::
+
+    keys = JwksCache(TokenClient("tokensvc:50051", ca="ca.pem").get_keys)
+    server = grpc.server(
+        ThreadPoolExecutor(),
+        interceptors=[AuthInterceptor(keys, issuer="https://tokensvc", audience="orders")],
+    )
+
+Handlers read the verified claims with :func:`~tokensvc_client.context.current_claims`.
+
+gRPC runs server interceptors on its polling thread, which serves every connection. So
+this interceptor decides there only what needs no I/O -- header checks, and verification
+when the key cache is fresh -- and returns a pre-built aborting handler for a rejection.
+When keys must be fetched first (cold cache, stale cache, unknown ``kid``), the decision
+is finished in the handler's worker thread instead, so a slow or unreachable tokensvc
+never stalls the whole server.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextvars import Context
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import grpc
+
+from tokensvc_client._auth import (
+    DEFAULT_EXEMPT,
+    Authenticator,
+    Decision,
+    Handler,
+    Kind,
+    MethodPolicy,
+    Rejection,
+    RevocationCheck,
+    behaviour_of,
+    handler_of_kind,
+    kind_of,
+    step,
+)
+from tokensvc_client.context import context_with
+from tokensvc_client.jwks import JwksCache, KeyRequest
+from tokensvc_client.verifier import DEFAULT_LEEWAY_SECONDS, Claims, Verifier
+
+if TYPE_CHECKING:
+    _ServerInterceptor = grpc.ServerInterceptor[Any, Any]
+else:
+    _ServerInterceptor = grpc.ServerInterceptor
+
+__all__ = ["DEFAULT_EXEMPT", "AuthInterceptor", "MethodPolicy", "Rejection", "RevocationCheck"]
+
+#: Produces the claims inside the handler's thread, or aborts the call through its context.
+_Resolve = Callable[[grpc.ServicerContext], Claims]
+
+
+class AuthInterceptor(_ServerInterceptor):
+    """Rejects calls without a valid bearer token with UNAUTHENTICATED
+    ``invalid token: <reason code>``; passes the claims of valid ones to the handler.
+
+    Args:
+        keys: the JWKS cache; its fetch callable is the only key source.
+        issuer: the only accepted ``iss``.
+        audience: this service's name; must be in a token's ``aud``.
+        leeway: clock skew tolerated for ``nbf``/``iat``, seconds.
+        clock: current UNIX time for claim checks; injectable for tests.
+        exempt: full method names and prefixes (ending in "/" or ".") served without a
+            token; by default gRPC health checking and reflection.
+        revocation_check: ``claims -> bool``, True rejects with ``invalid token: revoked``.
+            Runs for every call; must be fast.
+        policy: ``(method, claims) -> Rejection | None`` per-method authorisation hook.
+
+    If no key set could ever be fetched, calls get UNAVAILABLE ``token keys unavailable``;
+    if a hook raises, UNAVAILABLE ``authorization check failed`` (fail closed).
+    """
+
+    def __init__(
+        self,
+        keys: JwksCache,
+        *,
+        issuer: str,
+        audience: str,
+        leeway: int = DEFAULT_LEEWAY_SECONDS,
+        clock: Callable[[], float] = time.time,
+        exempt: Iterable[str] = DEFAULT_EXEMPT,
+        revocation_check: RevocationCheck | None = None,
+        policy: MethodPolicy | None = None,
+    ) -> None:
+        self._keys = keys
+        self._auth = Authenticator(
+            Verifier(issuer, audience, leeway=leeway, clock=clock),
+            exempt=exempt,
+            revocation_check=revocation_check,
+            policy=policy,
+        )
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Handler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method in self._auth.exempt:
+            return handler
+        decision = self._auth.decide(method, handler_call_details.invocation_metadata)
+        outcome = self._step_without_io(decision)
+        if isinstance(outcome, Rejection):
+            return _aborting_handler(outcome, kind_of(handler))
+        if isinstance(outcome, Claims):
+            claims = outcome
+            return _with_claims(handler, lambda _context: claims)
+        pending = outcome
+
+        def resolve(context: grpc.ServicerContext) -> Claims:
+            result = self._step_with_io(decision, pending)
+            if isinstance(result, Rejection):
+                context.abort(result.code, result.message)
+            return result
+
+        return _with_claims(handler, resolve)
+
+    def _step_without_io(self, decision: Decision) -> Claims | Rejection | KeyRequest:
+        """Run the decision as far as the cache answers without fetching."""
+        outcome = step(decision, None)
+        while isinstance(outcome, KeyRequest) and not self._keys.needs_fetch(outcome):
+            outcome = step(decision, self._keys.cached(outcome))
+        return outcome
+
+    def _step_with_io(self, decision: Decision, request: KeyRequest) -> Claims | Rejection:
+        """Finish the decision, fetching keys as needed (blocking)."""
+        outcome: Claims | Rejection | KeyRequest = request
+        while isinstance(outcome, KeyRequest):
+            outcome = step(decision, self._keys.answer(outcome))
+        return outcome
+
+
+@functools.lru_cache(maxsize=256)
+def _aborting_handler(rejection: Rejection, kind: Kind) -> Handler:
+    """The handler answering ``rejection``, built once per rejection and RPC kind."""
+
+    def abort(_request: Any, context: grpc.ServicerContext) -> NoReturn:
+        context.abort(rejection.code, rejection.message)
+
+    return handler_of_kind(kind, abort)
+
+
+def _with_claims(handler: Handler, resolve: _Resolve) -> Handler:
+    """``handler`` with its behaviour run in a context holding the resolved claims.
+
+    The context is created inside the worker thread that runs the behaviour and discarded
+    with the call, so pooled threads never carry one caller's claims into the next call.
+    """
+    behaviour = behaviour_of(handler)
+    if handler.response_streaming:
+
+        def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            ctx = context_with(resolve(context))
+            yield from _iterate_in(ctx, ctx.run(behaviour, request, context))
+
+        return handler_of_kind(kind_of(handler), streaming, handler)
+
+    def unary(request: Any, context: grpc.ServicerContext) -> Any:
+        return context_with(resolve(context)).run(behaviour, request, context)
+
+    return handler_of_kind(kind_of(handler), unary, handler)
+
+
+def _iterate_in(ctx: Context, responses: Iterable[Any]) -> Iterator[Any]:
+    """Iterate ``responses`` with every step of the handler's generator run in ``ctx``."""
+    iterator = ctx.run(iter, responses)
+    while True:
+        try:
+            item = ctx.run(next, iterator)
+        except StopIteration:
+            return
+        yield item

@@ -1,0 +1,84 @@
+"""Typed results of TokenService calls, shared by the sync and asyncio clients.
+
+Times are UNIX epoch seconds as ``float`` -- the scale of ``time.time()`` and of
+:class:`~tokensvc_client.verifier.Claims` -- so expiry arithmetic needs no conversion.
+Token strings are left out of ``repr`` so a result that ends up in a log line or a
+traceback does not leak a credential.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tokensvc_client.verifier import KeySet
+
+
+@dataclass(frozen=True, slots=True)
+class TokenPair:
+    """An access token and the refresh token that rotates it (one session).
+
+    Attributes:
+        access_token: compact JWS to send as ``authorization: Bearer <access_token>``.
+        refresh_token: opaque; spend it once with ``refresh``, then keep the successor.
+        token_type: always ``"Bearer"``.
+        access_expires_at: epoch seconds after which the access token is rejected.
+        refresh_expires_at: epoch seconds after which the refresh token is rejected.
+        session_id: the refresh family; stays the same across refreshes.
+    """
+
+    access_token: str = field(repr=False)
+    refresh_token: str = field(repr=False)
+    token_type: str
+    access_expires_at: float
+    refresh_expires_at: float
+    session_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Introspection:
+    """What the service says about a token (RFC 7662 style).
+
+    An inactive token carries no other information: every field but ``active`` is empty,
+    whatever the reason (expired, revoked, forged, unknown) -- the service does not tell.
+
+    Attributes:
+        active: the token is currently valid.
+        token_type: ``"access"`` or ``"refresh"``.
+        issued_at / expires_at / not_before: epoch seconds, ``None`` when not reported.
+    """
+
+    active: bool
+    token_type: str = ""
+    subject: str = ""
+    roles: tuple[str, ...] = ()
+    audience: tuple[str, ...] = ()
+    issuer: str = ""
+    client_id: str = ""
+    session_id: str = ""
+    token_id: str = ""
+    acr: str = ""
+    amr: tuple[str, ...] = ()
+    issued_at: float | None = None
+    expires_at: float | None = None
+    not_before: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Jwks:
+    """The service's public keys and how long a verifier may cache them.
+
+    Attributes:
+        jwks_json: RFC 7517 JWK Set document (public keys only).
+        max_age_seconds: cache lifetime the service allows.
+    """
+
+    jwks_json: str
+    max_age_seconds: int
+
+    def key_set(self) -> KeySet:
+        """Parse into a :class:`KeySet`.
+
+        Raises:
+            KeysUnavailable: the document is not a usable JWK Set.
+        """
+        return KeySet.from_jwks(self.jwks_json)

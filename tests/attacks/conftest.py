@@ -1,0 +1,99 @@
+"""Fixtures of the attack suite.
+
+One service for the whole package: the cases are many and only read, so a server per case
+would cost seconds for nothing. Its real signing key is loaded from the test Redis with the
+KEK the server uses -- the same path a second replica takes -- so forged tokens can be
+otherwise perfectly valid.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from tests.attacks.forge import EcKey, Forge
+from tests.support import ServerThread, settings_for
+from tokensvc.embedded import RedisProcess
+from tokensvc.keyring import KeyRing, SigningKey, load_kek
+from tokensvc_client.v1 import tokensvc_pb2 as pb
+from tokensvc_client.v1 import tokensvc_pb2_grpc
+from tokensvc_client.verifier import KeySet, Verifier
+
+AUDIENCE = "mesh"
+
+
+@pytest.fixture(scope="package")
+def service(
+    redis_server: RedisProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerThread]:
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    srv = ServerThread(settings_for(redis_server.url, tmp_path_factory.mktemp("attacks") / "data"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="package")
+def service_stub(service: ServerThread) -> Iterator[tokensvc_pb2_grpc.TokenServiceStub]:
+    channel = service.channel()
+    yield tokensvc_pb2_grpc.TokenServiceStub(channel)
+    channel.close()
+
+
+async def _load_signing_key(srv: ServerThread) -> SigningKey:
+    ring = KeyRing(srv.running.redis, load_kek(srv.settings.kek_file, srv.settings.data_dir))
+    await ring.load()
+    return ring.signing
+
+
+@pytest.fixture(scope="package")
+def signing_key(service: ServerThread) -> EcKey:
+    """The server's active private key, decrypted from Redis with the server's KEK."""
+    signing = service.run(_load_signing_key(service))
+    return EcKey.from_jwk(signing.key, signing.kid)
+
+
+@pytest.fixture(scope="package")
+def issued(service_stub: tokensvc_pb2_grpc.TokenServiceStub) -> pb.TokenPair:
+    """A live session: forged tokens carry its ``sid`` so revocation checks see it active."""
+    request = pb.IssueRequest(subject="alice", client_id="web", roles=["reader"])
+    return service_stub.Issue(request).tokens
+
+
+@pytest.fixture(scope="package")
+def jwks(service_stub: tokensvc_pb2_grpc.TokenServiceStub) -> str:
+    return service_stub.GetKeys(pb.GetKeysRequest()).jwks
+
+
+@pytest.fixture(scope="package")
+def keyset(jwks: str) -> KeySet:
+    """What a client verifies with: the KeySet built from GetKeys' JWKS."""
+    return KeySet.from_jwks(jwks)
+
+
+@pytest.fixture
+def forge(service: ServerThread, signing_key: EcKey, issued: pb.TokenPair) -> Forge:
+    return Forge(
+        key=signing_key,
+        issuer=service.settings.issuer,
+        audience=AUDIENCE,
+        session_id=issued.session_id,
+        refresh_token=issued.refresh_token,
+        now=int(time.time()),
+        leeway=service.settings.leeway,
+    )
+
+
+@pytest.fixture
+def verifier(service: ServerThread, forge: Forge) -> Verifier:
+    """A client's verifier, its clock pinned to the instant the case's tokens were forged."""
+    return Verifier(
+        issuer=service.settings.issuer,
+        audience=AUDIENCE,
+        leeway=service.settings.leeway,
+        clock=lambda: forge.now,
+    )

@@ -1,0 +1,283 @@
+"""Fixtures of the client-library tests: a sample protected service behind the interceptors.
+
+The sample service ``tokensvc.test.Sample`` has one method of each RPC kind, on raw bytes
+(no proto needed); each answers with the claims its handler sees through
+``current_claims_or_none()``. It runs either on a blocking ``grpc.server`` with
+:class:`AuthInterceptor` or on a ``grpc.aio`` server (own event loop thread) with
+:class:`AioAuthInterceptor`; both fetch keys from the real tokensvc through a counting
+wrapper around ``TokenClient.get_keys`` / ``AsyncTokenClient.get_keys``. Tests talk to
+either with the same blocking client code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+from grpc_health.v1 import _async as health_async
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from tests.support import ServerThread
+from tokensvc_client import (
+    DEFAULT_EXEMPT,
+    AioAuthInterceptor,
+    AsyncJwksCache,
+    AsyncTokenClient,
+    AuthInterceptor,
+    Jwks,
+    JwksCache,
+    TokenClient,
+    current_claims_or_none,
+)
+
+SERVICE = "tokensvc.test.Sample"
+#: name prefix of the blocking sample server's worker threads
+WORKER = "sample-worker"
+PUBLIC = f"/{SERVICE}/Public"
+#: RPC kind -> full method name of the sample service
+METHODS = {
+    "unary_unary": f"/{SERVICE}/Unary",
+    "unary_stream": f"/{SERVICE}/ServerStream",
+    "stream_unary": f"/{SERVICE}/ClientStream",
+    "stream_stream": f"/{SERVICE}/BidiStream",
+}
+
+
+def _seen() -> bytes:
+    claims = current_claims_or_none()
+    if claims is None:
+        return b'{"claims": null}'
+    return json.dumps(
+        {"sub": claims.subject, "roles": list(claims.roles), "jti": claims.token_id}
+    ).encode()
+
+
+def _sync_handler(calls: list[str]) -> grpc.GenericRpcHandler:
+    def unary(request: bytes, context: Any) -> bytes:
+        calls.append("unary")
+        return _seen()
+
+    def server_stream(request: bytes, context: Any) -> Iterator[bytes]:
+        calls.append("server_stream")
+        yield _seen()
+        yield _seen()
+
+    def client_stream(requests: Iterator[bytes], context: Any) -> bytes:
+        calls.append("client_stream")
+        for _ in requests:
+            pass
+        return _seen()
+
+    def bidi(requests: Iterator[bytes], context: Any) -> Iterator[bytes]:
+        calls.append("bidi")
+        for _ in requests:
+            yield _seen()
+
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Unary": grpc.unary_unary_rpc_method_handler(unary),
+            "ServerStream": grpc.unary_stream_rpc_method_handler(server_stream),
+            "ClientStream": grpc.stream_unary_rpc_method_handler(client_stream),
+            "BidiStream": grpc.stream_stream_rpc_method_handler(bidi),
+            "Public": grpc.unary_unary_rpc_method_handler(unary),
+        },
+    )
+
+
+def _aio_handler(calls: list[str]) -> grpc.GenericRpcHandler:
+    async def unary(request: bytes, context: Any) -> bytes:
+        calls.append("unary")
+        await asyncio.sleep(0)  # the claims survive a suspension
+        return _seen()
+
+    async def server_stream(request: bytes, context: Any) -> AsyncIterator[bytes]:
+        calls.append("server_stream")
+        yield _seen()
+        await asyncio.sleep(0)
+        yield _seen()
+
+    async def client_stream(requests: AsyncIterator[bytes], context: Any) -> bytes:
+        calls.append("client_stream")
+        async for _ in requests:
+            pass
+        return _seen()
+
+    async def bidi(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+        calls.append("bidi")
+        async for _ in requests:
+            yield _seen()
+
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Unary": grpc.unary_unary_rpc_method_handler(unary),
+            "ServerStream": grpc.unary_stream_rpc_method_handler(server_stream),
+            "ClientStream": grpc.stream_unary_rpc_method_handler(client_stream),
+            "BidiStream": grpc.stream_stream_rpc_method_handler(bidi),
+            "Public": grpc.unary_unary_rpc_method_handler(unary),
+        },
+    )
+
+
+@dataclass
+class Protected:
+    """A running sample service; ``fetches`` names the thread of each JWKS fetch,
+    ``calls`` the handlers that ran."""
+
+    target: str
+    fetches: list[str] = field(default_factory=list)
+    calls: list[str] = field(default_factory=list)
+    stop: Callable[[], None] = lambda: None
+    _channel: grpc.Channel | None = None
+
+    @property
+    def channel(self) -> grpc.Channel:
+        if self._channel is None:
+            self._channel = grpc.insecure_channel(self.target)
+        return self._channel
+
+    def call(self, kind: str, metadata: tuple[tuple[str, str], ...] = ()) -> list[dict]:
+        """Call the method of ``kind``; the claims the handler saw, one per response."""
+        method = METHODS[kind]
+        requests = iter([b"a", b"b"])
+        ch = self.channel
+        if kind == "unary_unary":
+            out = [ch.unary_unary(method)(b"x", metadata=metadata, timeout=10)]
+        elif kind == "unary_stream":
+            out = list(ch.unary_stream(method)(b"x", metadata=metadata, timeout=10))
+        elif kind == "stream_unary":
+            out = [ch.stream_unary(method)(requests, metadata=metadata, timeout=10)]
+        else:
+            out = list(ch.stream_stream(method)(requests, metadata=metadata, timeout=10))
+        return [json.loads(item) for item in out]
+
+    def public(self) -> dict:
+        return json.loads(self.channel.unary_unary(PUBLIC)(b"x", timeout=10))
+
+    def health(self, metadata: tuple[tuple[str, str], ...] = ()) -> int:
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        return stub.Check(health_pb2.HealthCheckRequest(), metadata=metadata, timeout=10).status
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def _start_sync(
+    service: ServerThread, cache_kw: dict[str, Any], interceptor_kw: dict[str, Any]
+) -> Protected:
+    protected = Protected(target="")
+    client = TokenClient(service.target, insecure=True)
+
+    def fetch() -> Jwks:
+        protected.fetches.append(threading.current_thread().name)
+        return client.get_keys()
+
+    interceptor = AuthInterceptor(
+        JwksCache(fetch, **cache_kw),
+        issuer=service.settings.issuer,
+        audience="mesh",
+        **interceptor_kw,
+    )
+    server = grpc.server(
+        futures.ThreadPoolExecutor(4, thread_name_prefix=WORKER), interceptors=[interceptor]
+    )
+    server.add_generic_rpc_handlers((_sync_handler(protected.calls),))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+
+    def stop() -> None:
+        server.stop(None)
+        client.close()
+
+    protected.target, protected.stop = f"127.0.0.1:{port}", stop
+    return protected
+
+
+def _start_aio(
+    service: ServerThread, cache_kw: dict[str, Any], interceptor_kw: dict[str, Any]
+) -> Protected:
+    protected = Protected(target="")
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def run(coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(30)
+
+    async def start() -> tuple[grpc.aio.Server, AsyncTokenClient, int]:
+        client = AsyncTokenClient(service.target, insecure=True)
+
+        async def fetch() -> Jwks:
+            protected.fetches.append(threading.current_thread().name)
+            return await client.get_keys()
+
+        interceptor = AioAuthInterceptor(
+            AsyncJwksCache(fetch, **cache_kw),
+            issuer=service.settings.issuer,
+            audience="mesh",
+            **interceptor_kw,
+        )
+        server = grpc.aio.server(interceptors=[interceptor])
+        server.add_generic_rpc_handlers((_aio_handler(protected.calls),))
+        health_pb2_grpc.add_HealthServicer_to_server(health_async.HealthServicer(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, client, port
+
+    server, client, port = run(start())
+
+    async def shutdown() -> None:
+        await server.stop(None)
+        await client.close()
+
+    def stop() -> None:
+        try:
+            run(shutdown())
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(5)
+            loop.close()
+
+    protected.target, protected.stop = f"127.0.0.1:{port}", stop
+    return protected
+
+
+@pytest.fixture
+def make_protected() -> Iterator[Callable[..., Protected]]:
+    """``make_protected(service, kind, cache_kw={}, **interceptor_kw)`` -> Protected."""
+    started: list[Protected] = []
+
+    def make(
+        service: ServerThread,
+        kind: str = "sync",
+        cache_kw: dict[str, Any] | None = None,
+        **interceptor_kw: Any,
+    ) -> Protected:
+        interceptor_kw.setdefault("exempt", (*DEFAULT_EXEMPT, PUBLIC))
+        start = _start_sync if kind == "sync" else _start_aio
+        protected = start(service, cache_kw or {}, interceptor_kw)
+        started.append(protected)
+        return protected
+
+    yield make
+    for protected in started:
+        if protected._channel is not None:
+            protected._channel.close()
+        protected.stop()
+
+
+@pytest.fixture
+def client(tokensvc: ServerThread) -> Iterator[TokenClient]:
+    with TokenClient(tokensvc.target, insecure=True) as c:
+        yield c
