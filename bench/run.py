@@ -87,7 +87,7 @@ class Bench:
 def process(
     args: list[str], ready: str, env: dict[str, str] | None = None
 ) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen(  # noqa: S603 (our own interpreter and arguments)
+    proc = subprocess.Popen(
         args,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
