@@ -23,6 +23,7 @@ its revocation source; both call this module first.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import re
 import time
@@ -294,6 +295,8 @@ class Verifier:
         leeway: seconds of clock skew tolerated for ``nbf`` and ``iat``. ``exp`` gets none.
         max_token_bytes: tokens longer than this are rejected before any decoding.
         clock: returns the current UNIX time; injectable for tests.
+        cache_size: how many verified tokens to remember (0 disables the cache). A repeated
+            token then costs a dict lookup instead of a signature check.
     """
 
     def __init__(
@@ -304,12 +307,19 @@ class Verifier:
         leeway: int = DEFAULT_LEEWAY_SECONDS,
         max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES,
         clock: Callable[[], float] = time.time,
+        cache_size: int = 4096,
     ) -> None:
         self.issuer = issuer
         self.audience = audience
         self.leeway = leeway
         self.max_token_bytes = max_token_bytes
         self.clock = clock
+        # Verified tokens, keyed by the exact token string (so a different token can never
+        # hit another's entry), bounded, each valid only until its exp and while its key is
+        # still in the key set. Revocation is checked by the callers on every call, hit or
+        # not. Only tokens that passed every check are stored.
+        self._cache_size = cache_size
+        self._cache: dict[str, tuple[Claims, str, jwk.JWK | None]] = {}
 
     def verify(self, token: str, keys: KeySet) -> Claims:
         """Run every check of SPEC.md section 7 except revocation.
@@ -317,9 +327,24 @@ class Verifier:
         Raises:
             InvalidToken: the token is not acceptable; ``reason`` says why.
         """
+        hit = self._cache.get(token) if self._cache_size else None
+        if hit is not None:
+            claims, kid, key = hit
+            # the entry is only as good as its key (still published, same object) and its
+            # lifetime; nbf/iat were in the past already when it was stored
+            if keys.get(kid) is key and self.clock() < claims.expires_at:
+                return claims
+            self._cache.pop(token, None)
         parsed = parse(token, self.max_token_bytes)
         self.check_signature(parsed, keys)
-        return self.check_claims(parsed)
+        claims = self.check_claims(parsed)
+        if self._cache_size:
+            if len(self._cache) >= self._cache_size:
+                # drop the oldest entry (dicts keep insertion order): O(1), bounded
+                with contextlib.suppress(RuntimeError, StopIteration):  # racing threads
+                    self._cache.pop(next(iter(self._cache)), None)
+            self._cache[token] = (claims, parsed.kid, keys.get(parsed.kid))
+        return claims
 
     @staticmethod
     def check_signature(parsed: ParsedToken, keys: KeySet) -> None:
