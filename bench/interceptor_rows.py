@@ -1,7 +1,107 @@
-"""Interceptor rows (filled in once the interceptor exists)."""
+"""Rows interceptor.cold / interceptor.warm (µs per decision of the interceptor's shared
+logic, keys already cached) and rpc.protected_noop / rpc.unprotected_noop (the same no-op
+server with and without the asyncio AuthInterceptor), plus redis_roundtrips per RPC counted
+with MONITOR (commands run inside Lua scripts are not round trips and are not counted)."""
 
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
 from typing import Any
 
+import redis
 
-def run(b: Any, redis_url: str, data_dir: Any) -> None:
-    return None
+from bench.run import AUDIENCE, ISSUER, Bench, process, tokensvc_args
+from tokensvc.embedded import free_port
+from tokensvc_client import KeySet, TokenClient
+from tokensvc_client._auth import Authenticator
+from tokensvc_client.verifier import Claims, Verifier
+
+METHOD = "/bench.Noop/Call"
+
+
+def _decide(auth: Authenticator, metadata: Any, keys: KeySet) -> Claims:
+    decision = auth.decide(METHOD, metadata)
+    next(decision)
+    try:
+        decision.send(keys)
+    except StopIteration as done:
+        if not isinstance(done.value, Claims):
+            raise RuntimeError(f"bench token rejected: {done.value}") from None
+        return done.value
+    raise RuntimeError("decision wanted more keys")
+
+
+def roundtrips(redis_url: str, calls: list[Any]) -> float:
+    """Top-level commands (= round trips) per call, read from MONITOR."""
+    client = redis.Redis.from_url(redis_url)
+    lines: list[dict[str, Any]] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        with client.monitor() as monitor:
+            ready.set()
+            while not stop.is_set():
+                cmd = monitor.next_command()
+                if cmd["command"] == "PING bench-end":
+                    return
+                lines.append(cmd)
+
+    ready = threading.Event()
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    ready.wait(5)
+    time.sleep(0.2)
+    for call in calls:
+        call()
+    redis.Redis.from_url(redis_url).execute_command("PING", "bench-end")
+    thread.join(10)
+    stop.set()
+    top = [c for c in lines if c.get("client_type") != "lua" and c.get("client_address") != "lua"]
+    return len(top) / len(calls)
+
+
+def run(b: Bench, redis_url: str, data_dir: Path) -> None:
+    port, noop_port, open_port = free_port(), free_port(), free_port()
+    target = f"127.0.0.1:{port}"
+    with process(tokensvc_args(port, redis_url, data_dir), "listening"):
+        client = TokenClient(target, insecure=True)
+        count = b.n(1000)
+        b.progress("redis_roundtrips (MONITOR) for Issue / Refresh / Introspect")
+        pairs = [client.issue("bench-user") for _ in range(20)]
+        b.rows["rpc.issue"]["redis_roundtrips"] = roundtrips(
+            redis_url, [lambda: client.issue("bench-user") for _ in range(20)]
+        )
+        b.rows["rpc.refresh"]["redis_roundtrips"] = roundtrips(
+            redis_url, [lambda p=p: client.refresh(p.refresh_token) for p in pairs]
+        )
+        b.rows["rpc.introspect"]["redis_roundtrips"] = roundtrips(
+            redis_url, [lambda: client.introspect(pairs[0].access_token)] * 20
+        )
+
+        b.progress("interceptor.cold / interceptor.warm")
+        tokens = [client.issue("bench-user", roles=["reader"]).access_token for _ in range(count)]
+        keys = client.get_keys().key_set()
+        auth = Authenticator(Verifier(ISSUER, AUDIENCE, cache_size=count * 2))
+        headers = [(("authorization", f"Bearer {t}"),) for t in tokens]
+        start = time.perf_counter()
+        for md in headers:
+            _decide(auth, md, keys)
+        cold = (time.perf_counter() - start) / count * 1e6
+        b.rows["interceptor.cold"] = {"us_per_op": round(cold, 2), "rps": round(1e6 / cold, 1)}
+        b.record_op("interceptor.warm", lambda: _decide(auth, headers[0], keys), b.n(20000))
+
+        b.progress("rpc.unprotected_noop / rpc.protected_noop")
+        md = (("authorization", f"Bearer {tokens[-1]}"),)
+        n = b.n(6000)
+        with process([sys.executable, "-m", "bench.noop_server", str(open_port)], "ready"):
+            result = b.load(f"127.0.0.1:{open_port}", METHOD, [b""] * n, metadata=md)
+        b.record_load("rpc.unprotected_noop", result)
+        protected = [sys.executable, "-m", "bench.noop_server", str(noop_port), "--protected",
+                     ISSUER, AUDIENCE, target]
+        with process(protected, "ready"):
+            result = b.load(f"127.0.0.1:{noop_port}", METHOD, [b""] * n, metadata=md)
+        b.record_load("rpc.protected_noop", result)
+        client.close()

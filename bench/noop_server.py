@@ -20,7 +20,12 @@ async def _noop(request: bytes, context: Any) -> bytes:
     return b""
 
 
-async def serve(port: int, interceptors: list[Any]) -> None:
+async def serve(port: int, protect: list[str]) -> None:
+    interceptors: list[Any] = []
+    if protect:  # built inside the running loop: grpc.aio channels belong to one loop
+        from bench.protect import interceptor
+
+        interceptors.append(interceptor(issuer=protect[0], audience=protect[1], target=protect[2]))
     server = grpc.aio.server(interceptors=interceptors)
     handler = grpc.unary_unary_rpc_method_handler(_noop)
     server.add_generic_rpc_handlers(
@@ -33,13 +38,8 @@ async def serve(port: int, interceptors: list[Any]) -> None:
 
 
 def main(argv: list[str]) -> None:
-    port = int(argv[0])
-    interceptors: list[Any] = []
-    if len(argv) > 1 and argv[1] == "--protected":
-        from bench.protect import interceptor
-
-        interceptors.append(interceptor(issuer=argv[2], audience=argv[3], target=argv[4]))
-    asyncio.run(serve(port, interceptors))
+    protect = argv[2:5] if len(argv) > 1 and argv[1] == "--protected" else []
+    asyncio.run(serve(int(argv[0]), protect))
 
 
 if __name__ == "__main__":

@@ -26,8 +26,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import redis
-
 from bench.loadgen import LoadResult, run_load
 from tokensvc.embedded import RedisProcess, free_port
 from tokensvc_client.v1 import tokensvc_pb2 as pb
@@ -134,11 +132,6 @@ def tokensvc_args(port: int, redis_url: str, data_dir: Path, workers: int = 1) -
     ]
 
 
-def command_calls(client: redis.Redis) -> int:
-    stats = client.info("commandstats")
-    return sum(v["calls"] for k, v in stats.items() if k not in ("cmdstat_info",))
-
-
 def bench_limits(b: Bench) -> None:
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -164,7 +157,6 @@ def bench_limits(b: Bench) -> None:
 
 def bench_service(b: Bench, redis_url: str, data_dir: Path) -> str:
     """Rows rpc.*; returns one valid access token for the interceptor rows."""
-    client = redis.Redis.from_url(redis_url)
     port = free_port()
     target = f"127.0.0.1:{port}"
     access = ""
@@ -177,10 +169,8 @@ def bench_service(b: Bench, redis_url: str, data_dir: Path) -> str:
         issue = pb.IssueRequest(
             subject="bench-user", roles=["reader"], client_id="bench"
         ).SerializeToString()
-        before = command_calls(client)
         result = b.load(target, SERVICE + "Issue", [issue] * n, keep_replies=True)
-        trips = (command_calls(client) - before) / n
-        b.record_load("rpc.issue", result, redis_roundtrips=round(trips, 2))
+        b.record_load("rpc.issue", result)
         pairs = [pb.IssueResponse.FromString(r).tokens for r in result.replies]
         access = pairs[0].access_token
 
@@ -188,10 +178,8 @@ def bench_service(b: Bench, redis_url: str, data_dir: Path) -> str:
         requests = [
             pb.RefreshRequest(refresh_token=p.refresh_token).SerializeToString() for p in pairs
         ]
-        before = command_calls(client)
         result = b.load(target, SERVICE + "Refresh", requests)
-        trips = (command_calls(client) - before) / len(requests)
-        b.record_load("rpc.refresh", result, redis_roundtrips=round(trips, 2))
+        b.record_load("rpc.refresh", result)
 
         b.progress("rpc.introspect")
         fresh = pb.IssueResponse.FromString(
@@ -199,10 +187,8 @@ def bench_service(b: Bench, redis_url: str, data_dir: Path) -> str:
         )
         access = fresh.tokens.access_token
         req = pb.IntrospectRequest(token=access).SerializeToString()
-        before = command_calls(client)
         result = b.load(target, SERVICE + "Introspect", [req] * n)
-        trips = (command_calls(client) - before) / n
-        b.record_load("rpc.introspect", result, redis_roundtrips=round(trips, 2))
+        b.record_load("rpc.introspect", result)
         check = b.load(target, SERVICE + "Introspect", [req], keep_replies=True).replies[0]
         if not pb.IntrospectResponse.FromString(check).active:
             raise RuntimeError(
