@@ -42,5 +42,9 @@ lint: setup
 	$(BIN)/ruff format --check tokensvc clients/python tests bench
 	$(BIN)/mypy tokensvc clients/python/tokensvc_client
 
+# Full benchmark (about 1-2 minutes on 2 cores): prints a table, writes bench/results.json.
+bench: setup
+	$(BIN)/python -m bench
+
 clean:
 	rm -rf $(VENV) .tokensvc .mypy_cache .ruff_cache .pytest_cache

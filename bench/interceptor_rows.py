@@ -99,8 +99,16 @@ def run(b: Bench, redis_url: str, data_dir: Path) -> None:
         with process([sys.executable, "-m", "bench.noop_server", str(open_port)], "ready"):
             result = b.load(f"127.0.0.1:{open_port}", METHOD, [b""] * n, metadata=md)
         b.record_load("rpc.unprotected_noop", result)
-        protected = [sys.executable, "-m", "bench.noop_server", str(noop_port), "--protected",
-                     ISSUER, AUDIENCE, target]
+        protected = [
+            sys.executable,
+            "-m",
+            "bench.noop_server",
+            str(noop_port),
+            "--protected",
+            ISSUER,
+            AUDIENCE,
+            target,
+        ]
         with process(protected, "ready"):
             result = b.load(f"127.0.0.1:{noop_port}", METHOD, [b""] * n, metadata=md)
         b.record_load("rpc.protected_noop", result)
