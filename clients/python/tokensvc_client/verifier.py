@@ -80,13 +80,16 @@ def _reject_constant(name: str) -> Any:
 def strict_json_object(raw: bytes) -> dict[str, Any]:
     """Parse UTF-8 JSON that must be an object without duplicate members."""
     try:
+        text = raw.decode("utf-8")
         value = json.loads(
-            raw.decode("utf-8"),
+            text,
             object_pairs_hook=_no_duplicates,
             parse_constant=_reject_constant,
         )
-        # escaped lone surrogates ("\ud800") are valid JSON but not Unicode text
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        # escaped lone surrogates ("\ud800") are valid JSON but not Unicode text; only text
+        # with a \u escape can hold one, so the re-encoding check is rarely needed
+        if "\\u" in text:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
     except (ValueError, RecursionError) as err:
         raise ValueError("invalid JSON") from err
     if not isinstance(value, dict):
