@@ -83,3 +83,30 @@ def test_help_documents_every_setting_and_its_environment_variable():
     ):
         assert flag in out
     assert "TOKENSVC_REDIS_URL" in out
+
+
+def test_cli_reports_an_unreachable_redis_in_one_line_and_exit_2(tmp_path):
+    from tokensvc.embedded import free_port
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tokensvc",
+            "serve",
+            "--insecure",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(tmp_path),
+            "--redis-url",
+            f"redis://127.0.0.1:{free_port()}/0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "cannot start" in last and "redis" in last
+    assert "Traceback" not in proc.stderr

@@ -148,3 +148,10 @@ def test_refresh_with_a_malformed_token_is_unauthenticated(stub):
         stub.Refresh(pb.RefreshRequest(refresh_token="not-a-refresh-token"))
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "Traceback" not in err.value.details()
+
+
+def test_issue_refuses_claims_that_would_make_an_oversized_token(stub):
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Issue(pb.IssueRequest(subject="a", roles=["r" * 128] * 32))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "token limit" in err.value.details()

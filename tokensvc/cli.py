@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tokensvc import config
 from tokensvc.keyring import KeyRingError
+from tokensvc.store import StoreUnavailable
 from tokensvc.telemetry import current_trace_id
 
 
@@ -56,8 +57,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if settings.workers > 1:
             return server.serve_workers(settings)
         asyncio.run(server.serve(settings))
-    except KeyRingError as err:
-        print(f"tokensvc: {err}", file=sys.stderr)
+    except (KeyRingError, StoreUnavailable, RuntimeError, OSError) as err:
+        # start-up failures (bad KEK, unreachable Redis, unreadable certificate) are one line
+        print(f"tokensvc: cannot start: {err}", file=sys.stderr)
         return 2
     return 0
 

@@ -21,6 +21,7 @@ from typing import Any, Final
 import redis.asyncio as aioredis
 from jwcrypto import jwe, jwk
 
+from tokensvc.store import guarded
 from tokensvc_client.verifier import ALGORITHM, KeySet, b64url_decode
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,6 @@ class KeyRing:
         self._kek_id = kek.thumbprint()
         self._bootstrap = redis.register_script(_BOOTSTRAP)
         self._signing: SigningKey | None = None
-        self._records: dict[str, dict[str, Any]] = {}
         self.public = KeySet({})
         self.jwks_json = '{"keys":[]}'
         self._loaded_at = 0.0
@@ -106,15 +106,18 @@ class KeyRing:
 
     async def load(self) -> None:
         """Read the ring from Redis, creating the first key if there is none."""
-        if not await self._redis.exists(ACTIVE_KEY):
+        if not await guarded(self._redis.exists, ACTIVE_KEY):
             record = self._new_record("active")
-            created = await self._bootstrap(
-                keys=[RING_KEY, ACTIVE_KEY], args=[record["kid"], json.dumps(record)]
+            created = await guarded(
+                self._bootstrap,
+                keys=[RING_KEY, ACTIVE_KEY],
+                args=[record["kid"], json.dumps(record)],
             )
             if created:
                 log.info("created the first signing key kid=%s", record["kid"])
         self._loaded_at = time.monotonic()
-        active_kid, raw = await self._redis.get(ACTIVE_KEY), await self._redis.hgetall(RING_KEY)
+        active_kid = await guarded(self._redis.get, ACTIVE_KEY)
+        raw = await guarded(self._redis.hgetall, RING_KEY)
         self._apply(_text(active_kid), {_text(k): json.loads(v) for k, v in raw.items()})
 
     def _apply(self, active_kid: str, records: dict[str, dict[str, Any]]) -> None:
@@ -122,7 +125,6 @@ class KeyRing:
             raise KeyRingError(f"active key {active_kid} has no record")
         if self._signing is None or self._signing.kid != active_kid:
             self._signing = SigningKey(active_kid, self._decrypt(records[active_kid]))
-        self._records = records
         published = [r["public"] for r in records.values() if r["state"] in PUBLISHED_STATES]
         self.jwks_json = json.dumps({"keys": published}, separators=(",", ":"))
         self.public = KeySet.from_jwks(self.jwks_json)

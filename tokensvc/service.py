@@ -113,6 +113,12 @@ class TokenService(pb_grpc.TokenServiceServicer):
         family_exp_ms = now_ms + self.settings.family_max_age * 1000
         refresh_exp_ms = min(now_ms + self.settings.refresh_idle_ttl * 1000, family_exp_ms)
         access, access_exp = self._mint(base, sid, now, family_exp_ms)
+        if len(access) > limits.MAX_TOKEN:
+            # every field is within its limit but together they make a token verifiers
+            # would refuse as too large: refuse to issue it instead
+            raise BadRequest(
+                f"roles/audience/amr together exceed the {limits.MAX_TOKEN}-byte token limit"
+            )
         await self.store.create(
             NewFamily(
                 sid,

@@ -36,6 +36,18 @@ class StoreUnavailable(RuntimeError):
     """Redis is unreachable or timed out; nothing was (or can be known to be) written."""
 
 
+async def guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Await a Redis call; connection trouble becomes :class:`StoreUnavailable`."""
+    try:
+        return await fn(*args, **kwargs)
+    except (RedisConnectionError, RedisTimeoutError, OSError) as err:
+        raise StoreUnavailable(f"redis unavailable: {type(err).__name__}") from err
+    except RedisError as err:
+        if any(word in str(err) for word in ("LOADING", "MASTERDOWN", "READONLY")):
+            raise StoreUnavailable(f"redis not ready: {type(err).__name__}") from err
+        raise
+
+
 def _script(name: str) -> str:
     return resources.files("tokensvc").joinpath("lua", name).read_text()
 
@@ -134,11 +146,11 @@ class FamilyStore:
             self._read_state,
         )
         for script in scripts:
-            await self._call(self.redis.script_load, script.script)
+            await guarded(self.redis.script_load, script.script)
 
     async def create(self, family: NewFamily) -> None:
         tag = tag_of(family.session_id)
-        await self._call(
+        await guarded(
             self._issue,
             keys=[family_key(family.session_id), sessions_key(tag)],
             args=[
@@ -157,7 +169,7 @@ class FamilyStore:
     async def rotate(
         self, sid: str, presented_hash: str, successor_hash: str, now_ms: int, idle_ttl_ms: int
     ) -> Rotation:
-        reply = await self._call(
+        reply = await guarded(
             self._refresh,
             keys=[family_key(sid), subject_key(tag_of(sid))],
             args=[presented_hash, successor_hash, now_ms, idle_ttl_ms],
@@ -181,7 +193,7 @@ class FamilyStore:
     ) -> tuple[dict[str, str], int | None, bool]:
         """Family fields, subject watermark and jti revocation: one read-only script."""
         fam = family_key(sid)
-        reply = await self._call(
+        reply = await guarded(
             self._read_state,
             keys=[fam, subject_key(tag_of(sid)), jti_key(sid, jti) if jti else fam],
             args=list(fields),
@@ -215,37 +227,24 @@ class FamilyStore:
         return AccessState(True)
 
     async def revoke_jti(self, sid: str, jti: str, expires_at_s: int) -> None:
-        await self._call(self.redis.set, jti_key(sid, jti), b"1", exat=expires_at_s)
+        await guarded(self.redis.set, jti_key(sid, jti), b"1", exat=expires_at_s)
 
     async def revoke_sessions(
         self, sids: list[str], now_ms: int, reason: str, token_hash: str | None = None
     ) -> int:
         args: list[Any] = [now_ms, reason] + ([token_hash] if token_hash else [])
         return int(
-            await self._call(self._revoke_family, keys=[family_key(s) for s in sids], args=args)
+            await guarded(self._revoke_family, keys=[family_key(s) for s in sids], args=args)
         )
 
     async def revoke_subject(
         self, tag: str, now_ms: int, reason: str, watermark_ttl_ms: int
     ) -> int:
-        sids = await self._call(self.redis.zrangebyscore, sessions_key(tag), now_ms, "+inf")
+        sids = await guarded(self.redis.zrangebyscore, sessions_key(tag), now_ms, "+inf")
         keys = [subject_key(tag), sessions_key(tag)] + [family_key(_s(s)) for s in sids]
         return int(
-            await self._call(
-                self._revoke_subject, keys=keys, args=[now_ms, reason, watermark_ttl_ms]
-            )
+            await guarded(self._revoke_subject, keys=keys, args=[now_ms, reason, watermark_ttl_ms])
         )
 
     async def ping(self) -> bool:
-        return bool(await self._call(self.redis.ping))
-
-    @staticmethod
-    async def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await fn(*args, **kwargs)
-        except (RedisConnectionError, RedisTimeoutError, OSError) as err:
-            raise StoreUnavailable(f"redis unavailable: {type(err).__name__}") from err
-        except RedisError as err:
-            if "LOADING" in str(err) or "MASTERDOWN" in str(err) or "READONLY" in str(err):
-                raise StoreUnavailable(f"redis not ready: {type(err).__name__}") from err
-            raise
+        return bool(await guarded(self.redis.ping))

@@ -2,10 +2,14 @@
 -- KEYS[1] family hash   KEYS[2] subject's session index (zset sid -> expiry ms)
 -- ARGV: sid, token hash, now ms, token expiry ms, family expiry ms, subject, client_id,
 --       label, claims (JSON carried to every access token of the family)
+-- 'created' is Redis's own clock, like the subject watermark it is compared with
+-- (revoke_subject.lua), so replicas with skewed clocks cannot misorder the two.
 local fam, sessions = KEYS[1], KEYS[2]
 local now, fam_exp = tonumber(ARGV[3]), tonumber(ARGV[5])
+local t = redis.call('TIME')
+local created = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('HSET', fam,
-  'state', 'active', 'cur', ARGV[2], 'cur_exp', ARGV[4], 'created', ARGV[3],
+  'state', 'active', 'cur', ARGV[2], 'cur_exp', ARGV[4], 'created', created,
   'last', ARGV[3], 'exp', ARGV[5], 'sub', ARGV[6], 'cid', ARGV[7], 'label', ARGV[8],
   'claims', ARGV[9])
 redis.call('PEXPIREAT', fam, fam_exp)

@@ -3,8 +3,11 @@
 -- The watermark alone revokes every family created up to now (Refresh and Introspect
 -- compare a family's creation time with it), so a family created between reading the
 -- index and this script is covered too; marking the listed families only makes session
--- listings exact. ARGV: now ms, reason, watermark ttl ms.
-local now = tonumber(ARGV[1])
+-- listings exact. ARGV: now ms (caller's clock, for the families' revoked_at), reason,
+-- watermark ttl ms. The watermark itself is Redis's clock, as is each family's 'created'
+-- (issue.lua), so replicas' clock skew cannot misorder them.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local old = tonumber(redis.call('HGET', KEYS[1], 'revoked_before') or '0')
 redis.call('HSET', KEYS[1], 'revoked_before', math.max(old, now))
 local ttl = redis.call('PTTL', KEYS[1])
