@@ -3,7 +3,11 @@
 # Run:   docker run -p 50051:50051 -v $PWD/secrets:/secrets:ro \
 #          -e TOKENSVC_REDIS_URL=rediss://redis:6379/0 -e TOKENSVC_ISSUER=https://tokens.example \
 #          -e TOKENSVC_KEK_FILE=/secrets/kek.json \
-#          -e TOKENSVC_TLS_CERT=/secrets/tls.crt -e TOKENSVC_TLS_KEY=/secrets/tls.key tokensvc
+#          -e TOKENSVC_TLS_CERT=/secrets/tls.crt -e TOKENSVC_TLS_KEY=/secrets/tls.key \
+#          -e TOKENSVC_HEALTH_CA=/secrets/ca.crt tokensvc
+# The image has no embedded Redis: TOKENSVC_REDIS_URL is required. The health probe connects
+# to 127.0.0.1 over TLS, so the server certificate needs an IP SAN 127.0.0.1 (or set
+# TOKENSVC_HEALTH_TARGET to a name the certificate carries).
 
 FROM python:3.11-slim AS build
 WORKDIR /src

@@ -17,7 +17,6 @@ import contextlib
 import json
 import multiprocessing
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -269,5 +268,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwrote {args.out}")
     return 0
 
-
-__all__ = ["Bench", "main", "process", "statistics"]
