@@ -267,4 +267,3 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps({"cpus": os.cpu_count(), "rows": b.rows}, indent=2) + "\n")
     print(f"\nwrote {args.out}")
     return 0
-

@@ -3,8 +3,8 @@
 Session ids carry a hash tag of their subject (``subject_tag``): every Redis key of a
 subject -- its families, its session index, its revocation watermark, its revoked jtis --
 lands in one Redis Cluster hash slot, so Refresh and Introspect are single atomic steps
-and revoke-by-subject's watermark is one atomic O(1) write. A refresh token carries its session id, so the key a Refresh
-touches is known from the token alone.
+and revoke-by-subject's watermark is one atomic O(1) write. A refresh token carries its
+session id, so the key a Refresh touches is known from the token alone.
 """
 
 from __future__ import annotations
