@@ -190,7 +190,8 @@ class EcKey:
 # -- claims and headers ------------------------------------------------------------------
 
 
-def _apply(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+def apply_changes(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``base`` with ``changes`` applied; a value of DROP removes the member."""
     out = dict(base)
     for name, value in changes.items():
         if value is DROP:
@@ -216,7 +217,7 @@ def valid_claims(
         "jti": secrets.token_urlsafe(16),
         "sid": session_id,
     }
-    return _apply(base, changes)
+    return apply_changes(base, changes)
 
 
 @dataclass(frozen=True)
@@ -237,7 +238,7 @@ class Forge:
     attacker: EcKey = field(default_factory=EcKey.generate)
 
     def header(self, **changes: Any) -> dict[str, Any]:
-        return _apply({"alg": "ES256", "typ": "at+jwt", "kid": self.key.kid}, changes)
+        return apply_changes({"alg": "ES256", "typ": "at+jwt", "kid": self.key.kid}, changes)
 
     def claims(self, **changes: Any) -> dict[str, Any]:
         return valid_claims(

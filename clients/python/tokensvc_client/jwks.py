@@ -108,7 +108,25 @@ def _loaded(state: _CacheState, error: Exception | None) -> KeySet:
     return state.keys
 
 
-class JwksCache:
+class _CacheFront:
+    """What the blocking and asyncio caches share: the state and its non-fetching queries."""
+
+    def __init__(
+        self, min_refetch_interval: float, retry_interval: float, clock: Callable[[], float]
+    ) -> None:
+        self._clock = clock
+        self._state = _CacheState(min_refetch_interval, retry_interval)
+
+    def needs_fetch(self, request: KeyRequest = CURRENT) -> bool:
+        """Whether ``answer`` would fetch (used to keep fetches off gRPC's poll thread)."""
+        return self._state.needs_fetch(request, self._clock())
+
+    def cached(self, request: KeyRequest = CURRENT) -> KeySet | None:
+        """Answer from the cache only, never fetching."""
+        return self._state.answer(request)
+
+
+class JwksCache(_CacheFront):
     """Blocking JWKS cache; thread-safe, one fetch at a time.
 
     Args:
@@ -127,18 +145,9 @@ class JwksCache:
         retry_interval: float = DEFAULT_RETRY_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        super().__init__(min_refetch_interval, retry_interval, clock)
         self._fetch = fetch
-        self._clock = clock
-        self._state = _CacheState(min_refetch_interval, retry_interval)
         self._lock = threading.Lock()
-
-    def needs_fetch(self, request: KeyRequest = CURRENT) -> bool:
-        """Whether :meth:`answer` would fetch (used to keep fetches off gRPC's poll thread)."""
-        return self._state.needs_fetch(request, self._clock())
-
-    def cached(self, request: KeyRequest = CURRENT) -> KeySet | None:
-        """Answer from the cache only, never fetching."""
-        return self._state.answer(request)
 
     def answer(self, request: KeyRequest = CURRENT) -> KeySet | None:
         """Answer ``request``, fetching first if the rules call for it."""
@@ -167,7 +176,7 @@ class JwksCache:
         return self._state.record(now, outcome)
 
 
-class AsyncJwksCache:
+class AsyncJwksCache(_CacheFront):
     """Asyncio JWKS cache; one fetch at a time. Arguments as for :class:`JwksCache`, with
     ``fetch`` a coroutine function such as ``AsyncTokenClient(...).get_keys``."""
 
@@ -179,18 +188,9 @@ class AsyncJwksCache:
         retry_interval: float = DEFAULT_RETRY_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        super().__init__(min_refetch_interval, retry_interval, clock)
         self._fetch = fetch
-        self._clock = clock
-        self._state = _CacheState(min_refetch_interval, retry_interval)
         self._lock = asyncio.Lock()
-
-    def needs_fetch(self, request: KeyRequest = CURRENT) -> bool:
-        """Whether :meth:`answer` would fetch."""
-        return self._state.needs_fetch(request, self._clock())
-
-    def cached(self, request: KeyRequest = CURRENT) -> KeySet | None:
-        """Answer from the cache only, never fetching."""
-        return self._state.answer(request)
 
     async def answer(self, request: KeyRequest = CURRENT) -> KeySet | None:
         """Answer ``request``, fetching first if the rules call for it."""
