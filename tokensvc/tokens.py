@@ -16,7 +16,7 @@ import re
 import secrets
 from typing import Any, Final
 
-from jwcrypto import jwk, jws
+from jwcrypto import jwa, jwk
 
 from tokensvc_client.verifier import (
     ALGORITHM,
@@ -24,10 +24,12 @@ from tokensvc_client.verifier import (
     P256_ORDER,
     REFRESH_TOKEN_PREFIX,
     TOKEN_TYPE,
-    b64url_decode,
 )
 
 _TAG_HEX: Final = 32  # 128-bit subject tag
+# jwcrypto's ES256 algorithm object, created once: JWSCore would rebuild its header
+# registries for every token, which cost more than the signature itself
+_ES256: Final = jwa.JWA.signing_alg(ALGORITHM)
 _SESSION_ID = re.compile(r"[0-9a-f]{64}")
 _REFRESH_TOKEN = re.compile(re.escape(REFRESH_TOKEN_PREFIX) + r"([0-9a-f]{64})_[0-9a-f]{64}")
 
@@ -76,19 +78,20 @@ def _compact_json(value: Any) -> str:
 
 def sign_access_token(key: jwk.JWK, kid: str, claims: dict[str, Any]) -> str:
     """Sign claims as a compact ES256 JWS with ``typ: at+jwt`` (RFC 9068)."""
-    header = _compact_json({"alg": ALGORITHM, "typ": TOKEN_TYPE, "kid": kid})
-    payload = _compact_json(claims).encode("utf-8")
-    signed = jws.JWSCore(ALGORITHM, key, header, payload, [ALGORITHM]).sign()
-    return (
-        f"{signed['protected']}.{signed['payload'].decode('ascii')}.{_low_s(signed['signature'])}"
-    )
+    header = _b64url(_compact_json({"alg": ALGORITHM, "typ": TOKEN_TYPE, "kid": kid}))
+    payload = _b64url(_compact_json(claims))
+    signing_input = f"{header}.{payload}"
+    signature = _low_s(_ES256.sign(key, signing_input.encode("ascii")))
+    return f"{signing_input}.{base64.urlsafe_b64encode(signature).rstrip(b'=').decode('ascii')}"
 
 
-def _low_s(signature_b64: str) -> str:
-    """Normalise an ECDSA signature to low-S form; the verifier accepts only that spelling."""
-    raw = b64url_decode(signature_b64)
+def _b64url(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode("utf-8")).rstrip(b"=").decode("ascii")
+
+
+def _low_s(raw: bytes) -> bytes:
+    """Normalise an R||S signature to low-S form; the verifier accepts only that spelling."""
     s = int.from_bytes(raw[32:], "big")
     if s <= P256_HALF_ORDER:
-        return signature_b64
-    fixed = raw[:32] + (P256_ORDER - s).to_bytes(32, "big")
-    return base64.urlsafe_b64encode(fixed).rstrip(b"=").decode("ascii")
+        return raw
+    return raw[:32] + (P256_ORDER - s).to_bytes(32, "big")

@@ -108,6 +108,38 @@ class ParsedToken:
     kid: str
 
 
+# Header segments that passed _check_header, mapped to their kid. Every token of one key
+# has the same header, so this small bounded map spares the header's decoding and checks
+# on a first sight; a segment is only stored after passing every check.
+_ACCEPTED_HEADERS: dict[str, str] = {}
+_ACCEPTED_HEADERS_MAX: Final = 64
+
+
+def _check_header(segment: str) -> str:
+    """Check a JOSE header segment (exactly alg=ES256, typ, kid); return the kid."""
+    try:
+        header = strict_json_object(b64url_decode(segment))
+    except ValueError as err:
+        raise InvalidToken(Reason.MALFORMED, str(err)) from None
+    alg = header.get("alg")
+    if alg != ALGORITHM:
+        raise InvalidToken(Reason.BAD_ALGORITHM, repr(alg)[:40])
+    extra = set(header) - _ALLOWED_HEADER
+    if extra:
+        raise InvalidToken(Reason.BAD_HEADER, f"unexpected header {sorted(extra)!r}"[:80])
+    typ = header.get("typ")
+    if not isinstance(typ, str) or typ.lower() not in _ACCEPTED_TYP:
+        raise InvalidToken(Reason.BAD_TYPE, repr(typ)[:40])
+    kid = header.get("kid")
+    if not isinstance(kid, str) or not kid:
+        raise InvalidToken(Reason.BAD_HEADER, "kid missing")
+    if len(_ACCEPTED_HEADERS) >= _ACCEPTED_HEADERS_MAX:
+        with contextlib.suppress(RuntimeError, StopIteration, KeyError):  # racing threads
+            del _ACCEPTED_HEADERS[next(iter(_ACCEPTED_HEADERS))]
+    _ACCEPTED_HEADERS[segment] = kid
+    return kid
+
+
 def parse(token: str, max_bytes: int = DEFAULT_MAX_TOKEN_BYTES) -> ParsedToken:
     """Check the shape and header of a compact ES256 JWS access token.
 
@@ -124,22 +156,10 @@ def parse(token: str, max_bytes: int = DEFAULT_MAX_TOKEN_BYTES) -> ParsedToken:
     if len(parts) != 3:
         raise InvalidToken(Reason.MALFORMED, "not a compact JWS")
     try:
-        header_raw, payload, signature = (b64url_decode(p) for p in parts)
-        header = strict_json_object(header_raw)
+        payload, signature = b64url_decode(parts[1]), b64url_decode(parts[2])
     except ValueError as err:
         raise InvalidToken(Reason.MALFORMED, str(err)) from None
-    alg = header.get("alg")
-    if alg != ALGORITHM:
-        raise InvalidToken(Reason.BAD_ALGORITHM, repr(alg)[:40])
-    extra = set(header) - _ALLOWED_HEADER
-    if extra:
-        raise InvalidToken(Reason.BAD_HEADER, f"unexpected header {sorted(extra)!r}"[:80])
-    typ = header.get("typ")
-    if not isinstance(typ, str) or typ.lower() not in _ACCEPTED_TYP:
-        raise InvalidToken(Reason.BAD_TYPE, repr(typ)[:40])
-    kid = header.get("kid")
-    if not isinstance(kid, str) or not kid:
-        raise InvalidToken(Reason.BAD_HEADER, "kid missing")
+    kid = _ACCEPTED_HEADERS.get(parts[0]) or _check_header(parts[0])
     if len(signature) != 64:
         raise InvalidToken(Reason.BAD_SIGNATURE, "not a 64-byte R||S signature")
     signing_input = token[: token.rindex(".")].encode("ascii")
