@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!tokensvc_client/v1/tokensvc.proto\x12\x0btokensvc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcf\x01\n\tTokenPair\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x15\n\rrefresh_token\x18\x02 \x01(\t\x12\x12\n\ntoken_type\x18\x03 \x01(\t\x12\x35\n\x11\x61\x63\x63\x65ss_expires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x12refresh_expires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsession_id\x18\x06 \x01(\t\"\xb3\x01\n\x0cIssueRequest\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\r\n\x05roles\x18\x02 \x03(\t\x12\x10\n\x08\x61udience\x18\x03 \x03(\t\x12\x11\n\tclient_id\x18\x04 \x01(\t\x12\x0b\n\x03\x61\x63r\x18\x05 \x01(\t\x12\x0b\n\x03\x61mr\x18\x06 \x03(\t\x12-\n\tauth_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rsession_label\x18\x08 \x01(\t\"7\n\rIssueResponse\x12&\n\x06tokens\x18\x01 \x01(\x0b\x32\x16.tokensvc.v1.TokenPair\"\'\n\x0eRefreshRequest\x12\x15\n\rrefresh_token\x18\x01 \x01(\t\"9\n\x0fRefreshResponse\x12&\n\x06tokens\x18\x01 \x01(\x0b\x32\x16.tokensvc.v1.TokenPair\"c\n\rRevokeRequest\x12\x0f\n\x05token\x18\x01 \x01(\tH\x00\x12\x14\n\nsession_id\x18\x02 \x01(\tH\x00\x12\x11\n\x07subject\x18\x03 \x01(\tH\x00\x12\x0e\n\x06reason\x18\x04 \x01(\tB\x08\n\x06target\"*\n\x0eRevokeResponse\x12\x18\n\x10revoked_sessions\x18\x01 \x01(\x03\"\"\n\x11IntrospectRequest\x12\r\n\x05token\x18\x01 \x01(\t\"\xdc\x02\n\x12IntrospectResponse\x12\x0e\n\x06\x61\x63tive\x18\x01 \x01(\x08\x12\x12\n\ntoken_type\x18\x02 \x01(\t\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\r\n\x05roles\x18\x04 \x03(\t\x12\x10\n\x08\x61udience\x18\x05 \x03(\t\x12\x0e\n\x06issuer\x18\x06 \x01(\t\x12\x11\n\tclient_id\x18\x07 \x01(\t\x12\x12\n\nsession_id\x18\x08 \x01(\t\x12\x10\n\x08token_id\x18\t \x01(\t\x12\x0b\n\x03\x61\x63r\x18\n \x01(\t\x12\x0b\n\x03\x61mr\x18\x0b \x03(\t\x12-\n\tissued_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nnot_before\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x10\n\x0eGetKeysRequest\"8\n\x0fGetKeysResponse\x12\x0c\n\x04jwks\x18\x01 \x01(\t\x12\x17\n\x0fmax_age_seconds\x18\x02 \x01(\x05\x32\xec\x02\n\x0cTokenService\x12>\n\x05Issue\x12\x19.tokensvc.v1.IssueRequest\x1a\x1a.tokensvc.v1.IssueResponse\x12\x44\n\x07Refresh\x12\x1b.tokensvc.v1.RefreshRequest\x1a\x1c.tokensvc.v1.RefreshResponse\x12\x41\n\x06Revoke\x12\x1a.tokensvc.v1.RevokeRequest\x1a\x1b.tokensvc.v1.RevokeResponse\x12M\n\nIntrospect\x12\x1e.tokensvc.v1.IntrospectRequest\x1a\x1f.tokensvc.v1.IntrospectResponse\x12\x44\n\x07GetKeys\x12\x1b.tokensvc.v1.GetKeysRequest\x1a\x1c.tokensvc.v1.GetKeysResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!tokensvc_client/v1/tokensvc.proto\x12\x0btokensvc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcf\x01\n\tTokenPair\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x15\n\rrefresh_token\x18\x02 \x01(\t\x12\x12\n\ntoken_type\x18\x03 \x01(\t\x12\x35\n\x11\x61\x63\x63\x65ss_expires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x12refresh_expires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsession_id\x18\x06 \x01(\t\"\xed\x01\n\x0cIssueRequest\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\r\n\x05roles\x18\x02 \x03(\t\x12\x10\n\x08\x61udience\x18\x03 \x03(\t\x12\x11\n\tclient_id\x18\x04 \x01(\t\x12\x0b\n\x03\x61\x63r\x18\x05 \x01(\t\x12\x0b\n\x03\x61mr\x18\x06 \x03(\t\x12-\n\tauth_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rsession_label\x18\x08 \x01(\t\x12\"\n\x1a\x62ind_to_client_certificate\x18\t \x01(\x08\x12\x14\n\x0c\x63nf_x5t_s256\x18\n \x01(\t\"7\n\rIssueResponse\x12&\n\x06tokens\x18\x01 \x01(\x0b\x32\x16.tokensvc.v1.TokenPair\"\'\n\x0eRefreshRequest\x12\x15\n\rrefresh_token\x18\x01 \x01(\t\"9\n\x0fRefreshResponse\x12&\n\x06tokens\x18\x01 \x01(\x0b\x32\x16.tokensvc.v1.TokenPair\"c\n\rRevokeRequest\x12\x0f\n\x05token\x18\x01 \x01(\tH\x00\x12\x14\n\nsession_id\x18\x02 \x01(\tH\x00\x12\x11\n\x07subject\x18\x03 \x01(\tH\x00\x12\x0e\n\x06reason\x18\x04 \x01(\tB\x08\n\x06target\"*\n\x0eRevokeResponse\x12\x18\n\x10revoked_sessions\x18\x01 \x01(\x03\"\"\n\x11IntrospectRequest\x12\r\n\x05token\x18\x01 \x01(\t\"\xf2\x02\n\x12IntrospectResponse\x12\x0e\n\x06\x61\x63tive\x18\x01 \x01(\x08\x12\x12\n\ntoken_type\x18\x02 \x01(\t\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\r\n\x05roles\x18\x04 \x03(\t\x12\x10\n\x08\x61udience\x18\x05 \x03(\t\x12\x0e\n\x06issuer\x18\x06 \x01(\t\x12\x11\n\tclient_id\x18\x07 \x01(\t\x12\x12\n\nsession_id\x18\x08 \x01(\t\x12\x10\n\x08token_id\x18\t \x01(\t\x12\x0b\n\x03\x61\x63r\x18\n \x01(\t\x12\x0b\n\x03\x61mr\x18\x0b \x03(\t\x12-\n\tissued_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nnot_before\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x63nf_x5t_s256\x18\x0f \x01(\t\"\x10\n\x0eGetKeysRequest\"8\n\x0fGetKeysResponse\x12\x0c\n\x04jwks\x18\x01 \x01(\t\x12\x17\n\x0fmax_age_seconds\x18\x02 \x01(\x05\"5\n\x12LockSubjectRequest\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"/\n\x13LockSubjectResponse\x12\x18\n\x10revoked_sessions\x18\x01 \x01(\x03\"\'\n\x14UnlockSubjectRequest\x12\x0f\n\x07subject\x18\x01 \x01(\t\"+\n\x15UnlockSubjectResponse\x12\x12\n\nwas_locked\x18\x01 \x01(\x08\x32\x96\x04\n\x0cTokenService\x12>\n\x05Issue\x12\x19.tokensvc.v1.IssueRequest\x1a\x1a.tokensvc.v1.IssueResponse\x12\x44\n\x07Refresh\x12\x1b.tokensvc.v1.RefreshRequest\x1a\x1c.tokensvc.v1.RefreshResponse\x12\x41\n\x06Revoke\x12\x1a.tokensvc.v1.RevokeRequest\x1a\x1b.tokensvc.v1.RevokeResponse\x12M\n\nIntrospect\x12\x1e.tokensvc.v1.IntrospectRequest\x1a\x1f.tokensvc.v1.IntrospectResponse\x12\x44\n\x07GetKeys\x12\x1b.tokensvc.v1.GetKeysRequest\x1a\x1c.tokensvc.v1.GetKeysResponse\x12P\n\x0bLockSubject\x12\x1f.tokensvc.v1.LockSubjectRequest\x1a .tokensvc.v1.LockSubjectResponse\x12V\n\rUnlockSubject\x12!.tokensvc.v1.UnlockSubjectRequest\x1a\".tokensvc.v1.UnlockSubjectResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,25 +35,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENPAIR']._serialized_start=84
   _globals['_TOKENPAIR']._serialized_end=291
   _globals['_ISSUEREQUEST']._serialized_start=294
-  _globals['_ISSUEREQUEST']._serialized_end=473
-  _globals['_ISSUERESPONSE']._serialized_start=475
-  _globals['_ISSUERESPONSE']._serialized_end=530
-  _globals['_REFRESHREQUEST']._serialized_start=532
-  _globals['_REFRESHREQUEST']._serialized_end=571
-  _globals['_REFRESHRESPONSE']._serialized_start=573
-  _globals['_REFRESHRESPONSE']._serialized_end=630
-  _globals['_REVOKEREQUEST']._serialized_start=632
-  _globals['_REVOKEREQUEST']._serialized_end=731
-  _globals['_REVOKERESPONSE']._serialized_start=733
-  _globals['_REVOKERESPONSE']._serialized_end=775
-  _globals['_INTROSPECTREQUEST']._serialized_start=777
-  _globals['_INTROSPECTREQUEST']._serialized_end=811
-  _globals['_INTROSPECTRESPONSE']._serialized_start=814
-  _globals['_INTROSPECTRESPONSE']._serialized_end=1162
-  _globals['_GETKEYSREQUEST']._serialized_start=1164
-  _globals['_GETKEYSREQUEST']._serialized_end=1180
-  _globals['_GETKEYSRESPONSE']._serialized_start=1182
-  _globals['_GETKEYSRESPONSE']._serialized_end=1238
-  _globals['_TOKENSERVICE']._serialized_start=1241
-  _globals['_TOKENSERVICE']._serialized_end=1605
+  _globals['_ISSUEREQUEST']._serialized_end=531
+  _globals['_ISSUERESPONSE']._serialized_start=533
+  _globals['_ISSUERESPONSE']._serialized_end=588
+  _globals['_REFRESHREQUEST']._serialized_start=590
+  _globals['_REFRESHREQUEST']._serialized_end=629
+  _globals['_REFRESHRESPONSE']._serialized_start=631
+  _globals['_REFRESHRESPONSE']._serialized_end=688
+  _globals['_REVOKEREQUEST']._serialized_start=690
+  _globals['_REVOKEREQUEST']._serialized_end=789
+  _globals['_REVOKERESPONSE']._serialized_start=791
+  _globals['_REVOKERESPONSE']._serialized_end=833
+  _globals['_INTROSPECTREQUEST']._serialized_start=835
+  _globals['_INTROSPECTREQUEST']._serialized_end=869
+  _globals['_INTROSPECTRESPONSE']._serialized_start=872
+  _globals['_INTROSPECTRESPONSE']._serialized_end=1242
+  _globals['_GETKEYSREQUEST']._serialized_start=1244
+  _globals['_GETKEYSREQUEST']._serialized_end=1260
+  _globals['_GETKEYSRESPONSE']._serialized_start=1262
+  _globals['_GETKEYSRESPONSE']._serialized_end=1318
+  _globals['_LOCKSUBJECTREQUEST']._serialized_start=1320
+  _globals['_LOCKSUBJECTREQUEST']._serialized_end=1373
+  _globals['_LOCKSUBJECTRESPONSE']._serialized_start=1375
+  _globals['_LOCKSUBJECTRESPONSE']._serialized_end=1422
+  _globals['_UNLOCKSUBJECTREQUEST']._serialized_start=1424
+  _globals['_UNLOCKSUBJECTREQUEST']._serialized_end=1463
+  _globals['_UNLOCKSUBJECTRESPONSE']._serialized_start=1465
+  _globals['_UNLOCKSUBJECTRESPONSE']._serialized_end=1508
+  _globals['_TOKENSERVICE']._serialized_start=1511
+  _globals['_TOKENSERVICE']._serialized_end=2045
 # @@protoc_insertion_point(module_scope)

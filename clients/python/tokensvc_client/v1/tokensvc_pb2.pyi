@@ -71,11 +71,22 @@ class IssueRequest(_message.Message):
     AMR_FIELD_NUMBER: _builtins.int
     AUTH_TIME_FIELD_NUMBER: _builtins.int
     SESSION_LABEL_FIELD_NUMBER: _builtins.int
+    BIND_TO_CLIENT_CERTIFICATE_FIELD_NUMBER: _builtins.int
+    CNF_X5T_S256_FIELD_NUMBER: _builtins.int
     subject: _builtins.str
     client_id: _builtins.str
     acr: _builtins.str
     session_label: _builtins.str
     """Free text shown in session listings, e.g. a device name."""
+    bind_to_client_certificate: _builtins.bool
+    """Bind the tokens to the TLS client certificate of this call (RFC 8705): for
+    workloads that fetch their own tokens over mTLS.
+    """
+    cnf_x5t_s256: _builtins.str
+    """Bind the tokens to this certificate thumbprint (base64url SHA-256 of the
+    DER certificate, RFC 8705 x5t#S256): for a login service issuing on behalf
+    of another workload. Exclusive with bind_to_client_certificate.
+    """
     @_builtins.property
     def roles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -97,10 +108,12 @@ class IssueRequest(_message.Message):
         amr: _abc.Iterable[_builtins.str] | None = ...,
         auth_time: _timestamp_pb2.Timestamp | None = ...,
         session_label: _builtins.str = ...,
+        bind_to_client_certificate: _builtins.bool = ...,
+        cnf_x5t_s256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["auth_time", b"auth_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acr", b"acr", "amr", b"amr", "audience", b"audience", "auth_time", b"auth_time", "client_id", b"client_id", "roles", b"roles", "session_label", b"session_label", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acr", b"acr", "amr", b"amr", "audience", b"audience", "auth_time", b"auth_time", "bind_to_client_certificate", b"bind_to_client_certificate", "client_id", b"client_id", "cnf_x5t_s256", b"cnf_x5t_s256", "roles", b"roles", "session_label", b"session_label", "subject", b"subject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -255,6 +268,7 @@ class IntrospectResponse(_message.Message):
     ISSUED_AT_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     NOT_BEFORE_FIELD_NUMBER: _builtins.int
+    CNF_X5T_S256_FIELD_NUMBER: _builtins.int
     active: _builtins.bool
     token_type: _builtins.str
     """"access" or "refresh"."""
@@ -264,6 +278,8 @@ class IntrospectResponse(_message.Message):
     session_id: _builtins.str
     token_id: _builtins.str
     acr: _builtins.str
+    cnf_x5t_s256: _builtins.str
+    """The certificate thumbprint the token is bound to (cnf x5t#S256), if any."""
     @_builtins.property
     def roles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -293,10 +309,11 @@ class IntrospectResponse(_message.Message):
         issued_at: _timestamp_pb2.Timestamp | None = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         not_before: _timestamp_pb2.Timestamp | None = ...,
+        cnf_x5t_s256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "issued_at", b"issued_at", "not_before", b"not_before"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acr", b"acr", "active", b"active", "amr", b"amr", "audience", b"audience", "client_id", b"client_id", "expires_at", b"expires_at", "issued_at", b"issued_at", "issuer", b"issuer", "not_before", b"not_before", "roles", b"roles", "session_id", b"session_id", "subject", b"subject", "token_id", b"token_id", "token_type", b"token_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acr", b"acr", "active", b"active", "amr", b"amr", "audience", b"audience", "client_id", b"client_id", "cnf_x5t_s256", b"cnf_x5t_s256", "expires_at", b"expires_at", "issued_at", b"issued_at", "issuer", b"issuer", "not_before", b"not_before", "roles", b"roles", "session_id", b"session_id", "subject", b"subject", "token_id", b"token_id", "token_type", b"token_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -340,3 +357,83 @@ class GetKeysResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetKeysResponse: _TypeAlias = GetKeysResponse  # noqa: Y015
+
+@_typing.final
+class LockSubjectRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    subject: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        subject: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "subject", b"subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LockSubjectRequest: _TypeAlias = LockSubjectRequest  # noqa: Y015
+
+@_typing.final
+class LockSubjectResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVOKED_SESSIONS_FIELD_NUMBER: _builtins.int
+    revoked_sessions: _builtins.int
+    def __init__(
+        self,
+        *,
+        revoked_sessions: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["revoked_sessions", b"revoked_sessions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LockSubjectResponse: _TypeAlias = LockSubjectResponse  # noqa: Y015
+
+@_typing.final
+class UnlockSubjectRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    subject: _builtins.str
+    def __init__(
+        self,
+        *,
+        subject: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["subject", b"subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnlockSubjectRequest: _TypeAlias = UnlockSubjectRequest  # noqa: Y015
+
+@_typing.final
+class UnlockSubjectResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WAS_LOCKED_FIELD_NUMBER: _builtins.int
+    was_locked: _builtins.bool
+    """False if the subject was not locked."""
+    def __init__(
+        self,
+        *,
+        was_locked: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["was_locked", b"was_locked"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnlockSubjectResponse: _TypeAlias = UnlockSubjectResponse  # noqa: Y015

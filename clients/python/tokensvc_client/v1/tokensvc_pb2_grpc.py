@@ -61,6 +61,16 @@ class TokenServiceStub:
                 request_serializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.GetKeysRequest.SerializeToString,
                 response_deserializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.GetKeysResponse.FromString,
                 _registered_method=True)
+        self.LockSubject = channel.unary_unary(
+                '/tokensvc.v1.TokenService/LockSubject',
+                request_serializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.LockSubjectRequest.SerializeToString,
+                response_deserializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.LockSubjectResponse.FromString,
+                _registered_method=True)
+        self.UnlockSubject = channel.unary_unary(
+                '/tokensvc.v1.TokenService/UnlockSubject',
+                request_serializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.UnlockSubjectRequest.SerializeToString,
+                response_deserializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.UnlockSubjectResponse.FromString,
+                _registered_method=True)
 
 
 class TokenServiceServicer:
@@ -104,6 +114,21 @@ class TokenServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LockSubject(self, request, context):
+        """LockSubject revokes every session of a subject (as Revoke by subject) and
+        makes Issue refuse the subject until UnlockSubject. For compromised accounts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnlockSubject(self, request, context):
+        """UnlockSubject lets Issue serve the subject again; revoked sessions stay revoked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TokenServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -131,6 +156,16 @@ def add_TokenServiceServicer_to_server(servicer, server):
                     servicer.GetKeys,
                     request_deserializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.GetKeysRequest.FromString,
                     response_serializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.GetKeysResponse.SerializeToString,
+            ),
+            'LockSubject': grpc.unary_unary_rpc_method_handler(
+                    servicer.LockSubject,
+                    request_deserializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.LockSubjectRequest.FromString,
+                    response_serializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.LockSubjectResponse.SerializeToString,
+            ),
+            'UnlockSubject': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnlockSubject,
+                    request_deserializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.UnlockSubjectRequest.FromString,
+                    response_serializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.UnlockSubjectResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -270,6 +305,60 @@ class TokenService:
             '/tokensvc.v1.TokenService/GetKeys',
             tokensvc__client_dot_v1_dot_tokensvc__pb2.GetKeysRequest.SerializeToString,
             tokensvc__client_dot_v1_dot_tokensvc__pb2.GetKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LockSubject(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokensvc.v1.TokenService/LockSubject',
+            tokensvc__client_dot_v1_dot_tokensvc__pb2.LockSubjectRequest.SerializeToString,
+            tokensvc__client_dot_v1_dot_tokensvc__pb2.LockSubjectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnlockSubject(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokensvc.v1.TokenService/UnlockSubject',
+            tokensvc__client_dot_v1_dot_tokensvc__pb2.UnlockSubjectRequest.SerializeToString,
+            tokensvc__client_dot_v1_dot_tokensvc__pb2.UnlockSubjectResponse.FromString,
             options,
             channel_credentials,
             insecure,

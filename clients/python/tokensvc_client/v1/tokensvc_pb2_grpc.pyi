@@ -50,6 +50,12 @@ class TokenServiceStub:
     """Introspect reports whether a token is active (RFC 7662 style)."""
     GetKeys: _grpc.UnaryUnaryMultiCallable[_tokensvc_pb2.GetKeysRequest, _tokensvc_pb2.GetKeysResponse]
     """GetKeys returns the public keys (JWK Set) that verify access tokens."""
+    LockSubject: _grpc.UnaryUnaryMultiCallable[_tokensvc_pb2.LockSubjectRequest, _tokensvc_pb2.LockSubjectResponse]
+    """LockSubject revokes every session of a subject (as Revoke by subject) and
+    makes Issue refuse the subject until UnlockSubject. For compromised accounts.
+    """
+    UnlockSubject: _grpc.UnaryUnaryMultiCallable[_tokensvc_pb2.UnlockSubjectRequest, _tokensvc_pb2.UnlockSubjectResponse]
+    """UnlockSubject lets Issue serve the subject again; revoked sessions stay revoked."""
 
 @_typing.type_check_only
 class TokenServiceAsyncStub(TokenServiceStub):
@@ -70,6 +76,12 @@ class TokenServiceAsyncStub(TokenServiceStub):
     """Introspect reports whether a token is active (RFC 7662 style)."""
     GetKeys: _aio.UnaryUnaryMultiCallable[_tokensvc_pb2.GetKeysRequest, _tokensvc_pb2.GetKeysResponse]  # type: ignore[assignment]
     """GetKeys returns the public keys (JWK Set) that verify access tokens."""
+    LockSubject: _aio.UnaryUnaryMultiCallable[_tokensvc_pb2.LockSubjectRequest, _tokensvc_pb2.LockSubjectResponse]  # type: ignore[assignment]
+    """LockSubject revokes every session of a subject (as Revoke by subject) and
+    makes Issue refuse the subject until UnlockSubject. For compromised accounts.
+    """
+    UnlockSubject: _aio.UnaryUnaryMultiCallable[_tokensvc_pb2.UnlockSubjectRequest, _tokensvc_pb2.UnlockSubjectResponse]  # type: ignore[assignment]
+    """UnlockSubject lets Issue serve the subject again; revoked sessions stay revoked."""
 
 class TokenServiceServicer(metaclass=_abc_1.ABCMeta):
     """TokenService issues, rotates, revokes and introspects tokens and publishes
@@ -117,5 +129,23 @@ class TokenServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_tokensvc_pb2.GetKeysResponse, _abc.Awaitable[_tokensvc_pb2.GetKeysResponse]]:
         """GetKeys returns the public keys (JWK Set) that verify access tokens."""
+
+    @_abc_1.abstractmethod
+    def LockSubject(
+        self,
+        request: _tokensvc_pb2.LockSubjectRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tokensvc_pb2.LockSubjectResponse, _abc.Awaitable[_tokensvc_pb2.LockSubjectResponse]]:
+        """LockSubject revokes every session of a subject (as Revoke by subject) and
+        makes Issue refuse the subject until UnlockSubject. For compromised accounts.
+        """
+
+    @_abc_1.abstractmethod
+    def UnlockSubject(
+        self,
+        request: _tokensvc_pb2.UnlockSubjectRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tokensvc_pb2.UnlockSubjectResponse, _abc.Awaitable[_tokensvc_pb2.UnlockSubjectResponse]]:
+        """UnlockSubject lets Issue serve the subject again; revoked sessions stay revoked."""
 
 def add_TokenServiceServicer_to_server(servicer: TokenServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
