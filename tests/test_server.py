@@ -119,6 +119,27 @@ def test_sigterm_finishes_in_flight_calls(tmp_path, redis_url):
             proc.kill()
 
 
+def _lines_until(
+    proc: subprocess.Popen[str], marker: str, *, count: int, seconds: float
+) -> list[str]:
+    """Read output until ``count`` lines contain ``marker``; fail with the output so far."""
+    import queue
+    import threading
+
+    lines: queue.Queue[str] = queue.Queue()
+    stdout = proc.stdout
+    assert stdout is not None
+    threading.Thread(target=lambda: [lines.put(line) for line in stdout], daemon=True).start()
+    seen: list[str] = []
+    deadline = time.monotonic() + seconds
+    while sum(marker in line for line in seen) < count:
+        try:
+            seen.append(lines.get(timeout=max(0.0, deadline - time.monotonic())))
+        except queue.Empty:
+            raise AssertionError(f"no {count}x {marker!r} within {seconds}s: {seen}") from None
+    return seen
+
+
 def test_workers_share_one_port_and_one_key_ring(tmp_path):
     from tokensvc.embedded import free_port
 
@@ -139,14 +160,13 @@ def test_workers_share_one_port_and_one_key_ring(tmp_path):
             str(tmp_path / "data"),
         ],
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
         env=env,
     )
     try:
         assert proc.stdout is not None
-        lines = [proc.stdout.readline(), proc.stdout.readline()]
-        assert all(f"listening on 127.0.0.1:{port}" in line for line in lines), lines
+        lines = _lines_until(proc, f"listening on 127.0.0.1:{port}", count=2, seconds=60)
         jwks = set()
         for _ in range(6):  # new connections are spread over the workers by the kernel
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

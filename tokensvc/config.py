@@ -22,6 +22,35 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class Rate:
+    """``count`` calls per ``period`` seconds (GCRA: a burst of ``count``, then one every
+    ``period / count`` seconds). ``count == 0`` is no limit."""
+
+    count: int
+    period: int
+
+    @property
+    def enabled(self) -> bool:
+        return self.count > 0
+
+    @classmethod
+    def parse(cls, text: str) -> Rate:
+        """``"COUNT/SECONDS"`` (e.g. ``"30/60"``) or ``"off"``."""
+        if text.strip().lower() in ("off", "0", "none"):
+            return cls(0, 1)
+        count, sep, period = text.partition("/")
+        if not sep or not count.strip().isdigit() or not period.strip().isdigit():
+            raise ValueError(text)
+        rate = cls(int(count), int(period))
+        if rate.count <= 0 or not 0 < rate.period <= 86400:
+            raise ValueError(text)
+        return rate
+
+    def __str__(self) -> str:
+        return f"{self.count}/{self.period}" if self.enabled else "off"
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     listen: str = "127.0.0.1:50051"
     redis_url: str | None = None
@@ -43,6 +72,11 @@ class Settings:
     grace_seconds: float = 10.0
     log_level: str = "INFO"
     workers: int = 1
+    policy_file: Path | None = None
+    rate_issue: Rate = Rate(30, 60)
+    rate_refresh: Rate = Rate(0, 1)
+    rate_introspect: Rate = Rate(0, 1)
+    rate_auth_failures: Rate = Rate(20, 60)
 
     @property
     def host(self) -> str:
@@ -88,7 +122,13 @@ class Settings:
                 raise ConfigError(f"--insecure is only allowed on a loopback address, not {host}")
         elif self.tls_cert is None or self.tls_key is None:
             raise ConfigError("TLS needs --tls-cert and --tls-key (or --insecure on loopback)")
-        for path in (self.tls_cert, self.tls_key, self.tls_client_ca, self.kek_file):
+        for path in (
+            self.tls_cert,
+            self.tls_key,
+            self.tls_client_ca,
+            self.kek_file,
+            self.policy_file,
+        ):
             if path is not None and not path.is_file():
                 raise ConfigError(f"file not found: {path}")
         if self.redis_url is not None and not self.redis_url.startswith(
@@ -126,6 +166,11 @@ _OPTIONS: dict[str, tuple[str, type]] = {
     "redis_timeout": ("Redis socket timeout in seconds", float),
     "log_level": ("DEBUG, INFO, WARNING or ERROR", str),
     "workers": ("server processes sharing the port (SO_REUSEPORT)", int),
+    "policy_file": ("caller policy (TOML): which mTLS identities may call each RPC", Path),
+    "rate_issue": ("Issue calls per subject, COUNT/SECONDS or off", Rate),
+    "rate_refresh": ("Refresh calls per peer, COUNT/SECONDS or off (+1 Redis trip)", Rate),
+    "rate_introspect": ("Introspect calls per peer, COUNT/SECONDS or off (+1 Redis trip)", Rate),
+    "rate_auth_failures": ("failed authentications per peer, COUNT/SECONDS or off", Rate),
 }
 _FLAGS = ("insecure", "allow_long_access_ttl")
 
@@ -137,6 +182,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default = getattr(defaults, name)
         if isinstance(default, tuple):
             default = ",".join(default)
+        if isinstance(default, Rate):
+            default = str(default)
         env = "TOKENSVC_" + name.upper()
         parser.add_argument(
             "--" + name.replace("_", "-"),
@@ -189,6 +236,8 @@ def _convert(name: str, raw: str, kind: type) -> object:
         return tuple(a.strip() for a in raw.split(",") if a.strip())
     if kind is Path:
         return Path(raw).expanduser()
+    if kind is Rate:
+        return Rate.parse(raw)
     if name == "log_level" and raw.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ValueError(raw)
     return kind(raw.upper() if name == "log_level" else raw)

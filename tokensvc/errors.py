@@ -11,7 +11,7 @@ import functools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import grpc.aio
@@ -42,7 +42,27 @@ class NotAuthenticated(ServiceError):
 
 
 class Denied(ServiceError):
+    """The caller's identity may not do this (caller policy, locked subject)."""
+
     code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class RateLimited(ServiceError):
+    """Over a rate limit; ``retry-after`` (whole seconds) goes into trailing metadata."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after_ms: int) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, -(-retry_after_ms // 1000))
+
+
+class Guarded(Protocol):
+    """What :func:`rpc` needs of a servicer: admission of each call, and failure reports."""
+
+    async def admit(self, rpc: str, context: grpc.aio.ServicerContext[Any, Any]) -> None: ...
+
+    async def rejected(self, rpc: str, err: ServiceError) -> None: ...
 
 
 Req = TypeVar("Req")
@@ -51,15 +71,22 @@ Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Re
 
 
 def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
-    """Decorate an async servicer method: domain errors -> status codes, no tracebacks out."""
+    """Decorate an async servicer method: the caller is admitted first (policy, limits);
+    domain errors -> status codes, no tracebacks out."""
+    name = method.__name__
 
     @functools.wraps(method)
     async def wrapper(
-        self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
+        self: Guarded, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
     ) -> Resp:
         try:
+            await self.admit(name, context)
             return await method(self, request, context)
         except ServiceError as err:
+            if isinstance(err, NotAuthenticated | Denied):
+                await self.rejected(name, err)
+            if isinstance(err, RateLimited):
+                context.set_trailing_metadata((("retry-after", str(err.retry_after)),))
             await context.abort(err.code, err.message)
         except StoreUnavailable as err:
             log.warning("rpc=%s token store unavailable: %s", method.__name__, err)

@@ -23,9 +23,11 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from tokensvc import telemetry
+from tokensvc.audit import AuditTrail
 from tokensvc.config import Settings
 from tokensvc.embedded import RedisProcess
 from tokensvc.keyring import KeyRing, load_kek
+from tokensvc.policy import CallerPolicy
 from tokensvc.service import TokenService
 from tokensvc.store import FamilyStore, StoreUnavailable
 from tokensvc_client.v1 import tokensvc_pb2, tokensvc_pb2_grpc
@@ -34,6 +36,8 @@ log = logging.getLogger("tokensvc.server")
 SERVICE_NAME = tokensvc_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name
 _MAINTENANCE_INTERVAL = 5.0
 _KEYRING_INTERVAL = 60.0
+_MAX_MESSAGE = 64 * 1024
+_MAX_METADATA = 16 * 1024
 
 
 def redis_client(url: str, timeout: float) -> aioredis.Redis:
@@ -48,13 +52,9 @@ def redis_client(url: str, timeout: float) -> aioredis.Redis:
 
 
 def _server_credentials(settings: Settings) -> grpc.ServerCredentials:
-    assert settings.tls_cert is not None and settings.tls_key is not None
-    client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
-    return grpc.ssl_server_credentials(
-        [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
-        root_certificates=client_ca,
-        require_client_auth=client_ca is not None,
-    )
+    from tokensvc import tls  # TLS files reloaded on change, TLS 1.2+ (see tokensvc.tls)
+
+    return tls.server_credentials(settings)
 
 
 @dataclass
@@ -66,6 +66,7 @@ class Running:
     port: int
     redis: aioredis.Redis
     health: HealthServicer
+    audit: AuditTrail
     embedded: RedisProcess | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -75,6 +76,8 @@ class Running:
         for task in self.tasks:
             task.cancel()
         await self.server.stop(self.settings.grace_seconds if grace is None else grace)
+        with contextlib.suppress(Exception):  # best effort: the log has every event too
+            await asyncio.wait_for(self.audit.flush(), timeout=self.settings.redis_timeout)
         await self.redis.aclose()
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
@@ -112,6 +115,11 @@ async def start(settings: Settings, tracer_provider: TracerProvider | None = Non
         log.info("embedded redis-server started, data in %s", embedded.data_dir)
     redis = redis_client(url, settings.redis_timeout)
     try:
+        policy = (
+            CallerPolicy.from_file(settings.policy_file)
+            if settings.policy_file
+            else CallerPolicy.default()
+        )
         keyring = KeyRing(redis, load_kek(settings.kek_file, settings.data_dir))
         await keyring.load()
         store = FamilyStore(redis)
@@ -126,10 +134,17 @@ async def start(settings: Settings, tracer_provider: TracerProvider | None = Non
     server = grpc.aio.server(
         interceptors=telemetry.server_interceptors(provider),
         # several worker processes bind the same port; the kernel spreads connections
-        options=[("grpc.so_reuseport", 1)],
+        options=[
+            ("grpc.so_reuseport", 1),
+            # transport caps below every field limit's sum (tokensvc.limits): oversized
+            # messages or metadata are refused by gRPC before any of our code runs
+            ("grpc.max_receive_message_length", _MAX_MESSAGE),
+            ("grpc.max_metadata_size", _MAX_METADATA),
+        ],
     )
+    audit = AuditTrail(redis)
     tokensvc_pb2_grpc.add_TokenServiceServicer_to_server(
-        TokenService(settings, store, keyring), server
+        TokenService(settings, store, keyring, audit, policy), server
     )
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -144,13 +159,18 @@ async def start(settings: Settings, tracer_provider: TracerProvider | None = Non
         server,
     )
     if settings.insecure:
-        log.warning("serving PLAINTEXT on %s (development mode, loopback only)", settings.listen)
+        log.warning(
+            "INSECURE development mode: serving PLAINTEXT on %s (loopback only); there are no "
+            "caller identities, so the caller policy is NOT enforced",
+            settings.listen,
+        )
         port = server.add_insecure_port(settings.listen)
     else:
         port = server.add_secure_port(settings.listen, _server_credentials(settings))
     await server.start()
-    running = Running(settings, server, port, redis, health, embedded)
+    running = Running(settings, server, port, redis, health, audit, embedded)
     running.tasks.append(asyncio.create_task(_maintain(store, keyring, health)))
+    running.tasks.append(asyncio.create_task(audit.run()))
     log.info("tokensvc serving on port %d issuer=%s", port, settings.issuer)
     return running
 

@@ -15,10 +15,14 @@ import grpc.aio
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from tokensvc import limits, tokens
+from tokensvc.audit import AuditTrail
 from tokensvc.config import Settings
-from tokensvc.errors import BadRequest, NotAuthenticated, rpc
+from tokensvc.errors import BadRequest, NotAuthenticated, RateLimited, ServiceError, rpc
+from tokensvc.guard import Caller, Guard, current_caller
 from tokensvc.keyring import KeyRing
-from tokensvc.store import FamilyStore, NewFamily, RefreshStatus
+from tokensvc.policy import CallerPolicy
+from tokensvc.store import FamilyStore, IssueStatus, Limit, NewFamily, RefreshStatus
+from tokensvc_client.peer import is_thumbprint
 from tokensvc_client.errors import InvalidToken, Reason
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 from tokensvc_client.v1 import tokensvc_pb2_grpc as pb_grpc
@@ -34,16 +38,37 @@ def _ts(seconds: float) -> Timestamp:
     return stamp
 
 
+class SubjectLocked(ServiceError):
+    """Issue for a locked subject (not a failed authentication of the caller)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class TokenService(pb_grpc.TokenServiceServicer):
-    """Implements tokensvc.v1.TokenService on a key ring and a family store."""
+    """Implements tokensvc.v1.TokenService on a key ring and a family store.
+
+    Every RPC is admitted first by the :class:`~tokensvc.guard.Guard` (caller policy,
+    rate limits; see :func:`tokensvc.errors.rpc`), and what it does is audited.
+    """
 
     def __init__(
-        self, settings: Settings, store: FamilyStore, keyring: KeyRing, *, clock: Any = time.time
+        self,
+        settings: Settings,
+        store: FamilyStore,
+        keyring: KeyRing,
+        audit: AuditTrail,
+        policy: CallerPolicy | None = None,
+        *,
+        clock: Any = time.time,
     ) -> None:
         self.settings = settings
         self.store = store
         self.keyring = keyring
+        self.audit = audit
         self.clock = clock
+        self.guard = Guard(settings, store, audit, policy or CallerPolicy.default())
+        self.issue_limit = Limit.of(settings.rate_issue.count, settings.rate_issue.period)
+        self.subject_ttl_ms = (settings.family_max_age + settings.leeway) * 1000
         self.verifier = Verifier(
             settings.issuer,
             None,
@@ -51,6 +76,14 @@ class TokenService(pb_grpc.TokenServiceServicer):
             max_token_bytes=limits.MAX_TOKEN,
             clock=clock,
         )
+
+    # -- admission (see tokensvc.errors.Guarded) -------------------------------------------
+
+    async def admit(self, rpc: str, context: Ctx) -> None:
+        await self.guard.admit(rpc, context)
+
+    async def rejected(self, rpc: str, err: ServiceError) -> None:
+        await self.guard.rejected(rpc, err)
 
     # -- minting -----------------------------------------------------------------------
 
@@ -105,6 +138,10 @@ class TokenService(pb_grpc.TokenServiceServicer):
                 raise BadRequest("auth_time must be a past instant")
             base["auth_time"] = auth_time
         label = limits.text("session_label", request.session_label)
+        caller = current_caller()
+        cnf = self._binding(request, caller)
+        if cnf:
+            base["cnf"] = {"x5t#S256": cnf}
 
         now_f = self.clock()
         now, now_ms = int(now_f), int(now_f * 1000)
@@ -119,21 +156,44 @@ class TokenService(pb_grpc.TokenServiceServicer):
             raise BadRequest(
                 f"roles/audience/amr together exceed the {limits.MAX_TOKEN}-byte token limit"
             )
-        await self.store.create(
-            NewFamily(
-                sid,
-                tokens.refresh_hash(refresh),
-                subject,
-                base["client_id"],
-                label,
-                base,
-                now_ms,
-                refresh_exp_ms,
-                family_exp_ms,
-            )
+        family = NewFamily(
+            sid,
+            tokens.refresh_hash(refresh),
+            subject,
+            base["client_id"],
+            label,
+            base,
+            now_ms,
+            refresh_exp_ms,
+            family_exp_ms,
+            cnf,
         )
-        log.info("issued sid=%s client_id=%s", sid, base["client_id"])
+        outcome = await self.store.create(family, self.issue_limit)
+        if outcome.status is IssueStatus.LOCKED:
+            self.audit.record("denied", peer=caller.name, subject=subject, reason="locked")
+            raise SubjectLocked("subject is locked")
+        if outcome.status is IssueStatus.LIMITED:
+            self.audit.record("rate_limited", peer=caller.name, subject=subject, reason="Issue")
+            raise RateLimited("too many tokens issued for this subject", outcome.retry_after_ms)
+        self.audit.record(
+            "issued", peer=caller.name, subject=subject, session_id=sid, bound=int(bool(cnf))
+        )
         return pb.IssueResponse(tokens=self._pair(access, access_exp, refresh, refresh_exp_ms, sid))
+
+    @staticmethod
+    def _binding(request: pb.IssueRequest, caller: Caller) -> str:
+        """The certificate thumbprint to bind the family to ('' for none), RFC 8705."""
+        if request.bind_to_client_certificate and request.cnf_x5t_s256:
+            raise BadRequest("bind_to_client_certificate and cnf_x5t_s256 are exclusive")
+        if request.cnf_x5t_s256:
+            if not is_thumbprint(request.cnf_x5t_s256):
+                raise BadRequest("cnf_x5t_s256 must be a base64url SHA-256 thumbprint")
+            return request.cnf_x5t_s256
+        if request.bind_to_client_certificate:
+            if not caller.peer.thumbprint:
+                raise BadRequest("bind_to_client_certificate needs an mTLS client certificate")
+            return caller.peer.thumbprint
+        return ""
 
     @rpc
     async def Refresh(self, request: pb.RefreshRequest, context: Ctx) -> pb.RefreshResponse:
@@ -142,6 +202,7 @@ class TokenService(pb_grpc.TokenServiceServicer):
         if sid is None:
             raise NotAuthenticated(Reason.MALFORMED.value)
         successor = tokens.new_refresh_token(sid)
+        caller = current_caller()
         now_f = self.clock()
         rotation = await self.store.rotate(
             sid,
@@ -149,17 +210,26 @@ class TokenService(pb_grpc.TokenServiceServicer):
             tokens.refresh_hash(successor),
             int(now_f * 1000),
             self.settings.refresh_idle_ttl * 1000,
+            caller.peer.thumbprint,
         )
         if rotation.status is RefreshStatus.REUSE:
-            log.warning("refresh token reuse: family revoked sid=%s", sid)
+            self.audit.record(
+                "reuse_detected",
+                peer=caller.name,
+                subject=rotation.subject,
+                session_id=sid,
+                reason="family revoked",
+            )
             raise NotAuthenticated("reused")
+        if rotation.status is RefreshStatus.MISMATCH:
+            raise NotAuthenticated("certificate_mismatch")
         if rotation.status is not RefreshStatus.OK or rotation.claims is None:
             log.info("refresh refused sid=%s status=%s", sid, rotation.status.value)
             raise NotAuthenticated(rotation.status.value)
         access, access_exp = self._mint(
             rotation.claims, sid, int(now_f), rotation.family_expires_ms
         )
-        log.info("refreshed sid=%s", sid)
+        self.audit.record("refreshed", peer=caller.name, subject=rotation.subject, session_id=sid)
         return pb.RefreshResponse(
             tokens=self._pair(access, access_exp, successor, rotation.token_expires_ms, sid)
         )
@@ -169,31 +239,43 @@ class TokenService(pb_grpc.TokenServiceServicer):
         reason = limits.text("reason", request.reason, limit=limits.MAX_REASON) or "revoked"
         now_ms = int(self.clock() * 1000)
         target = request.WhichOneof("target")
+        audit: dict[str, str] = {}
         if target == "token":
-            count = await self._revoke_token(limits.token("token", request.token), now_ms, reason)
+            count = await self._revoke_token(
+                limits.token("token", request.token), now_ms, reason, audit
+            )
         elif target == "session_id":
             sid = limits.text("session_id", request.session_id, required=True)
             if not tokens.is_session_id(sid):
                 raise BadRequest("session_id is not a session id")
             count = await self.store.revoke_sessions([sid], now_ms, reason)
+            audit["session_id"] = sid
         elif target == "subject":
             subject = limits.text("subject", request.subject, required=True)
             count = await self.store.revoke_subject(
-                tokens.subject_tag(subject),
-                now_ms,
-                reason,
-                (self.settings.family_max_age + self.settings.leeway) * 1000,
+                tokens.subject_tag(subject), now_ms, reason, self.subject_ttl_ms
             )
+            audit["subject"] = subject
         else:
             raise BadRequest("target is required: token, session_id or subject")
-        log.info("revoked target=%s sessions=%d reason=%s", target, count, reason)
+        self.audit.record(
+            "revoked",
+            peer=current_caller().name,
+            reason=reason,
+            target=target,
+            sessions=count,
+            **audit,
+        )
         return pb.RevokeResponse(revoked_sessions=count)
 
-    async def _revoke_token(self, token: str, now_ms: int, reason: str) -> int:
+    async def _revoke_token(
+        self, token: str, now_ms: int, reason: str, audit: dict[str, str]
+    ) -> int:
         """Revoke a refresh token's family or an access token's jti (RFC 7009: an invalid
         token is not an error, there is simply nothing to revoke)."""
         sid = tokens.refresh_session_id(token)
         if sid is not None:
+            audit["session_id"] = sid
             return await self.store.revoke_sessions(
                 [sid], now_ms, reason, tokens.refresh_hash(token)
             )
@@ -202,8 +284,39 @@ class TokenService(pb_grpc.TokenServiceServicer):
         except InvalidToken:
             return 0
         await self.store.revoke_jti(claims.session_id, claims.token_id, claims.expires_at)
-        log.info("revoked jti=%s sid=%s", claims.token_id, claims.session_id)
+        audit.update(session_id=claims.session_id, jti=claims.token_id, subject=claims.subject)
         return 0
+
+    @rpc
+    async def LockSubject(
+        self, request: pb.LockSubjectRequest, context: Ctx
+    ) -> pb.LockSubjectResponse:
+        subject = limits.text("subject", request.subject, required=True)
+        reason = limits.text("reason", request.reason, limit=limits.MAX_REASON) or "locked"
+        count = await self.store.revoke_subject(
+            tokens.subject_tag(subject),
+            int(self.clock() * 1000),
+            reason,
+            self.subject_ttl_ms,
+            lock=True,
+        )
+        self.audit.record(
+            "locked", peer=current_caller().name, subject=subject, reason=reason, sessions=count
+        )
+        return pb.LockSubjectResponse(revoked_sessions=count)
+
+    @rpc
+    async def UnlockSubject(
+        self, request: pb.UnlockSubjectRequest, context: Ctx
+    ) -> pb.UnlockSubjectResponse:
+        subject = limits.text("subject", request.subject, required=True)
+        was_locked = await self.store.unlock_subject(
+            tokens.subject_tag(subject), self.subject_ttl_ms
+        )
+        self.audit.record(
+            "unlocked", peer=current_caller().name, subject=subject, was_locked=int(was_locked)
+        )
+        return pb.UnlockSubjectResponse(was_locked=was_locked)
 
     @rpc
     async def Introspect(
@@ -243,6 +356,7 @@ class TokenService(pb_grpc.TokenServiceServicer):
             issued_at=_ts(claims.issued_at),
             expires_at=_ts(claims.expires_at),
             not_before=_ts(claims.not_before),
+            cnf_x5t_s256=claims.cnf_x5t_s256,
         )
 
     def _describe_refresh(self, sid: str, family: dict[str, str]) -> pb.IntrospectResponse:
@@ -258,6 +372,7 @@ class TokenService(pb_grpc.TokenServiceServicer):
             session_id=sid,
             acr=base.get("acr", ""),
             amr=base.get("amr", []),
+            cnf_x5t_s256=base.get("cnf", {}).get("x5t#S256", ""),
             issued_at=_ts(int(family["last"]) / 1000),
             expires_at=_ts(int(family["cur_exp"]) / 1000),
         )

@@ -9,6 +9,10 @@ the Redis Cluster hash tag, so all keys of one subject share one slot)::
     ts:{T}:sessions    zset   the subject's session ids, scored by absolute expiry
     ts:{T}:subject     hash   revoked_before (ms watermark)
     ts:{T}:jti:<jti>   string a revoked access token, expiring with the token
+    ts:{T}:rl:issue    string GCRA state of the subject's Issue rate limit
+    ts:rl:<what>:<h>   string GCRA state of a per-peer limit (h: hash of the peer identity)
+
+The subject hash also holds ``locked`` while the subject is locked (LockSubject).
 
 Every operation is one Lua script (registered once, called by SHA; redis-py reloads it on
 NOSCRIPT), so a failure half-way never leaves a family half-written. Only hashes of
@@ -19,6 +23,7 @@ reply was lost would present a spent token and revoke the family.
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 from dataclasses import dataclass
 from importlib import resources
@@ -48,8 +53,11 @@ async def guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
         raise
 
 
-def _script(name: str) -> str:
-    return resources.files("tokensvc").joinpath("lua", name).read_text()
+def _script(name: str, *, gcra: bool = False) -> str:
+    """A Lua script's source; ``gcra`` prepends the rate-limiting function."""
+    lua = resources.files("tokensvc").joinpath("lua")
+    prelude = lua.joinpath("gcra.lua").read_text() if gcra else ""
+    return prelude + lua.joinpath(name).read_text()
 
 
 def family_key(sid: str) -> str:
@@ -68,12 +76,52 @@ def jti_key(sid: str, jti: str) -> str:
     return f"ts:{{{tag_of(sid)}}}:jti:{jti}"
 
 
+def issue_limit_key(tag: str) -> str:
+    return f"ts:{{{tag}}}:rl:issue"
+
+
+def peer_limit_key(what: str, peer: str) -> str:
+    digest = hashlib.sha256(peer.encode("utf-8")).hexdigest()[:32]
+    return f"ts:rl:{what}:{digest}"
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """A rate limit in the scripts' terms: GCRA emission interval and burst tolerance, ms."""
+
+    interval_ms: int = 0
+    tolerance_ms: int = 0
+
+    @classmethod
+    def of(cls, count: int, period_s: int) -> Limit:
+        if count <= 0:
+            return cls()
+        return cls(max(1, period_s * 1000 // count), period_s * 1000)
+
+    @property
+    def enabled(self) -> bool:
+        return self.interval_ms > 0
+
+
 class RefreshStatus(enum.Enum):
     OK = "ok"
     REUSE = "reuse"
     REVOKED = "revoked"
     EXPIRED = "expired"
     UNKNOWN = "unknown"
+    MISMATCH = "mismatch"  # bound family, other (or no) client certificate
+
+
+class IssueStatus(enum.Enum):
+    OK = "ok"
+    LOCKED = "locked"
+    LIMITED = "limited"
+
+
+@dataclass(frozen=True, slots=True)
+class IssueOutcome:
+    status: IssueStatus
+    retry_after_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +135,7 @@ class NewFamily:
     now_ms: int
     token_expires_ms: int
     family_expires_ms: int
+    cnf: str = ""  # x5t#S256 the family is bound to, '' if unbound
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +179,9 @@ class FamilyStore:
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self.redis = redis
-        self._issue = redis.register_script(_script("issue.lua"))
+        self._issue = redis.register_script(_script("issue.lua", gcra=True))
+        self._rate = redis.register_script(_script("ratelimit.lua", gcra=True))
+        self._unlock = redis.register_script(_script("unlock.lua"))
         self._refresh = redis.register_script(_script("refresh.lua"))
         self._revoke_family = redis.register_script(_script("revoke_family.lua"))
         self._revoke_subject = redis.register_script(_script("revoke_subject.lua"))
@@ -144,15 +195,23 @@ class FamilyStore:
             self._revoke_family,
             self._revoke_subject,
             self._read_state,
+            self._rate,
+            self._unlock,
         )
         for script in scripts:
             await guarded(self.redis.script_load, script.script)
 
-    async def create(self, family: NewFamily) -> None:
+    async def create(self, family: NewFamily, limit: Limit = Limit()) -> IssueOutcome:
+        """Store a new family unless the subject is locked or over its Issue limit."""
         tag = tag_of(family.session_id)
-        await guarded(
+        reply = await guarded(
             self._issue,
-            keys=[family_key(family.session_id), sessions_key(tag)],
+            keys=[
+                family_key(family.session_id),
+                sessions_key(tag),
+                subject_key(tag),
+                issue_limit_key(tag),
+            ],
             args=[
                 family.session_id,
                 family.token_hash,
@@ -163,16 +222,28 @@ class FamilyStore:
                 family.client_id,
                 family.label,
                 json.dumps(family.claims, separators=(",", ":")),
+                family.cnf,
+                limit.interval_ms,
+                limit.tolerance_ms,
             ],
         )
+        status = IssueStatus(_s(reply[0]))
+        return IssueOutcome(status, int(reply[1]) if status is IssueStatus.LIMITED else 0)
 
     async def rotate(
-        self, sid: str, presented_hash: str, successor_hash: str, now_ms: int, idle_ttl_ms: int
+        self,
+        sid: str,
+        presented_hash: str,
+        successor_hash: str,
+        now_ms: int,
+        idle_ttl_ms: int,
+        thumbprint: str = "",
     ) -> Rotation:
+        """Rotate a refresh token; ``thumbprint`` is the presenter's client certificate."""
         reply = await guarded(
             self._refresh,
             keys=[family_key(sid), subject_key(tag_of(sid))],
-            args=[presented_hash, successor_hash, now_ms, idle_ttl_ms],
+            args=[presented_hash, successor_hash, now_ms, idle_ttl_ms, thumbprint],
         )
         status = RefreshStatus(_s(reply[0]))
         if status is RefreshStatus.OK:
@@ -238,12 +309,25 @@ class FamilyStore:
         )
 
     async def revoke_subject(
-        self, tag: str, now_ms: int, reason: str, watermark_ttl_ms: int
+        self, tag: str, now_ms: int, reason: str, watermark_ttl_ms: int, *, lock: bool = False
     ) -> int:
+        """Revoke every session of a subject (and lock it); returns sessions revoked."""
         sids = await guarded(self.redis.zrangebyscore, sessions_key(tag), now_ms, "+inf")
         keys = [subject_key(tag), sessions_key(tag)] + [family_key(_s(s)) for s in sids]
+        args = [now_ms, reason, watermark_ttl_ms, "1" if lock else "0"]
+        return int(await guarded(self._revoke_subject, keys=keys, args=args))
+
+    async def unlock_subject(self, tag: str, watermark_ttl_ms: int) -> bool:
+        """Let Issue serve the subject again; True if it was locked."""
+        reply = await guarded(self._unlock, keys=[subject_key(tag)], args=[watermark_ttl_ms])
+        return bool(int(reply))
+
+    async def hit(self, key: str, limit: Limit) -> int:
+        """Count one event against a limiter; 0 if allowed, else ms to wait."""
+        if not limit.enabled:
+            return 0
         return int(
-            await guarded(self._revoke_subject, keys=keys, args=[now_ms, reason, watermark_ttl_ms])
+            await guarded(self._rate, keys=[key], args=[limit.interval_ms, limit.tolerance_ms])
         )
 
     async def ping(self) -> bool:

@@ -208,13 +208,16 @@ def pki(tmp_path: Path) -> dict[str, Path]:
     return out
 
 
-def test_token_client_over_mutual_tls(make_settings, start_server, pki):
+def test_token_client_over_mutual_tls(make_settings, start_server, pki, tmp_path):
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[rpc.Issue]\nallow = ["client"]\n')  # the certificate's CN
     srv = start_server(
         make_settings(
             insecure=False,
             tls_cert=pki["server_cert"],
             tls_key=pki["server_key"],
             tls_client_ca=pki["ca"],
+            policy_file=policy,
         )
     )
     target = f"127.0.0.1:{srv.port}"

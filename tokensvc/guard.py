@@ -1,0 +1,149 @@
+"""Admission of every call: who is calling, may they call this RPC, are they over a limit.
+
+- **Identity** comes from the verified TLS client certificate (:mod:`tokensvc_client.peer`).
+  Callers without one are anonymous; their limits are keyed by their network address.
+- **Caller policy** (:mod:`tokensvc.policy`) decides per RPC. In plaintext development mode
+  (``--insecure``, loopback only) there are no identities and the policy is not enforced;
+  the server logs that loudly at start.
+- **Rate limits** are GCRA counters in Redis, shared by every replica
+  (:mod:`tokensvc.store`): Issue per subject runs inside Issue's own script (no extra round
+  trip); Refresh and Introspect per peer, when enabled, cost one round trip each; failed
+  authentications per peer cost a round trip only when a call fails, and a peer over that
+  limit is then refused locally (RESOURCE_EXHAUSTED) until its wait is over.
+
+The admitted caller is kept in a context variable for the handler (binding, audit).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import grpc.aio
+
+from tokensvc.audit import AuditTrail
+from tokensvc.config import Rate, Settings
+from tokensvc.errors import Denied, RateLimited, ServiceError
+from tokensvc.policy import CallerPolicy
+from tokensvc.store import FamilyStore, Limit, StoreUnavailable, peer_limit_key
+from tokensvc_client.peer import ANONYMOUS, Peer, peer_of
+
+log = logging.getLogger("tokensvc.guard")
+_BLOCKED_MAX = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """The admitted caller of one RPC."""
+
+    peer: Peer
+    address: str
+
+    @property
+    def name(self) -> str:
+        """Identity for logs and the audit trail: the mTLS identity, else the address."""
+        return self.peer.identity or self.address
+
+    @property
+    def key(self) -> str:
+        """What per-peer limits count against."""
+        return self.peer.identity or f"addr:{self.address}"
+
+
+_current: ContextVar[Caller] = ContextVar("tokensvc_caller")
+
+
+def current_caller() -> Caller:
+    """The caller of the RPC being served (set by the ``rpc`` decorator's admission)."""
+    return _current.get(Caller(ANONYMOUS, ""))
+
+
+def _address(peer: str) -> str:
+    """``ipv4:10.0.0.1:5000`` -> ``10.0.0.1``; ``ipv6:[::1]:5000`` -> ``::1``."""
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return rest.rsplit(":", 1)[0].strip("[]")
+    return peer
+
+
+def _limit(rate: Rate) -> Limit:
+    return Limit.of(rate.count, rate.period)
+
+
+class Guard:
+    """Admits calls for the servicer (see :class:`tokensvc.errors.Guarded`)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: FamilyStore,
+        audit: AuditTrail,
+        policy: CallerPolicy,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.enforce = not settings.insecure
+        self.store = store
+        self.audit = audit
+        self.policy = policy
+        self.clock = clock
+        self.failures = _limit(settings.rate_auth_failures)
+        self.per_peer = {
+            name: _limit(rate)
+            for name, rate in (
+                ("Refresh", settings.rate_refresh),
+                ("Introspect", settings.rate_introspect),
+            )
+            if rate.enabled
+        }
+        self._blocked: dict[str, float] = {}
+
+    async def admit(self, rpc: str, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
+        """Admit a call or raise :class:`Denied` / :class:`RateLimited`."""
+        caller = Caller(peer_of(context), _address(context.peer() or ""))
+        _current.set(caller)
+        if rpc != "GetKeys":
+            self._check_blocked(caller)
+        if self.enforce and not self.policy.admits(rpc, caller.peer):
+            raise Denied(f"caller is not allowed to call {rpc}")
+        limit = self.per_peer.get(rpc)
+        if limit is not None:
+            wait = await self.store.hit(peer_limit_key(rpc, caller.key), limit)
+            if wait:
+                self.audit.record("rate_limited", peer=caller.name, reason=f"{rpc} per peer")
+                raise RateLimited(f"too many {rpc} calls; retry later", wait)
+        return caller
+
+    def _check_blocked(self, caller: Caller) -> None:
+        until = self._blocked.get(caller.key)
+        if until is None:
+            return
+        left = until - self.clock()
+        if left <= 0:
+            self._blocked.pop(caller.key, None)
+            return
+        raise RateLimited("too many failed authentications; retry later", int(left * 1000))
+
+    async def rejected(self, rpc: str, err: ServiceError) -> None:
+        """Audit a denied or unauthenticated call and count it against the peer."""
+        caller = current_caller()
+        event = "denied" if isinstance(err, Denied) else "auth_failed"
+        self.audit.record(event, peer=caller.name, reason=f"{rpc}: {err.message}")
+        if not self.failures.enabled:
+            return
+        try:
+            wait = await self.store.hit(peer_limit_key("authfail", caller.key), self.failures)
+        except StoreUnavailable:
+            return  # the call fails anyway; a lost count must not hide its real error
+        if wait:
+            if len(self._blocked) >= _BLOCKED_MAX:
+                with contextlib.suppress(StopIteration, KeyError):
+                    del self._blocked[next(iter(self._blocked))]
+            self._blocked[caller.key] = self.clock() + wait / 1000
+            self.audit.record("rate_limited", peer=caller.name, reason="failed authentications")
+            log.warning("peer %s over the failed-authentication limit", caller.name)
