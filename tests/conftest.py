@@ -7,12 +7,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import redis
 
 from tests.support import ServerThread, settings_for
 from tokensvc.config import Settings
+from tokensvc.devcerts import Issued, write_dev_pki
 from tokensvc.embedded import RedisProcess
+from tokensvc_client.channels import channel
 from tokensvc_client.v1 import tokensvc_pb2_grpc
 
 
@@ -67,3 +70,64 @@ def stub(tokensvc: ServerThread) -> Iterator[tokensvc_pb2_grpc.TokenServiceStub]
     channel = tokensvc.channel()
     yield tokensvc_pb2_grpc.TokenServiceStub(channel)
     channel.close()
+
+
+@pytest.fixture(scope="session")
+def dev_pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Issued]:
+    """The development PKI: "server" and workloads login, admin, orders, billing."""
+    return write_dev_pki(tmp_path_factory.mktemp("pki"))
+
+
+class MtlsService:
+    """A tokensvc over mTLS with a caller policy; stubs per workload certificate."""
+
+    def __init__(self, server: ServerThread, pki: dict[str, Issued]) -> None:
+        self.server = server
+        self.pki = pki
+        self.target = f"127.0.0.1:{server.port}"
+        self._channels: list[grpc.Channel] = []
+
+    def stub(self, workload: str | None) -> tokensvc_pb2_grpc.TokenServiceStub:
+        """A stub presenting ``workload``'s certificate (None: TLS without one)."""
+        ca = self.pki["server"].ca
+        if workload is None:
+            chan = channel(self.target, ca=ca)
+        else:
+            mine = self.pki[workload]
+            chan = channel(self.target, ca=ca, cert=mine.cert, key=mine.key)
+        self._channels.append(chan)
+        return tokensvc_pb2_grpc.TokenServiceStub(chan)
+
+    def close(self) -> None:
+        for chan in self._channels:
+            chan.close()
+
+
+@pytest.fixture
+def mtls_service(
+    make_settings: Callable[..., Settings],
+    start_server: Callable[..., ServerThread],
+    dev_pki: dict[str, Issued],
+    tmp_path: Path,
+) -> Iterator[Callable[..., MtlsService]]:
+    """Start a tokensvc over mTLS: ``mtls_service(policy_toml, **settings)``."""
+    started: list[MtlsService] = []
+
+    def start(policy: str = "", **overrides: Any) -> MtlsService:
+        path = tmp_path / f"policy-{len(started)}.toml"
+        path.write_text(policy)
+        settings = make_settings(
+            insecure=False,
+            tls_cert=dev_pki["server"].cert,
+            tls_key=dev_pki["server"].key,
+            tls_client_ca=dev_pki["server"].ca,
+            policy_file=path,
+            **overrides,
+        )
+        svc = MtlsService(start_server(settings), dev_pki)
+        started.append(svc)
+        return svc
+
+    yield start
+    for svc in started:
+        svc.close()

@@ -1,0 +1,135 @@
+"""Abuse resistance: shared rate limits, the failed-authentication limit, subject lock,
+transport caps. Real Redis, real gRPC (mTLS where identities matter)."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import redis
+
+from tokensvc.config import Rate
+from tokensvc.store import subject_key
+from tokensvc.tokens import subject_tag
+from tokensvc_client.v1 import tokensvc_pb2 as pb
+
+ADMIN = "spiffe://tokensvc.test/ns/ops/sa/admin"
+LOGIN = "spiffe://tokensvc.test/ns/auth/sa/login"
+POLICY = f"""
+[rpc.Issue]
+allow = ["{LOGIN}"]
+[rpc.LockSubject]
+allow = ["{ADMIN}"]
+[rpc.UnlockSubject]
+allow = ["{ADMIN}"]
+"""
+
+
+def _refused(call) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    return err.value
+
+
+def _retry_after(err: grpc.RpcError) -> int:
+    trailers = dict(err.trailing_metadata() or ())
+    return int(trailers["retry-after"])
+
+
+def test_issue_is_limited_per_subject_across_replicas(make_settings, start_server):
+    settings = make_settings(rate_issue=Rate(3, 60))
+    a, b = start_server(settings), start_server(settings)
+    stub_a, stub_b = a.stub(), b.stub()
+    stub_a.Issue(pb.IssueRequest(subject="alice"))
+    stub_a.Issue(pb.IssueRequest(subject="alice"))
+    stub_b.Issue(pb.IssueRequest(subject="alice"))
+    err = _refused(lambda: stub_b.Issue(pb.IssueRequest(subject="alice")))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert 1 <= _retry_after(err) <= 20  # one token every 20 s
+    assert stub_a.Issue(pb.IssueRequest(subject="bob")).tokens.access_token  # per subject
+
+
+def test_failed_authentications_block_the_peer_and_only_that_peer(mtls_service):
+    svc = mtls_service(POLICY, rate_auth_failures=Rate(3, 60))
+    login, orders, billing = svc.stub("login"), svc.stub("orders"), svc.stub("billing")
+    pair = login.Issue(pb.IssueRequest(subject="alice")).tokens
+    bogus = pb.RefreshRequest(refresh_token="tsr1_" + "0" * 64 + "_" + "1" * 64)
+    for _ in range(4):  # the 4th failure is over the burst of 3
+        assert _refused(lambda: orders.Refresh(bogus)).code() == grpc.StatusCode.UNAUTHENTICATED
+    good = pb.RefreshRequest(refresh_token=pair.refresh_token)
+    err = _refused(lambda: orders.Refresh(good))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert _retry_after(err) >= 1
+    assert orders.GetKeys(pb.GetKeysRequest()).jwks  # public keys stay reachable
+    # the refused call consumed nothing: another workload refreshes with the same token
+    assert billing.Refresh(good).tokens.refresh_token
+
+
+def test_per_peer_refresh_limit_refuses_before_rotating(mtls_service):
+    svc = mtls_service(POLICY, rate_refresh=Rate(2, 60))
+    login, orders = svc.stub("login"), svc.stub("orders")
+    tokens = [login.Issue(pb.IssueRequest(subject=f"user{i}")).tokens for i in range(3)]
+    orders.Refresh(pb.RefreshRequest(refresh_token=tokens[0].refresh_token))
+    orders.Refresh(pb.RefreshRequest(refresh_token=tokens[1].refresh_token))
+    third = pb.RefreshRequest(refresh_token=tokens[2].refresh_token)
+    err = _refused(lambda: orders.Refresh(third))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert svc.stub("billing").Refresh(third).tokens  # still the current token: not rotated
+
+
+def test_per_peer_introspect_limit(mtls_service):
+    svc = mtls_service(POLICY, rate_introspect=Rate(2, 60))
+    orders = svc.stub("orders")
+    for _ in range(2):
+        orders.Introspect(pb.IntrospectRequest(token="a.b.c"))
+    err = _refused(lambda: orders.Introspect(pb.IntrospectRequest(token="a.b.c")))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert not svc.stub("billing").Introspect(pb.IntrospectRequest(token="a.b.c")).active
+
+
+def test_lock_revokes_everything_and_refuses_issue_until_unlocked(mtls_service, redis_url):
+    svc = mtls_service(POLICY)
+    login, admin = svc.stub("login"), svc.stub("admin")
+    pairs = [login.Issue(pb.IssueRequest(subject="alice")).tokens for _ in range(2)]
+    assert admin.LockSubject(pb.LockSubjectRequest(subject="alice", reason="phished")) == (
+        pb.LockSubjectResponse(revoked_sessions=2)
+    )
+    for pair in pairs:
+        assert not admin.Introspect(pb.IntrospectRequest(token=pair.access_token)).active
+        refresh = pb.RefreshRequest(refresh_token=pair.refresh_token)
+        assert _refused(lambda r=refresh: login.Refresh(r)).code() == (
+            grpc.StatusCode.UNAUTHENTICATED
+        )
+    err = _refused(lambda: login.Issue(pb.IssueRequest(subject="alice")))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "locked" in (err.details() or "")
+    assert login.Issue(pb.IssueRequest(subject="bob")).tokens  # only alice
+    # a lock never expires on its own
+    assert redis.Redis.from_url(redis_url).pttl(subject_key(subject_tag("alice"))) == -1
+
+    assert admin.UnlockSubject(pb.UnlockSubjectRequest(subject="alice")).was_locked
+    assert not admin.UnlockSubject(pb.UnlockSubjectRequest(subject="alice")).was_locked
+    fresh = login.Issue(pb.IssueRequest(subject="alice")).tokens
+    assert admin.Introspect(pb.IntrospectRequest(token=fresh.access_token)).active
+    # sessions revoked by the lock stay revoked
+    assert not admin.Introspect(pb.IntrospectRequest(token=pairs[0].access_token)).active
+
+
+def test_lock_and_unlock_validate_input(mtls_service):
+    admin = mtls_service(POLICY).stub("admin")
+    for call in (
+        lambda: admin.LockSubject(pb.LockSubjectRequest()),
+        lambda: admin.UnlockSubject(pb.UnlockSubjectRequest(subject="x" * 1000)),
+        lambda: admin.LockSubject(pb.LockSubjectRequest(subject="a", reason="r" * 600)),
+    ):
+        assert _refused(call).code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_oversized_metadata_and_messages_are_refused_by_the_transport(tokensvc):
+    stub = tokensvc.stub()
+    huge_header = (("x-junk", "a" * 40_000),)
+    err = _refused(lambda: stub.GetKeys(pb.GetKeysRequest(), metadata=huge_header))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    big = pb.IssueRequest(subject="alice", roles=["r" * 1000] * 100)  # ~100 kB
+    err = _refused(lambda: stub.Issue(big))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert stub.GetKeys(pb.GetKeysRequest()).jwks  # the server is unharmed
