@@ -1,0 +1,90 @@
+"""Certificate-bound tokens (RFC 8705) at the token service: Issue binds, Refresh of a
+bound family needs the same certificate, Introspect reports the binding."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+
+from tokensvc_client.peer import certificate_thumbprint
+from tokensvc_client.verifier import b64url_decode
+from tokensvc_client.v1 import tokensvc_pb2 as pb
+
+LOGIN = "spiffe://tokensvc.test/ns/auth/sa/login"
+ORDERS = "spiffe://tokensvc.test/ns/shop/sa/orders"
+POLICY = f'[rpc.Issue]\nallow = ["{LOGIN}", "{ORDERS}"]\n'
+
+
+def _cnf(access_token: str) -> dict:
+    return json.loads(b64url_decode(access_token.split(".")[1])).get("cnf", {})
+
+
+def _refused(call) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    return err.value
+
+
+def test_a_workload_binds_its_tokens_to_its_own_certificate(mtls_service, dev_pki):
+    svc = mtls_service(POLICY)
+    orders, billing = svc.stub("orders"), svc.stub("billing")
+    thumb = certificate_thumbprint(dev_pki["orders"].cert.read_bytes())
+    pair = orders.Issue(
+        pb.IssueRequest(subject="orders-svc", bind_to_client_certificate=True)
+    ).tokens
+    assert _cnf(pair.access_token) == {"x5t#S256": thumb}
+    seen = billing.Introspect(pb.IntrospectRequest(token=pair.access_token))
+    assert seen.active and seen.cnf_x5t_s256 == thumb
+    assert billing.Introspect(pb.IntrospectRequest(token=pair.refresh_token)).cnf_x5t_s256 == thumb
+
+    # a thief with another certificate gets nothing, and the family is untouched
+    stolen = pb.RefreshRequest(refresh_token=pair.refresh_token)
+    err = _refused(lambda: billing.Refresh(stolen))
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert err.details() == "certificate_mismatch"
+    new = orders.Refresh(stolen).tokens
+    assert _cnf(new.access_token) == {"x5t#S256": thumb}  # binding survives rotation
+    assert orders.Refresh(pb.RefreshRequest(refresh_token=new.refresh_token)).tokens
+
+
+def test_a_login_service_binds_tokens_to_another_workloads_certificate(mtls_service, dev_pki):
+    svc = mtls_service(POLICY)
+    thumb = certificate_thumbprint(dev_pki["billing"].cert.read_bytes())
+    pair = svc.stub("login").Issue(pb.IssueRequest(subject="bob", cnf_x5t_s256=thumb)).tokens
+    assert _cnf(pair.access_token) == {"x5t#S256": thumb}
+    refresh = pb.RefreshRequest(refresh_token=pair.refresh_token)
+    assert _refused(lambda: svc.stub("login").Refresh(refresh)).details() == (
+        "certificate_mismatch"
+    )
+    assert svc.stub("billing").Refresh(refresh).tokens
+
+
+def test_unbound_tokens_refresh_from_anywhere(mtls_service):
+    svc = mtls_service(POLICY)
+    pair = svc.stub("login").Issue(pb.IssueRequest(subject="carol")).tokens
+    assert "cnf" not in json.loads(b64url_decode(pair.access_token.split(".")[1]))
+    assert svc.stub("billing").Refresh(pb.RefreshRequest(refresh_token=pair.refresh_token))
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        pb.IssueRequest(subject="a", cnf_x5t_s256="not-a-thumbprint"),
+        pb.IssueRequest(subject="a", cnf_x5t_s256="A" * 44),
+        pb.IssueRequest(subject="a", cnf_x5t_s256="A" * 42 + "B"),  # non-canonical
+        pb.IssueRequest(subject="a", cnf_x5t_s256="A" * 43, bind_to_client_certificate=True),
+    ],
+)
+def test_bad_binding_requests_are_invalid_arguments(mtls_service, request_):
+    login = mtls_service(POLICY).stub("login")
+    assert _refused(lambda: login.Issue(request_)).code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_binding_to_the_caller_needs_a_client_certificate(stub):
+    # plaintext development mode: there is no certificate to bind to
+    err = _refused(
+        lambda: stub.Issue(pb.IssueRequest(subject="a", bind_to_client_certificate=True))
+    )
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
