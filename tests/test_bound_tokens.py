@@ -9,8 +9,8 @@ import grpc
 import pytest
 
 from tokensvc_client.peer import certificate_thumbprint
-from tokensvc_client.verifier import b64url_decode
 from tokensvc_client.v1 import tokensvc_pb2 as pb
+from tokensvc_client.verifier import b64url_decode
 
 LOGIN = "spiffe://tokensvc.test/ns/auth/sa/login"
 ORDERS = "spiffe://tokensvc.test/ns/shop/sa/orders"

@@ -99,9 +99,7 @@ def test_a_denied_call_is_audited_with_the_peer_identity(mtls_service, redis_url
     assert "Issue" in denied[0]["reason"]
 
 
-def test_common_name_is_the_identity_without_a_spiffe_id(
-    make_settings, start_server, tmp_path
-):
+def test_common_name_is_the_identity_without_a_spiffe_id(make_settings, start_server, tmp_path):
     ca = DevCA(tmp_path / "pki")
     server = ca.issue("server", hosts=("127.0.0.1",), server=True)
     legacy = ca.issue("legacy", common_name="legacy-login")

@@ -166,7 +166,7 @@ def test_workers_share_one_port_and_one_key_ring(tmp_path):
     )
     try:
         assert proc.stdout is not None
-        lines = _lines_until(proc, f"listening on 127.0.0.1:{port}", count=2, seconds=60)
+        _lines_until(proc, f"listening on 127.0.0.1:{port}", count=2, seconds=60)
         jwks = set()
         for _ in range(6):  # new connections are spread over the workers by the kernel
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

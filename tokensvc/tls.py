@@ -17,6 +17,14 @@ configuration stays in service and one warning per change is logged (file names 
 reason; never key material). A half-written rotation -- new certificate, old key -- is such
 a mismatch: the old pair is served until the new key arrives.
 
+The fetcher contract (``grpc.dynamic_ssl_server_credentials`` in ``grpc/__init__.py`` and
+``_server_cert_config_fetcher_wrapper`` in gRPC's Cython layer): the first handshake uses
+the initial configuration; later ones call the fetcher, which returns ``None`` for "no
+change" or a new configuration; an exception is logged by gRPC and the current
+configuration kept. gRPC core would itself refuse a key that does not match its certificate
+(``Handshaker factory creation failed``), but checking first keeps :attr:`material` equal to
+what is actually served and gives a useful warning.
+
 Protocol versions: TLS 1.2 and 1.3 only. gRPC core's SSL server configuration defaults to
 ``min_tls_version = TLS1_2`` and ``max_tls_version = TLS1_3``
 (``src/core/credentials/transport/ssl/ssl_security_connector.h``), and gRPC Python exposes
@@ -182,7 +190,7 @@ class CertificateReloader:
             return None
         try:
             self._next_check = now + self._interval
-            return None
+            return self._check()
         finally:
             self._lock.release()
 
