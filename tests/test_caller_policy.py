@@ -212,3 +212,15 @@ def test_audit_entries_never_carry_tokens(mtls_service, redis_url):
         assert access not in dump and access.split(".")[2] not in dump
     for refresh in (pair.refresh_token, new.refresh_token):
         assert refresh not in dump and refresh.rsplit("_", 1)[1] not in dump  # the secret part
+
+
+def test_the_example_policy_matches_the_development_pki():
+    from pathlib import Path
+
+    policy = CallerPolicy.from_file(Path(__file__).parents[1] / "examples" / "policy.toml")
+    from tokensvc.devcerts import DEFAULT_WORKLOADS
+    from tokensvc_client.peer import Peer
+
+    login, admin = Peer(DEFAULT_WORKLOADS["login"], "t"), Peer(DEFAULT_WORKLOADS["admin"], "t")
+    assert policy.admits("Issue", login) and not policy.admits("Issue", admin)
+    assert policy.admits("LockSubject", admin) and not policy.admits("LockSubject", login)
