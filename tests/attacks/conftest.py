@@ -4,25 +4,30 @@ One service for the whole package: the cases are many and only read, so a server
 would cost seconds for nothing. Its real signing key is loaded from the test Redis with the
 KEK the server uses -- the same path a second replica takes -- so forged tokens can be
 otherwise perfectly valid.
+
+Likewise one protected service per interceptor kind (``protected``, parametrized "sync" and
+"aio"): every test using it runs against both :class:`AuthInterceptor` and
+:class:`AioAuthInterceptor`. Tests that move the key cache's clock get their own
+(``make_protected``).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import redis
 
 from tests.attacks.forge import EcKey, Forge
+from tests.attacks.targets import AUDIENCE, KINDS, Protected, start_protected
 from tests.support import ServerThread, settings_for
 from tokensvc.embedded import RedisProcess
 from tokensvc.keyring import KeyRing, SigningKey, load_kek
+from tokensvc_client._auth import Authenticator
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 from tokensvc_client.v1 import tokensvc_pb2_grpc
 from tokensvc_client.verifier import KeySet, Verifier
-
-AUDIENCE = "mesh"
 
 
 @pytest.fixture(scope="package")
@@ -97,3 +102,32 @@ def verifier(service: ServerThread, forge: Forge) -> Verifier:
         leeway=service.settings.leeway,
         clock=lambda: forge.now,
     )
+
+
+@pytest.fixture
+def authenticator(verifier: Verifier) -> Authenticator:
+    """The interceptors' decision with default options, over the case's pinned verifier."""
+    return Authenticator(verifier)
+
+
+@pytest.fixture(scope="package", params=KINDS)
+def protected(request: pytest.FixtureRequest, service: ServerThread) -> Iterator[Protected]:
+    """The sample service behind the blocking or the asyncio interceptor; its key cache's
+    clock never moves, so after the start-up fetch no rejection may cause another."""
+    server = start_protected(service, request.param)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def make_protected(service: ServerThread) -> Iterator[Callable[[str], Protected]]:
+    """``make_protected(kind)``: a protected service of its own, for one test."""
+    started: list[Protected] = []
+
+    def make(kind: str) -> Protected:
+        started.append(start_protected(service, kind))
+        return started[-1]
+
+    yield make
+    for server in started:
+        server.close()

@@ -155,6 +155,12 @@ class EcKey:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
 
+    @property
+    def public_der(self) -> bytes:
+        return self.private.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
     def es256(self, data: bytes) -> bytes:
         """A raw 64-byte R || S ES256 signature of ``data``, in low-S form.
 

@@ -1,12 +1,22 @@
 """Attack regression table (SPEC.md section 7).
 
-Every case builds one hostile token and states what the two verification paths must do:
+Every case builds one hostile token and states what each target must do with it:
 
 * the client's :class:`Verifier`, with the KeySet built from GetKeys' JWKS, rejects it with
   the stated :class:`Reason` (or accepts it, for the few spellings the RFCs allow);
+* the interceptors' decision (:meth:`Authenticator.decide`, in process, with that KeySet)
+  refuses ``authorization: Bearer <token>`` with UNAUTHENTICATED ``invalid token: <reason>``,
+  and asks for a newer key set only for an unknown ``kid``;
+* :class:`AuthInterceptor` and :class:`AioAuthInterceptor`, each in front of a real gRPC
+  server on loopback fed by the real GetKeys, refuse the call with that status and message
+  before the handler runs, and fetch no keys for it. Two kinds of case differ on the
+  wire: a token with characters no HTTP/2 header may carry never leaves the gRPC client,
+  and spaces before a token are the separator of ``Bearer 1*SP token`` (RFC 6750 2.1);
 * the server's Introspect answers normally with ``active=False``: never INTERNAL. It gives
   INVALID_ARGUMENT only for what fails request validation (longer than 4096 characters,
-  empty, not printable ASCII), reports a refresh token as one (RFC 7662), and -- by design,
+  empty, not printable ASCII) -- or, for a request over the service's gRPC message cap
+  (the 1 MB tokens), gRPC itself answers RESOURCE_EXHAUSTED before Introspect runs --
+  reports a refresh token as one (RFC 7662), and -- by design,
   its verifier accepting any audience -- reports a token for another audience as active,
   leaving the audience check to the caller.
 
@@ -19,6 +29,7 @@ from __future__ import annotations
 
 import enum
 import json
+import secrets
 import socket
 import zlib
 from collections.abc import Callable
@@ -39,15 +50,18 @@ from tests.attacks.forge import (
     noncanonical,
     raw_rs,
     rs_of,
+    segment,
     signature_of,
     split,
     with_segment,
     with_signature,
 )
+from tests.attacks.targets import Answer, Protected, bearer, decide
+from tokensvc_client._auth import Authenticator, Rejection
 from tokensvc_client.errors import InvalidToken, Reason
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 from tokensvc_client.v1 import tokensvc_pb2_grpc
-from tokensvc_client.verifier import KeySet, Verifier
+from tokensvc_client.verifier import Claims, KeySet, Verifier
 
 Stub = tokensvc_pb2_grpc.TokenServiceStub
 
@@ -59,6 +73,8 @@ class Seen(enum.Enum):
     ACTIVE = "an active access token"
     REFRESH = "an active refresh token"
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    #: The request is over the service's gRPC message cap: refused by gRPC itself.
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
 
 
 def introspect(stub: Stub, token: str) -> Seen:
@@ -67,10 +83,21 @@ def introspect(stub: Stub, token: str) -> Seen:
     except grpc.RpcError as err:
         if err.code() is grpc.StatusCode.INVALID_ARGUMENT:
             return Seen.INVALID_ARGUMENT
+        if err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return Seen.RESOURCE_EXHAUSTED
         pytest.fail(f"Introspect failed with {err.code().name}: {err.details()}")
     if not answer.active:
         return Seen.INACTIVE
     return {"access": Seen.ACTIVE, "refresh": Seen.REFRESH}[answer.token_type]
+
+
+class Wire(enum.Enum):
+    """What the interceptors do, when it is not simply the Verifier's verdict."""
+
+    LIKE_VERIFIER = "the Verifier's verdict"
+    #: Not a legal HTTP/2 header value (only 0x20-0x7E are): the gRPC client refuses to
+    #: send the call (INTERNAL "Invalid metadata"). The decision would say ``reason``.
+    UNSENDABLE = "never sent"
 
 
 @dataclass(frozen=True)
@@ -81,6 +108,20 @@ class Case:
     reason: Reason | None
     #: Introspect's verdict when it is not the one implied by ``reason``.
     introspect: Seen | None = None
+    #: The interceptors' verdict when it is not ``reason`` (``None``: they accept).
+    interceptor: Reason | Wire | None = Wire.LIKE_VERIFIER
+
+    @property
+    def decision_answer(self) -> Reason | None:
+        """The verdict of :meth:`Authenticator.decide` on ``Bearer <token>``."""
+        return self.reason if isinstance(self.interceptor, Wire) else self.interceptor
+
+    @property
+    def wire_answer(self) -> Reason | Wire | None:
+        """What a caller of the protected service gets."""
+        if self.interceptor is Wire.LIKE_VERIFIER:
+            return self.reason
+        return self.interceptor
 
     @property
     def introspect_answer(self) -> Seen:
@@ -220,11 +261,35 @@ def _jwe_to_public_key(f: Forge) -> str:
     return token.serialize(compact=True)
 
 
-def _zip_bomb(f: Forge) -> str:
-    """zip: DEF over ~2 MB of claims deflated into a token under the size cap."""
-    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)  # raw DEFLATE, RFC 7516 section 4.1.3
-    data = deflate.compress(json_bytes(f.claims(client_id="0" * 2_000_000))) + deflate.flush()
-    return f.sign(f.header(zip="DEF"), data)
+def _zipped(client_id_length: int) -> Callable[[Forge], str]:
+    """zip: DEF over the claims, deflated; ~2 MB of them still make a token under the cap."""
+
+    def build(f: Forge) -> str:
+        deflate = zlib.compressobj(9, zlib.DEFLATED, -15)  # raw DEFLATE, RFC 7516 4.1.3
+        claims = json_bytes(f.claims(client_id="0" * client_id_length))
+        return f.sign(f.header(zip="DEF"), deflate.compress(claims) + deflate.flush())
+
+    return build
+
+
+def _jwe_pbes2(f: Forge) -> str:
+    """A compact JWE asking for PBES2 key derivation with 2**31 - 1 PBKDF2 iterations:
+    minutes of CPU for a verifier that would try to decrypt it."""
+    header = {
+        "alg": "PBES2-HS512+A256KW",
+        "enc": "A256GCM",
+        "p2s": b64url(secrets.token_bytes(16)),
+        "p2c": 2**31 - 1,
+        "typ": "at+jwt",
+        "kid": f.key.kid,
+    }
+    rest = [b64url(secrets.token_bytes(n)) for n in (40, 12, 200, 16)]
+    return ".".join([segment(header), *rest])
+
+
+def _one_mb(f: Forge) -> dict[str, object]:
+    """Valid claims padded to 1 MB (for tokens that must fail the size cap first)."""
+    return f.claims(client_id="x" * (1 << 20))
 
 
 def _raw_claim(name: str, literal: bytes) -> Callable[[Forge], str]:
@@ -292,8 +357,23 @@ def _claim(name: str, label: str, value: Callable[[Forge], object], reason: Reas
     return Case(f"{name}-{label}", lambda f: f.sign(payload=f.claims(**{name: value(f)})), reason)
 
 
-def _mangle(label: str, edit: Callable[[str], str], introspect: Seen | None = None) -> Case:
-    return Case(label, lambda f: edit(f.valid()), Reason.MALFORMED, introspect)
+def _mangle(
+    label: str,
+    edit: Callable[[str], str],
+    introspect: Seen | None = None,
+    interceptor: Reason | Wire | None = Wire.LIKE_VERIFIER,
+) -> Case:
+    return Case(label, lambda f: edit(f.valid()), Reason.MALFORMED, introspect, interceptor)
+
+
+def _one_mb_case(label: str, build: Callable[[Forge], str]) -> Case:
+    return Case(label, build, Reason.TOO_LARGE, Seen.RESOURCE_EXHAUSTED)
+
+
+def _unsendable(label: str, edit: Callable[[str], str]) -> Case:
+    """A token with a character outside printable ASCII: Introspect refuses the request,
+    gRPC will not carry it in a header, the decision finds it malformed."""
+    return _mangle(label, edit, Seen.INVALID_ARGUMENT, Wire.UNSENDABLE)
 
 
 CASES: list[Case] = [
@@ -320,10 +400,16 @@ CASES: list[Case] = [
     *_hmac("HS256"),
     *_hmac("HS384"),
     *_hmac("HS512"),
+    Case("HS256-public-key-der", lambda f: f.hmac("HS256", f.key.public_der), Reason.BAD_ALGORITHM),
     Case("alg-RS256-attacker-rsa-key", lambda f: f.rs256(), Reason.BAD_ALGORITHM),
     *[_wrong_alg(alg) for alg in ("es256", "ES256 ", "ES384", "ES512", "PS256", "EdDSA")],
     *[_wrong_alg(alg) for alg in (None, ["ES256"], 256)],
     Case("alg-missing", lambda f: f.sign(f.header(alg=DROP)), Reason.BAD_ALGORITHM),
+    Case(
+        "alg-PBES2-huge-p2c",
+        lambda f: f.sign(f.header(alg="PBES2-HS512+A256KW", p2s=b64url(b"salt"), p2c=2**31 - 1)),
+        Reason.BAD_ALGORITHM,
+    ),
     # -- kid -----------------------------------------------------------------------------
     Case("kid-unknown", lambda f: f.sign(f.header(kid=EcKey.generate().kid)), Reason.UNKNOWN_KEY),
     Case(
@@ -336,6 +422,14 @@ CASES: list[Case] = [
         lambda f: f.sign(f.header(kid="x' UNION SELECT key FROM keys --")),
         Reason.UNKNOWN_KEY,
     ),
+    Case("kid-sql-tautology", lambda f: f.sign(f.header(kid="' OR '1'='1")), Reason.UNKNOWN_KEY),
+    Case("kid-absolute-path", lambda f: f.sign(f.header(kid="/dev/null")), Reason.UNKNOWN_KEY),
+    Case(
+        "kid-url",
+        lambda f: f.sign(f.header(kid="https://attacker.example/key.pem")),
+        Reason.UNKNOWN_KEY,
+    ),
+    Case("kid-2000-chars", lambda f: f.sign(f.header(kid="k" * 2000)), Reason.UNKNOWN_KEY),
     Case(
         "kid-real-plus-nul", lambda f: f.sign(f.header(kid=f.key.kid + "\x00")), Reason.UNKNOWN_KEY
     ),
@@ -363,12 +457,36 @@ CASES: list[Case] = [
         lambda f: f.sign(f.header(jwk=f.attacker.public_jwk), key=f.attacker),
         Reason.BAD_HEADER,
     ),
+    # Key sources named by the token, for the attacker's own kid and key: an unknown kid
+    # would be UNKNOWN_KEY, so BAD_HEADER shows the member is refused before the key lookup.
+    *[
+        Case(
+            f"header-{name}-attacker-kid",
+            lambda f, name=name, value=value: f.sign(
+                f.header(kid=f.attacker.kid, **{name: value(f)}), key=f.attacker
+            ),
+            Reason.BAD_HEADER,
+        )
+        for name, value in [
+            ("jku", lambda f: "https://attacker.example/jwks.json"),
+            ("x5u", lambda f: "https://attacker.example/cert.pem"),
+            ("x5c", lambda f: [b64url(f.attacker.self_signed_cert_der())]),
+        ]
+    ],
     _header_member("jwk", lambda f: f.key.public_jwk),
     _header_member("jku", lambda f: "https://attacker.example/jwks.json"),
     _header_member("x5u", lambda f: "https://attacker.example/cert.pem"),
     _header_member("x5c", lambda f: [b64url(f.attacker.self_signed_cert_der())]),
     _header_member("x5t#S256", lambda f: b64url(b"\x00" * 32)),
     _header_member("crit", lambda f: ["exp"]),
+    _header_member("epk", lambda f: f.attacker.public_jwk),
+    _header_member("p2c", lambda f: 2**31 - 1),
+    Case(
+        "header-crit-unknown-extension",
+        lambda f: f.sign(f.header(crit=["urn:attacker:ext"], **{"urn:attacker:ext": True})),
+        Reason.BAD_HEADER,
+    ),
+    Case("header-crit-empty", lambda f: f.sign(f.header(crit=[])), Reason.BAD_HEADER),
     _header_member("cty", lambda f: "JWT"),
     _header_member("enc", lambda f: "A256GCM"),
     _header_member("b64", lambda f: False),
@@ -378,7 +496,8 @@ CASES: list[Case] = [
         lambda f: f.sign(f.header(crit=["b64"], b64=False), json_bytes(f.claims())),
         Reason.BAD_HEADER,
     ),
-    Case("header-zip-deflate-bomb", _zip_bomb, Reason.BAD_HEADER),
+    Case("header-zip-deflate-bomb", _zipped(2_000_000), Reason.BAD_HEADER),
+    Case("header-zip-deflate", _zipped(0), Reason.BAD_HEADER),
     # -- typ -----------------------------------------------------------------------------
     _typ("JWT", Reason.BAD_TYPE),
     _typ("jwt", Reason.BAD_TYPE),
@@ -432,6 +551,7 @@ CASES: list[Case] = [
     Case("jws-json-general", _json_serialization(flattened=False), Reason.MALFORMED),
     Case("jws-json-flattened", _json_serialization(flattened=True), Reason.MALFORMED),
     Case("jwe-compact-to-public-key", _jwe_to_public_key, Reason.MALFORMED),
+    Case("jwe-compact-pbes2-huge-p2c", _jwe_pbes2, Reason.MALFORMED),
     _mangle("extra-segment", lambda t: t + "." + split(t)[2]),
     _mangle("trailing-dot", lambda t: t + "."),
     _mangle("two-segments", lambda t: t.rsplit(".", 1)[0]),
@@ -439,15 +559,21 @@ CASES: list[Case] = [
     _mangle("dots-only", lambda t: ".."),
     _mangle("empty-token", lambda t: "", Seen.INVALID_ARGUMENT),
     _mangle("bearer-prefix", lambda t: "Bearer " + t),
-    _mangle("leading-space", lambda t: " " + t),
+    # "Bearer  <token>": one more space of the separator, the token itself is intact.
+    _mangle("leading-space", lambda t: " " + t, interceptor=ACCEPTED),
     _mangle("trailing-space", lambda t: t + " "),
     _mangle("space-after-dot", lambda t: t.replace(".", ". ", 1)),
-    _mangle("trailing-newline", lambda t: t + "\n", Seen.INVALID_ARGUMENT),
-    _mangle("leading-crlf", lambda t: "\r\n" + t, Seen.INVALID_ARGUMENT),
-    _mangle("tab-inside", lambda t: t.replace(".", ".\t", 1), Seen.INVALID_ARGUMENT),
-    _mangle("nbsp-inside", lambda t: t.replace(".", ".\u00a0", 1), Seen.INVALID_ARGUMENT),
-    _mangle("zero-width-space-inside", lambda t: t[:10] + "\u200b" + t[10:], Seen.INVALID_ARGUMENT),
-    _mangle("fullwidth-lookalike", lambda t: "\uff45" + t[1:], Seen.INVALID_ARGUMENT),
+    _mangle(
+        "space-inside-payload",
+        lambda t: with_segment(t, 1, split(t)[1][:20] + " " + split(t)[1][20:]),
+    ),
+    _mangle("1000-segments", lambda t: ".".join(["e30"] * 1000)),
+    _unsendable("trailing-newline", lambda t: t + "\n"),
+    _unsendable("leading-crlf", lambda t: "\r\n" + t),
+    _unsendable("tab-inside", lambda t: t.replace(".", ".\t", 1)),
+    _unsendable("nbsp-inside", lambda t: t.replace(".", ".\u00a0", 1)),
+    _unsendable("zero-width-space-inside", lambda t: t[:10] + "\u200b" + t[10:]),
+    _unsendable("fullwidth-lookalike", lambda t: "\uff45" + t[1:]),
     Case("padding-header", _padded(0), Reason.MALFORMED),
     Case("padding-payload", _padded(1), Reason.MALFORMED),
     Case("padding-signature", _padded(2), Reason.MALFORMED),
@@ -458,17 +584,21 @@ CASES: list[Case] = [
     # -- size and nesting (rejected before any decoding or by the JSON depth limit) -------
     Case("size-cap-longest-allowed", lambda f: _around_size_cap(f)[0], ACCEPTED),
     Case("size-cap-one-over", lambda f: _around_size_cap(f)[1], Reason.TOO_LARGE),
-    Case(
-        "size-1mb-signed",
-        lambda f: f.sign(payload=f.claims(client_id="x" * (1 << 20))),
-        Reason.TOO_LARGE,
+    # 1 MB: Introspect's request is over the service's gRPC message cap (64 KiB), so gRPC
+    # refuses it before Introspect runs. The interceptor servers raise the header limit
+    # instead, so that it is the interceptor's own size cap that must refuse these first.
+    _one_mb_case("size-1mb-signed", lambda f: f.sign(payload=_one_mb(f))),
+    _one_mb_case("size-1mb-dots", lambda f: "." * (1 << 20)),
+    _one_mb_case(
+        "size-1mb-deep-nesting", lambda f: f.sign(payload=b"[" * (1 << 19) + b"]" * (1 << 19))
     ),
-    Case("size-1mb-dots", lambda f: "." * (1 << 20), Reason.TOO_LARGE),
-    Case(
-        "size-1mb-deep-nesting",
-        lambda f: f.sign(payload=b"[" * (1 << 19) + b"]" * (1 << 19)),
-        Reason.TOO_LARGE,
+    _one_mb_case("size-1mb-zip-header", lambda f: f.sign(f.header(zip="DEF"), _one_mb(f))),
+    _one_mb_case(
+        "size-1mb-unknown-kid",
+        lambda f: f.sign(f.header(kid=f.attacker.kid), _one_mb(f), key=f.attacker),
     ),
+    _one_mb_case("size-1mb-alg-none", lambda f: f.unsigned(f.header(alg="none"), _one_mb(f))),
+    _one_mb_case("size-1mb-refresh-prefix", lambda f: "tsr1_" + "A" * (1 << 20)),
     Case(
         "deep-nesting-payload",
         lambda f: f.sign(payload=b"[" * 1400 + b"]" * 1400),
@@ -477,10 +607,26 @@ CASES: list[Case] = [
     Case(
         "deep-nesting-header", lambda f: f.sign(header=b"[" * 1100 + b"]" * 1100), Reason.MALFORMED
     ),
+    # Deeper than the JSON decoder's recursion limit, inside an otherwise valid object.
+    Case(
+        "deep-nesting-in-claim",
+        _payload_bytes(lambda p: p[:-1] + b',"ext":' + b"[" * 1200 + b"]" * 1200 + b"}"),
+        Reason.MALFORMED,
+    ),
     # -- JSON ----------------------------------------------------------------------------
     Case(
         "header-duplicate-alg",
         lambda f: f.sign(b'{"alg":"none",' + _header_bytes(f, b"")[1:]),
+        Reason.MALFORMED,
+    ),
+    Case(
+        "header-duplicate-alg-same-value",
+        lambda f: f.sign(b'{"alg":"ES256",' + _header_bytes(f, b"")[1:]),
+        Reason.MALFORMED,
+    ),
+    Case(
+        "header-duplicate-kid-escaped-name",
+        lambda f: f.sign(_header_bytes(f, b',"k\\u0069d":"' + f.attacker.kid.encode() + b'"')),
         Reason.MALFORMED,
     ),
     Case(
@@ -509,6 +655,16 @@ CASES: list[Case] = [
     Case(
         "payload-duplicate-exp",
         _payload_bytes(lambda p: p[:-1] + b',"exp":9999999999}'),
+        Reason.MALFORMED,
+    ),
+    Case(
+        "payload-duplicate-aud",
+        _payload_bytes(lambda p: p[:-1] + b',"aud":["billing"]}'),
+        Reason.MALFORMED,
+    ),
+    Case(
+        "payload-duplicate-iss",
+        _payload_bytes(lambda p: p[:-1] + b',"iss":"https://attacker.example"}'),
         Reason.MALFORMED,
     ),
     Case("payload-array", lambda f: f.sign(payload=[f.claims()]), Reason.MALFORMED),
@@ -547,6 +703,8 @@ CASES: list[Case] = [
     _claim("exp", "missing", lambda f: DROP, Reason.BAD_CLAIMS),
     _claim("exp", "past", lambda f: f.now - 1, Reason.EXPIRED),
     _claim("exp", "equals-now", lambda f: f.now, Reason.EXPIRED),
+    # The leeway is for nbf and iat only.
+    _claim("exp", "past-within-leeway", lambda f: f.now - f.leeway // 2, Reason.EXPIRED),
     _claim("exp", "null", lambda f: None, Reason.BAD_CLAIMS),
     _claim("exp", "string", lambda f: str(f.now + 600), Reason.BAD_CLAIMS),
     _claim("exp", "float", lambda f: f.now + 600.5, Reason.BAD_CLAIMS),
@@ -561,6 +719,9 @@ CASES: list[Case] = [
     Case("exp-NaN", _raw_claim("exp", b"NaN"), Reason.MALFORMED),
     Case("exp-Infinity", _raw_claim("exp", b"Infinity"), Reason.MALFORMED),
     Case("exp-exponent-literal", _raw_claim("exp", b"1e10"), Reason.BAD_CLAIMS),
+    # Python's json reads 1e400 as float("inf"), and 401 digits as a big int.
+    Case("exp-1e400-literal", _raw_claim("exp", b"1e400"), Reason.BAD_CLAIMS),
+    Case("exp-401-digits-literal", _raw_claim("exp", b"1" + b"0" * 400), Reason.BAD_CLAIMS),
     # -- nbf / iat -----------------------------------------------------------------------
     _claim("nbf", "beyond-leeway", lambda f: f.now + f.leeway + 120, Reason.NOT_YET_VALID),
     _claim("iat", "beyond-leeway", lambda f: f.now + f.leeway + 120, Reason.NOT_YET_VALID),
@@ -575,6 +736,7 @@ CASES: list[Case] = [
     _claim("iss", "uppercased", lambda f: f.issuer.upper(), Reason.WRONG_ISSUER),
     _claim("iss", "missing", lambda f: DROP, Reason.BAD_CLAIMS),
     _claim("iss", "list", lambda f: [f.issuer], Reason.BAD_CLAIMS),
+    _claim("iss", "number", lambda f: 1, Reason.BAD_CLAIMS),
     # -- aud -----------------------------------------------------------------------------
     _claim("aud", "missing", lambda f: DROP, Reason.BAD_CLAIMS),
     _claim("aud", "other", lambda f: ["billing"], Reason.WRONG_AUDIENCE),
@@ -583,6 +745,8 @@ CASES: list[Case] = [
     _claim("aud", "empty-list", lambda f: [], Reason.BAD_CLAIMS),
     _claim("aud", "number", lambda f: 1, Reason.BAD_CLAIMS),
     _claim("aud", "object", lambda f: {"mesh": True}, Reason.BAD_CLAIMS),
+    _claim("aud", "null", lambda f: None, Reason.BAD_CLAIMS),
+    _claim("aud", "bool", lambda f: True, Reason.BAD_CLAIMS),
     _claim("aud", "nested-list", lambda f: [["mesh"]], Reason.BAD_CLAIMS),
     _claim("aud", "list-with-number", lambda f: ["mesh", 1], Reason.BAD_CLAIMS),
     # A single string is a valid "aud" (RFC 7519 4.1.3).
@@ -639,11 +803,55 @@ def test_introspect(case: Case, forge: Forge, service_stub: Stub) -> None:
     assert introspect(service_stub, case.build(forge)) is case.introspect_answer
 
 
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_decision(case: Case, forge: Forge, authenticator: Authenticator, keyset: KeySet) -> None:
+    """The interceptors' shared decision on ``Bearer <token>``, in process. Only an unknown
+    ``kid`` may ask for a newer key set (a refetch); nothing else may cause one."""
+    outcome, requests = decide(authenticator, bearer(case.build(forge)), keyset)
+    expected = case.decision_answer
+    if expected is ACCEPTED:
+        assert isinstance(outcome, Claims), outcome
+        assert outcome.session_id == forge.session_id
+    else:
+        assert outcome == Rejection.invalid_token(expected)
+    asked_newer = any(request.lacking is not None for request in requests)
+    assert asked_newer == (expected is Reason.UNKNOWN_KEY), requests
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_interceptor(case: Case, forge: Forge, protected: Protected) -> None:
+    """Over loopback, through AuthInterceptor or AioAuthInterceptor: refused before the
+    handler runs, with only the reason code; and no key fetch for any case."""
+    token = case.build(forge)
+    runs, fetches = len(protected.runs), len(protected.fetches)
+    answer = protected.call(token)
+    expected = case.wire_answer
+    if expected is ACCEPTED:
+        assert answer.code is grpc.StatusCode.OK, answer
+        assert answer.seen is not None and answer.seen["sid"] == forge.session_id
+        assert len(protected.runs) == runs + 1
+    else:
+        if expected is Wire.UNSENDABLE:
+            assert not (token.isascii() and token.isprintable())
+            assert answer.code is grpc.StatusCode.INTERNAL, answer  # raised by the client
+        else:
+            assert answer == Answer(
+                grpc.StatusCode.UNAUTHENTICATED, f"invalid token: {expected.value}"
+            )
+        assert len(protected.runs) == runs
+    assert len(protected.fetches) == fetches
+
+
 @pytest.mark.parametrize("member", ["jku", "x5u"])
 def test_key_urls_in_the_header_are_never_fetched(
-    member: str, forge: Forge, verifier: Verifier, keyset: KeySet, service_stub: Stub
+    member: str,
+    forge: Forge,
+    verifier: Verifier,
+    keyset: KeySet,
+    service_stub: Stub,
+    protected: Protected,
 ) -> None:
-    """A listening socket that nobody may connect to while both paths reject the token."""
+    """A listening socket that nobody may connect to while every path rejects the token."""
     with socket.create_server(("127.0.0.1", 0)) as trap:
         trap.setblocking(False)
         url = f"http://127.0.0.1:{trap.getsockname()[1]}/keys"
@@ -653,6 +861,9 @@ def test_key_urls_in_the_header_are_never_fetched(
             verifier.verify(token, keyset)
         assert caught.value.reason is Reason.BAD_HEADER
         assert introspect(service_stub, token) is Seen.INACTIVE
+        assert protected.call(token) == Answer(
+            grpc.StatusCode.UNAUTHENTICATED, f"invalid token: {Reason.BAD_HEADER.value}"
+        )
         with pytest.raises(BlockingIOError):
             trap.accept()
 

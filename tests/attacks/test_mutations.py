@@ -3,21 +3,29 @@
 * No mutation of a valid token is accepted unless it gives the original string back:
   canonical base64url leaves exactly one accepted spelling. (The ECDSA twin (r, n - s) is
   out of reach of random mutation; test_attacks.py has it as ``signature-high-s-twin``.)
+  The same holds for the interceptors' decision (:meth:`Authenticator.decide`, stepped
+  with a KeySet as the interceptors step it) on ``authorization`` values: one is accepted
+  only if it is ``Bearer``, in any case, then one or more spaces (RFC 6750 2.1), then
+  exactly the original token.
 * Whatever the input, the verifier raises :class:`InvalidToken` and nothing else, and
-  whatever it accepts satisfies every claim rule.
+  whatever it accepts satisfies every claim rule; the decision reaches the same verdict.
 """
 
 from __future__ import annotations
 
+import re
 import string
 from typing import Any
 
+import grpc
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from jwcrypto import jwk
 
 from tests.attacks.forge import DROP, EcKey, apply_changes, b64url, valid_claims
+from tests.attacks.targets import decide
 from tokensvc.tokens import sign_access_token
+from tokensvc_client._auth import Authenticator, Rejection
 from tokensvc_client.errors import InvalidToken
 from tokensvc_client.verifier import Claims, KeySet, Verifier, b64url_decode
 
@@ -31,6 +39,10 @@ VERIFIER = Verifier(ISSUER, AUDIENCE, clock=lambda: NOW)
 CLAIMS = valid_claims(issuer=ISSUER, audience=AUDIENCE, session_id="0" * 64, now=NOW)
 TOKEN = sign_access_token(KEY, KID, CLAIMS)
 SIGNER = EcKey.from_jwk(KEY, KID)
+#: The interceptors' decision, its own verifier pinned to the same instant.
+AUTH = Authenticator(Verifier(ISSUER, AUDIENCE, clock=lambda: NOW))
+#: The only accepted spellings of the original credential (RFC 6750 2.1, RFC 7235 2.1).
+ORIGINAL_CREDENTIAL = re.compile("(?ai:bearer) +" + re.escape(TOKEN))
 
 fast = settings(
     max_examples=300,
@@ -117,6 +129,66 @@ def test_no_mutation_of_a_valid_token_is_accepted(token: str) -> None:
     raise AssertionError(f"a second spelling verifies: {token!r} -> {claims}")
 
 
+def decision_of(value: str) -> Claims | Rejection:
+    """The decision on a call with ``authorization: <value>``, keys answered with KEYS."""
+    outcome, _ = decide(AUTH, (("authorization", value),), KEYS)
+    return outcome
+
+
+def _assert_refused(outcome: Claims | Rejection, value: str) -> None:
+    assert isinstance(outcome, Rejection), f"a second spelling passes: {value!r}"
+    assert outcome.code is grpc.StatusCode.UNAUTHENTICATED
+    assert outcome.message.startswith("invalid token: ")
+
+
+def test_the_unmutated_token_passes_the_decision() -> None:
+    """The control of the decision properties."""
+    for value in ("Bearer " + TOKEN, "bearer   " + TOKEN):
+        outcome = decision_of(value)
+        assert isinstance(outcome, Claims) and outcome.raw == CLAIMS
+
+
+@fast
+@given(mutated())
+def test_no_mutation_of_a_valid_token_passes_the_decision(token: str) -> None:
+    assume(token != TOKEN)
+    value = "Bearer " + token
+    outcome = decision_of(value)
+    if ORIGINAL_CREDENTIAL.fullmatch(value):  # spaces before the token: a wider separator
+        event("separator")
+        assert isinstance(outcome, Claims)
+        return
+    _assert_refused(outcome, value)
+
+
+SCHEMES = st.sampled_from(["Bearer", "bearer", "BEARER", "Bearer:", "Basic", "Token", "", "B"])
+SEPARATORS = st.sampled_from([" ", "  ", "", "\t", ",", " \t", "="])
+
+
+@st.composite
+def authorization_values(draw: st.DrawFn) -> str:
+    """A scheme, a separator and the token (perhaps mutated), then perhaps one more text
+    edit anywhere in the whole value."""
+    token = draw(st.one_of(st.just(TOKEN), mutated()))
+    value = draw(SCHEMES) + draw(SEPARATORS) + token
+    if draw(st.booleans()):
+        value = draw(char_mutation(value))
+    return value
+
+
+@fast
+@given(authorization_values())
+def test_an_authorization_value_passes_only_if_it_carries_the_original_token(
+    value: str,
+) -> None:
+    outcome = decision_of(value)
+    if ORIGINAL_CREDENTIAL.fullmatch(value):
+        event("accepted")
+        assert isinstance(outcome, Claims) and outcome.raw == CLAIMS
+        return
+    _assert_refused(outcome, value)
+
+
 @fast
 @given(st.text())
 def test_arbitrary_text_only_ever_raises_invalid_token(text: str) -> None:
@@ -187,13 +259,18 @@ HEADER = {"alg": "ES256", "typ": "at+jwt", "kid": KID}
 
 
 def _verify_or_reason(header: dict[str, Any], claims: dict[str, Any]) -> Claims | None:
-    """Verify a token signed with the right key, so it reaches the header and claim rules."""
+    """Verify a token signed with the right key, so it reaches the header and claim rules;
+    the interceptors' decision on the same token must reach the same verdict."""
+    token = SIGNER.sign(header, claims)
+    decided = decision_of("Bearer " + token)
     try:
-        verified = VERIFIER.verify(SIGNER.sign(header, claims), KEYS)
+        verified = VERIFIER.verify(token, KEYS)
     except InvalidToken as err:
         event(f"rejected: {err.reason.value}")
+        assert decided == Rejection.invalid_token(err.reason)
         return None
     event("accepted")
+    assert decided == verified
     return verified
 
 
