@@ -42,6 +42,10 @@ lint: setup
 	$(BIN)/ruff format --check tokensvc clients/python tests bench
 	$(BIN)/mypy tokensvc clients/python/tokensvc_client
 
+# Development PKI (CA, server, workload client certificates; never for production).
+certs: setup
+	$(BIN)/tokensvc certs .tokensvc/certs
+
 # Full benchmark (about 1-2 minutes on 2 cores): prints a table, writes bench/results.json.
 bench: setup
 	$(BIN)/python -m bench

@@ -85,6 +85,28 @@ _RESERVED: Final = frozenset(vars(logging.makeLogRecord({}))) | {
 }
 
 
+def _cancelled_since(baseline: int) -> bool:
+    """Whether the current task was asked to cancel after ``baseline`` was read.
+
+    On Python 3.11 ``asyncio.wait_for`` (which redis-py uses to send a command when a
+    socket timeout is set) loses a cancellation that arrives just as the wrapped call
+    finishes; without this check a cancelled loop could go on forever.
+    """
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > baseline
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    """Mark a shielded write's exception as seen (its caller may have been cancelled)."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _cancelling() -> int:
+    task = asyncio.current_task()
+    return task.cancelling() if task is not None else 0
+
+
 def _clean(value: object) -> str:
     text = value if isinstance(value, str) else str(value)
     if _TOKEN_LIKE.search(text):
@@ -237,8 +259,16 @@ class AuditTrail:
             tokensvc.store.StoreUnavailable: Redis is unreachable (the records stay queued);
                 other Redis errors as raised by redis-py.
         """
-        while self._queue:
-            await self._write_batch()
+        while True:
+            # a cancelled caller does not interrupt a pipeline half-way (which would leave
+            # it unknown what was written, and write it again): the batch finishes, and
+            # whoever writes next waits for it on the lock -- as does this flush, so it
+            # returns after a write still in flight, even with nothing left queued
+            write = asyncio.ensure_future(self._write_batch())
+            write.add_done_callback(_retrieve)
+            await asyncio.shield(write)
+            if not self._queue:
+                break
         if self._dropped > self._dropped_reported:
             self._warn_dropped(force=True)
 
@@ -262,9 +292,12 @@ class AuditTrail:
         re-raises :class:`asyncio.CancelledError`.
         """
         backoff = 0.0
+        baseline = _cancelling()
         try:
             while True:
                 await self._next_batch()
+                if _cancelled_since(baseline):
+                    raise asyncio.CancelledError
                 try:
                     await self.flush()
                     if backoff:
@@ -285,16 +318,17 @@ class AuditTrail:
                         )
                     self._warn_dropped()
                     await asyncio.sleep(backoff)
+                if _cancelled_since(baseline):
+                    raise asyncio.CancelledError
         except asyncio.CancelledError:
-            if self._queue:
-                try:
-                    await asyncio.wait_for(self.flush(), FINAL_FLUSH_TIMEOUT)
-                except Exception as err:
-                    log.warning(
-                        "audit trail: %d records not written at shutdown (%s)",
-                        len(self._queue),
-                        type(err).__name__,
-                    )
+            try:  # what is queued, and a batch that may still be in flight
+                await asyncio.wait_for(self.flush(), FINAL_FLUSH_TIMEOUT)
+            except Exception as err:
+                log.warning(
+                    "audit trail: %d records not written at shutdown (%s)",
+                    len(self._queue),
+                    type(err).__name__,
+                )
             raise
 
 
@@ -325,12 +359,15 @@ async def tail(
     Raises:
         tokensvc.store.StoreUnavailable: Redis is unreachable.
     """
+    baseline = _cancelling()
     newest: list[Any] = await guarded(redis.xrevrange, stream, count=max(count, 1))
     last = _text(newest[0][0]) if newest else "0-0"
     entries: Iterable[Any] = reversed(newest[:count]) if count > 0 else ()
     for entry_id, fields in entries:
         write(_line(entry_id, fields))
     while follow:
+        if _cancelled_since(baseline):
+            raise asyncio.CancelledError
         reply: Any = await guarded(
             redis.xread, {stream: last}, count=BATCH_MAX, block=FOLLOW_BLOCK_MS
         )

@@ -1,4 +1,5 @@
-"""``tokensvc`` command line: ``serve`` runs the service, ``health`` probes one.
+"""``tokensvc`` command line: ``serve`` runs the service, ``health`` probes one,
+``audit tail`` prints the audit trail, ``certs`` writes a development PKI.
 
 Every ``serve`` flag is also a ``TOKENSVC_*`` environment variable; ``tokensvc serve --help``
 lists them. A bad value ends the program at start-up with one line on stderr and exit 2.
@@ -11,30 +12,42 @@ import asyncio
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from redis.exceptions import RedisError
 
 from tokensvc import config
 from tokensvc.keyring import KeyRingError
 from tokensvc.store import StoreUnavailable
 from tokensvc.telemetry import current_trace_id
 
+# attributes every LogRecord has; anything else on a record came from `extra=`
+_RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, trace id. Never a token:
-    the code logs session ids and jtis only."""
+    """One JSON object per line: time, level, logger, message, the record's ``extra``
+    fields as keys of their own (e.g. the audit events' event, subject, session_id, jti),
+    trace id. Never a token: the code logs session ids and jtis only."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, object] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        trace_id = current_trace_id()
+        for key, value in vars(record).items():
+            if key in _RECORD_ATTRS or key in entry or key.startswith("_"):
+                continue
+            scalar = value is None or isinstance(value, str | int | float | bool)
+            entry[key] = value if scalar else str(value)
+        trace_id = entry.get("trace_id") or current_trace_id()
         if trace_id:
             entry["trace_id"] = trace_id
         if record.exc_info:
@@ -90,6 +103,126 @@ def _cmd_health(args: argparse.Namespace) -> int:
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
+def _audit_redis_url(args: argparse.Namespace) -> str:
+    """--redis-url, else TOKENSVC_REDIS_URL, else the embedded Redis of the data directory
+    (the unix socket ``tokensvc serve`` without --redis-url listens on).
+
+    Raises:
+        config.ConfigError: a bad URL.
+        RuntimeError: no embedded Redis running in the data directory.
+    """
+    url = args.redis_url or os.environ.get("TOKENSVC_REDIS_URL") or None
+    if url is not None:
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise config.ConfigError("--redis-url must start with redis://, rediss:// or unix://")
+        return str(url)
+    data_dir = Path(
+        args.data_dir or os.environ.get("TOKENSVC_DATA_DIR") or config.Settings().data_dir
+    ).expanduser()
+    # the embedded Redis of tokensvc.server.start: RedisProcess(data_dir / "redis",
+    # unix_socket=True), whose socket is <data_dir>/redis/redis.sock when that path is short
+    socket_path = (data_dir / "redis").resolve() / "redis.sock"
+    if len(str(socket_path)) >= 100:
+        raise RuntimeError(
+            f"the embedded Redis of {data_dir} listens on a TCP port (its socket path would "
+            "be too long); pass --redis-url"
+        )
+    if not socket_path.is_socket():
+        raise RuntimeError(
+            f"no embedded Redis running in {data_dir} (start `tokensvc serve --data-dir "
+            f"{data_dir}` or pass --redis-url)"
+        )
+    return f"unix://{socket_path}"
+
+
+def _cmd_audit_tail(args: argparse.Namespace) -> int:
+    import redis.asyncio as aioredis
+
+    from tokensvc import audit
+
+    try:
+        url = _audit_redis_url(args)
+    except RuntimeError as err:
+        print(f"tokensvc: cannot read the audit trail: {err}", file=sys.stderr)
+        return 2
+
+    def write(line: str) -> None:
+        print(line, flush=True)
+
+    async def run() -> None:
+        # socket timeout above the XREAD BLOCK of --follow
+        client = aioredis.Redis.from_url(url, socket_timeout=10.0, socket_connect_timeout=3.0)
+        try:
+            await audit.tail(client, count=args.count, follow=args.follow, write=write)
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:  # Ctrl-C ends --follow: not an error
+        return 0
+    except BrokenPipeError:  # `tokensvc audit tail | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (StoreUnavailable, RedisError, OSError) as err:
+        # the cause names the host or socket ("Error 111 connecting to ..."), not the URL
+        # (which may carry a password)
+        cause = f" ({err.__cause__})" if err.__cause__ else ""
+        print(f"tokensvc: cannot read the audit trail: {err}{cause}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from tokensvc import devcerts
+
+    directory = Path(args.directory).expanduser()
+    hosts = tuple(args.hosts) if args.hosts else ("localhost", "127.0.0.1", "::1")
+    try:
+        issued = devcerts.write_dev_pki(directory, hosts=hosts)
+    except (OSError, ValueError) as err:
+        print(f"tokensvc: cannot write certificates: {err}", file=sys.stderr)
+        return 2
+    server = issued["server"]
+
+    def q(path: Path) -> str:
+        return shlex.quote(str(path))
+
+    print(f"wrote a development PKI to {directory} (30 days, never for production):")
+    print(f"  {q(server.ca)}  CA certificate (trust anchor of servers and clients)")
+    print(f"  {q(server.cert)} {q(server.key)}  server, for {', '.join(hosts)}")
+    for name, pair in issued.items():
+        if name != "server":
+            spiffe_id = devcerts.DEFAULT_WORKLOADS.get(name, "")
+            print(f"  {q(pair.cert)} {q(pair.key)}  client {name}: {spiffe_id}")
+    loopback = all(host in ("localhost", "127.0.0.1", "::1") for host in hosts)
+    listen = "127.0.0.1:50051" if loopback else "0.0.0.0:50051"
+    print("serve with mTLS (client certificates signed by the CA):")
+    print(
+        f"  tokensvc serve --listen {listen} --tls-cert {q(server.cert)} "
+        f"--tls-key {q(server.key)} --tls-client-ca {q(server.ca)}"
+    )
+    admin = issued.get("admin")
+    if admin is not None:
+        target = f"[{hosts[0]}]" if ":" in hosts[0] else hosts[0]
+        print("probe it:")
+        print(
+            f"  tokensvc health --target {target}:50051 --ca {q(server.ca)} "
+            f"--cert {q(admin.cert)} --key {q(admin.key)}"
+        )
+    return 0
+
+
+def _count(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more, not {raw!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokensvc", description="tokensvc token service")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +238,44 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--cert", default=env("TOKENSVC_HEALTH_CERT"), help="client cert (mTLS)")
     health.add_argument("--key", default=env("TOKENSVC_HEALTH_KEY"), help="client key (mTLS)")
     health.set_defaults(run=_cmd_health)
+
+    audit = commands.add_parser("audit", help="read the audit trail (Redis stream ts:audit)")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    tail = audit_commands.add_parser(
+        "tail", help="print the latest audit entries as JSON lines (Ctrl-C ends --follow)"
+    )
+    tail.add_argument(
+        "--redis-url",
+        default=None,
+        help="Redis URL [env TOKENSVC_REDIS_URL; default: the embedded Redis of --data-dir]",
+    )
+    tail.add_argument(
+        "--data-dir",
+        default=None,
+        help="data directory of a `tokensvc serve` with embedded Redis "
+        "[env TOKENSVC_DATA_DIR; default .tokensvc]",
+    )
+    tail.add_argument(
+        "-n", "--count", type=_count, default=20, help="entries to print first [default 20]"
+    )
+    tail.add_argument(
+        "-f", "--follow", action="store_true", help="keep printing new entries as they come"
+    )
+    tail.set_defaults(run=_cmd_audit_tail)
+
+    certs = commands.add_parser(
+        "certs", help="write a development PKI: CA, server and workload client certificates"
+    )
+    certs.add_argument("directory", help="where to write the PEM files (created if missing)")
+    certs.add_argument(
+        "--host",
+        action="append",
+        dest="hosts",
+        metavar="HOST",
+        help="server certificate DNS name or IP (repeat for several) "
+        "[default localhost, 127.0.0.1, ::1]",
+    )
+    certs.set_defaults(run=_cmd_certs)
     return parser
 
 

@@ -73,11 +73,12 @@ class Running:
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking calls, finish in-flight ones within ``grace``, release Redis."""
         await self.health.enter_graceful_shutdown()
-        for task in self.tasks:
+        # in-flight calls still audit: the audit writer (last task) stops after the server
+        for task in self.tasks[:-1]:
             task.cancel()
         await self.server.stop(self.settings.grace_seconds if grace is None else grace)
-        with contextlib.suppress(Exception):  # best effort: the log has every event too
-            await asyncio.wait_for(self.audit.flush(), timeout=self.settings.redis_timeout)
+        self.tasks[-1].cancel()  # AuditTrail.run writes what is queued when cancelled
+        await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.redis.aclose()
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)

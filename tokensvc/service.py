@@ -22,8 +22,8 @@ from tokensvc.guard import Caller, Guard, current_caller
 from tokensvc.keyring import KeyRing
 from tokensvc.policy import CallerPolicy
 from tokensvc.store import FamilyStore, IssueStatus, Limit, NewFamily, RefreshStatus
-from tokensvc_client.peer import is_thumbprint
 from tokensvc_client.errors import InvalidToken, Reason
+from tokensvc_client.peer import is_thumbprint
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 from tokensvc_client.v1 import tokensvc_pb2_grpc as pb_grpc
 from tokensvc_client.verifier import Claims, Verifier
