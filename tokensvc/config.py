@@ -15,6 +15,8 @@ from pathlib import Path
 
 #: Access tokens never live longer than this unless the operator overrides the cap.
 ACCESS_TTL_CAP = 900
+#: --redis-url schemes: plain, TLS, unix socket, Sentinel, Cluster (see tokensvc.redisconn).
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "redis+cluster://")
 
 
 class ConfigError(ValueError):
@@ -77,6 +79,11 @@ class Settings:
     rate_refresh: Rate = Rate(0, 1)
     rate_introspect: Rate = Rate(0, 1)
     rate_auth_failures: Rate = Rate(20, 60)
+    http_listen: str | None = None
+    key_rotation_interval: int = 30 * 86400
+    previous_kek_file: Path | None = None
+    redis_wait_replicas: int = 0
+    redis_wait_timeout: float = 0.5
 
     @property
     def host(self) -> str:
@@ -128,13 +135,25 @@ class Settings:
             self.tls_client_ca,
             self.kek_file,
             self.policy_file,
+            self.previous_kek_file,
         ):
             if path is not None and not path.is_file():
                 raise ConfigError(f"file not found: {path}")
-        if self.redis_url is not None and not self.redis_url.startswith(
-            ("redis://", "rediss://", "unix://")
-        ):
-            raise ConfigError("--redis-url must start with redis://, rediss:// or unix://")
+        if self.redis_url is not None and not self.redis_url.startswith(REDIS_SCHEMES):
+            raise ConfigError(f"--redis-url must start with one of {', '.join(REDIS_SCHEMES)}")
+        if self.http_listen is not None:
+            h_host, h_sep, h_port = self.http_listen.rpartition(":")
+            if not h_sep or not h_host or not h_port.isdigit() or not 0 <= int(h_port) < 65536:
+                raise ConfigError(f"--http-listen must be HOST:PORT, got {self.http_listen!r}")
+        if self.key_rotation_interval < 2 * (self.jwks_max_age + self.access_ttl + self.leeway):
+            raise ConfigError(
+                "--key-rotation-interval must be at least twice --jwks-max-age + --access-ttl "
+                "+ --leeway (a key must be published before it signs and outlive its tokens)"
+            )
+        if not 0 <= self.redis_wait_replicas <= 16:
+            raise ConfigError("--redis-wait-replicas must be between 0 and 16")
+        if not 0 < self.redis_wait_timeout <= 60:
+            raise ConfigError("--redis-wait-timeout must be between 0 and 60 seconds")
         return self
 
 
@@ -171,6 +190,11 @@ _OPTIONS: dict[str, tuple[str, type]] = {
     "rate_refresh": ("Refresh calls per peer, COUNT/SECONDS or off (+1 Redis trip)", Rate),
     "rate_introspect": ("Introspect calls per peer, COUNT/SECONDS or off (+1 Redis trip)", Rate),
     "rate_auth_failures": ("failed authentications per peer, COUNT/SECONDS or off", Rate),
+    "http_listen": ("HOST:PORT for the HTTP JWKS/discovery listener; off unless set", str),
+    "key_rotation_interval": ("seconds between automatic signing-key rotations", int),
+    "previous_kek_file": ("the KEK being replaced, still accepted for decryption", Path),
+    "redis_wait_replicas": ("replicas that must acknowledge revocations (Redis WAIT)", int),
+    "redis_wait_timeout": ("seconds to wait for those acknowledgements", float),
 }
 _FLAGS = ("insecure", "allow_long_access_ttl")
 
