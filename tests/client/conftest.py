@@ -6,7 +6,9 @@ The sample service ``tokensvc.test.Sample`` has one method of each RPC kind, on 
 :class:`AuthInterceptor` or on a ``grpc.aio`` server (own event loop thread) with
 :class:`AioAuthInterceptor`; both fetch keys from the real tokensvc through a counting
 wrapper around ``TokenClient.get_keys`` / ``AsyncTokenClient.get_keys``. Tests talk to
-either with the same blocking client code.
+either with the same blocking client code. With ``server_credentials`` the sample service
+serves TLS (e.g. mTLS with a certificate of :func:`tokensvc.devcerts.write_dev_pki`); tests
+then open their own channels with :meth:`Protected.secure_channel`.
 """
 
 from __future__ import annotations
@@ -138,6 +140,7 @@ class Protected:
     calls: list[str] = field(default_factory=list)
     stop: Callable[[], None] = lambda: None
     _channel: grpc.Channel | None = None
+    _extra_channels: list[grpc.Channel] = field(default_factory=list)
 
     @property
     def channel(self) -> grpc.Channel:
@@ -145,11 +148,28 @@ class Protected:
             self._channel = grpc.insecure_channel(self.target)
         return self._channel
 
-    def call(self, kind: str, metadata: tuple[tuple[str, str], ...] = ()) -> list[dict]:
-        """Call the method of ``kind``; the claims the handler saw, one per response."""
+    def secure_channel(self, credentials: grpc.ChannelCredentials) -> grpc.Channel:
+        """A TLS channel to the service, closed with it."""
+        ch = grpc.secure_channel(self.target, credentials)
+        self._extra_channels.append(ch)
+        return ch
+
+    def close_channels(self) -> None:
+        for ch in [self._channel, *self._extra_channels]:
+            if ch is not None:
+                ch.close()
+
+    def call(
+        self,
+        kind: str,
+        metadata: tuple[tuple[str, str], ...] = (),
+        channel: grpc.Channel | None = None,
+    ) -> list[dict]:
+        """Call the method of ``kind`` (on ``channel``, by default a plaintext one); the
+        claims the handler saw, one per response."""
         method = METHODS[kind]
         requests = iter([b"a", b"b"])
-        ch = self.channel
+        ch = channel or self.channel
         if kind == "unary_unary":
             out = [ch.unary_unary(method)(b"x", metadata=metadata, timeout=10)]
         elif kind == "unary_stream":
@@ -172,8 +192,17 @@ def bearer(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
 
+def _add_port(server: Any, credentials: grpc.ServerCredentials | None) -> int:
+    if credentials is None:
+        return server.add_insecure_port("127.0.0.1:0")
+    return server.add_secure_port("127.0.0.1:0", credentials)
+
+
 def _start_sync(
-    service: ServerThread, cache_kw: dict[str, Any], interceptor_kw: dict[str, Any]
+    service: ServerThread,
+    cache_kw: dict[str, Any],
+    interceptor_kw: dict[str, Any],
+    credentials: grpc.ServerCredentials | None = None,
 ) -> Protected:
     protected = Protected(target="")
     client = TokenClient(service.target, insecure=True)
@@ -193,7 +222,7 @@ def _start_sync(
     )
     server.add_generic_rpc_handlers((_sync_handler(protected.calls),))
     health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = _add_port(server, credentials)
     server.start()
 
     def stop() -> None:
@@ -205,7 +234,10 @@ def _start_sync(
 
 
 def _start_aio(
-    service: ServerThread, cache_kw: dict[str, Any], interceptor_kw: dict[str, Any]
+    service: ServerThread,
+    cache_kw: dict[str, Any],
+    interceptor_kw: dict[str, Any],
+    credentials: grpc.ServerCredentials | None = None,
 ) -> Protected:
     protected = Protected(target="")
     loop = asyncio.new_event_loop()
@@ -231,7 +263,7 @@ def _start_aio(
         server = grpc.aio.server(interceptors=[interceptor])
         server.add_generic_rpc_handlers((_aio_handler(protected.calls),))
         health_pb2_grpc.add_HealthServicer_to_server(health_async.HealthServicer(), server)
-        port = server.add_insecure_port("127.0.0.1:0")
+        port = _add_port(server, credentials)
         await server.start()
         return server, client, port
 
@@ -255,25 +287,26 @@ def _start_aio(
 
 @pytest.fixture
 def make_protected() -> Iterator[Callable[..., Protected]]:
-    """``make_protected(service, kind, cache_kw={}, **interceptor_kw)`` -> Protected."""
+    """``make_protected(service, kind, cache_kw={}, server_credentials=None,
+    **interceptor_kw)`` -> Protected; plaintext unless ``server_credentials`` is given."""
     started: list[Protected] = []
 
     def make(
         service: ServerThread,
         kind: str = "sync",
         cache_kw: dict[str, Any] | None = None,
+        server_credentials: grpc.ServerCredentials | None = None,
         **interceptor_kw: Any,
     ) -> Protected:
         interceptor_kw.setdefault("exempt", (*DEFAULT_EXEMPT, PUBLIC))
         start = _start_sync if kind == "sync" else _start_aio
-        protected = start(service, cache_kw or {}, interceptor_kw)
+        protected = start(service, cache_kw or {}, interceptor_kw, server_credentials)
         started.append(protected)
         return protected
 
     yield make
     for protected in started:
-        if protected._channel is not None:
-            protected._channel.close()
+        protected.close_channels()
         protected.stop()
 
 

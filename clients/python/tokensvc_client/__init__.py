@@ -1,6 +1,6 @@
 """Client library of tokensvc: stubs, TokenClient, AuthInterceptor, call credentials."""
 
-from tokensvc_client._auth import DEFAULT_EXEMPT, MethodPolicy, Rejection, RevocationCheck
+from tokensvc_client._auth import DEFAULT_EXEMPT, MethodPolicy, Rejection, RevocationCheck, StepUp
 from tokensvc_client.aio import AsyncTokenClient
 from tokensvc_client.aio_interceptor import AioAuthInterceptor
 from tokensvc_client.channels import aio_channel, channel, channel_credentials
@@ -18,6 +18,7 @@ from tokensvc_client.errors import (
     TokenServiceError,
     Unauthenticated,
     Unavailable,
+    from_rpc_error,
 )
 from tokensvc_client.interceptor import AuthInterceptor
 from tokensvc_client.jwks import AsyncJwksCache, JwksCache
@@ -46,6 +47,7 @@ __all__ = [
     "Rejection",
     "RevocationCheck",
     "RpcFailed",
+    "StepUp",
     "TokenClient",
     "TokenCredentials",
     "TokenPair",
@@ -58,5 +60,6 @@ __all__ = [
     "channel_credentials",
     "current_claims",
     "current_claims_or_none",
+    "from_rpc_error",
     "token_call_credentials",
 ]

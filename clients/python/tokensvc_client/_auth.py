@@ -4,21 +4,29 @@
 yields a :class:`~tokensvc_client.jwks.KeyRequest` and is sent back a ``KeySet`` (or
 ``None``). The blocking interceptor answers from a :class:`~tokensvc_client.jwks.JwksCache`,
 the asyncio one awaits an :class:`~tokensvc_client.jwks.AsyncJwksCache`; neither repeats a
-rule. Also here: what the two interceptors share about method handlers (their kind, and a
-handler of the same kind with another behaviour).
+rule. The decision covers everything the call's metadata tells: the token, revocation,
+step-up requirements (:class:`StepUp`, RFC 9470) and the method policy. What needs the
+call's TLS peer -- certificate binding (RFC 8705) -- is decided by
+:meth:`Authenticator.check_binding` once the handler runs, where the peer is known. Also
+here: what the two interceptors share about method handlers (their kind, and a handler of
+the same kind with another behaviour).
 """
 
 from __future__ import annotations
 
+import functools
+import hmac
 import logging
-from collections.abc import Callable, Generator, Iterable, Sequence
+import re
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 
-from tokensvc_client.errors import InvalidToken, Reason
+from tokensvc_client.errors import REASON_TRAILER, InvalidToken, Reason
 from tokensvc_client.jwks import CURRENT, KeyRequest
+from tokensvc_client.peer import peer_of
 from tokensvc_client.verifier import Claims, KeySet, Verifier
 
 log = logging.getLogger("tokensvc_client.auth")
@@ -29,12 +37,18 @@ DEFAULT_EXEMPT: tuple[str, ...] = ("/grpc.health.v1.Health/", "/grpc.reflection.
 Metadata = Sequence[tuple[str, str | bytes]] | None
 
 
+#: Trailing metadata of a rejection: a tuple, so a :class:`Rejection` stays hashable.
+Trailers = tuple[tuple[str, str], ...]
+
+
 @dataclass(frozen=True, slots=True)
 class Rejection:
-    """Why a call is refused: the status code and the whole message the caller sees."""
+    """Why a call is refused: the status code, the whole message the caller sees and the
+    trailing metadata sent with it (e.g. ``tokensvc-reason``, ``www-authenticate``)."""
 
     code: grpc.StatusCode
     message: str
+    trailing_metadata: Trailers = ()
 
     @classmethod
     def invalid_token(cls, reason: Reason) -> Rejection:
@@ -46,6 +60,18 @@ class Rejection:
 KEYS_UNAVAILABLE = Rejection(grpc.StatusCode.UNAVAILABLE, "token keys unavailable")
 #: A hook (revocation check, method policy) raised: fail closed.
 CHECK_FAILED = Rejection(grpc.StatusCode.UNAVAILABLE, "authorization check failed")
+
+#: The token is bound to a certificate (``cnf``) other than the call's client certificate,
+#: or the call has none.
+CERTIFICATE_MISMATCH = Rejection.invalid_token(Reason.CERTIFICATE_MISMATCH)
+#: ``require_binding`` and the token is not bound to a certificate.
+UNBOUND = Rejection.invalid_token(Reason.UNBOUND)
+#: The token lacks a role the method's :class:`StepUp` requires.
+INSUFFICIENT_ROLE = Rejection(
+    grpc.StatusCode.PERMISSION_DENIED,
+    "insufficient role",
+    ((REASON_TRAILER, Reason.INSUFFICIENT_ROLE.value),),
+)
 
 #: Per-method policy hook: ``(full method name, claims) -> Rejection or None to allow``.
 MethodPolicy = Callable[[str, Claims], Rejection | None]
@@ -104,6 +130,129 @@ class MethodFilter:
         )
 
 
+# Printable ASCII but space, double quote and backslash: safe inside a quoted auth-param
+# of www-authenticate, and separable by spaces in its acr_values.
+_ACR_VALUE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+
+
+@dataclass(frozen=True, slots=True, init=False)
+class StepUp:
+    """What a token must show, beyond being valid, to call a method (RFC 9470 step-up).
+
+    Args:
+        roles: every one of these must be in the token's ``roles``.
+        acr: if not empty, the token's ``acr`` must be one of these.
+        max_auth_age: if set, the token's ``auth_time`` must be at most this many seconds
+            before now (the verifier's clock, without leeway); a token without
+            ``auth_time`` fails.
+
+    A missing role is PERMISSION_DENIED ``insufficient role``; a failed ``acr`` or age
+    requirement is PERMISSION_DENIED ``insufficient user authentication`` with a
+    ``www-authenticate`` trailer (RFC 9470 section 3) naming the ``acr_values`` and
+    ``max_age`` to satisfy. ``StepUp()`` requires nothing: as an exact entry it exempts
+    one method from a prefix entry.
+
+    Raises:
+        TypeError: ``roles`` or ``acr`` given as one string instead of a collection.
+        ValueError: an empty role, an ``acr`` value that cannot be sent in the
+            ``www-authenticate`` header (only printable ASCII without spaces, quotes or
+            backslashes), or a negative ``max_auth_age``.
+    """
+
+    roles: frozenset[str]
+    acr: frozenset[str]
+    max_auth_age: int | None
+
+    def __init__(
+        self,
+        roles: Iterable[str] = frozenset(),
+        acr: Iterable[str] = frozenset(),
+        max_auth_age: int | None = None,
+    ) -> None:
+        if isinstance(roles, str) or isinstance(acr, str):
+            raise TypeError("pass roles and acr as collections of strings, not one string")
+        role_set, acr_set = frozenset(roles), frozenset(acr)
+        if not all(isinstance(r, str) and r for r in role_set):
+            raise ValueError("roles must be non-empty strings")
+        if not all(isinstance(a, str) and _ACR_VALUE.fullmatch(a) for a in acr_set):
+            raise ValueError("acr values must be printable ASCII without spaces or quotes")
+        if max_auth_age is not None and (
+            isinstance(max_auth_age, bool) or not isinstance(max_auth_age, int) or max_auth_age < 0
+        ):
+            raise ValueError("max_auth_age must be a non-negative number of seconds")
+        object.__setattr__(self, "roles", role_set)
+        object.__setattr__(self, "acr", acr_set)
+        object.__setattr__(self, "max_auth_age", max_auth_age)
+
+
+@functools.lru_cache(maxsize=256)
+def insufficient_user_authentication(step_up: StepUp, description: str) -> Rejection:
+    """PERMISSION_DENIED with the RFC 9470 challenge telling the caller how to step up."""
+    challenge = (
+        f'Bearer error="insufficient_user_authentication", error_description="{description}"'
+    )
+    if step_up.acr:
+        challenge += f', acr_values="{" ".join(sorted(step_up.acr))}"'
+    if step_up.max_auth_age is not None:
+        challenge += f', max_age="{step_up.max_auth_age}"'
+    return Rejection(
+        grpc.StatusCode.PERMISSION_DENIED,
+        "insufficient user authentication",
+        (
+            (REASON_TRAILER, Reason.INSUFFICIENT_USER_AUTHENTICATION.value),
+            ("www-authenticate", challenge),
+        ),
+    )
+
+
+_OTHER_ACR = "A different authentication level is required"
+_RECENT_AUTH = "More recent authentication is required"
+
+
+class StepUpTable:
+    """Step-up requirements by full method name, or by prefix (an entry ending in "/" or
+    ".", as in :class:`MethodFilter`). An exact entry wins over prefixes; of several
+    prefixes the longest wins."""
+
+    #: lookups remembered; gRPC only asks about registered methods, so few are ever seen
+    _MEMO_MAX = 4096
+
+    def __init__(self, entries: Mapping[str, StepUp]) -> None:
+        if not all(isinstance(k, str) and k.startswith("/") for k in entries):
+            raise ValueError("method names and prefixes must start with '/'")
+        if not all(isinstance(v, StepUp) for v in entries.values()):
+            raise TypeError("step-up requirements must be StepUp instances")
+        self._exact = {k: v for k, v in entries.items() if not k.endswith(("/", "."))}
+        self._prefixes = sorted(
+            ((k, v) for k, v in entries.items() if k.endswith(("/", "."))),
+            key=lambda item: len(item[0]),
+            reverse=True,
+        )
+        self._memo: dict[str, StepUp | None] = {}
+
+    def __len__(self) -> int:
+        return len(self._exact) + len(self._prefixes)
+
+    def lookup(self, method: str) -> StepUp | None:
+        """The requirement for ``method``, or ``None``."""
+        try:
+            return self._memo[method]
+        except KeyError:
+            pass
+        found = self._exact.get(method)
+        if found is None:
+            found = next((v for k, v in self._prefixes if method.startswith(k)), None)
+        if len(self._memo) < self._MEMO_MAX:
+            self._memo[method] = found
+        return found
+
+
+class HasAuthContext(Protocol):
+    """A blocking or asyncio ``grpc.ServicerContext``: all the binding check needs."""
+
+    def auth_context(self) -> Any: ...
+
+
 class Authenticator:
     """Everything the interceptors decide, with the hooks they offer.
 
@@ -112,6 +261,10 @@ class Authenticator:
         exempt: methods called without a token; see :class:`MethodFilter`.
         revocation_check: optional; see :data:`RevocationCheck`.
         policy: optional per-method policy on verified claims; see :data:`MethodPolicy`.
+        step_up: optional step-up requirements by method or prefix; see :class:`StepUp`
+            and :class:`StepUpTable`. Checked after revocation, before ``policy``.
+        require_binding: refuse tokens not bound to a client certificate (``unbound``);
+            see :meth:`check_binding`.
     """
 
     def __init__(
@@ -121,6 +274,8 @@ class Authenticator:
         exempt: Iterable[str] = DEFAULT_EXEMPT,
         revocation_check: RevocationCheck | None = None,
         policy: MethodPolicy | None = None,
+        step_up: Mapping[str, StepUp] | None = None,
+        require_binding: bool = False,
     ) -> None:
         if verifier.audience is None:
             raise ValueError("an interceptor's verifier must check an audience")
@@ -128,6 +283,9 @@ class Authenticator:
         self.exempt = MethodFilter(exempt)
         self.revocation_check = revocation_check
         self.policy = policy
+        table = StepUpTable(step_up or {})
+        self.step_up = table if len(table) else None
+        self.require_binding = bool(require_binding)
 
     def decide(self, method: str, metadata: Metadata) -> Decision:
         """Decide one call; a generator that yields key requests (see the module doc)."""
@@ -154,7 +312,65 @@ class Authenticator:
             return Rejection.invalid_token(err.reason)
         except _HookFailed:
             return CHECK_FAILED
+        if self.step_up is not None:
+            denial = self._check_step_up(method, claims)
+            if denial is not None:
+                return denial
         return self._apply_policy(method, claims)
+
+    def _check_step_up(self, method: str, claims: Claims) -> Rejection | None:
+        required = self.step_up.lookup(method) if self.step_up is not None else None
+        if required is None:
+            return None
+        denial: Rejection | None = None
+        if not required.roles.issubset(claims.roles):
+            denial = INSUFFICIENT_ROLE
+        elif required.acr and claims.acr not in required.acr:
+            denial = insufficient_user_authentication(required, _OTHER_ACR)
+        elif required.max_auth_age is not None and (
+            claims.auth_time is None
+            or self.verifier.clock() - claims.auth_time > required.max_auth_age
+        ):
+            denial = insufficient_user_authentication(required, _RECENT_AUTH)
+        if denial is not None:
+            log.info("denied call to %s for sub=%s: %s", method, claims.subject, denial.message)
+        return denial
+
+    def checks_binding(self, claims: Claims) -> bool:
+        """Whether :meth:`check_binding` has anything to check for ``claims``: false for an
+        unbound token without ``require_binding``, so such calls never read their peer."""
+        return self.require_binding or bool(claims.cnf_x5t_s256)
+
+    def check_binding(
+        self, method: str, claims: Claims, context: HasAuthContext
+    ) -> Rejection | None:
+        """RFC 8705 proof of possession: a token bound to a certificate (``cnf``
+        ``x5t#S256``) is only accepted over a connection authenticated with that client
+        certificate; with ``require_binding`` an unbound token is refused.
+
+        Returns:
+            ``None`` to accept; ``invalid token: certificate_mismatch`` or
+            ``invalid token: unbound`` (UNAUTHENTICATED) to refuse.
+        """
+        bound = claims.cnf_x5t_s256
+        if not bound:
+            if not self.require_binding:
+                return None
+            log.info("rejected call to %s: %s", method, Reason.UNBOUND.value)
+            return UNBOUND
+        presented = peer_of(context).thumbprint
+        # bytes: compare_digest refuses str with non-ASCII characters
+        if not presented or not hmac.compare_digest(
+            bound.encode("utf-8"), presented.encode("utf-8")
+        ):
+            log.info(
+                "rejected call to %s for sub=%s: %s",
+                method,
+                claims.subject,
+                Reason.CERTIFICATE_MISMATCH.value,
+            )
+            return CERTIFICATE_MISMATCH
+        return None
 
     def _revoked(self, claims: Claims) -> bool:
         if self.revocation_check is None:

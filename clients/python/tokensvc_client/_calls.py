@@ -22,7 +22,9 @@ from tokensvc_client.v1 import tokensvc_pb2 as pb
 
 Resp = TypeVar("Resp", bound=Message)
 Result = TypeVar("Result")
-Method = Literal["Issue", "Refresh", "Revoke", "Introspect", "GetKeys"]
+Method = Literal[
+    "Issue", "Refresh", "Revoke", "Introspect", "GetKeys", "LockSubject", "UnlockSubject"
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +82,8 @@ def issue(
     amr: Iterable[str] = (),
     auth_time: float | datetime | None = None,
     session_label: str = "",
+    bind_to_client_certificate: bool = False,
+    cnf_x5t_s256: str = "",
 ) -> Call[pb.IssueResponse, TokenPair]:
     """Build an Issue call; ``auth_time`` is epoch seconds or an aware datetime."""
     request = pb.IssueRequest(
@@ -90,6 +94,8 @@ def issue(
         acr=acr,
         amr=list(amr),
         session_label=session_label,
+        bind_to_client_certificate=bind_to_client_certificate,
+        cnf_x5t_s256=cnf_x5t_s256,
     )
     if auth_time is not None:
         seconds = auth_time.timestamp() if isinstance(auth_time, datetime) else auth_time
@@ -149,7 +155,27 @@ def _introspection(response: pb.IntrospectResponse) -> Introspection:
         issued_at=_optional_seconds(response, "issued_at"),
         expires_at=_optional_seconds(response, "expires_at"),
         not_before=_optional_seconds(response, "not_before"),
+        cnf_x5t_s256=response.cnf_x5t_s256,
     )
+
+
+def lock_subject(subject: str, reason: str = "") -> Call[pb.LockSubjectResponse, int]:
+    """Build a LockSubject call; its result is the number of sessions revoked."""
+    request = pb.LockSubjectRequest(subject=subject, reason=reason)
+    return Call("LockSubject", request, _locked_sessions)
+
+
+def _locked_sessions(response: pb.LockSubjectResponse) -> int:
+    return response.revoked_sessions
+
+
+def unlock_subject(subject: str) -> Call[pb.UnlockSubjectResponse, bool]:
+    """Build an UnlockSubject call; its result says whether the subject was locked."""
+    return Call("UnlockSubject", pb.UnlockSubjectRequest(subject=subject), _was_locked)
+
+
+def _was_locked(response: pb.UnlockSubjectResponse) -> bool:
+    return response.was_locked
 
 
 def get_keys() -> Call[pb.GetKeysResponse, Jwks]:

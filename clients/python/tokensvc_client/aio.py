@@ -80,6 +80,8 @@ class AsyncTokenClient:
         amr: Iterable[str] = (),
         auth_time: float | datetime | None = None,
         session_label: str = "",
+        bind_to_client_certificate: bool = False,
+        cnf_x5t_s256: str = "",
     ) -> TokenPair:
         """See :meth:`TokenClient.issue <tokensvc_client.client.TokenClient.issue>`."""
         return await self._invoke(
@@ -92,6 +94,8 @@ class AsyncTokenClient:
                 amr=amr,
                 auth_time=auth_time,
                 session_label=session_label,
+                bind_to_client_certificate=bind_to_client_certificate,
+                cnf_x5t_s256=cnf_x5t_s256,
             )
         )
 
@@ -111,6 +115,16 @@ class AsyncTokenClient:
         return await self._invoke(
             _calls.revoke(token=token, session_id=session_id, subject=subject, reason=reason)
         )
+
+    async def lock_subject(self, subject: str, reason: str = "") -> int:
+        """See :meth:`TokenClient.lock_subject
+        <tokensvc_client.client.TokenClient.lock_subject>`."""
+        return await self._invoke(_calls.lock_subject(subject, reason))
+
+    async def unlock_subject(self, subject: str) -> bool:
+        """See :meth:`TokenClient.unlock_subject
+        <tokensvc_client.client.TokenClient.unlock_subject>`."""
+        return await self._invoke(_calls.unlock_subject(subject))
 
     async def introspect(self, token: str) -> Introspection:
         """See :meth:`TokenClient.introspect <tokensvc_client.client.TokenClient.introspect>`."""

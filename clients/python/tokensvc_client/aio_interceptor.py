@@ -13,7 +13,9 @@ A fetch is awaited, so it never blocks the event loop; the whole decision is mad
 the handler is chosen, and a rejected call gets a pre-built aborting handler.
 
 Handlers must be asyncio handlers (coroutine functions, or async generators for streamed
-responses). Each call runs in its own task, where the claims are set for the handler.
+responses). Each call runs in its own task, where the claims are set for the handler --
+after the certificate binding of a bound token (RFC 8705) is checked there, where the
+call's TLS peer is known.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import functools
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
@@ -35,6 +37,7 @@ from tokensvc_client._auth import (
     MethodPolicy,
     Rejection,
     RevocationCheck,
+    StepUp,
     behaviour_of,
     handler_of_kind,
     kind_of,
@@ -53,14 +56,18 @@ else:
 
 __all__ = ["AioAuthInterceptor"]
 
+#: The certificate-binding check of a call: its context -> a rejection or None to accept.
+_BindingCheck = Callable[[_Context], Rejection | None]
+
 
 class AioAuthInterceptor(_ServerInterceptor):
     """Rejects calls without a valid bearer token with UNAUTHENTICATED
     ``invalid token: <reason code>``; passes the claims of valid ones to the handler.
 
-    Arguments as for :class:`~tokensvc_client.interceptor.AuthInterceptor`, with ``keys``
-    an :class:`~tokensvc_client.jwks.AsyncJwksCache`. The hooks are plain functions called
-    on the event loop: they must not block.
+    Arguments as for :class:`~tokensvc_client.interceptor.AuthInterceptor` (including
+    ``step_up`` and ``require_binding``, with the same rejections and trailers), with
+    ``keys`` an :class:`~tokensvc_client.jwks.AsyncJwksCache`. The hooks are plain
+    functions called on the event loop: they must not block.
     """
 
     def __init__(
@@ -74,6 +81,8 @@ class AioAuthInterceptor(_ServerInterceptor):
         exempt: Iterable[str] = DEFAULT_EXEMPT,
         revocation_check: RevocationCheck | None = None,
         policy: MethodPolicy | None = None,
+        step_up: Mapping[str, StepUp] | None = None,
+        require_binding: bool = False,
     ) -> None:
         self._keys = keys
         self._auth = Authenticator(
@@ -81,6 +90,8 @@ class AioAuthInterceptor(_ServerInterceptor):
             exempt=exempt,
             revocation_check=revocation_check,
             policy=policy,
+            step_up=step_up,
+            require_binding=require_binding,
         )
 
     async def intercept_service(
@@ -98,7 +109,10 @@ class AioAuthInterceptor(_ServerInterceptor):
             outcome = step(decision, await self._keys.answer(outcome))
         if isinstance(outcome, Rejection):
             return _aborting_handler(outcome, kind_of(handler))
-        return _with_claims(handler, outcome)
+        check: _BindingCheck | None = None
+        if self._auth.checks_binding(outcome):  # never for unbound tokens by default
+            check = functools.partial(self._auth.check_binding, method, outcome)
+        return _with_claims(handler, outcome, check)
 
 
 @functools.lru_cache(maxsize=256)
@@ -106,17 +120,32 @@ def _aborting_handler(rejection: Rejection, kind: Kind) -> Handler:
     """The handler answering ``rejection``, built once per rejection and RPC kind."""
 
     async def abort(_request: Any, context: _Context) -> NoReturn:
-        await context.abort(rejection.code, rejection.message)
+        await _abort(context, rejection)
 
     return handler_of_kind(kind, abort)
 
 
-def _with_claims(handler: Handler, claims: Claims) -> Handler:
-    """``handler`` with ``claims`` set around its behaviour, inside the call's own task."""
+async def _abort(context: _Context, rejection: Rejection) -> NoReturn:
+    """End the call with ``rejection``, its trailing metadata included."""
+    await context.abort(rejection.code, rejection.message, rejection.trailing_metadata)
+
+
+async def _check(context: _Context, check: _BindingCheck) -> None:
+    """Abort the call if its certificate binding fails."""
+    rejection = check(context)
+    if rejection is not None:
+        await _abort(context, rejection)
+
+
+def _with_claims(handler: Handler, claims: Claims, check: _BindingCheck | None) -> Handler:
+    """``handler`` with ``claims`` set around its behaviour, inside the call's own task,
+    once ``check`` (if any) accepted the call."""
     behaviour = behaviour_of(handler)
     if handler.response_streaming and not inspect.iscoroutinefunction(behaviour):
 
         async def streaming(request: Any, context: _Context) -> AsyncIterator[Any]:
+            if check is not None:
+                await _check(context, check)
             with claims_set(claims):
                 async for response in behaviour(request, context):
                     yield response
@@ -124,6 +153,8 @@ def _with_claims(handler: Handler, claims: Claims) -> Handler:
         return handler_of_kind(kind_of(handler), streaming, handler)
 
     async def call(request: Any, context: _Context) -> Any:
+        if check is not None:
+            await _check(context, check)
         with claims_set(claims):
             return await behaviour(request, context)
 

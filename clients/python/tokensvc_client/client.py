@@ -82,11 +82,21 @@ class TokenClient:
         amr: Iterable[str] = (),
         auth_time: float | datetime | None = None,
         session_label: str = "",
+        bind_to_client_certificate: bool = False,
+        cnf_x5t_s256: str = "",
     ) -> TokenPair:
         """Start a session for an authenticated ``subject``.
 
         ``audience`` empty means the service's default; ``auth_time`` is epoch seconds or
         an aware datetime of the user's authentication.
+
+        Certificate-bound tokens (RFC 8705), at most one of:
+        ``bind_to_client_certificate`` binds the session's tokens to the TLS client
+        certificate of this call (a workload fetching its own tokens over mTLS);
+        ``cnf_x5t_s256`` to the certificate with that thumbprint (see
+        :func:`~tokensvc_client.peer.certificate_thumbprint`), for a login service issuing
+        on behalf of another workload. An interceptor then accepts the access tokens only
+        over a connection authenticated with that certificate.
         """
         return self._invoke(
             _calls.issue(
@@ -98,6 +108,8 @@ class TokenClient:
                 amr=amr,
                 auth_time=auth_time,
                 session_label=session_label,
+                bind_to_client_certificate=bind_to_client_certificate,
+                cnf_x5t_s256=cnf_x5t_s256,
             )
         )
 
@@ -129,6 +141,23 @@ class TokenClient:
         return self._invoke(
             _calls.revoke(token=token, session_id=session_id, subject=subject, reason=reason)
         )
+
+    def lock_subject(self, subject: str, reason: str = "") -> int:
+        """Revoke every session of ``subject`` and refuse to issue to it until
+        :meth:`unlock_subject` (a compromised account).
+
+        Returns:
+            The number of sessions revoked.
+        """
+        return self._invoke(_calls.lock_subject(subject, reason))
+
+    def unlock_subject(self, subject: str) -> bool:
+        """Let the service issue to ``subject`` again; revoked sessions stay revoked.
+
+        Returns:
+            Whether the subject was locked.
+        """
+        return self._invoke(_calls.unlock_subject(subject))
 
     def introspect(self, token: str) -> Introspection:
         """Ask the service whether ``token`` (access or refresh) is active."""

@@ -7,14 +7,20 @@ One root (:class:`TokenServiceError`), two families below it:
   code, never more detail.
 * :class:`RpcFailed` and its subclasses -- a call to the token service failed; one subclass
   per gRPC status code the service answers with (SPEC.md section 10). :func:`from_rpc_error`
-  is the one place where ``grpc.RpcError`` is converted.
+  is the one place where ``grpc.RpcError`` is converted. It works for errors of any
+  service behind the auth interceptors as well: its ``reason`` says why a call was denied
+  (e.g. ``insufficient_user_authentication``: authenticate again, then retry).
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 
 import grpc
+
+#: Trailing metadata key naming the :class:`Reason` of a denial (step-up requirements).
+REASON_TRAILER = "tokensvc-reason"
 
 
 class TokenServiceError(Exception):
@@ -22,7 +28,12 @@ class TokenServiceError(Exception):
 
 
 class Reason(enum.StrEnum):
-    """Stable reason codes for a rejected token."""
+    """Stable reason codes for a rejected token.
+
+    All but the last two reject the token (UNAUTHENTICATED ``invalid token: <code>``); the
+    last two deny a valid token a method's step-up requirements (PERMISSION_DENIED, code in
+    the ``tokensvc-reason`` trailer).
+    """
 
     MALFORMED = "malformed"
     TOO_LARGE = "too_large"
@@ -39,6 +50,15 @@ class Reason(enum.StrEnum):
     WRONG_AUDIENCE = "wrong_audience"
     REVOKED = "revoked"
     MISSING = "missing_token"
+    #: bound (RFC 8705 ``cnf``) to another certificate than the call's client certificate
+    CERTIFICATE_MISMATCH = "certificate_mismatch"
+    #: not bound to a certificate where the interceptor requires binding
+    UNBOUND = "unbound"
+    #: lacks a role the method requires
+    INSUFFICIENT_ROLE = "insufficient_role"
+    #: the user must authenticate again: another ``acr`` or a more recent ``auth_time``
+    #: (RFC 9470); the ``www-authenticate`` trailer says which
+    INSUFFICIENT_USER_AUTHENTICATION = "insufficient_user_authentication"
 
 
 class InvalidToken(TokenServiceError):
@@ -55,14 +75,39 @@ class KeysUnavailable(TokenServiceError):
 
 
 class RpcFailed(TokenServiceError):
-    """A call to the token service failed."""
+    """A call to the token service (or a service behind the auth interceptors) failed.
+
+    Attributes:
+        code: the gRPC status code.
+        reason: the ``tokensvc-reason`` trailer (a :class:`Reason` value, e.g.
+            ``insufficient_role``), ``""`` if the call had none.
+        trailing_metadata: all trailing metadata of the failed call, e.g. the
+            ``www-authenticate`` challenge of a step-up denial.
+    """
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
-    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        code: grpc.StatusCode | None = None,
+        *,
+        reason: str = "",
+        trailing_metadata: Iterable[tuple[str, str | bytes]] = (),
+    ) -> None:
         super().__init__(message)
         if code is not None:
             self.code = code
+        self.reason = reason
+        self.trailing_metadata = tuple(trailing_metadata)
+
+    def trailer(self, key: str) -> str:
+        """The first text value of trailing metadata ``key`` (any case), ``""`` if absent."""
+        key = key.lower()
+        for name, value in self.trailing_metadata:
+            if name.lower() == key and isinstance(value, str):
+                return value
+        return ""
 
 
 class InvalidArgument(RpcFailed):
@@ -100,7 +145,11 @@ def from_rpc_error(err: grpc.RpcError) -> RpcFailed:
     # other's subclass, so look the methods up instead of checking the type.
     code_fn = getattr(err, "code", None)
     details_fn = getattr(err, "details", None)
+    trailers_fn = getattr(err, "trailing_metadata", None)
     code = code_fn() if callable(code_fn) else grpc.StatusCode.UNKNOWN
     details = details_fn() if callable(details_fn) else str(err)
+    trailers = tuple((k, v) for k, v in (trailers_fn() if callable(trailers_fn) else None) or ())
     cls = _BY_CODE.get(code, RpcFailed)
-    return cls(f"{code.name}: {details}", code)
+    failed = cls(f"{code.name}: {details}", code, trailing_metadata=trailers)
+    failed.reason = failed.trailer(REASON_TRAILER)
+    return failed

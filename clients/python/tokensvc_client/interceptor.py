@@ -15,14 +15,16 @@ this interceptor decides there only what needs no I/O -- header checks, and veri
 when the key cache is fresh -- and returns a pre-built aborting handler for a rejection.
 When keys must be fetched first (cold cache, stale cache, unknown ``kid``), the decision
 is finished in the handler's worker thread instead, so a slow or unreachable tokensvc
-never stalls the whole server.
+never stalls the whole server. The certificate binding of a bound token (RFC 8705) is
+checked in the worker thread too, before the handler runs: only there is the call's TLS
+peer known.
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import Context
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -37,6 +39,7 @@ from tokensvc_client._auth import (
     MethodPolicy,
     Rejection,
     RevocationCheck,
+    StepUp,
     behaviour_of,
     handler_of_kind,
     kind_of,
@@ -51,7 +54,14 @@ if TYPE_CHECKING:
 else:
     _ServerInterceptor = grpc.ServerInterceptor
 
-__all__ = ["DEFAULT_EXEMPT", "AuthInterceptor", "MethodPolicy", "Rejection", "RevocationCheck"]
+__all__ = [
+    "DEFAULT_EXEMPT",
+    "AuthInterceptor",
+    "MethodPolicy",
+    "Rejection",
+    "RevocationCheck",
+    "StepUp",
+]
 
 #: Produces the claims inside the handler's thread, or aborts the call through its context.
 _Resolve = Callable[[grpc.ServicerContext], Claims]
@@ -71,7 +81,24 @@ class AuthInterceptor(_ServerInterceptor):
             token; by default gRPC health checking and reflection.
         revocation_check: ``claims -> bool``, True rejects with ``invalid token: revoked``.
             Runs for every call; must be fast.
-        policy: ``(method, claims) -> Rejection | None`` per-method authorisation hook.
+        policy: ``(method, claims) -> Rejection | None`` per-method authorisation hook;
+            a returned rejection's ``trailing_metadata`` is sent with it.
+        step_up: ``{method or prefix: StepUp}``, RFC 9470 step-up requirements per method:
+            full method names ("/pkg.Svc/Method") or prefixes ending in "/" or "."; an exact
+            entry wins over prefixes. A token lacking a required role gets
+            PERMISSION_DENIED ``insufficient role`` (trailer ``tokensvc-reason:
+            insufficient_role``); one failing the ``acr`` or ``max_auth_age`` requirement
+            PERMISSION_DENIED ``insufficient user authentication`` (trailers
+            ``tokensvc-reason: insufficient_user_authentication`` and a
+            ``www-authenticate`` challenge with ``acr_values``/``max_age``). Checked after
+            revocation, before ``policy``.
+        require_binding: refuse tokens that are not bound to a client certificate with
+            UNAUTHENTICATED ``invalid token: unbound``. Whatever this says, a bound token
+            (``cnf`` ``x5t#S256``, RFC 8705) is only accepted over a connection whose TLS
+            client certificate has that thumbprint, else ``invalid token:
+            certificate_mismatch``. The binding is checked when the handler starts (the
+            TLS peer is unknown before), so after ``step_up`` and ``policy``; unbound
+            tokens cost nothing extra unless ``require_binding`` is set.
 
     If no key set could ever be fetched, calls get UNAVAILABLE ``token keys unavailable``;
     if a hook raises, UNAVAILABLE ``authorization check failed`` (fail closed).
@@ -88,6 +115,8 @@ class AuthInterceptor(_ServerInterceptor):
         exempt: Iterable[str] = DEFAULT_EXEMPT,
         revocation_check: RevocationCheck | None = None,
         policy: MethodPolicy | None = None,
+        step_up: Mapping[str, StepUp] | None = None,
+        require_binding: bool = False,
     ) -> None:
         self._keys = keys
         self._auth = Authenticator(
@@ -95,6 +124,8 @@ class AuthInterceptor(_ServerInterceptor):
             exempt=exempt,
             revocation_check=revocation_check,
             policy=policy,
+            step_up=step_up,
+            require_binding=require_binding,
         )
 
     def intercept_service(
@@ -112,16 +143,26 @@ class AuthInterceptor(_ServerInterceptor):
             return _aborting_handler(outcome, kind_of(handler))
         if isinstance(outcome, Claims):
             claims = outcome
-            return _with_claims(handler, lambda _context: claims)
+            if not self._auth.checks_binding(claims):  # the warm path of unbound tokens
+                return _with_claims(handler, lambda _context: claims)
+            return _with_claims(handler, lambda context: self._bound(method, claims, context))
         pending = outcome
 
         def resolve(context: grpc.ServicerContext) -> Claims:
             result = self._step_with_io(decision, pending)
             if isinstance(result, Rejection):
-                context.abort(result.code, result.message)
-            return result
+                _abort(context, result)
+            return self._bound(method, result, context)
 
         return _with_claims(handler, resolve)
+
+    def _bound(self, method: str, claims: Claims, context: grpc.ServicerContext) -> Claims:
+        """``claims`` if their certificate binding holds for the call, else abort."""
+        if self._auth.checks_binding(claims):
+            rejection = self._auth.check_binding(method, claims, context)
+            if rejection is not None:
+                _abort(context, rejection)
+        return claims
 
     def _step_without_io(self, decision: Decision) -> Claims | Rejection | KeyRequest:
         """Run the decision as far as the cache answers without fetching."""
@@ -143,9 +184,16 @@ def _aborting_handler(rejection: Rejection, kind: Kind) -> Handler:
     """The handler answering ``rejection``, built once per rejection and RPC kind."""
 
     def abort(_request: Any, context: grpc.ServicerContext) -> NoReturn:
-        context.abort(rejection.code, rejection.message)
+        _abort(context, rejection)
 
     return handler_of_kind(kind, abort)
+
+
+def _abort(context: grpc.ServicerContext, rejection: Rejection) -> NoReturn:
+    """End the call with ``rejection``, its trailing metadata included."""
+    if rejection.trailing_metadata:
+        context.set_trailing_metadata(rejection.trailing_metadata)
+    context.abort(rejection.code, rejection.message)
 
 
 def _with_claims(handler: Handler, resolve: _Resolve) -> Handler:

@@ -45,6 +45,8 @@ class Introspection:
         active: the token is currently valid.
         token_type: ``"access"`` or ``"refresh"``.
         issued_at / expires_at / not_before: epoch seconds, ``None`` when not reported.
+        cnf_x5t_s256: thumbprint of the client certificate the token is bound to
+            (RFC 8705 ``x5t#S256``); ``""`` for an unbound token.
     """
 
     active: bool
@@ -61,6 +63,7 @@ class Introspection:
     issued_at: float | None = None
     expires_at: float | None = None
     not_before: float | None = None
+    cnf_x5t_s256: str = ""
 
 
 @dataclass(frozen=True, slots=True)

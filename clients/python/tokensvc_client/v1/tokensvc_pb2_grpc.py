@@ -71,6 +71,21 @@ class TokenServiceStub:
                 request_serializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.UnlockSubjectRequest.SerializeToString,
                 response_deserializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.UnlockSubjectResponse.FromString,
                 _registered_method=True)
+        self.ListKeys = channel.unary_unary(
+                '/tokensvc.v1.TokenService/ListKeys',
+                request_serializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.ListKeysRequest.SerializeToString,
+                response_deserializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.ListKeysResponse.FromString,
+                _registered_method=True)
+        self.RotateKeys = channel.unary_unary(
+                '/tokensvc.v1.TokenService/RotateKeys',
+                request_serializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.RotateKeysRequest.SerializeToString,
+                response_deserializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.RotateKeysResponse.FromString,
+                _registered_method=True)
+        self.RetireKey = channel.unary_unary(
+                '/tokensvc.v1.TokenService/RetireKey',
+                request_serializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.RetireKeyRequest.SerializeToString,
+                response_deserializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.RetireKeyResponse.FromString,
+                _registered_method=True)
 
 
 class TokenServiceServicer:
@@ -129,6 +144,31 @@ class TokenServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListKeys(self, request, context):
+        """ListKeys lists the signing key ring: kid, state and lifecycle times.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateKeys(self, request, context):
+        """RotateKeys adds a new key. By default it is published first (pending) and
+        signs once it has been published longer than the JWKS max age. now=true
+        makes it sign at once; revoke_old=true (with now) also removes every older
+        key from the JWK Set: tokens they signed stop verifying (compromised key).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetireKey(self, request, context):
+        """RetireKey abandons a pending key (it never signs). The active key cannot be
+        retired: rotate instead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TokenServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -166,6 +206,21 @@ def add_TokenServiceServicer_to_server(servicer, server):
                     servicer.UnlockSubject,
                     request_deserializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.UnlockSubjectRequest.FromString,
                     response_serializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.UnlockSubjectResponse.SerializeToString,
+            ),
+            'ListKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListKeys,
+                    request_deserializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.ListKeysRequest.FromString,
+                    response_serializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.ListKeysResponse.SerializeToString,
+            ),
+            'RotateKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateKeys,
+                    request_deserializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.RotateKeysRequest.FromString,
+                    response_serializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.RotateKeysResponse.SerializeToString,
+            ),
+            'RetireKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetireKey,
+                    request_deserializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.RetireKeyRequest.FromString,
+                    response_serializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.RetireKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -359,6 +414,87 @@ class TokenService:
             '/tokensvc.v1.TokenService/UnlockSubject',
             tokensvc__client_dot_v1_dot_tokensvc__pb2.UnlockSubjectRequest.SerializeToString,
             tokensvc__client_dot_v1_dot_tokensvc__pb2.UnlockSubjectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokensvc.v1.TokenService/ListKeys',
+            tokensvc__client_dot_v1_dot_tokensvc__pb2.ListKeysRequest.SerializeToString,
+            tokensvc__client_dot_v1_dot_tokensvc__pb2.ListKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokensvc.v1.TokenService/RotateKeys',
+            tokensvc__client_dot_v1_dot_tokensvc__pb2.RotateKeysRequest.SerializeToString,
+            tokensvc__client_dot_v1_dot_tokensvc__pb2.RotateKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetireKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokensvc.v1.TokenService/RetireKey',
+            tokensvc__client_dot_v1_dot_tokensvc__pb2.RetireKeyRequest.SerializeToString,
+            tokensvc__client_dot_v1_dot_tokensvc__pb2.RetireKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

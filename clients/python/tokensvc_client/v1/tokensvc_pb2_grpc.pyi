@@ -56,6 +56,18 @@ class TokenServiceStub:
     """
     UnlockSubject: _grpc.UnaryUnaryMultiCallable[_tokensvc_pb2.UnlockSubjectRequest, _tokensvc_pb2.UnlockSubjectResponse]
     """UnlockSubject lets Issue serve the subject again; revoked sessions stay revoked."""
+    ListKeys: _grpc.UnaryUnaryMultiCallable[_tokensvc_pb2.ListKeysRequest, _tokensvc_pb2.ListKeysResponse]
+    """ListKeys lists the signing key ring: kid, state and lifecycle times."""
+    RotateKeys: _grpc.UnaryUnaryMultiCallable[_tokensvc_pb2.RotateKeysRequest, _tokensvc_pb2.RotateKeysResponse]
+    """RotateKeys adds a new key. By default it is published first (pending) and
+    signs once it has been published longer than the JWKS max age. now=true
+    makes it sign at once; revoke_old=true (with now) also removes every older
+    key from the JWK Set: tokens they signed stop verifying (compromised key).
+    """
+    RetireKey: _grpc.UnaryUnaryMultiCallable[_tokensvc_pb2.RetireKeyRequest, _tokensvc_pb2.RetireKeyResponse]
+    """RetireKey abandons a pending key (it never signs). The active key cannot be
+    retired: rotate instead.
+    """
 
 @_typing.type_check_only
 class TokenServiceAsyncStub(TokenServiceStub):
@@ -82,6 +94,18 @@ class TokenServiceAsyncStub(TokenServiceStub):
     """
     UnlockSubject: _aio.UnaryUnaryMultiCallable[_tokensvc_pb2.UnlockSubjectRequest, _tokensvc_pb2.UnlockSubjectResponse]  # type: ignore[assignment]
     """UnlockSubject lets Issue serve the subject again; revoked sessions stay revoked."""
+    ListKeys: _aio.UnaryUnaryMultiCallable[_tokensvc_pb2.ListKeysRequest, _tokensvc_pb2.ListKeysResponse]  # type: ignore[assignment]
+    """ListKeys lists the signing key ring: kid, state and lifecycle times."""
+    RotateKeys: _aio.UnaryUnaryMultiCallable[_tokensvc_pb2.RotateKeysRequest, _tokensvc_pb2.RotateKeysResponse]  # type: ignore[assignment]
+    """RotateKeys adds a new key. By default it is published first (pending) and
+    signs once it has been published longer than the JWKS max age. now=true
+    makes it sign at once; revoke_old=true (with now) also removes every older
+    key from the JWK Set: tokens they signed stop verifying (compromised key).
+    """
+    RetireKey: _aio.UnaryUnaryMultiCallable[_tokensvc_pb2.RetireKeyRequest, _tokensvc_pb2.RetireKeyResponse]  # type: ignore[assignment]
+    """RetireKey abandons a pending key (it never signs). The active key cannot be
+    retired: rotate instead.
+    """
 
 class TokenServiceServicer(metaclass=_abc_1.ABCMeta):
     """TokenService issues, rotates, revokes and introspects tokens and publishes
@@ -147,5 +171,35 @@ class TokenServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_tokensvc_pb2.UnlockSubjectResponse, _abc.Awaitable[_tokensvc_pb2.UnlockSubjectResponse]]:
         """UnlockSubject lets Issue serve the subject again; revoked sessions stay revoked."""
+
+    @_abc_1.abstractmethod
+    def ListKeys(
+        self,
+        request: _tokensvc_pb2.ListKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tokensvc_pb2.ListKeysResponse, _abc.Awaitable[_tokensvc_pb2.ListKeysResponse]]:
+        """ListKeys lists the signing key ring: kid, state and lifecycle times."""
+
+    @_abc_1.abstractmethod
+    def RotateKeys(
+        self,
+        request: _tokensvc_pb2.RotateKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tokensvc_pb2.RotateKeysResponse, _abc.Awaitable[_tokensvc_pb2.RotateKeysResponse]]:
+        """RotateKeys adds a new key. By default it is published first (pending) and
+        signs once it has been published longer than the JWKS max age. now=true
+        makes it sign at once; revoke_old=true (with now) also removes every older
+        key from the JWK Set: tokens they signed stop verifying (compromised key).
+        """
+
+    @_abc_1.abstractmethod
+    def RetireKey(
+        self,
+        request: _tokensvc_pb2.RetireKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tokensvc_pb2.RetireKeyResponse, _abc.Awaitable[_tokensvc_pb2.RetireKeyResponse]]:
+        """RetireKey abandons a pending key (it never signs). The active key cannot be
+        retired: rotate instead.
+        """
 
 def add_TokenServiceServicer_to_server(servicer: TokenServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
