@@ -1,11 +1,24 @@
-"""The ES256 key ring, shared by every replica through Redis.
+"""The ES256 key ring, shared by every replica through Redis, and its lifecycle.
 
-Each key is a record ``{kid, state, created_at, public, private}`` in one Redis hash; the
-private JWK is stored only as a compact JWE (A256KW + A256GCM) under the operator's
-key-encryption key (KEK). States follow SPEC.md section 6: ``pending`` (published, not
-signing), ``active`` (signs; exactly one), ``retired`` (published until its tokens expire).
-The first replica to start on an empty Redis creates the first active key; the others load
-it (an atomic SET NX decides the race).
+Each key is a record ``{kid, state, created_ms, activated_ms, ..., public, private}`` in
+one Redis hash; the private JWK is stored only as a compact JWE (A256KW + A256GCM) under
+the operator's key-encryption key (KEK), whose thumbprint is the JWE's ``kid`` (so a
+previous KEK can still decrypt during a KEK rotation, and ``rewrap`` re-encrypts).
+
+Lifecycle (SPEC.md section 6), every transition one Lua script on Redis's clock
+(``lua/keys.lua``), so replicas agree on when it is due and exactly one performs it:
+
+- ``pending``: published in the JWK Set, not signing. Created ``publish delay`` (JWKS
+  max-age + leeway) before the active key is due for rotation; promoted once it has been
+  published that long, so no verifier meets a ``kid`` it could not have fetched.
+- ``active``: signs new tokens; exactly one.
+- ``retired``: still published, signs nothing; deleted once every token it signed has
+  expired (access-token lifetime + leeway after retirement).
+
+Every replica runs :meth:`KeyRing.tick` each second; a ring version counter tells it when
+to reload. ``rotate(now=True, revoke_old=True)`` is the emergency rotation for a
+compromised key: the new key signs at once and every older key leaves the JWK Set.
+The first replica to start on an empty Redis creates the first active key (SET NX).
 """
 
 from __future__ import annotations
@@ -14,7 +27,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, Final
 
@@ -28,15 +43,38 @@ log = logging.getLogger(__name__)
 
 RING_KEY: Final = "ts:{keyring}:keys"
 ACTIVE_KEY: Final = "ts:{keyring}:active"
+VERSION_KEY: Final = "ts:{keyring}:version"
 PUBLISHED_STATES: Final = frozenset({"pending", "active", "retired"})
 
 _BOOTSTRAP = """
 if redis.call('SET', KEYS[2], ARGV[1], 'NX') then
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  local t = redis.call('TIME')
+  local record = cjson.decode(ARGV[2])
+  record.created_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  record.activated_ms = record.created_ms
+  redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(record))
+  redis.call('INCR', KEYS[3])
   return 1
 end
 return 0
 """
+
+
+@dataclass(frozen=True, slots=True)
+class Lifecycle:
+    """Durations of the key lifecycle, ms (see the module doc)."""
+
+    rotation_interval_ms: int
+    publish_delay_ms: int
+    keep_after_retire_ms: int
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Lifecycle:
+        return cls(
+            settings.key_rotation_interval * 1000,
+            (settings.jwks_max_age + settings.leeway) * 1000,
+            (settings.access_ttl + settings.leeway) * 1000,
+        )
 
 
 class KeyRingError(RuntimeError):
@@ -75,16 +113,30 @@ class SigningKey:
 
 
 class KeyRing:
-    """Public keys for GetKeys/Introspect and the active private key for signing."""
+    """Public keys for GetKeys/Introspect, the active private key for signing, and the
+    lifecycle operations (one Lua script each).
 
-    def __init__(self, redis: aioredis.Redis, kek: jwk.JWK) -> None:
+    Args:
+        kek: the key-encryption key new and re-wrapped records are encrypted under.
+        previous_keks: older KEKs still accepted for decryption (KEK rotation).
+    """
+
+    def __init__(
+        self, redis: aioredis.Redis, kek: jwk.JWK, previous_keks: Iterable[jwk.JWK] = ()
+    ) -> None:
         self._redis = redis
         self._kek = kek
         self._kek_id = kek.thumbprint()
+        self._keks = {k.thumbprint(): k for k in (*previous_keks, kek)}
         self._bootstrap = redis.register_script(_BOOTSTRAP)
+        self._lifecycle = redis.register_script(
+            resources.files("tokensvc").joinpath("lua", "keys.lua").read_text()
+        )
         self._signing: SigningKey | None = None
         self.public = KeySet({})
         self.jwks_json = '{"keys":[]}'
+        self.records: dict[str, dict[str, Any]] = {}
+        self.version = -1
         self._loaded_at = 0.0
 
     async def reload_if_stale(self, min_interval: float = 5.0) -> bool:
@@ -110,53 +162,122 @@ class KeyRing:
             record = self._new_record("active")
             created = await guarded(
                 self._bootstrap,
-                keys=[RING_KEY, ACTIVE_KEY],
+                keys=[RING_KEY, ACTIVE_KEY, VERSION_KEY],
                 args=[record["kid"], json.dumps(record)],
             )
             if created:
                 log.info("created the first signing key kid=%s", record["kid"])
         self._loaded_at = time.monotonic()
+        # the version first: a change landing between the reads is picked up next tick
+        version = await guarded(self._redis.get, VERSION_KEY)
         active_kid = await guarded(self._redis.get, ACTIVE_KEY)
         raw = await guarded(self._redis.hgetall, RING_KEY)
         self._apply(_text(active_kid), {_text(k): json.loads(v) for k, v in raw.items()})
+        self.version = int(version or 0)
 
     def _apply(self, active_kid: str, records: dict[str, dict[str, Any]]) -> None:
         if active_kid not in records:
             raise KeyRingError(f"active key {active_kid} has no record")
         if self._signing is None or self._signing.kid != active_kid:
             self._signing = SigningKey(active_kid, self._decrypt(records[active_kid]))
+            log.info("signing with key kid=%s", active_kid)
         published = [r["public"] for r in records.values() if r["state"] in PUBLISHED_STATES]
         self.jwks_json = json.dumps({"keys": published}, separators=(",", ":"))
         self.public = KeySet.from_jwks(self.jwks_json)
+        self.records = records
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def _run(self, op: str, *args: Any) -> tuple[str, int]:
+        reply = await guarded(
+            self._lifecycle, keys=[RING_KEY, ACTIVE_KEY, VERSION_KEY], args=[op, *args]
+        )
+        status, version = _text(reply[0]), int(reply[1])
+        if version != self.version:
+            await self.load()
+        return status, version
+
+    async def tick(self, lifecycle: Lifecycle) -> None:
+        """Run the transitions that are due (any replica may call this at any time)."""
+        timing = (
+            lifecycle.rotation_interval_ms,
+            lifecycle.publish_delay_ms,
+            lifecycle.keep_after_retire_ms,
+        )
+        status, _ = await self._run("tick", *timing)
+        if status == "need_key":
+            await self._run("tick", *timing, json.dumps(self._new_record("pending")))
+
+    async def rotate(self, lifecycle: Lifecycle, *, now: bool, revoke_old: bool) -> None:
+        """Add a new key: pending (signs after the publish delay) or, with ``now``, active
+        at once; ``revoke_old`` (with ``now``) removes every older key from the JWK Set."""
+        if revoke_old and not now:
+            raise ValueError("revoke_old needs now: the old key signs until a new one does")
+        record = json.dumps(self._new_record("pending"))
+        await self._run("rotate", lifecycle.publish_delay_ms, int(now), int(revoke_old), record)
+
+    async def retire(self, kid: str) -> str:
+        """Abandon a pending key; returns 'ok', 'unknown' or 'active' (refused)."""
+        status, _ = await self._run("retire", kid)
+        return status
+
+    async def rewrap(self) -> int:
+        """Re-encrypt every private key not yet under the current KEK; returns how many."""
+        await self.load()
+        args: list[str] = []
+        for kid, record in self.records.items():
+            if _jwe_kid(record["private"]) == self._kek_id:
+                continue
+            key = self._decrypt(record)
+            args += [kid, json.dumps(record), json.dumps({**record, "private": self._wrap(key)})]
+        if not args:
+            return 0
+        # a record is replaced only if unchanged since it was read (the script compares)
+        await self._run("rewrap", *args)
+        await self.load()
+        return sum(
+            1
+            for kid in args[0::3]
+            if _jwe_kid(self.records.get(kid, {}).get("private", "")) == self._kek_id
+        )
+
+    # -- records -------------------------------------------------------------------------
 
     def _new_record(self, state: str) -> dict[str, Any]:
         key = jwk.JWK.generate(kty="EC", crv="P-256")
         kid = key.thumbprint()
         public = json.loads(key.export_public())
         public.update({"kid": kid, "use": "sig", "alg": ALGORITHM})
+        return {"kid": kid, "state": state, "public": public, "private": self._wrap(key)}
+
+    def _wrap(self, key: jwk.JWK) -> str:
         token = jwe.JWE(
             key.export_private().encode("utf-8"),
             protected={"alg": "A256KW", "enc": "A256GCM", "kid": self._kek_id, "cty": "jwk+json"},
         )
         token.add_recipient(self._kek)
-        return {
-            "kid": kid,
-            "state": state,
-            "created_at": int(time.time()),
-            "public": public,
-            "private": token.serialize(compact=True),
-        }
+        return str(token.serialize(compact=True))
 
     def _decrypt(self, record: dict[str, Any]) -> jwk.JWK:
+        kek = self._keks.get(_jwe_kid(record.get("private", "")), self._kek)
         try:
             token = jwe.JWE()
-            token.deserialize(record["private"], key=self._kek)
+            token.deserialize(record["private"], key=kek)
             key = jwk.JWK.from_json(token.payload.decode("utf-8"))
         except Exception:
             raise KeyRingError(
                 f"cannot decrypt signing key {record.get('kid')}: wrong key-encryption key?"
             ) from None
         return key
+
+
+def _jwe_kid(compact: str) -> str:
+    """The ``kid`` of a compact JWE's protected header ('' if unreadable)."""
+    try:
+        header = json.loads(b64url_decode(compact.split(".", 1)[0]))
+        return str(header.get("kid", ""))
+    except (ValueError, AttributeError):
+        return ""
 
 
 def _text(value: bytes | str | None) -> str:

@@ -18,7 +18,8 @@ per RPC::
 
 An RPC missing from the file keeps its default: ``GetKeys`` and ``Refresh`` open to anyone
 (the refresh token is Refresh's credential), ``Introspect`` any authenticated peer,
-``Issue``, ``Revoke``, ``LockSubject`` and ``UnlockSubject`` nobody until listed. Health
+``Issue``, ``Revoke`` and the admin RPCs (``LockSubject``, ``UnlockSubject``, ``ListKeys``,
+``RotateKeys``, ``RetireKey``) nobody until listed. Health
 checking and reflection are separate services and always open. Unknown RPC names or keys
 are an error at start-up: a typo must not silently open or close an RPC.
 """
@@ -58,6 +59,9 @@ DEFAULT_RULES: Mapping[str, Rule] = {
     "Revoke": Rule(),
     "LockSubject": Rule(),
     "UnlockSubject": Rule(),
+    "ListKeys": Rule(),
+    "RotateKeys": Rule(),
+    "RetireKey": Rule(),
 }
 
 

@@ -26,7 +26,7 @@ from tokensvc import telemetry
 from tokensvc.audit import AuditTrail
 from tokensvc.config import Settings
 from tokensvc.embedded import RedisProcess
-from tokensvc.keyring import KeyRing, load_kek
+from tokensvc.keyring import KeyRing, Lifecycle, load_kek
 from tokensvc.policy import CallerPolicy
 from tokensvc.service import TokenService
 from tokensvc.store import FamilyStore, StoreUnavailable
@@ -34,8 +34,7 @@ from tokensvc_client.v1 import tokensvc_pb2, tokensvc_pb2_grpc
 
 log = logging.getLogger("tokensvc.server")
 SERVICE_NAME = tokensvc_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name
-_MAINTENANCE_INTERVAL = 5.0
-_KEYRING_INTERVAL = 60.0
+_MAINTENANCE_INTERVAL = 1.0
 _MAX_MESSAGE = 64 * 1024
 _MAX_METADATA = 16 * 1024
 
@@ -84,25 +83,24 @@ class Running:
             await asyncio.to_thread(self.embedded.stop)
 
 
-async def _maintain(store: FamilyStore, keyring: KeyRing, health: HealthServicer) -> None:
-    """Report readiness from Redis reachability and pick up key changes of other replicas."""
-    since_keys = 0.0
+async def _maintain(keyring: KeyRing, lifecycle: Lifecycle, health: HealthServicer) -> None:
+    """Each second: run the key ring's due transitions (which also picks up other replicas'
+    changes and proves Redis reachable) and report readiness accordingly."""
+    current = None
     while True:
         await asyncio.sleep(_MAINTENANCE_INTERVAL)
-        since_keys += _MAINTENANCE_INTERVAL
         try:
-            await store.ping()
-            if since_keys >= _KEYRING_INTERVAL:
-                since_keys = 0.0
-                await keyring.load()
+            await keyring.tick(lifecycle)
             status = health_pb2.HealthCheckResponse.SERVING
         except StoreUnavailable:
             status = health_pb2.HealthCheckResponse.NOT_SERVING
         except Exception:
             log.exception("maintenance step failed")
             status = health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", SERVICE_NAME):
-            await health.set(name, status)
+        if status != current:
+            current = status
+            for name in ("", SERVICE_NAME):
+                await health.set(name, status)
 
 
 async def start(settings: Settings, tracer_provider: TracerProvider | None = None) -> Running:
@@ -121,7 +119,12 @@ async def start(settings: Settings, tracer_provider: TracerProvider | None = Non
             if settings.policy_file
             else CallerPolicy.default()
         )
-        keyring = KeyRing(redis, load_kek(settings.kek_file, settings.data_dir))
+        previous = (
+            [load_kek(settings.previous_kek_file, settings.data_dir)]
+            if settings.previous_kek_file
+            else []
+        )
+        keyring = KeyRing(redis, load_kek(settings.kek_file, settings.data_dir), previous)
         await keyring.load()
         store = FamilyStore(redis)
         await store.load_scripts()
@@ -170,7 +173,8 @@ async def start(settings: Settings, tracer_provider: TracerProvider | None = Non
         port = server.add_secure_port(settings.listen, _server_credentials(settings))
     await server.start()
     running = Running(settings, server, port, redis, health, audit, embedded)
-    running.tasks.append(asyncio.create_task(_maintain(store, keyring, health)))
+    lifecycle = Lifecycle.from_settings(settings)
+    running.tasks.append(asyncio.create_task(_maintain(keyring, lifecycle, health)))
     running.tasks.append(asyncio.create_task(audit.run()))
     log.info("tokensvc serving on port %d issuer=%s", port, settings.issuer)
     return running

@@ -19,7 +19,7 @@ from tokensvc.audit import AuditTrail
 from tokensvc.config import Settings
 from tokensvc.errors import BadRequest, NotAuthenticated, RateLimited, ServiceError, rpc
 from tokensvc.guard import Caller, Guard, current_caller
-from tokensvc.keyring import KeyRing
+from tokensvc.keyring import KeyRing, Lifecycle
 from tokensvc.policy import CallerPolicy
 from tokensvc.store import FamilyStore, IssueStatus, Limit, NewFamily, RefreshStatus
 from tokensvc_client.errors import InvalidToken, Reason
@@ -69,6 +69,7 @@ class TokenService(pb_grpc.TokenServiceServicer):
         self.guard = Guard(settings, store, audit, policy or CallerPolicy.default())
         self.issue_limit = Limit.of(settings.rate_issue.count, settings.rate_issue.period)
         self.subject_ttl_ms = (settings.family_max_age + settings.leeway) * 1000
+        self.lifecycle = Lifecycle.from_settings(settings)
         self.verifier = Verifier(
             settings.issuer,
             None,
@@ -385,6 +386,59 @@ class TokenService(pb_grpc.TokenServiceServicer):
             if err.reason is not Reason.UNKNOWN_KEY or not await self.keyring.reload_if_stale():
                 raise
         return self.verifier.verify(token, self.keyring.public)
+
+    # -- key ring administration ------------------------------------------------------------
+
+    def _key_infos(self) -> list[pb.KeyInfo]:
+        keep_ms = self.lifecycle.keep_after_retire_ms
+        infos = []
+        for kid, record in sorted(
+            self.keyring.records.items(), key=lambda item: item[1].get("created_ms", 0)
+        ):
+            info = pb.KeyInfo(kid=kid, state=record["state"])
+            for field, name in (
+                ("created_ms", "created_at"),
+                ("activated_ms", "activated_at"),
+                ("retired_ms", "retired_at"),
+                ("activate_after_ms", "activate_after"),
+            ):
+                if record.get(field):
+                    getattr(info, name).CopyFrom(_ts(record[field] / 1000))
+            if record.get("retired_ms"):
+                info.delete_after.CopyFrom(_ts((record["retired_ms"] + keep_ms) / 1000))
+            infos.append(info)
+        return infos
+
+    @rpc
+    async def ListKeys(self, request: pb.ListKeysRequest, context: Ctx) -> pb.ListKeysResponse:
+        await self.keyring.load()
+        return pb.ListKeysResponse(keys=self._key_infos())
+
+    @rpc
+    async def RotateKeys(
+        self, request: pb.RotateKeysRequest, context: Ctx
+    ) -> pb.RotateKeysResponse:
+        if request.revoke_old and not request.now:
+            raise BadRequest("revoke_old needs now: the old key signs until a new one does")
+        await self.keyring.rotate(self.lifecycle, now=request.now, revoke_old=request.revoke_old)
+        self.audit.record(
+            "keys_rotated",
+            peer=current_caller().name,
+            reason="emergency" if request.revoke_old else ("now" if request.now else "scheduled"),
+            kid=self.keyring.signing.kid,
+        )
+        return pb.RotateKeysResponse(keys=self._key_infos())
+
+    @rpc
+    async def RetireKey(self, request: pb.RetireKeyRequest, context: Ctx) -> pb.RetireKeyResponse:
+        kid = limits.text("kid", request.kid, required=True, limit=limits.MAX_SHORT)
+        status = await self.keyring.retire(kid)
+        if status == "unknown":
+            raise BadRequest(f"no key {kid}")
+        if status == "active":
+            raise BadRequest("the active key cannot be retired; rotate instead")
+        self.audit.record("key_retired", peer=current_caller().name, kid=kid)
+        return pb.RetireKeyResponse(keys=self._key_infos())
 
     @rpc
     async def GetKeys(self, request: pb.GetKeysRequest, context: Ctx) -> pb.GetKeysResponse:
