@@ -44,6 +44,8 @@ class ServerThread:
         return tokensvc_pb2_grpc.TokenServiceStub(self.channel())
 
     def stop(self, grace: float = 0.5) -> None:
+        if self.loop.is_closed():
+            return  # stopped already (by the test, then by the fixture)
         try:
             self.run(self.running.stop(grace))
         finally:

@@ -1,5 +1,6 @@
 """``tokensvc`` command line: ``serve`` runs the service, ``health`` probes one,
-``audit tail`` prints the audit trail, ``certs`` writes a development PKI.
+``audit tail`` prints the audit trail, ``certs`` writes a development PKI, ``keys``
+manages the signing key ring (:mod:`tokensvc.cli_keys`).
 
 Every ``serve`` flag is also a ``TOKENSVC_*`` environment variable; ``tokensvc serve --help``
 lists them. A bad value ends the program at start-up with one line on stderr and exit 2.
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from redis.exceptions import RedisError
 
-from tokensvc import config
+from tokensvc import cli_keys, config
 from tokensvc.keyring import KeyRingError
 from tokensvc.store import StoreUnavailable
 from tokensvc.telemetry import current_trace_id
@@ -113,8 +114,10 @@ def _audit_redis_url(args: argparse.Namespace) -> str:
     """
     url = args.redis_url or os.environ.get("TOKENSVC_REDIS_URL") or None
     if url is not None:
-        if not url.startswith(("redis://", "rediss://", "unix://")):
-            raise config.ConfigError("--redis-url must start with redis://, rediss:// or unix://")
+        if not url.startswith(config.REDIS_SCHEMES):
+            raise config.ConfigError(
+                f"--redis-url must start with one of {', '.join(config.REDIS_SCHEMES)}"
+            )
         return str(url)
     data_dir = Path(
         args.data_dir or os.environ.get("TOKENSVC_DATA_DIR") or config.Settings().data_dir
@@ -276,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
         "[default localhost, 127.0.0.1, ::1]",
     )
     certs.set_defaults(run=_cmd_certs)
+    cli_keys.add_commands(commands)
     return parser
 
 

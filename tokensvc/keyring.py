@@ -223,16 +223,17 @@ class KeyRing:
 
     async def rewrap(self) -> int:
         """Re-encrypt every private key not yet under the current KEK; returns how many."""
-        await self.load()
+        raw = await guarded(self._redis.hgetall, RING_KEY)
         args: list[str] = []
-        for kid, record in self.records.items():
+        for kid, stored in raw.items():
+            record = json.loads(stored)
             if _jwe_kid(record["private"]) == self._kek_id:
                 continue
             key = self._decrypt(record)
-            args += [kid, json.dumps(record), json.dumps({**record, "private": self._wrap(key)})]
+            # the script replaces a record only if it still reads exactly as stored here
+            args += [_text(kid), _text(stored), json.dumps({**record, "private": self._wrap(key)})]
         if not args:
             return 0
-        # a record is replaced only if unchanged since it was read (the script compares)
         await self._run("rewrap", *args)
         await self.load()
         return sum(
