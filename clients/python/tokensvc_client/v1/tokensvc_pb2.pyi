@@ -11,6 +11,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -602,3 +603,175 @@ class RetireKeyResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RetireKeyResponse: _TypeAlias = RetireKeyResponse  # noqa: Y015
+
+@_typing.final
+class WatchRevocationsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESUME_FROM_FIELD_NUMBER: _builtins.int
+    resume_from: _builtins.str
+    """The id of the last event received; empty (or no longer held) starts with
+    a RESET event followed by every revocation still in force.
+    """
+    def __init__(
+        self,
+        *,
+        resume_from: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["resume_from", b"resume_from"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchRevocationsRequest: _TypeAlias = WatchRevocationsRequest  # noqa: Y015
+
+@_typing.final
+class RevocationEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Kind:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _KindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[RevocationEvent._Kind.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        KIND_UNSPECIFIED: RevocationEvent._Kind.ValueType  # 0
+        RESET: RevocationEvent._Kind.ValueType  # 1
+        """Forget everything known: what follows is the full set still in force."""
+        TOKEN: RevocationEvent._Kind.ValueType  # 2
+        """value: a jti. The access token with that jti is revoked."""
+        SESSION: RevocationEvent._Kind.ValueType  # 3
+        """value: a session id. Every access token of that session is revoked."""
+        SUBJECT: RevocationEvent._Kind.ValueType  # 4
+        """value: a subject. Its access tokens issued before revoked_before are revoked."""
+        KEY: RevocationEvent._Kind.ValueType  # 5
+        """value: a kid. Tokens signed by that key are no longer valid."""
+
+    class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
+    KIND_UNSPECIFIED: RevocationEvent.Kind.ValueType  # 0
+    RESET: RevocationEvent.Kind.ValueType  # 1
+    """Forget everything known: what follows is the full set still in force."""
+    TOKEN: RevocationEvent.Kind.ValueType  # 2
+    """value: a jti. The access token with that jti is revoked."""
+    SESSION: RevocationEvent.Kind.ValueType  # 3
+    """value: a session id. Every access token of that session is revoked."""
+    SUBJECT: RevocationEvent.Kind.ValueType  # 4
+    """value: a subject. Its access tokens issued before revoked_before are revoked."""
+    KEY: RevocationEvent.Kind.ValueType  # 5
+    """value: a kid. Tokens signed by that key are no longer valid."""
+
+    ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    REVOKED_BEFORE_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Stream position; resume from it after a disconnect."""
+    kind: Global___RevocationEvent.Kind.ValueType
+    value: _builtins.str
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """The entry can be forgotten after this: every token it covers has expired."""
+
+    @_builtins.property
+    def revoked_before(self) -> _timestamp_pb2.Timestamp:
+        """SUBJECT only."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        kind: Global___RevocationEvent.Kind.ValueType = ...,
+        value: _builtins.str = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        revoked_before: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "revoked_before", b"revoked_before"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "id", b"id", "kind", b"kind", "revoked_before", b"revoked_before", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevocationEvent: _TypeAlias = RevocationEvent  # noqa: Y015
+
+@_typing.final
+class ListSessionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    subject: _builtins.str
+    def __init__(
+        self,
+        *,
+        subject: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["subject", b"subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSessionsRequest: _TypeAlias = ListSessionsRequest  # noqa: Y015
+
+@_typing.final
+class Session(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    SESSION_LABEL_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    LAST_REFRESHED_AT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    client_id: _builtins.str
+    session_label: _builtins.str
+    active: _builtins.bool
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def last_refreshed_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """Absolute end of the session (family maximum age)."""
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        client_id: _builtins.str = ...,
+        session_label: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        last_refreshed_at: _timestamp_pb2.Timestamp | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        active: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "last_refreshed_at", b"last_refreshed_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "client_id", b"client_id", "created_at", b"created_at", "expires_at", b"expires_at", "last_refreshed_at", b"last_refreshed_at", "session_id", b"session_id", "session_label", b"session_label"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Session: _TypeAlias = Session  # noqa: Y015
+
+@_typing.final
+class ListSessionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Session]: ...
+    def __init__(
+        self,
+        *,
+        sessions: _abc.Iterable[Global___Session] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sessions", b"sessions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSessionsResponse: _TypeAlias = ListSessionsResponse  # noqa: Y015

@@ -86,6 +86,16 @@ class TokenServiceStub:
                 request_serializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.RetireKeyRequest.SerializeToString,
                 response_deserializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.RetireKeyResponse.FromString,
                 _registered_method=True)
+        self.WatchRevocations = channel.unary_stream(
+                '/tokensvc.v1.TokenService/WatchRevocations',
+                request_serializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.WatchRevocationsRequest.SerializeToString,
+                response_deserializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.RevocationEvent.FromString,
+                _registered_method=True)
+        self.ListSessions = channel.unary_unary(
+                '/tokensvc.v1.TokenService/ListSessions',
+                request_serializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.ListSessionsResponse.FromString,
+                _registered_method=True)
 
 
 class TokenServiceServicer:
@@ -169,6 +179,23 @@ class TokenServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchRevocations(self, request, context):
+        """WatchRevocations streams every revocation still in force, then live ones, so
+        interceptors refuse revoked access tokens within a second. Pass the last
+        event id as resume_from after a disconnect.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSessions(self, request, context):
+        """ListSessions lists a subject's sessions (refresh families). Admin
+        identities, or the subject itself with its own access token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TokenServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -221,6 +248,16 @@ def add_TokenServiceServicer_to_server(servicer, server):
                     servicer.RetireKey,
                     request_deserializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.RetireKeyRequest.FromString,
                     response_serializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.RetireKeyResponse.SerializeToString,
+            ),
+            'WatchRevocations': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRevocations,
+                    request_deserializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.WatchRevocationsRequest.FromString,
+                    response_serializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.RevocationEvent.SerializeToString,
+            ),
+            'ListSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessions,
+                    request_deserializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.ListSessionsRequest.FromString,
+                    response_serializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.ListSessionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -495,6 +532,60 @@ class TokenService:
             '/tokensvc.v1.TokenService/RetireKey',
             tokensvc__client_dot_v1_dot_tokensvc__pb2.RetireKeyRequest.SerializeToString,
             tokensvc__client_dot_v1_dot_tokensvc__pb2.RetireKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRevocations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tokensvc.v1.TokenService/WatchRevocations',
+            tokensvc__client_dot_v1_dot_tokensvc__pb2.WatchRevocationsRequest.SerializeToString,
+            tokensvc__client_dot_v1_dot_tokensvc__pb2.RevocationEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokensvc.v1.TokenService/ListSessions',
+            tokensvc__client_dot_v1_dot_tokensvc__pb2.ListSessionsRequest.SerializeToString,
+            tokensvc__client_dot_v1_dot_tokensvc__pb2.ListSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

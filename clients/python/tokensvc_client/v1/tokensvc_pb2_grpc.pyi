@@ -68,6 +68,15 @@ class TokenServiceStub:
     """RetireKey abandons a pending key (it never signs). The active key cannot be
     retired: rotate instead.
     """
+    WatchRevocations: _grpc.UnaryStreamMultiCallable[_tokensvc_pb2.WatchRevocationsRequest, _tokensvc_pb2.RevocationEvent]
+    """WatchRevocations streams every revocation still in force, then live ones, so
+    interceptors refuse revoked access tokens within a second. Pass the last
+    event id as resume_from after a disconnect.
+    """
+    ListSessions: _grpc.UnaryUnaryMultiCallable[_tokensvc_pb2.ListSessionsRequest, _tokensvc_pb2.ListSessionsResponse]
+    """ListSessions lists a subject's sessions (refresh families). Admin
+    identities, or the subject itself with its own access token.
+    """
 
 @_typing.type_check_only
 class TokenServiceAsyncStub(TokenServiceStub):
@@ -105,6 +114,15 @@ class TokenServiceAsyncStub(TokenServiceStub):
     RetireKey: _aio.UnaryUnaryMultiCallable[_tokensvc_pb2.RetireKeyRequest, _tokensvc_pb2.RetireKeyResponse]  # type: ignore[assignment]
     """RetireKey abandons a pending key (it never signs). The active key cannot be
     retired: rotate instead.
+    """
+    WatchRevocations: _aio.UnaryStreamMultiCallable[_tokensvc_pb2.WatchRevocationsRequest, _tokensvc_pb2.RevocationEvent]  # type: ignore[assignment]
+    """WatchRevocations streams every revocation still in force, then live ones, so
+    interceptors refuse revoked access tokens within a second. Pass the last
+    event id as resume_from after a disconnect.
+    """
+    ListSessions: _aio.UnaryUnaryMultiCallable[_tokensvc_pb2.ListSessionsRequest, _tokensvc_pb2.ListSessionsResponse]  # type: ignore[assignment]
+    """ListSessions lists a subject's sessions (refresh families). Admin
+    identities, or the subject itself with its own access token.
     """
 
 class TokenServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -200,6 +218,27 @@ class TokenServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_tokensvc_pb2.RetireKeyResponse, _abc.Awaitable[_tokensvc_pb2.RetireKeyResponse]]:
         """RetireKey abandons a pending key (it never signs). The active key cannot be
         retired: rotate instead.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchRevocations(
+        self,
+        request: _tokensvc_pb2.WatchRevocationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_tokensvc_pb2.RevocationEvent], _abc.AsyncIterator[_tokensvc_pb2.RevocationEvent]]:
+        """WatchRevocations streams every revocation still in force, then live ones, so
+        interceptors refuse revoked access tokens within a second. Pass the last
+        event id as resume_from after a disconnect.
+        """
+
+    @_abc_1.abstractmethod
+    def ListSessions(
+        self,
+        request: _tokensvc_pb2.ListSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tokensvc_pb2.ListSessionsResponse, _abc.Awaitable[_tokensvc_pb2.ListSessionsResponse]]:
+        """ListSessions lists a subject's sessions (refresh families). Admin
+        identities, or the subject itself with its own access token.
         """
 
 def add_TokenServiceServicer_to_server(servicer: TokenServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
