@@ -85,7 +85,7 @@ _RESERVED: Final = frozenset(vars(logging.makeLogRecord({}))) | {
 }
 
 
-def _cancelled_since(baseline: int) -> bool:
+def cancelled_since(baseline: int) -> bool:
     """Whether the current task was asked to cancel after ``baseline`` was read.
 
     On Python 3.11 ``asyncio.wait_for`` (which redis-py uses to send a command when a
@@ -102,7 +102,7 @@ def _retrieve(task: asyncio.Future[None]) -> None:
         task.exception()
 
 
-def _cancelling() -> int:
+def cancelling_count() -> int:
     task = asyncio.current_task()
     return task.cancelling() if task is not None else 0
 
@@ -292,11 +292,11 @@ class AuditTrail:
         re-raises :class:`asyncio.CancelledError`.
         """
         backoff = 0.0
-        baseline = _cancelling()
+        baseline = cancelling_count()
         try:
             while True:
                 await self._next_batch()
-                if _cancelled_since(baseline):
+                if cancelled_since(baseline):
                     raise asyncio.CancelledError
                 try:
                     await self.flush()
@@ -318,7 +318,7 @@ class AuditTrail:
                         )
                     self._warn_dropped()
                     await asyncio.sleep(backoff)
-                if _cancelled_since(baseline):
+                if cancelled_since(baseline):
                     raise asyncio.CancelledError
         except asyncio.CancelledError:
             try:  # what is queued, and a batch that may still be in flight
@@ -359,14 +359,14 @@ async def tail(
     Raises:
         tokensvc.store.StoreUnavailable: Redis is unreachable.
     """
-    baseline = _cancelling()
+    baseline = cancelling_count()
     newest: list[Any] = await guarded(redis.xrevrange, stream, count=max(count, 1))
     last = _text(newest[0][0]) if newest else "0-0"
     entries: Iterable[Any] = reversed(newest[:count]) if count > 0 else ()
     for entry_id, fields in entries:
         write(_line(entry_id, fields))
     while follow:
-        if _cancelled_since(baseline):
+        if cancelled_since(baseline):
             raise asyncio.CancelledError
         reply: Any = await guarded(
             redis.xread, {stream: last}, count=BATCH_MAX, block=FOLLOW_BLOCK_MS

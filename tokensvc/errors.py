@@ -7,10 +7,11 @@ traceback or exception text ever reaches a caller.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -68,6 +69,34 @@ class Guarded(Protocol):
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]
+StreamHandler = Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], AsyncIterator[Resp]]
+
+
+@contextlib.asynccontextmanager
+async def _statuses(
+    servicer: Guarded, name: str, context: grpc.aio.ServicerContext[Any, Any]
+) -> AsyncIterator[None]:
+    """Admit the caller, then turn what the handler raises into a status code."""
+    try:
+        await servicer.admit(name, context)
+        yield
+    except ServiceError as err:
+        if isinstance(err, NotAuthenticated | Denied):
+            await servicer.rejected(name, err)
+        if isinstance(err, RateLimited):
+            context.set_trailing_metadata((("retry-after", str(err.retry_after)),))
+        await context.abort(err.code, err.message)
+    except StoreUnavailable as err:
+        log.warning("rpc=%s token store unavailable: %s", name, err)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "token store unavailable; retry later")
+    except grpc.aio.AbortError:
+        raise
+    except Exception:
+        correlation = uuid.uuid4().hex
+        log.exception("rpc=%s internal error correlation_id=%s", name, correlation)
+        await context.abort(
+            grpc.StatusCode.INTERNAL, f"internal error (correlation id {correlation})"
+        )
 
 
 def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
@@ -79,26 +108,23 @@ def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
     async def wrapper(
         self: Guarded, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
     ) -> Resp:
-        try:
-            await self.admit(name, context)
+        async with _statuses(self, name, context):
             return await method(self, request, context)
-        except ServiceError as err:
-            if isinstance(err, NotAuthenticated | Denied):
-                await self.rejected(name, err)
-            if isinstance(err, RateLimited):
-                context.set_trailing_metadata((("retry-after", str(err.retry_after)),))
-            await context.abort(err.code, err.message)
-        except StoreUnavailable as err:
-            log.warning("rpc=%s token store unavailable: %s", method.__name__, err)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "token store unavailable; retry later")
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            correlation = uuid.uuid4().hex
-            log.exception("rpc=%s internal error correlation_id=%s", method.__name__, correlation)
-            await context.abort(
-                grpc.StatusCode.INTERNAL, f"internal error (correlation id {correlation})"
-            )
         raise AssertionError("context.abort returned")  # pragma: no cover
+
+    return wrapper
+
+
+def stream_rpc(method: StreamHandler[Req, Resp]) -> StreamHandler[Req, Resp]:
+    """:func:`rpc` for a server-streaming method (an async generator)."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    async def wrapper(
+        self: Guarded, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
+    ) -> AsyncIterator[Resp]:
+        async with _statuses(self, name, context):
+            async for item in method(self, request, context):
+                yield item
 
     return wrapper

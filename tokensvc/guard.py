@@ -35,6 +35,7 @@ from tokensvc_client.peer import ANONYMOUS, Peer, peer_of
 
 log = logging.getLogger("tokensvc.guard")
 _BLOCKED_MAX = 10_000
+SELF_SERVICE = frozenset({"ListSessions"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +110,8 @@ class Guard:
         _current.set(caller)
         if rpc != "GetKeys":
             self._check_blocked(caller)
-        if self.enforce and not self.policy.admits(rpc, caller.peer):
+        # ListSessions also serves the subject itself: its handler decides (tokensvc.sessions)
+        if self.enforce and rpc not in SELF_SERVICE and not self.policy.admits(rpc, caller.peer):
             raise Denied(f"caller is not allowed to call {rpc}")
         limit = self.per_peer.get(rpc)
         if limit is not None:

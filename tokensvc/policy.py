@@ -62,6 +62,8 @@ DEFAULT_RULES: Mapping[str, Rule] = {
     "ListKeys": Rule(),
     "RotateKeys": Rule(),
     "RetireKey": Rule(),
+    "ListSessions": Rule(),  # or the subject itself, with its own token (tokensvc.sessions)
+    "WatchRevocations": Rule(frozenset({ANY_AUTHENTICATED})),
 }
 
 

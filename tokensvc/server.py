@@ -26,6 +26,8 @@ from tokensvc import telemetry
 from tokensvc.audit import AuditTrail
 from tokensvc.config import Settings
 from tokensvc.embedded import RedisProcess
+from tokensvc.feed import RevocationHub
+from tokensvc.http_jwks import HttpJwks, start_http
 from tokensvc.keyring import KeyRing, Lifecycle, load_kek
 from tokensvc.policy import CallerPolicy
 from tokensvc.service import TokenService
@@ -68,10 +70,13 @@ class Running:
     audit: AuditTrail
     embedded: RedisProcess | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    http: HttpJwks | None = None  # the --http-listen JWKS listener, if any
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking calls, finish in-flight ones within ``grace``, release Redis."""
         await self.health.enter_graceful_shutdown()
+        if self.http is not None:
+            await self.http.stop()
         # in-flight calls still audit: the audit writer (last task) stops after the server
         for task in self.tasks[:-1]:
             task.cancel()
@@ -126,7 +131,7 @@ async def start(settings: Settings, tracer_provider: TracerProvider | None = Non
         )
         keyring = KeyRing(redis, load_kek(settings.kek_file, settings.data_dir), previous)
         await keyring.load()
-        store = FamilyStore(redis)
+        store = FamilyStore(redis, feed_ttl_ms=(settings.access_ttl + settings.leeway) * 1000)
         await store.load_scripts()
     except Exception:
         await redis.aclose()
@@ -147,8 +152,10 @@ async def start(settings: Settings, tracer_provider: TracerProvider | None = Non
         ],
     )
     audit = AuditTrail(redis)
+    # the feed reader blocks at most half the socket timeout, so it never times out
+    hub = RevocationHub(redis, block_ms=max(100, int(settings.redis_timeout * 500)))
     tokensvc_pb2_grpc.add_TokenServiceServicer_to_server(
-        TokenService(settings, store, keyring, audit, policy), server
+        TokenService(settings, store, keyring, audit, policy, hub), server
     )
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -172,9 +179,19 @@ async def start(settings: Settings, tracer_provider: TracerProvider | None = Non
     else:
         port = server.add_secure_port(settings.listen, _server_credentials(settings))
     await server.start()
+    try:
+        http = await start_http(settings, keyring) if settings.http_listen else None
+    except BaseException:
+        await server.stop(None)
+        await redis.aclose()
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+        raise
     running = Running(settings, server, port, redis, health, audit, embedded)
+    running.http = http
     lifecycle = Lifecycle.from_settings(settings)
     running.tasks.append(asyncio.create_task(_maintain(keyring, lifecycle, health)))
+    running.tasks.append(asyncio.create_task(hub.run()))
     running.tasks.append(asyncio.create_task(audit.run()))
     log.info("tokensvc serving on port %d issuer=%s", port, settings.issuer)
     return running

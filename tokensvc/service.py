@@ -12,16 +12,19 @@ import time
 from typing import Any
 
 import grpc.aio
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from tokensvc import limits, tokens
+from tokensvc.admin import AdminRpcs
 from tokensvc.audit import AuditTrail
 from tokensvc.config import Settings
 from tokensvc.errors import BadRequest, NotAuthenticated, RateLimited, ServiceError, rpc
+from tokensvc.feed import RevocationHub
 from tokensvc.guard import Caller, Guard, current_caller
 from tokensvc.keyring import KeyRing, Lifecycle
 from tokensvc.policy import CallerPolicy
+from tokensvc.sessions import SessionRpcs
 from tokensvc.store import FamilyStore, IssueStatus, Limit, NewFamily, RefreshStatus
+from tokensvc.times import ts as _ts
 from tokensvc_client.errors import InvalidToken, Reason
 from tokensvc_client.peer import is_thumbprint
 from tokensvc_client.v1 import tokensvc_pb2 as pb
@@ -32,19 +35,13 @@ log = logging.getLogger("tokensvc.service")
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
-def _ts(seconds: float) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromMilliseconds(int(seconds * 1000))
-    return stamp
-
-
 class SubjectLocked(ServiceError):
     """Issue for a locked subject (not a failed authentication of the caller)."""
 
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
-class TokenService(pb_grpc.TokenServiceServicer):
+class TokenService(AdminRpcs, SessionRpcs, pb_grpc.TokenServiceServicer):
     """Implements tokensvc.v1.TokenService on a key ring and a family store.
 
     Every RPC is admitted first by the :class:`~tokensvc.guard.Guard` (caller policy,
@@ -58,10 +55,12 @@ class TokenService(pb_grpc.TokenServiceServicer):
         keyring: KeyRing,
         audit: AuditTrail,
         policy: CallerPolicy | None = None,
+        hub: RevocationHub | None = None,
         *,
         clock: Any = time.time,
     ) -> None:
         self.settings = settings
+        self.hub = hub or RevocationHub(store.redis)
         self.store = store
         self.keyring = keyring
         self.audit = audit
@@ -253,9 +252,7 @@ class TokenService(pb_grpc.TokenServiceServicer):
             audit["session_id"] = sid
         elif target == "subject":
             subject = limits.text("subject", request.subject, required=True)
-            count = await self.store.revoke_subject(
-                tokens.subject_tag(subject), now_ms, reason, self.subject_ttl_ms
-            )
+            count = await self.store.revoke_subject(subject, now_ms, reason, self.subject_ttl_ms)
             audit["subject"] = subject
         else:
             raise BadRequest("target is required: token, session_id or subject")
@@ -284,40 +281,9 @@ class TokenService(pb_grpc.TokenServiceServicer):
             claims = await self._verify(token)
         except InvalidToken:
             return 0
-        await self.store.revoke_jti(claims.session_id, claims.token_id, claims.expires_at)
+        await self.store.revoke_jti(claims.session_id, claims.token_id, claims.expires_at, now_ms)
         audit.update(session_id=claims.session_id, jti=claims.token_id, subject=claims.subject)
         return 0
-
-    @rpc
-    async def LockSubject(
-        self, request: pb.LockSubjectRequest, context: Ctx
-    ) -> pb.LockSubjectResponse:
-        subject = limits.text("subject", request.subject, required=True)
-        reason = limits.text("reason", request.reason, limit=limits.MAX_REASON) or "locked"
-        count = await self.store.revoke_subject(
-            tokens.subject_tag(subject),
-            int(self.clock() * 1000),
-            reason,
-            self.subject_ttl_ms,
-            lock=True,
-        )
-        self.audit.record(
-            "locked", peer=current_caller().name, subject=subject, reason=reason, sessions=count
-        )
-        return pb.LockSubjectResponse(revoked_sessions=count)
-
-    @rpc
-    async def UnlockSubject(
-        self, request: pb.UnlockSubjectRequest, context: Ctx
-    ) -> pb.UnlockSubjectResponse:
-        subject = limits.text("subject", request.subject, required=True)
-        was_locked = await self.store.unlock_subject(
-            tokens.subject_tag(subject), self.subject_ttl_ms
-        )
-        self.audit.record(
-            "unlocked", peer=current_caller().name, subject=subject, was_locked=int(was_locked)
-        )
-        return pb.UnlockSubjectResponse(was_locked=was_locked)
 
     @rpc
     async def Introspect(
@@ -386,59 +352,6 @@ class TokenService(pb_grpc.TokenServiceServicer):
             if err.reason is not Reason.UNKNOWN_KEY or not await self.keyring.reload_if_stale():
                 raise
         return self.verifier.verify(token, self.keyring.public)
-
-    # -- key ring administration ------------------------------------------------------------
-
-    def _key_infos(self) -> list[pb.KeyInfo]:
-        keep_ms = self.lifecycle.keep_after_retire_ms
-        infos = []
-        for kid, record in sorted(
-            self.keyring.records.items(), key=lambda item: item[1].get("created_ms", 0)
-        ):
-            info = pb.KeyInfo(kid=kid, state=record["state"])
-            for field, name in (
-                ("created_ms", "created_at"),
-                ("activated_ms", "activated_at"),
-                ("retired_ms", "retired_at"),
-                ("activate_after_ms", "activate_after"),
-            ):
-                if record.get(field):
-                    getattr(info, name).CopyFrom(_ts(record[field] / 1000))
-            if record.get("retired_ms"):
-                info.delete_after.CopyFrom(_ts((record["retired_ms"] + keep_ms) / 1000))
-            infos.append(info)
-        return infos
-
-    @rpc
-    async def ListKeys(self, request: pb.ListKeysRequest, context: Ctx) -> pb.ListKeysResponse:
-        await self.keyring.load()
-        return pb.ListKeysResponse(keys=self._key_infos())
-
-    @rpc
-    async def RotateKeys(
-        self, request: pb.RotateKeysRequest, context: Ctx
-    ) -> pb.RotateKeysResponse:
-        if request.revoke_old and not request.now:
-            raise BadRequest("revoke_old needs now: the old key signs until a new one does")
-        await self.keyring.rotate(self.lifecycle, now=request.now, revoke_old=request.revoke_old)
-        self.audit.record(
-            "keys_rotated",
-            peer=current_caller().name,
-            reason="emergency" if request.revoke_old else ("now" if request.now else "scheduled"),
-            kid=self.keyring.signing.kid,
-        )
-        return pb.RotateKeysResponse(keys=self._key_infos())
-
-    @rpc
-    async def RetireKey(self, request: pb.RetireKeyRequest, context: Ctx) -> pb.RetireKeyResponse:
-        kid = limits.text("kid", request.kid, required=True, limit=limits.MAX_SHORT)
-        status = await self.keyring.retire(kid)
-        if status == "unknown":
-            raise BadRequest(f"no key {kid}")
-        if status == "active":
-            raise BadRequest("the active key cannot be retired; rotate instead")
-        self.audit.record("key_retired", peer=current_caller().name, kid=kid)
-        return pb.RetireKeyResponse(keys=self._key_infos())
 
     @rpc
     async def GetKeys(self, request: pb.GetKeysRequest, context: Ctx) -> pb.GetKeysResponse:

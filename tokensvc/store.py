@@ -11,6 +11,8 @@ the Redis Cluster hash tag, so all keys of one subject share one slot)::
     ts:{T}:jti:<jti>   string a revoked access token, expiring with the token
     ts:{T}:rl:issue    string GCRA state of the subject's Issue rate limit
     ts:rl:<what>:<h>   string GCRA state of a per-peer limit (h: hash of the peer identity)
+    ts:revocations     stream the revocation feed (tokensvc.feed): one entry per revoked
+                              jti, session, subject watermark, key; trimmed by age
 
 The subject hash also holds ``locked`` while the subject is locked (LockSubject).
 
@@ -27,36 +29,73 @@ import hashlib
 import json
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, Final
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import (
+    AskError,
+    ClusterError,
+    ReadOnlyError,
+    RedisClusterException,
+    RedisError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from tokensvc.tokens import tag_of
+from tokensvc.tokens import subject_tag, tag_of
 
 
 class StoreUnavailable(RuntimeError):
     """Redis is unreachable or timed out; nothing was (or can be known to be) written."""
 
 
+# replies of a server that cannot take the command now, also when they come wrapped in a
+# script error (Redis 6 reports "ERR Error running script ... -READONLY ...")
+_NOT_READY = ("LOADING", "MASTERDOWN", "READONLY", "NOREPLICAS", "CLUSTERDOWN", "TRYAGAIN")
+# RedisCluster's own errors when no startup node answers or the slots are not all served
+_CLUSTER_UNREACHABLE = ("Redis Cluster cannot be connected", "All slots are not covered")
+
+
 async def guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Await a Redis call; connection trouble becomes :class:`StoreUnavailable`."""
+    """Await a Redis call; connection trouble and failovers become :class:`StoreUnavailable`.
+
+    Unavailable means the command did not run, or may have run but its reply was lost; the
+    caller may retry. That is: connection errors and timeouts (including Sentinel's
+    MasterNotFoundError, no primary known, and a server still loading its data), a primary
+    without its replicas (MASTERDOWN, NOREPLICAS), a demoted primary (READONLY), and on
+    Redis Cluster CLUSTERDOWN, TRYAGAIN, a slot being moved (MOVED/ASK reaching us from a
+    pipeline that must not follow them), a slot map that does not cover the key, or no
+    node reachable. Any other error (a bug, e.g. keys of two slots) is raised as is.
+    """
     try:
         return await fn(*args, **kwargs)
     except (RedisConnectionError, RedisTimeoutError, OSError) as err:
         raise StoreUnavailable(f"redis unavailable: {type(err).__name__}") from err
+    except (ClusterError, TryAgainError, AskError, ReadOnlyError, SlotNotCoveredError) as err:
+        # ClusterError: CLUSTERDOWN, MASTERDOWN, redirections exhausted; AskError: also MOVED
+        raise StoreUnavailable(f"redis not ready: {type(err).__name__}") from err
+    except RedisClusterException as err:
+        if str(err).startswith(_CLUSTER_UNREACHABLE):
+            raise StoreUnavailable("redis cluster unreachable") from err
+        raise
     except RedisError as err:
-        if any(word in str(err) for word in ("LOADING", "MASTERDOWN", "READONLY")):
+        if any(word in str(err) for word in _NOT_READY):
             raise StoreUnavailable(f"redis not ready: {type(err).__name__}") from err
         raise
 
 
-def _script(name: str, *, gcra: bool = False) -> str:
-    """A Lua script's source; ``gcra`` prepends the rate-limiting function."""
+def _script(name: str, *, gcra: bool = False, feed: bool = False) -> str:
+    """A Lua script's source; ``gcra`` prepends the rate-limiting function, ``feed`` the
+    revocation feed's ``emit``."""
     lua = resources.files("tokensvc").joinpath("lua")
-    prelude = lua.joinpath("gcra.lua").read_text() if gcra else ""
+    prelude = "".join(
+        lua.joinpath(f"{lib}.lua").read_text()
+        for lib, wanted in (("gcra", gcra), ("feed", feed))
+        if wanted
+    )
     return prelude + lua.joinpath(name).read_text()
 
 
@@ -74,6 +113,9 @@ def subject_key(tag: str) -> str:
 
 def jti_key(sid: str, jti: str) -> str:
     return f"ts:{{{tag_of(sid)}}}:jti:{jti}"
+
+
+REVOCATIONS: Final = "ts:revocations"
 
 
 def issue_limit_key(tag: str) -> str:
@@ -149,6 +191,19 @@ class Rotation:
 
 
 @dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """One row of a subject's session listing (times in ms)."""
+
+    session_id: str
+    client_id: str
+    label: str
+    created_ms: int
+    last_ms: int
+    expires_ms: int
+    active: bool
+
+
+@dataclass(frozen=True, slots=True)
 class AccessState:
     """What Redis says about an access token's session."""
 
@@ -175,16 +230,36 @@ def _s(value: Any) -> str:
 
 
 class FamilyStore:
-    """Refresh families and revocation state, each operation one Redis round trip."""
+    """Refresh families and revocation state, each operation one Redis round trip.
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    Every revocation is also appended to the revocation stream (:data:`REVOCATIONS`):
+    inside the revoking script on a single Redis or Sentinel group (atomic with the
+    revocation), right after it on Redis Cluster, where the stream is in another slot (a
+    crash between the two then loses the event, not the revocation: Refresh and Introspect
+    still enforce it; interceptors learn of it when the token expires). ``feed_ttl_ms``:
+    how long an event matters (longest access-token lifetime + leeway).
+    """
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        feed_ttl_ms: int = 930_000,
+        wait_replicas: int = 0,
+        wait_timeout: float = 0.5,
+    ) -> None:
         self.redis = redis
+        self.wait_replicas = wait_replicas  # see settle()
+        self.wait_timeout = wait_timeout
+        self.feed_ttl_ms = feed_ttl_ms
+        self._inline_feed = not isinstance(redis, RedisCluster)
         self._issue = redis.register_script(_script("issue.lua", gcra=True))
         self._rate = redis.register_script(_script("ratelimit.lua", gcra=True))
         self._unlock = redis.register_script(_script("unlock.lua"))
-        self._refresh = redis.register_script(_script("refresh.lua"))
-        self._revoke_family = redis.register_script(_script("revoke_family.lua"))
-        self._revoke_subject = redis.register_script(_script("revoke_subject.lua"))
+        self._refresh = redis.register_script(_script("refresh.lua", feed=True))
+        self._revoke_family = redis.register_script(_script("revoke_family.lua", feed=True))
+        self._revoke_subject = redis.register_script(_script("revoke_subject.lua", feed=True))
+        self._revoke_jti = redis.register_script(_script("revoke_jti.lua", feed=True))
         self._read_state = redis.register_script(_script("state.lua"))
 
     async def load_scripts(self) -> None:
@@ -197,6 +272,7 @@ class FamilyStore:
             self._read_state,
             self._rate,
             self._unlock,
+            self._revoke_jti,
         )
         for script in scripts:
             await guarded(self.redis.script_load, script.script)
@@ -240,10 +316,12 @@ class FamilyStore:
         thumbprint: str = "",
     ) -> Rotation:
         """Rotate a refresh token; ``thumbprint`` is the presenter's client certificate."""
+        minid, exp = self._feed_window(now_ms)
+        keys = [family_key(sid), subject_key(tag_of(sid))]
         reply = await guarded(
             self._refresh,
-            keys=[family_key(sid), subject_key(tag_of(sid))],
-            args=[presented_hash, successor_hash, now_ms, idle_ttl_ms, thumbprint],
+            keys=keys + ([REVOCATIONS] if self._inline_feed else []),
+            args=[presented_hash, successor_hash, now_ms, idle_ttl_ms, thumbprint, minid, exp, sid],
         )
         status = RefreshStatus(_s(reply[0]))
         if status is RefreshStatus.OK:
@@ -256,6 +334,7 @@ class FamilyStore:
                 token_expires_ms=int(reply[5]),
             )
         if status is RefreshStatus.REUSE:
+            await self._append([("session", sid, exp, 0)], now_ms)
             return Rotation(status, subject=_s(reply[1]))
         return Rotation(status)
 
@@ -297,25 +376,172 @@ class FamilyStore:
             return AccessState(False, "subject_revoked")
         return AccessState(True)
 
-    async def revoke_jti(self, sid: str, jti: str, expires_at_s: int) -> None:
-        await guarded(self.redis.set, jti_key(sid, jti), b"1", exat=expires_at_s)
+    def _feed_window(self, now_ms: int) -> tuple[int, int]:
+        """(stream MINID, expiry of an event made now): events older than the longest
+        access-token lifetime cover only expired tokens."""
+        return now_ms - self.feed_ttl_ms - 60_000, now_ms + self.feed_ttl_ms
+
+    async def _append(self, events: list[tuple[str, str, int, int]], now_ms: int) -> None:
+        """Cluster only: append events the scripts could not (see the class doc)."""
+        if self._inline_feed or not events:
+            return
+        minid, _ = self._feed_window(now_ms)
+        pipe = self.redis.pipeline(transaction=False)
+        for kind, value, exp, before in events:
+            fields = {"kind": kind, "value": value, "exp": exp, "before": before}
+            pipe.xadd(REVOCATIONS, fields, minid=minid, approximate=True)  # type: ignore[arg-type]
+        await guarded(pipe.execute)
+
+    def _stream(self) -> list[str]:
+        return [REVOCATIONS] if self._inline_feed else []
+
+    async def settle(self, key: str) -> None:
+        """Make what the primary holding ``key`` has acknowledged survive its loss: with
+        ``wait_replicas`` > 0, return only once that many of its replicas have it.
+
+        Redis WAIT waits for the replication offset of the *connection's* last write (Redis
+        7 advances it only on writes that replicate), so a WAIT on some other pooled
+        connection would prove nothing. Hence one pipeline, on one connection to that
+        primary: SET a short-lived fence key in ``key``'s hash slot, then WAIT. Offsets
+        only grow, so replicas that have the fence have every write the primary took
+        before it: the revocation the caller just made, and any earlier one that had no
+        WAIT of its own (e.g. a reuse detection's). On Cluster the fence and the WAIT go
+        to the node the slot map names for ``key``; if the slot has moved the fence is
+        refused (MOVED) instead of being re-sent elsewhere, away from its WAIT.
+
+        Not covered: a failover completing between the caller's write and this fence (it
+        takes the primary's down-after / node timeout, and connections to the dead primary
+        fail rather than move on) would have the new primary confirm a fence without the
+        write; WAIT is replication to memory, not fsync, and not consensus.
+
+        Raises:
+            StoreUnavailable: fewer replicas confirmed within ``wait_timeout``. The write
+                is in force on the primary but might not survive losing it; the caller
+                retries (every revocation is idempotent).
+        """
+        if self.wait_replicas <= 0:
+            return
+        acked = await guarded(self._fence_and_wait, key)
+        if acked < self.wait_replicas:
+            raise StoreUnavailable(
+                f"only {acked} of {self.wait_replicas} replicas confirmed the write within "
+                f"{self.wait_timeout} s"
+            )
+
+    async def _fence_and_wait(self, key: str) -> int:
+        tag_start = key.find("{")
+        tag_end = key.find("}", tag_start + 1)
+        tag = key[tag_start + 1 : tag_end] if tag_start != -1 and tag_end > tag_start + 1 else key
+        fence = f"ts:{{{tag}}}:fence"  # same hash slot as key: on the same primary
+        timeout_ms = max(1, round(self.wait_timeout * 1000))
+        if isinstance(self.redis, RedisCluster):
+            node = self.redis.get_node_from_key(key)
+            cpipe = self.redis.pipeline(transaction=False)
+            cpipe.execute_command("SET", fence, b"1", "PX", 10_000, target_nodes=node)
+            cpipe.execute_command("WAIT", self.wait_replicas, timeout_ms, target_nodes=node)
+            replies = await cpipe.execute(allow_redirections=False)
+        else:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.set(fence, b"1", px=10_000)
+            pipe.execute_command("WAIT", self.wait_replicas, timeout_ms)
+            replies = await pipe.execute()
+        return int(replies[1])
+
+    async def revoke_jti(self, sid: str, jti: str, expires_at_s: int, now_ms: int) -> None:
+        minid, _ = self._feed_window(now_ms)
+        await guarded(
+            self._revoke_jti,
+            keys=[jti_key(sid, jti), *self._stream()],
+            args=[expires_at_s, int(self._inline_feed), minid, jti],
+        )
+        await self._append([("token", jti, expires_at_s * 1000, 0)], now_ms)
+        await self.settle(jti_key(sid, jti))
 
     async def revoke_sessions(
         self, sids: list[str], now_ms: int, reason: str, token_hash: str | None = None
     ) -> int:
-        args: list[Any] = [now_ms, reason] + ([token_hash] if token_hash else [])
-        return int(
-            await guarded(self._revoke_family, keys=[family_key(s) for s in sids], args=args)
-        )
+        """Revoke families (only the one owning ``token_hash``, if given); returns how many
+        were active."""
+        minid, exp = self._feed_window(now_ms)
+        args: list[Any] = [now_ms, reason, token_hash or "", int(self._inline_feed), minid, exp]
+        keys = self._stream() + [family_key(s) for s in sids]
+        revoked = [_s(sid) for sid in await guarded(self._revoke_family, keys=keys, args=args)]
+        await self._append([("session", sid, exp, 0) for sid in revoked], now_ms)
+        if sids:
+            await self.settle(family_key(sids[0]))
+        return len(revoked)
 
     async def revoke_subject(
-        self, tag: str, now_ms: int, reason: str, watermark_ttl_ms: int, *, lock: bool = False
+        self,
+        subject: str,
+        now_ms: int,
+        reason: str,
+        watermark_ttl_ms: int,
+        *,
+        lock: bool = False,
     ) -> int:
         """Revoke every session of a subject (and lock it); returns sessions revoked."""
+        tag = subject_tag(subject)
         sids = await guarded(self.redis.zrangebyscore, sessions_key(tag), now_ms, "+inf")
+        minid, exp = self._feed_window(now_ms)
         keys = [subject_key(tag), sessions_key(tag)] + [family_key(_s(s)) for s in sids]
-        args = [now_ms, reason, watermark_ttl_ms, "1" if lock else "0"]
-        return int(await guarded(self._revoke_subject, keys=keys, args=args))
+        args = [now_ms, reason, watermark_ttl_ms, int(lock), int(self._inline_feed), minid, exp]
+        reply = await guarded(
+            self._revoke_subject, keys=keys + self._stream(), args=[*args, subject]
+        )
+        watermark, revoked = int(reply[0]), [_s(sid) for sid in reply[1:]]
+        events = [("session", sid, exp, 0) for sid in revoked]
+        await self._append([*events, ("subject", subject, exp, watermark)], now_ms)
+        await self.settle(subject_key(tag))
+        return len(revoked)
+
+    async def list_sessions(self, tag: str, now_ms: int, limit: int = 500) -> list[SessionInfo]:
+        """The subject's sessions (newest ``limit``), pruning expired ones from its index."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zremrangebyscore(sessions_key(tag), "-inf", now_ms)
+        pipe.zrange(sessions_key(tag), -limit, -1)
+        pipe.hget(subject_key(tag), "revoked_before")
+        _, sids, watermark = await guarded(pipe.execute)
+        if not sids:
+            return []
+        fields = ("state", "created", "last", "exp", "cur_exp", "cid", "label")
+        pipe = self.redis.pipeline(transaction=False)
+        for sid in sids:
+            pipe.hmget(family_key(_s(sid)), fields)
+        rows = await guarded(pipe.execute)
+        wm = int(watermark) if watermark else 0
+        out = []
+        for sid, row in zip(sids, rows, strict=True):
+            f = dict(zip(fields, (_s(v) if v is not None else "" for v in row), strict=True))
+            if not f["state"]:
+                continue  # the family expired between the two reads
+            active = (
+                f["state"] == "active"
+                and now_ms < int(f["cur_exp"])
+                and now_ms < int(f["exp"])
+                and int(f["created"]) > wm
+            )
+            out.append(
+                SessionInfo(
+                    _s(sid),
+                    f["cid"],
+                    f["label"],
+                    int(f["created"]),
+                    int(f["last"]),
+                    int(f["exp"]),
+                    active,
+                )
+            )
+        return sorted(out, key=lambda s: s.created_ms, reverse=True)
+
+    async def revoke_keys(self, kids: list[str], now_ms: int) -> None:
+        """Announce signing keys removed from the JWK Set (emergency rotation)."""
+        minid, exp = self._feed_window(now_ms)
+        pipe = self.redis.pipeline(transaction=False)
+        for kid in kids:
+            fields = {"kind": "key", "value": kid, "exp": exp, "before": 0}
+            pipe.xadd(REVOCATIONS, fields, minid=minid, approximate=True)  # type: ignore[arg-type]
+        await guarded(pipe.execute)
 
     async def unlock_subject(self, tag: str, watermark_ttl_ms: int) -> bool:
         """Let Issue serve the subject again; True if it was locked."""

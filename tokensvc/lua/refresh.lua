@@ -2,8 +2,10 @@
 -- current one; it is marked used (never deleted: it is the evidence for reuse detection)
 -- and its successor becomes current. A used token revokes the whole family.
 -- KEYS[1] family hash   KEYS[2] subject hash (revoked_before watermark)
+-- [KEYS[3] revocation stream: reuse revokes the family and tells the interceptors]
 -- ARGV: presented hash, successor hash, now ms, idle ttl ms, presenter's certificate
---       thumbprint ('' without a client certificate)
+--       thumbprint ('' without a client certificate), stream MINID, event expiry ms,
+--       session id. (feed.lua is prepended.)
 -- Returns {status, ...}: {'ok', claims, sub, cid, family expiry, successor expiry} |
 --   {'reuse', sub} | {'revoked'} | {'expired'} | {'unknown'} | {'mismatch'}
 -- A family bound to a certificate (RFC 8705) is only served to that certificate: any
@@ -25,6 +27,7 @@ if wm and tonumber(f[5]) <= tonumber(wm) then
 end
 if is_used then
   redis.call('HSET', fam, 'state', 'revoked', 'revoked_at', now, 'reason', 'reuse')
+  emit(KEYS[3], ARGV[6], 'session', ARGV[8], ARGV[7])
   return {'reuse', f[6]}
 end
 local fam_exp = tonumber(f[4])

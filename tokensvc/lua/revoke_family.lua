@@ -1,14 +1,21 @@
--- Revoke families. KEYS: family hashes. ARGV: now ms, reason, [token hash].
+-- Revoke families. KEYS: [revocation stream,] family hashes.
+-- ARGV: now ms, reason, token hash ('' = none), '1' if KEYS[1] is the revocation stream,
+--       stream MINID, event expiry ms. (feed.lua is prepended.)
 -- With a token hash, the (single) family is revoked only if the hash is its current or a
 -- used token, so a guessed session id cannot be used to revoke someone else's session.
--- Returns how many active families were revoked.
-local count = 0
-for _, fam in ipairs(KEYS) do
+-- Returns the session ids of the families this call revoked (active before).
+local stream = ARGV[4] == '1' and KEYS[1] or nil
+local out = {}
+for i = stream and 2 or 1, #KEYS do
+  local fam = KEYS[i]
   local state, cur = unpack(redis.call('HMGET', fam, 'state', 'cur'))
-  local owned = ARGV[3] == nil or cur == ARGV[3] or redis.call('HEXISTS', fam, 'u:' .. ARGV[3]) == 1
+  local owned = ARGV[3] == '' or cur == ARGV[3] or
+    redis.call('HEXISTS', fam, 'u:' .. ARGV[3]) == 1
   if state == 'active' and owned then
     redis.call('HSET', fam, 'state', 'revoked', 'revoked_at', ARGV[1], 'reason', ARGV[2])
-    count = count + 1
+    local sid = string.match(fam, ':fam:(%x+)$')
+    out[#out + 1] = sid
+    emit(stream, ARGV[5], 'session', sid, ARGV[6])
   end
 end
-return count
+return out

@@ -1,0 +1,192 @@
+"""The revocation feed: the server side of ``WatchRevocations``.
+
+Revocations are appended to the Redis stream :data:`tokensvc.store.REVOCATIONS` by the
+revoking scripts (see :class:`tokensvc.store.FamilyStore`). Each process runs one
+:class:`RevocationHub`: a single ``XREAD BLOCK`` loop whose live events are fanned out to
+every watcher in memory, so a thousand interceptors cost one blocked Redis connection,
+not a thousand.
+
+A watcher first catches up from the stream itself (``XRANGE``): from just after its
+``resume_from`` id if the stream still holds everything after it, else a ``RESET`` event
+and every entry still in force. Then it receives live events, skipping ids it has already
+sent. A watcher too slow to keep up, or a hub that lost Redis, ends the stream with
+UNAVAILABLE: the client reconnects and resumes from its last id, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Final
+
+import redis.asyncio as aioredis
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from tokensvc.audit import cancelled_since, cancelling_count
+from tokensvc.errors import BadRequest
+from tokensvc.store import REVOCATIONS, StoreUnavailable, guarded
+from tokensvc_client.v1 import tokensvc_pb2 as pb
+
+log = logging.getLogger("tokensvc.feed")
+_ID = re.compile(r"(\d{1,20})-(\d{1,20})")
+_KINDS: Final = {
+    "token": pb.RevocationEvent.TOKEN,
+    "session": pb.RevocationEvent.SESSION,
+    "subject": pb.RevocationEvent.SUBJECT,
+    "key": pb.RevocationEvent.KEY,
+}
+_QUEUE: Final = 10_000
+_BATCH: Final = 1_000
+_CLOSED: Final = object()
+
+
+class FeedClosed(Exception):
+    """The watcher's stream must end (slow watcher, or the hub lost Redis)."""
+
+
+def _id(value: str) -> tuple[int, int]:
+    match = _ID.fullmatch(value)
+    if match is None:
+        raise ValueError(value)
+    return int(match.group(1)), int(match.group(2))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _ts(ms: int) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromMilliseconds(ms)
+    return stamp
+
+
+def to_event(entry_id: Any, fields: dict[Any, Any]) -> pb.RevocationEvent | None:
+    """A stream entry as an event (``None`` for an entry this version does not know)."""
+    data = {_text(k): _text(v) for k, v in fields.items()}
+    kind = _KINDS.get(data.get("kind", ""))
+    if kind is None:
+        return None
+    event = pb.RevocationEvent(
+        id=_text(entry_id),
+        kind=kind,
+        value=data.get("value", ""),
+        expires_at=_ts(int(data.get("exp", "0"))),
+    )
+    if kind == pb.RevocationEvent.SUBJECT:
+        event.revoked_before.CopyFrom(_ts(int(data.get("before", "0"))))
+    return event
+
+
+class RevocationHub:
+    """One Redis reader per process, fanning live revocation events out to watchers."""
+
+    def __init__(self, redis: aioredis.Redis, *, block_ms: int = 1000) -> None:
+        self.redis = redis
+        self.block_ms = block_ms
+        self._watchers: set[asyncio.Queue[object]] = set()
+
+    async def run(self) -> None:
+        """Read live events until cancelled; on Redis trouble end every watcher's stream."""
+        last = "$"
+        delay = 0.1
+        baseline = cancelling_count()
+        while not cancelled_since(baseline):  # redis-py can swallow a cancel (see audit)
+            try:
+                if last == "$":
+                    newest = await guarded(self.redis.xrevrange, REVOCATIONS, count=1)
+                    last = _text(newest[0][0]) if newest else "0-0"
+                reply = await guarded(
+                    self.redis.xread, {REVOCATIONS: last}, count=_BATCH, block=self.block_ms
+                )
+                delay = 0.1
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # StoreUnavailable or a reply we cannot read
+                log.warning("revocation feed reader: %s; watchers reconnect", err)
+                self._close_all()
+                last = "$"  # watchers catch up from the stream themselves
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            for _stream, entries in reply or ():
+                for entry_id, fields in entries:
+                    last = _text(entry_id)
+                    event = to_event(entry_id, fields)
+                    if event is not None:
+                        self._publish(event)
+        self._close_all()
+        raise asyncio.CancelledError
+
+    def _publish(self, event: pb.RevocationEvent) -> None:
+        for queue in list(self._watchers):
+            try:
+                queue.put_nowait(event)
+            except asyncio.QueueFull:  # too slow: end its stream, it resumes from its id
+                self._watchers.discard(queue)
+                with contextlib.suppress(asyncio.QueueFull):
+                    queue.get_nowait()
+                    queue.put_nowait(_CLOSED)
+
+    def _close_all(self) -> None:
+        for queue in list(self._watchers):
+            self._watchers.discard(queue)
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(_CLOSED)
+
+    async def watch(self, resume_from: str) -> AsyncIterator[pb.RevocationEvent]:
+        """Catch-up events, then live ones; raises :class:`FeedClosed` to end the stream.
+
+        Raises:
+            BadRequest: ``resume_from`` is not a stream id.
+            StoreUnavailable: Redis is unreachable.
+        """
+        if resume_from:
+            try:
+                _id(resume_from)
+            except ValueError:
+                raise BadRequest("resume_from is not a revocation event id") from None
+        queue: asyncio.Queue[object] = asyncio.Queue(_QUEUE)
+        self._watchers.add(queue)  # before catching up: nothing falls between the two
+        try:
+            sent = (0, 0)
+            async for event in self._catch_up(resume_from):
+                sent = _id(event.id) if event.id else sent
+                yield event
+            while True:
+                item = await queue.get()
+                if item is _CLOSED:
+                    raise FeedClosed("revocation feed interrupted; resume from the last id")
+                assert isinstance(item, pb.RevocationEvent)
+                if _id(item.id) > sent:
+                    sent = _id(item.id)
+                    yield item
+        finally:
+            self._watchers.discard(queue)
+
+    async def _catch_up(self, resume_from: str) -> AsyncIterator[pb.RevocationEvent]:
+        oldest = await guarded(self.redis.xrange, REVOCATIONS, count=1)
+        held = bool(resume_from) and bool(oldest) and _id(_text(oldest[0][0])) <= _id(resume_from)
+        if held:
+            cursor = f"({resume_from}"
+        else:
+            yield pb.RevocationEvent(kind=pb.RevocationEvent.RESET)
+            cursor = "-"
+        now_ms = int(time.time() * 1000)
+        while True:
+            entries = await guarded(self.redis.xrange, REVOCATIONS, cursor, "+", count=_BATCH)
+            for entry_id, fields in entries:
+                event = to_event(entry_id, fields)
+                # a snapshot leaves out what no longer matters; a resume sends everything
+                if event is not None and (held or event.expires_at.ToMilliseconds() > now_ms):
+                    yield event
+            if len(entries) < _BATCH:
+                return
+            cursor = f"({_text(entries[-1][0])}"
+
+
+__all__ = ["FeedClosed", "RevocationHub", "StoreUnavailable", "to_event"]

@@ -1,0 +1,88 @@
+"""Session RPCs of the token service: ListSessions and the WatchRevocations feed.
+
+A mixin of :class:`tokensvc.service.TokenService`. ListSessions serves the admin
+identities of the caller policy, or the subject itself when the call carries that
+subject's own valid access token (``authorization: Bearer ...``): a session-management
+page can show a user their devices without an admin credential.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from tokensvc import limits, tokens
+from tokensvc.errors import Denied, NotAuthenticated, rpc, stream_rpc
+from tokensvc.feed import RevocationHub
+from tokensvc.guard import Guard, current_caller
+from tokensvc.store import FamilyStore
+from tokensvc.times import ts as _ts
+from tokensvc_client._auth import bearer_token
+from tokensvc_client.errors import InvalidToken
+from tokensvc_client.v1 import tokensvc_pb2 as pb
+from tokensvc_client.verifier import Claims
+
+Ctx = Any
+
+
+class SessionRpcs:
+    """ListSessions and WatchRevocations."""
+
+    store: FamilyStore
+    guard: Guard
+    hub: RevocationHub
+    clock: Any
+
+    _verify: Callable[[str], Awaitable[Claims]]  # TokenService's
+
+    @rpc
+    async def ListSessions(
+        self, request: pb.ListSessionsRequest, context: Ctx
+    ) -> pb.ListSessionsResponse:
+        subject = limits.text("subject", request.subject, required=True)
+        if self.guard.enforce and not self.guard.policy.admits(
+            "ListSessions", current_caller().peer
+        ):
+            await self._require_own_token(subject, context)
+        now_ms = int(self.clock() * 1000)
+        families = await self.store.list_sessions(tokens.subject_tag(subject), now_ms)
+        return pb.ListSessionsResponse(
+            sessions=[
+                pb.Session(
+                    session_id=f.session_id,
+                    client_id=f.client_id,
+                    session_label=f.label,
+                    created_at=_ts(f.created_ms / 1000),
+                    last_refreshed_at=_ts(f.last_ms / 1000),
+                    expires_at=_ts(f.expires_ms / 1000),
+                    active=f.active,
+                )
+                for f in families
+            ]
+        )
+
+    async def _require_own_token(self, subject: str, context: Ctx) -> None:
+        """The call must carry a valid, unrevoked access token of ``subject``."""
+        try:
+            token = bearer_token(context.invocation_metadata())
+        except InvalidToken:
+            raise Denied("ListSessions needs an admin identity or the subject's token") from None
+        try:
+            claims = await self._verify(token)
+        except InvalidToken as err:
+            raise NotAuthenticated(err.reason.value) from None
+        state = await self.store.access_state(
+            claims.session_id, claims.token_id, int(self.clock() * 1000)
+        )
+        if not state.active:
+            raise NotAuthenticated("revoked")
+        if claims.subject != subject:
+            raise Denied("a subject may only list its own sessions")
+
+    @stream_rpc
+    async def WatchRevocations(
+        self, request: pb.WatchRevocationsRequest, context: Ctx
+    ) -> AsyncIterator[pb.RevocationEvent]:
+        resume_from = limits.text("resume_from", request.resume_from, limit=limits.MAX_SHORT)
+        async for event in self.hub.watch(resume_from):
+            yield event
