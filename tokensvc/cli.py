@@ -1,6 +1,6 @@
 """``tokensvc`` command line: ``serve`` runs the service, ``health`` probes one,
-``audit tail`` prints the audit trail, ``certs`` writes a development PKI, ``keys``
-manages the signing key ring (:mod:`tokensvc.cli_keys`).
+``audit tail`` prints the audit trail, ``certs`` writes a development PKI; ``keys``,
+``sessions`` and ``revoke`` administer a running service (:mod:`tokensvc.cli_admin`).
 
 Every ``serve`` flag is also a ``TOKENSVC_*`` environment variable; ``tokensvc serve --help``
 lists them. A bad value ends the program at start-up with one line on stderr and exit 2.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from redis.exceptions import RedisError
 
-from tokensvc import cli_keys, config
+from tokensvc import cli_admin, config
 from tokensvc.keyring import KeyRingError
 from tokensvc.store import StoreUnavailable
 from tokensvc.telemetry import current_trace_id
@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
         "[default localhost, 127.0.0.1, ::1]",
     )
     certs.set_defaults(run=_cmd_certs)
-    cli_keys.add_commands(commands)
+    cli_admin.add_commands(commands)
     return parser
 
 
