@@ -113,10 +113,10 @@ def _rows(reply: Any) -> list[dict[str, Any]]:
     """JSON-ready rows of a reply: its repeated messages, else the reply itself."""
     from google.protobuf.json_format import MessageToDict
 
-    for name in ("keys", "sessions"):
-        if hasattr(reply, name):
-            return [MessageToDict(item) for item in getattr(reply, name)]
-    return [MessageToDict(reply, always_print_fields_with_no_presence=True)]
+    items = next(
+        (getattr(reply, name) for name in ("keys", "sessions") if hasattr(reply, name)), [reply]
+    )
+    return [MessageToDict(item, always_print_fields_with_no_presence=True) for item in items]
 
 
 def _cmd_rpc(args: argparse.Namespace) -> int:

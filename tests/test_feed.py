@@ -1,0 +1,146 @@
+"""WatchRevocations at the service: every kind of revocation reaches the stream, a new
+watcher gets RESET and what is in force, a returning one resumes where it left off."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import grpc
+import pytest
+
+from tokensvc_client.v1 import tokensvc_pb2 as pb
+
+Kind = pb.RevocationEvent
+
+
+class Watcher:
+    """Reads a WatchRevocations stream on a thread into a queue."""
+
+    def __init__(self, stub, resume_from: str = "") -> None:
+        self.events: queue.Queue[pb.RevocationEvent] = queue.Queue()
+        self.call = stub.WatchRevocations(pb.WatchRevocationsRequest(resume_from=resume_from))
+        self.error: grpc.RpcError | None = None
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            for event in self.call:
+                self.events.put(event)
+        except grpc.RpcError as err:
+            self.error = err
+
+    def next(self, timeout: float = 5.0) -> pb.RevocationEvent:
+        return self.events.get(timeout=timeout)
+
+    def take(self, count: int) -> list[pb.RevocationEvent]:
+        return [self.next() for _ in range(count)]
+
+    def close(self) -> None:
+        self.call.cancel()
+
+
+@pytest.fixture
+def watch(tokensvc):
+    watchers: list[Watcher] = []
+
+    def start(resume_from: str = "", stub=None) -> Watcher:
+        watcher = Watcher(stub or tokensvc.stub(), resume_from)
+        watchers.append(watcher)
+        return watcher
+
+    yield start
+    for watcher in watchers:
+        watcher.close()
+
+
+def _kinds(events) -> list[tuple[int, str]]:
+    return [(e.kind, e.value) for e in events]
+
+
+def test_every_revocation_kind_reaches_the_feed(stub, watch):
+    watcher = watch()
+    assert watcher.next().kind == Kind.RESET
+    a = stub.Issue(pb.IssueRequest(subject="alice")).tokens
+    b = stub.Issue(pb.IssueRequest(subject="alice")).tokens
+    c = stub.Issue(pb.IssueRequest(subject="bob")).tokens
+    d = stub.Issue(pb.IssueRequest(subject="carol")).tokens
+
+    stub.Revoke(pb.RevokeRequest(token=a.access_token))
+    token_event = watcher.next()
+    jti_claims = stub.Introspect(pb.IntrospectRequest(token=a.access_token))
+    assert not jti_claims.active
+    assert token_event.kind == Kind.TOKEN and token_event.expires_at.seconds > 0
+
+    stub.Revoke(pb.RevokeRequest(session_id=b.session_id))
+    assert _kinds([watcher.next()]) == [(Kind.SESSION, b.session_id)]
+
+    stub.Revoke(pb.RevokeRequest(subject="alice"))  # a is still active: one session + subject
+    events = watcher.take(2)
+    assert _kinds(events) == [(Kind.SESSION, a.session_id), (Kind.SUBJECT, "alice")]
+    assert events[1].revoked_before.ToMilliseconds() > 0
+
+    rotated = stub.Refresh(pb.RefreshRequest(refresh_token=c.refresh_token)).tokens
+    with pytest.raises(grpc.RpcError):
+        stub.Refresh(pb.RefreshRequest(refresh_token=c.refresh_token))  # reuse
+    assert _kinds([watcher.next()]) == [(Kind.SESSION, rotated.session_id)]
+
+    stub.LockSubject(pb.LockSubjectRequest(subject="carol"))
+    assert _kinds(watcher.take(2)) == [(Kind.SESSION, d.session_id), (Kind.SUBJECT, "carol")]
+
+    old_kid = stub.ListKeys(pb.ListKeysRequest()).keys[0].kid
+    stub.RotateKeys(pb.RotateKeysRequest(now=True, revoke_old=True))
+    assert _kinds([watcher.next()]) == [(Kind.KEY, old_kid)]
+
+    # revoking what is revoked already, or a guessed session, adds nothing
+    stub.Revoke(pb.RevokeRequest(session_id=b.session_id))
+    stub.Revoke(pb.RevokeRequest(token=c.refresh_token))
+    with pytest.raises(queue.Empty):
+        watcher.next(timeout=0.5)
+
+
+def test_a_new_watcher_gets_reset_then_what_is_in_force(stub, watch):
+    a = stub.Issue(pb.IssueRequest(subject="alice")).tokens
+    stub.Revoke(pb.RevokeRequest(session_id=a.session_id))
+    stub.Revoke(pb.RevokeRequest(subject="bob"))
+    watcher = watch()
+    events = watcher.take(3)
+    assert events[0].kind == Kind.RESET
+    assert _kinds(events[1:]) == [(Kind.SESSION, a.session_id), (Kind.SUBJECT, "bob")]
+
+
+def test_a_returning_watcher_resumes_without_losing_anything(stub, watch):
+    first = watch()
+    assert first.next().kind == Kind.RESET
+    stub.Revoke(pb.RevokeRequest(subject="one"))
+    last_seen = first.next().id
+    first.close()
+    stub.Revoke(pb.RevokeRequest(subject="two"))  # while disconnected
+    stub.Revoke(pb.RevokeRequest(subject="three"))
+    again = watch(resume_from=last_seen)
+    assert _kinds(again.take(2)) == [(Kind.SUBJECT, "two"), (Kind.SUBJECT, "three")]
+    stub.Revoke(pb.RevokeRequest(subject="four"))  # and live after the catch-up
+    assert _kinds([again.next()]) == [(Kind.SUBJECT, "four")]
+
+
+def test_resume_from_an_id_the_stream_no_longer_holds_starts_over(stub, watch):
+    stub.Revoke(pb.RevokeRequest(subject="one"))
+    watcher = watch(resume_from="1-0")  # older than anything held: events may be lost
+    assert watcher.next().kind == Kind.RESET
+    assert _kinds([watcher.next()]) == [(Kind.SUBJECT, "one")]
+
+
+def test_resume_from_must_be_an_event_id(stub):
+    call = stub.WatchRevocations(pb.WatchRevocationsRequest(resume_from="../etc"))
+    with pytest.raises(grpc.RpcError) as err:
+        next(iter(call))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_any_workload_of_the_mesh_may_watch(mtls_service):
+    svc = mtls_service("")
+    watcher = Watcher(svc.stub("orders"))
+    try:
+        assert watcher.next().kind == Kind.RESET
+    finally:
+        watcher.close()

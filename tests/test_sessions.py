@@ -1,0 +1,130 @@
+"""ListSessions and session revocation end to end: the backend of a session-management
+page ("your devices", "log out everywhere") and its CLI."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import grpc
+import pytest
+import redis
+
+from tokensvc.cli import main as cli_main
+from tokensvc.store import sessions_key
+from tokensvc.tokens import subject_tag
+from tokensvc_client.v1 import tokensvc_pb2 as pb
+
+ADMIN = "spiffe://tokensvc.test/ns/ops/sa/admin"
+LOGIN = "spiffe://tokensvc.test/ns/auth/sa/login"
+POLICY = f"""
+[rpc.Issue]
+allow = ["{LOGIN}"]
+[rpc.ListSessions]
+allow = ["{ADMIN}"]
+[rpc.Revoke]
+allow = ["{ADMIN}"]
+"""
+
+
+def _sessions(stub, subject: str, **kw) -> dict[str, pb.Session]:
+    reply = stub.ListSessions(pb.ListSessionsRequest(subject=subject), **kw)
+    return {s.session_id: s for s in reply.sessions}
+
+
+def test_list_shows_each_device_and_revocations_show_up_next_time(stub):
+    laptop = stub.Issue(
+        pb.IssueRequest(subject="alice", client_id="web", session_label="laptop")
+    ).tokens
+    phone = stub.Issue(
+        pb.IssueRequest(subject="alice", client_id="ios", session_label="phone")
+    ).tokens
+    stub.Issue(pb.IssueRequest(subject="bob"))
+    time.sleep(0.01)
+    stub.Refresh(pb.RefreshRequest(refresh_token=phone.refresh_token))
+
+    listed = _sessions(stub, "alice")
+    assert set(listed) == {laptop.session_id, phone.session_id}
+    one = listed[phone.session_id]
+    assert (one.client_id, one.session_label, one.active) == ("ios", "phone", True)
+    assert one.last_refreshed_at.ToMilliseconds() > one.created_at.ToMilliseconds()
+    assert one.expires_at.ToSeconds() - one.created_at.ToSeconds() == pytest.approx(
+        30 * 86400, abs=2
+    )  # the family's absolute end, not the refresh token's idle expiry
+
+    stub.Revoke(pb.RevokeRequest(session_id=laptop.session_id))
+    listed = _sessions(stub, "alice")
+    assert not listed[laptop.session_id].active and listed[phone.session_id].active
+
+    stub.Revoke(pb.RevokeRequest(subject="alice"))  # log out everywhere
+    assert not any(s.active for s in _sessions(stub, "alice").values())
+    assert all(s.active for s in _sessions(stub, "bob").values())
+
+
+def test_expired_sessions_are_pruned(make_settings, start_server, redis_url):
+    stub = start_server(make_settings(family_max_age=1, refresh_idle_ttl=1)).stub()
+    stub.Issue(pb.IssueRequest(subject="carol"))
+    assert len(_sessions(stub, "carol")) == 1
+    deadline = time.monotonic() + 5
+    while _sessions(stub, "carol"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert redis.Redis.from_url(redis_url).zcard(sessions_key(subject_tag("carol"))) == 0
+
+
+def test_a_subject_lists_its_own_sessions_with_its_own_token(mtls_service):
+    svc = mtls_service(POLICY)
+    login, orders, admin = svc.stub("login"), svc.stub("orders"), svc.stub("admin")
+    alice = login.Issue(pb.IssueRequest(subject="alice", session_label="tablet")).tokens
+    bob = login.Issue(pb.IssueRequest(subject="bob")).tokens
+
+    def bearer(token: str):
+        return (("authorization", f"Bearer {token}"),)
+
+    # a user-facing service (not an admin) forwards the user's own token
+    mine = _sessions(orders, "alice", metadata=bearer(alice.access_token))
+    assert [s.session_label for s in mine.values()] == ["tablet"]
+    refusals = [
+        (lambda: _sessions(orders, "alice"), grpc.StatusCode.PERMISSION_DENIED),
+        (
+            lambda: _sessions(orders, "alice", metadata=bearer(bob.access_token)),
+            grpc.StatusCode.PERMISSION_DENIED,
+        ),
+        (
+            lambda: _sessions(orders, "alice", metadata=bearer(alice.refresh_token)),
+            grpc.StatusCode.UNAUTHENTICATED,
+        ),
+    ]
+    for call, code in refusals:
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == code
+    assert _sessions(admin, "alice")  # an admin identity needs no token
+    # a revoked token lists nothing any more
+    admin.Revoke(pb.RevokeRequest(session_id=alice.session_id))
+    with pytest.raises(grpc.RpcError) as err:
+        _sessions(orders, "alice", metadata=bearer(alice.access_token))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_sessions_cli_lists_and_revokes(tokensvc, capsys):
+    stub = tokensvc.stub()
+    pair = stub.Issue(pb.IssueRequest(subject="dave", session_label="desktop")).tokens
+    target = ["--target", tokensvc.target, "--insecure"]
+    assert cli_main(["sessions", "list", "dave", *target]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["sessionId"], r["sessionLabel"], r["active"]) for r in rows] == [
+        (pair.session_id, "desktop", True)
+    ]
+    assert cli_main(["sessions", "revoke", pair.session_id, *target]) == 0
+    assert json.loads(capsys.readouterr().out) == {"revokedSessions": "1"}
+    assert cli_main(["sessions", "list", "dave", *target]) == 0
+    assert json.loads(capsys.readouterr().out)["active"] is False
+
+    stub.Issue(pb.IssueRequest(subject="dave"))
+    assert cli_main(["revoke", "--subject", "dave", *target]) == 0
+    assert json.loads(capsys.readouterr().out) == {"revokedSessions": "1"}
+    assert cli_main(["sessions", "list", "nobody", *target]) == 0
+    assert capsys.readouterr().out == ""
+    assert cli_main(["sessions", "list", "", *target]) == 1  # INVALID_ARGUMENT
+    assert "subject" in capsys.readouterr().err
