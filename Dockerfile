@@ -14,7 +14,7 @@ WORKDIR /src
 COPY clients/python/ clients/python/
 COPY pyproject.toml README.md ./
 COPY tokensvc/ tokensvc/
-RUN pip wheel --no-cache-dir --wheel-dir /wheels ./clients/python .
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ./clients/python '.[otlp]'
 
 FROM python:3.11-slim
 RUN useradd --system --uid 10001 --create-home --home-dir /var/lib/tokensvc tokensvc
