@@ -78,7 +78,10 @@ def to_event(entry_id: Any, fields: dict[Any, Any]) -> pb.RevocationEvent | None
         expires_at=_ts(int(data.get("exp", "0"))),
     )
     if kind == pb.RevocationEvent.SUBJECT:
-        event.revoked_before.CopyFrom(_ts(int(data.get("before", "0"))))
+        # whole seconds, rounded down: interceptors compare it with ``iat`` (whole seconds),
+        # so a login in the same second as "log out everywhere" is not refused for its whole
+        # lifetime; sessions created earlier in that second come as SESSION events anyway
+        event.revoked_before.CopyFrom(_ts(int(data.get("before", "0")) // 1000 * 1000))
     return event
 
 

@@ -84,5 +84,6 @@ class SessionRpcs:
         self, request: pb.WatchRevocationsRequest, context: Ctx
     ) -> AsyncIterator[pb.RevocationEvent]:
         resume_from = limits.text("resume_from", request.resume_from, limit=limits.MAX_SHORT)
+        await context.send_initial_metadata(())  # the watcher knows it is connected at once
         async for event in self.hub.watch(resume_from):
             yield event

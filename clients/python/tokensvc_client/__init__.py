@@ -22,16 +22,28 @@ from tokensvc_client.errors import (
 )
 from tokensvc_client.interceptor import AuthInterceptor
 from tokensvc_client.jwks import AsyncJwksCache, JwksCache
+from tokensvc_client.jwks_http import HttpsJwksSource
 from tokensvc_client.results import Introspection, Jwks, TokenPair
+from tokensvc_client.revocations import (
+    FEED_CHANNEL_OPTIONS,
+    AioRevocationFeed,
+    FeedStale,
+    RevocationFeed,
+    RevocationSet,
+)
 from tokensvc_client.verifier import Claims, KeySet, Verifier
 
 __all__ = [
     "DEFAULT_EXEMPT",
+    "FEED_CHANNEL_OPTIONS",
     "AioAuthInterceptor",
+    "AioRevocationFeed",
     "AsyncJwksCache",
     "AsyncTokenClient",
     "AuthInterceptor",
     "Claims",
+    "FeedStale",
+    "HttpsJwksSource",
     "Introspection",
     "InvalidArgument",
     "InvalidToken",
@@ -46,6 +58,8 @@ __all__ = [
     "Reason",
     "Rejection",
     "RevocationCheck",
+    "RevocationFeed",
+    "RevocationSet",
     "RpcFailed",
     "StepUp",
     "TokenClient",

@@ -243,6 +243,9 @@ class Claims:
     amr: tuple[str, ...] = ()
     auth_time: int | None = None
     cnf_x5t_s256: str = ""
+    #: The ``kid`` of the key that signed the token (its JOSE header); empty when the
+    #: claims did not come from a verified token (e.g. :func:`claims_from_dict` alone).
+    key_id: str = ""
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -274,8 +277,9 @@ def _optional_date(claims: Mapping[str, Any], name: str) -> int | None:
     return None if claims.get(name) is None else _date(claims, name)
 
 
-def claims_from_dict(claims: Mapping[str, Any]) -> Claims:
-    """Type-check a claims object into :class:`Claims` (no time or issuer checks)."""
+def claims_from_dict(claims: Mapping[str, Any], *, key_id: str = "") -> Claims:
+    """Type-check a claims object into :class:`Claims` (no time or issuer checks);
+    ``key_id`` is the signing key's ``kid``, from the token's header."""
     aud = claims.get("aud")
     if isinstance(aud, str):
         audience: tuple[str, ...] = (aud,)
@@ -304,6 +308,7 @@ def claims_from_dict(claims: Mapping[str, Any]) -> Claims:
         amr=_str_list(claims, "amr"),
         auth_time=_optional_date(claims, "auth_time"),
         cnf_x5t_s256=thumbprint,
+        key_id=key_id,
         raw=claims,
     )
 
@@ -405,7 +410,7 @@ class Verifier:
             raw = strict_json_object(parsed.payload)
         except ValueError as err:
             raise InvalidToken(Reason.MALFORMED, str(err)) from None
-        claims = claims_from_dict(raw)
+        claims = claims_from_dict(raw, key_id=parsed.kid)
         now = self.clock()
         if now >= claims.expires_at:
             raise InvalidToken(Reason.EXPIRED)
