@@ -47,7 +47,12 @@ class RedisProcess:
         unix_socket: bool = False,
         prefer_system: bool = True,
         extra_args: tuple[str, ...] = (),
+        config_lines: tuple[str, ...] = (),
+        sentinel: bool = False,
     ) -> None:
+        """``config_lines`` go into a config file written to ``data_dir`` (as Sentinel
+        needs: it rewrites its file with what it learns, so a restart keeps that);
+        ``sentinel`` runs the server as a Sentinel (it needs no persistence flags)."""
         self.data_dir = data_dir.resolve()
         self.socket_path = self.data_dir / "redis.sock"
         # AF_UNIX paths are limited to ~107 bytes; fall back to TCP for deep directories.
@@ -55,7 +60,13 @@ class RedisProcess:
         self.port = 0 if self.unix_socket else (port or free_port())
         self.binary = redis_binary(prefer_system)
         self.extra_args = extra_args
+        self.config_lines = config_lines
+        self.sentinel = sentinel
         self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def config_file(self) -> Path:
+        return self.data_dir / ("sentinel.conf" if self.sentinel else "redis.conf")
 
     @property
     def url(self) -> str:
@@ -65,20 +76,24 @@ class RedisProcess:
 
     def start(self, timeout: float = 10.0) -> RedisProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        config: list[str] = []
+        if self.config_lines or self.sentinel:
+            if not (self.sentinel and self.config_file.exists()):
+                self.config_file.write_text("".join(line + "\n" for line in self.config_lines))
+            config = [str(self.config_file)] + (["--sentinel"] if self.sentinel else [])
+        persistence = ["--appendonly", "yes", "--appendfsync", "everysec", "--save", ""]
+        if self.sentinel:
+            persistence = []
         args = [
             self.binary,
+            *config,
             "--bind",
             "127.0.0.1",
             "--port",
             str(self.port),
             "--dir",
             str(self.data_dir),
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "everysec",
-            "--save",
-            "",
+            *persistence,
             "--daemonize",
             "no",
             "--logfile",
@@ -115,6 +130,14 @@ class RedisProcess:
                 return sock.recv(16).startswith(b"+PONG")
         except OSError:
             return False
+
+    def kill(self) -> None:
+        """SIGKILL the server (a crash: no shutdown, nothing flushed) and reap it."""
+        if self.process is None:
+            return
+        self.process.kill()
+        self.process.wait()
+        self.process = None
 
     def stop(self) -> None:
         if self.process is None:

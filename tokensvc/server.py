@@ -19,10 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from tokensvc import telemetry
+from tokensvc import redisconn, telemetry
 from tokensvc.audit import AuditTrail
 from tokensvc.config import Settings
 from tokensvc.embedded import RedisProcess
@@ -30,6 +28,7 @@ from tokensvc.feed import RevocationHub
 from tokensvc.http_jwks import HttpJwks, start_http
 from tokensvc.keyring import KeyRing, Lifecycle, load_kek
 from tokensvc.policy import CallerPolicy
+from tokensvc.redisconn import RedisClient
 from tokensvc.service import TokenService
 from tokensvc.store import FamilyStore, StoreUnavailable
 from tokensvc_client.v1 import tokensvc_pb2, tokensvc_pb2_grpc
@@ -41,15 +40,10 @@ _MAX_MESSAGE = 64 * 1024
 _MAX_METADATA = 16 * 1024
 
 
-def redis_client(url: str, timeout: float) -> aioredis.Redis:
-    """An asyncio Redis client that never retries on its own (see tokensvc.store)."""
-    return aioredis.Redis.from_url(
-        url,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 0),
-        retry_on_timeout=False,
-    )
+def redis_client(url: str, timeout: float) -> RedisClient:
+    """An asyncio client for any --redis-url topology (single server, Sentinel, Cluster)
+    that never retries a command on its own (see tokensvc.redisconn)."""
+    return redisconn.redis_client(url, timeout)
 
 
 def _server_credentials(settings: Settings) -> grpc.ServerCredentials:
@@ -131,7 +125,12 @@ async def start(settings: Settings, tracer_provider: TracerProvider | None = Non
         )
         keyring = KeyRing(redis, load_kek(settings.kek_file, settings.data_dir), previous)
         await keyring.load()
-        store = FamilyStore(redis, feed_ttl_ms=(settings.access_ttl + settings.leeway) * 1000)
+        store = FamilyStore(
+            redis,
+            feed_ttl_ms=(settings.access_ttl + settings.leeway) * 1000,
+            wait_replicas=settings.redis_wait_replicas,
+            wait_timeout=settings.redis_wait_timeout,
+        )
         await store.load_scripts()
     except Exception:
         await redis.aclose()

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Final
 
-import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import (
     AskError,
@@ -45,6 +44,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from tokensvc.redisconn import RedisClient
 from tokensvc.tokens import subject_tag, tag_of
 
 
@@ -242,7 +242,7 @@ class FamilyStore:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         *,
         feed_ttl_ms: int = 930_000,
         wait_replicas: int = 0,
