@@ -1,0 +1,300 @@
+"""Redis clients for every ``--redis-url`` topology, built on redis-py's own support.
+
+``redis://`` / ``rediss://`` (TLS) / ``unix://``
+    One server (or a primary whose failover someone else handles), via
+    ``Redis.from_url``; every query parameter redis-py knows is accepted.
+``redis+sentinel://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT...]/MASTER[?db=N&...]``
+    A primary found through Sentinel. The hosts are sentinels (port 26379 when left
+    out); the credentials are the data nodes'. Query parameters: ``db``,
+    ``sentinel_username``, ``sentinel_password`` (percent-encode special characters).
+    Connections follow the primary named by the sentinels after a failover; a
+    connection still open to a demoted primary fails once (READONLY) and reconnects.
+``redis+cluster://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT...]``
+    Redis Cluster (port 6379 when left out); the hosts are startup nodes, the rest of
+    the cluster is discovered. No query parameters; database 0 only.
+
+Every client sends each command exactly once: no retry on a connection error or a
+timeout at any level (a Refresh whose reply was lost would be re-sent with a spent token
+and revoke the family; see :mod:`tokensvc.store`). Such failures surface as
+:class:`tokensvc.store.StoreUnavailable` and callers retry on their own terms. What is
+still done automatically is what cannot execute a command twice: Cluster ``MOVED``/``ASK``
+redirections and ``TRYAGAIN`` (the node refused the command without running it), a
+``NOSCRIPT`` reload (the script did not run), and re-discovering the cluster layout or
+the current primary before the *next* command.
+
+Guarantees per topology (``--redis-wait-replicas`` is :meth:`FamilyStore.settle`):
+
+* Single server: a reply means the write is in the server's memory; how much of it
+  survives a crash is the server's persistence setting (the embedded server: AOF,
+  fsync every second).
+* Sentinel and Cluster replicate asynchronously: without ``--redis-wait-replicas`` a
+  write acknowledged just before the primary dies can be missing on the replica that
+  takes over. With ``--redis-wait-replicas N`` every revocation is followed by ``WAIT
+  N`` on the same primary, and is acknowledged only once N replicas have received it
+  (else the call fails UNAVAILABLE and the caller retries; revocations are idempotent).
+  Sentinel and Cluster promote the most up-to-date reachable replica, so an
+  acknowledged revocation survives the loss of its primary as long as one of the
+  replicas that confirmed it is promoted (always, with one replica). WAIT is not
+  consensus: it does not fsync, and it cannot protect a revocation if every replica
+  that received it is lost as well, or if an operator forces another replica up.
+* Cluster: every script and pipeline touches keys of one hash slot (a subject's keys
+  share the hash tag ``{T}``, the key ring ``{keyring}``), so each operation is atomic
+  on one primary, and families of different subjects spread over the shards.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TypeAlias
+from urllib.parse import parse_qsl, unquote
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+
+from tokensvc.config import ConfigError
+
+#: What :func:`redis_client` returns: one server or Sentinel primary, or a cluster.
+RedisClient: TypeAlias = aioredis.Redis | RedisCluster
+
+SENTINEL_SCHEME = "redis+sentinel"
+CLUSTER_SCHEME = "redis+cluster"
+DEFAULT_SENTINEL_PORT = 26379
+DEFAULT_REDIS_PORT = 6379
+
+# a host name or IPv4 address; IPv6 addresses come in brackets
+_HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,251}[A-Za-z0-9])?")
+_IPV6 = re.compile(r"\[([0-9A-Fa-f:.]+(?:%[A-Za-z0-9._-]+)?)\]")
+_MASTER_NAME = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelTarget:
+    """A parsed ``redis+sentinel://`` URL."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    master: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    sentinel_username: str | None = None
+    sentinel_password: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterTarget:
+    """A parsed ``redis+cluster://`` URL."""
+
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = None
+
+
+def _no_retry() -> Retry:
+    return Retry(NoBackoff(), 0)
+
+
+def redis_client(url: str, timeout: float) -> RedisClient:
+    """An asyncio client for ``url`` that never retries a command on its own.
+
+    Raises:
+        ConfigError: the URL is malformed or of an unknown scheme.
+    """
+    scheme = url.partition("://")[0].lower()
+    if scheme == SENTINEL_SCHEME:
+        return _sentinel_client(parse_sentinel_url(url), timeout)
+    if scheme == CLUSTER_SCHEME:
+        return _cluster_client(parse_cluster_url(url), timeout)
+    if scheme in ("redis", "rediss", "unix"):
+        return aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=_no_retry(),
+            retry_on_timeout=False,
+        )
+    raise ConfigError(
+        "--redis-url must start with one of redis://, rediss://, unix://, "
+        f"{SENTINEL_SCHEME}://, {CLUSTER_SCHEME}://"
+    )
+
+
+class SentinelPrimary(aioredis.Redis):
+    """The client of a Sentinel-managed primary; :meth:`aclose` also closes the
+    connections to the sentinels."""
+
+    sentinels: Sentinel | None = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        try:
+            await super().aclose(close_connection_pool)
+        finally:
+            if self.sentinels is not None:
+                await self.sentinels.aclose()
+
+
+def _sentinel_client(target: SentinelTarget, timeout: float) -> SentinelPrimary:
+    sockets = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(target.sentinels),
+        # asking sentinels is read-only, but several are listed: move on to the next one
+        sentinel_kwargs={
+            **sockets,
+            "retry": _no_retry(),
+            "username": target.sentinel_username,
+            "password": target.sentinel_password,
+        },
+        **sockets,
+        retry=_no_retry(),
+        retry_on_timeout=False,
+        username=target.username,
+        password=target.password,
+        db=target.db,
+    )
+    client: SentinelPrimary = sentinel.master_for(target.master, redis_class=SentinelPrimary)
+    client.sentinels = sentinel
+    return client
+
+
+def _cluster_client(target: ClusterTarget, timeout: float) -> RedisCluster:
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
+        username=target.username,
+        password=target.password,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        # RedisCluster re-sends a command after a connection error or timeout (refreshing
+        # the slot map first) unless told otherwise; redirections are followed regardless
+        retry=_no_retry(),
+        require_full_coverage=True,
+    )
+
+
+def _redacted(url: str) -> str:
+    """The URL without the password, for error messages."""
+    scheme, sep, rest = url.partition("://")
+    netloc_end = len(rest)
+    for mark in "/?#":
+        pos = rest.find(mark)
+        if pos != -1:
+            netloc_end = min(netloc_end, pos)
+    userinfo, at, hosts = rest[:netloc_end].rpartition("@")
+    if at:
+        user = userinfo.partition(":")[0]
+        return f"{scheme}{sep}{user}:***@{hosts}{rest[netloc_end:]}"
+    return url
+
+
+def _fail(url: str, problem: str) -> ConfigError:
+    return ConfigError(f"--redis-url {_redacted(url)}: {problem}")
+
+
+def _split(url: str, scheme: str) -> tuple[str | None, str | None, str, str, dict[str, str]]:
+    """(username, password, hosts, path, query) of a ``scheme://`` URL."""
+    prefix = scheme + "://"
+    if not url.lower().startswith(prefix):
+        raise _fail(url, f"must start with {prefix}")
+    rest = url[len(prefix) :]
+    if "#" in rest:
+        raise _fail(url, "a fragment (#...) is not allowed")
+    rest, _, query_text = rest.partition("?")
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+        if username is None and password is None:
+            raise _fail(url, "empty credentials before '@'")
+    query: dict[str, str] = {}
+    if query_text:
+        try:
+            pairs = parse_qsl(query_text, keep_blank_values=True, strict_parsing=True)
+        except ValueError:
+            raise _fail(url, "malformed query string") from None
+        for key, value in pairs:
+            if key in query:
+                raise _fail(url, f"query parameter {key!r} given twice")
+            query[key] = value
+    return username, password, hosts, (slash + path), query
+
+
+def _hosts(url: str, text: str, default_port: int) -> tuple[tuple[str, int], ...]:
+    if not text:
+        raise _fail(url, "at least one HOST:PORT is required")
+    hosts: list[tuple[str, int]] = []
+    for item in text.split(","):
+        item = item.strip()
+        v6 = _IPV6.match(item)
+        if v6:
+            host, rest = v6.group(1), item[v6.end() :]
+        else:
+            host, colon, port_text = item.partition(":")
+            rest = colon + port_text
+            if not _HOSTNAME.fullmatch(host):
+                raise _fail(url, f"bad host {item!r} (HOST:PORT, IPv6 as [ADDR]:PORT)")
+        if rest:
+            if not rest.startswith(":") or not rest[1:].isdigit():
+                raise _fail(url, f"bad port in {item!r}")
+            port = int(rest[1:])
+        else:
+            port = default_port
+        if not 0 < port < 65536:
+            raise _fail(url, f"port out of range in {item!r}")
+        if (host, port) in hosts:
+            raise _fail(url, f"{item!r} is listed twice")
+        hosts.append((host, port))
+    return tuple(hosts)
+
+
+def _only(url: str, query: dict[str, str], allowed: tuple[str, ...]) -> None:
+    unknown = sorted(set(query) - set(allowed))
+    if unknown:
+        known = ", ".join(allowed) if allowed else "none"
+        raise _fail(url, f"unknown query parameter {unknown[0]!r} (allowed: {known})")
+
+
+def parse_sentinel_url(url: str) -> SentinelTarget:
+    """Parse ``redis+sentinel://[[USER]:PASSWORD@]HOST:PORT[,...]/MASTER[?db=N&...]``.
+
+    Raises:
+        ConfigError: naming what is wrong (the password is never repeated).
+    """
+    username, password, hosts, path, query = _split(url, SENTINEL_SCHEME)
+    allowed = ("db", "sentinel_username", "sentinel_password")
+    _only(url, query, allowed)
+    sentinels = _hosts(url, hosts, DEFAULT_SENTINEL_PORT)
+    master = unquote(path[1:]) if path.startswith("/") else ""
+    if not master:
+        raise _fail(url, "the master name is required: redis+sentinel://HOST:PORT,.../MASTER")
+    if not _MASTER_NAME.fullmatch(master):
+        raise _fail(url, f"bad master name {master!r} (letters, digits, '.', '_', ':', '-')")
+    db_text = query.get("db", "0")
+    if not db_text.isdigit() or int(db_text) > 1_000_000:
+        raise _fail(url, f"db must be a database number, got {db_text!r}")
+    return SentinelTarget(
+        sentinels=sentinels,
+        master=master,
+        db=int(db_text),
+        username=username,
+        password=password,
+        sentinel_username=query.get("sentinel_username") or None,
+        sentinel_password=query.get("sentinel_password") or None,
+    )
+
+
+def parse_cluster_url(url: str) -> ClusterTarget:
+    """Parse ``redis+cluster://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT...]``.
+
+    Raises:
+        ConfigError: naming what is wrong (the password is never repeated).
+    """
+    username, password, hosts, path, query = _split(url, CLUSTER_SCHEME)
+    _only(url, query, ())
+    if path not in ("", "/", "/0"):
+        raise _fail(url, "Redis Cluster has only database 0; no path is allowed")
+    return ClusterTarget(_hosts(url, hosts, DEFAULT_REDIS_PORT), username, password)
