@@ -35,8 +35,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
-import redis.asyncio as aioredis
-
+from tokensvc.redisconn import RedisClient
 from tokensvc.store import guarded
 from tokensvc.telemetry import current_trace_id
 from tokensvc_client.verifier import REFRESH_TOKEN_PREFIX
@@ -129,7 +128,7 @@ class AuditTrail:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         *,
         stream: str = AUDIT_STREAM,
         maxlen: int = 100_000,
@@ -345,7 +344,7 @@ def _line(entry_id: bytes | str, fields: Mapping[bytes | str, bytes | str]) -> s
 
 
 async def tail(
-    redis: aioredis.Redis,
+    redis: RedisClient,
     *,
     stream: str = AUDIT_STREAM,
     count: int = 20,

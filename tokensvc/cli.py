@@ -139,9 +139,8 @@ def _audit_redis_url(args: argparse.Namespace) -> str:
 
 
 def _cmd_audit_tail(args: argparse.Namespace) -> int:
-    import redis.asyncio as aioredis
-
     from tokensvc import audit
+    from tokensvc.redisconn import redis_client
 
     try:
         url = _audit_redis_url(args)
@@ -154,7 +153,7 @@ def _cmd_audit_tail(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         # socket timeout above the XREAD BLOCK of --follow
-        client = aioredis.Redis.from_url(url, socket_timeout=10.0, socket_connect_timeout=3.0)
+        client = redis_client(url, 10.0)
         try:
             await audit.tail(client, count=args.count, follow=args.follow, write=write)
         finally:

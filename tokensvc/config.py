@@ -152,8 +152,15 @@ class Settings:
             )
         if not 0 <= self.redis_wait_replicas <= 16:
             raise ConfigError("--redis-wait-replicas must be between 0 and 16")
-        if not 0 < self.redis_wait_timeout <= 60:
-            raise ConfigError("--redis-wait-timeout must be between 0 and 60 seconds")
+        if not 0 < self.redis_wait_timeout < self.redis_timeout:
+            raise ConfigError(
+                "--redis-wait-timeout must be above 0 and below --redis-timeout (WAIT blocks "
+                "the connection)"
+            )
+        if self.redis_url is not None:
+            from tokensvc import redisconn  # (it imports this module)
+
+            redisconn.check_url(self.redis_url)
         return self
 
 

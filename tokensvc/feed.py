@@ -23,11 +23,11 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
-import redis.asyncio as aioredis
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from tokensvc.audit import cancelled_since, cancelling_count
 from tokensvc.errors import BadRequest
+from tokensvc.redisconn import RedisClient
 from tokensvc.store import REVOCATIONS, StoreUnavailable, guarded
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 
@@ -88,7 +88,7 @@ def to_event(entry_id: Any, fields: dict[Any, Any]) -> pb.RevocationEvent | None
 class RevocationHub:
     """One Redis reader per process, fanning live revocation events out to watchers."""
 
-    def __init__(self, redis: aioredis.Redis, *, block_ms: int = 1000) -> None:
+    def __init__(self, redis: RedisClient, *, block_ms: int = 1000) -> None:
         self.redis = redis
         self.block_ms = block_ms
         self._watchers: set[asyncio.Queue[object]] = set()

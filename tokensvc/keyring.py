@@ -33,9 +33,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Final
 
-import redis.asyncio as aioredis
 from jwcrypto import jwe, jwk
 
+from tokensvc.redisconn import RedisClient
 from tokensvc.store import guarded
 from tokensvc_client.verifier import ALGORITHM, KeySet, b64url_decode
 
@@ -122,7 +122,7 @@ class KeyRing:
     """
 
     def __init__(
-        self, redis: aioredis.Redis, kek: jwk.JWK, previous_keks: Iterable[jwk.JWK] = ()
+        self, redis: RedisClient, kek: jwk.JWK, previous_keks: Iterable[jwk.JWK] = ()
     ) -> None:
         self._redis = redis
         self._kek = kek

@@ -22,24 +22,31 @@ redirections and ``TRYAGAIN`` (the node refused the command without running it),
 ``NOSCRIPT`` reload (the script did not run), and re-discovering the cluster layout or
 the current primary before the *next* command.
 
-Guarantees per topology (``--redis-wait-replicas`` is :meth:`FamilyStore.settle`):
+Guarantees per topology (``--redis-wait-replicas`` is ``FamilyStore.settle``):
 
-* Single server: a reply means the write is in the server's memory; how much of it
-  survives a crash is the server's persistence setting (the embedded server: AOF,
-  fsync every second).
-* Sentinel and Cluster replicate asynchronously: without ``--redis-wait-replicas`` a
-  write acknowledged just before the primary dies can be missing on the replica that
-  takes over. With ``--redis-wait-replicas N`` every revocation is followed by ``WAIT
-  N`` on the same primary, and is acknowledged only once N replicas have received it
-  (else the call fails UNAVAILABLE and the caller retries; revocations are idempotent).
-  Sentinel and Cluster promote the most up-to-date reachable replica, so an
-  acknowledged revocation survives the loss of its primary as long as one of the
-  replicas that confirmed it is promoted (always, with one replica). WAIT is not
-  consensus: it does not fsync, and it cannot protect a revocation if every replica
-  that received it is lost as well, or if an operator forces another replica up.
+* Single server: a reply means the write is in the server's memory; what survives a crash
+  is the server's persistence setting (the embedded server: AOF, fsync every second).
+* Sentinel and Cluster replicate asynchronously: a write acknowledged just before its
+  primary dies can be missing on the replica that takes over. With
+  ``--redis-wait-replicas N`` every revocation (by token, session or subject) is followed,
+  on one connection to the primary holding it, by a write to a fence key in the same hash
+  slot and ``WAIT N``; Revoke/LockSubject succeed only once N replicas have everything up
+  to the fence, else they fail UNAVAILABLE and the caller retries (revocations are
+  idempotent; the revocation is in force on the primary meanwhile). Sentinel and Cluster
+  promote a replica that is reachable and, by preference, the most up to date, so an
+  acknowledged revocation survives losing its primary as long as a replica that
+  confirmed it is the one promoted: always with a single replica.
+* WAIT is not consensus: it does not fsync; it cannot help if every replica that had the
+  write is lost too, or an operator forces a stale replica up; a failover that
+  *completes* between a revocation and its fence (it takes at least the down-after time
+  or node timeout) goes unnoticed; Issue and Refresh do not wait, so a rotation
+  acknowledged just before a failover can be lost (the client's new token is then
+  unknown and it logs in again; the old one is current again).
 * Cluster: every script and pipeline touches keys of one hash slot (a subject's keys
-  share the hash tag ``{T}``, the key ring ``{keyring}``), so each operation is atomic
-  on one primary, and families of different subjects spread over the shards.
+  share the hash tag ``{T}``, the key ring ``{keyring}``), so each operation is atomic on
+  one primary, and different subjects spread over the shards. Subject-wide revocation is
+  a watermark in the subject's own slot, so no step spans two primaries.
+* TLS: ``rediss://`` only; the Sentinel and Cluster URLs have no TLS option yet.
 """
 
 from __future__ import annotations
@@ -298,3 +305,15 @@ def parse_cluster_url(url: str) -> ClusterTarget:
     if path not in ("", "/", "/0"):
         raise _fail(url, "Redis Cluster has only database 0; no path is allowed")
     return ClusterTarget(_hosts(url, hosts, DEFAULT_REDIS_PORT), username, password)
+
+
+def check_url(url: str) -> None:
+    """Validate a Sentinel or Cluster URL at start-up (others are checked by redis-py).
+
+    Raises:
+        ConfigError: naming what is wrong (password hidden).
+    """
+    if url.startswith("redis+sentinel://"):
+        parse_sentinel_url(url)
+    elif url.startswith("redis+cluster://"):
+        parse_cluster_url(url)

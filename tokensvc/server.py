@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import grpc
 import grpc.aio
-import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -59,7 +58,7 @@ class Running:
     settings: Settings
     server: grpc.aio.Server
     port: int
-    redis: aioredis.Redis
+    redis: RedisClient
     health: HealthServicer
     audit: AuditTrail
     embedded: RedisProcess | None = None

@@ -10,6 +10,7 @@ the Redis Cluster hash tag, so all keys of one subject share one slot)::
     ts:{T}:subject     hash   revoked_before (ms watermark)
     ts:{T}:jti:<jti>   string a revoked access token, expiring with the token
     ts:{T}:rl:issue    string GCRA state of the subject's Issue rate limit
+    ts:{T}:fence       string short-lived write that Redis WAIT confirms (see settle())
     ts:rl:<what>:<h>   string GCRA state of a per-peer limit (h: hash of the peer identity)
     ts:revocations     stream the revocation feed (tokensvc.feed): one entry per revoked
                               jti, session, subject watermark, key; trimmed by age
@@ -27,6 +28,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Final
@@ -46,6 +48,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tokensvc.redisconn import RedisClient
 from tokensvc.tokens import subject_tag, tag_of
+
+log = logging.getLogger("tokensvc.store")
 
 
 class StoreUnavailable(RuntimeError):
@@ -325,6 +329,13 @@ class FamilyStore:
         )
         status = RefreshStatus(_s(reply[0]))
         if status is RefreshStatus.OK:
+            # best effort: raising now would make the client retry with the spent token,
+            # and that retry would be reuse; an unconfirmed rotation lost in a failover
+            # leaves the old token current, which only this client held
+            try:
+                await self.settle(family_key(sid))
+            except StoreUnavailable as err:
+                log.warning("refresh sid=%s not confirmed by replicas: %s", sid, err)
             return Rotation(
                 status,
                 subject=_s(reply[2]),
@@ -335,6 +346,7 @@ class FamilyStore:
             )
         if status is RefreshStatus.REUSE:
             await self._append([("session", sid, exp, 0)], now_ms)
+            await self.settle(family_key(sid))  # a revocation: a retry sees 'revoked'
             return Rotation(status, subject=_s(reply[1]))
         return Rotation(status)
 
