@@ -145,6 +145,8 @@ class Settings:
             h_host, h_sep, h_port = self.http_listen.rpartition(":")
             if not h_sep or not h_host or not h_port.isdigit() or not 0 <= int(h_port) < 65536:
                 raise ConfigError(f"--http-listen must be HOST:PORT, got {self.http_listen!r}")
+            if self.insecure and not _is_loopback(h_host.strip("[]")):
+                raise ConfigError("--insecure serves plain HTTP JWKS on loopback only")
         if self.key_rotation_interval < 2 * (self.jwks_max_age + self.access_ttl + self.leeway):
             raise ConfigError(
                 "--key-rotation-interval must be at least twice --jwks-max-age + --access-ttl "

@@ -16,7 +16,7 @@ dependency), deliberately tiny:
     is reachable (directly or behind a proxy); there is no separate public-URL setting.
     No ``token_endpoint``, ``authorization_endpoint`` etc.: the service has no OAuth HTTP
     endpoints (tokens are issued over gRPC only), so this is a key-discovery document for
-    verifiers, not a complete OpenID Provider configuration.
+    verifiers, not a complete OpenID Provider configuration. Same ``Cache-Control``.
 
   Other paths answer 404; other methods 405 with ``Allow: GET, HEAD``.
 * A strong ``ETag`` (SHA-256 of the body); ``If-None-Match`` (a list, ``W/`` tags compared
@@ -25,8 +25,8 @@ dependency), deliberately tiny:
   request line and headers at most :data:`MAX_HEAD` bytes (else 431), :data:`READ_TIMEOUT`
   seconds to send them (else 408), no request bodies (``Content-Length`` above 0 or any
   ``Transfer-Encoding``: 400), at most :data:`MAX_CONNECTIONS` connections at a time
-  (others get 503). A malformed request gets 400; an unexpected error 500 with a fixed
-  body -- never a traceback.
+  (others get 503). A malformed request gets 400; an unexpected error is logged and
+  answered 500 with a fixed body -- never a traceback.
 * TLS: outside ``--insecure`` the listener serves HTTPS with the gRPC server's
   ``--tls-cert``/``--tls-key``, TLS 1.2 minimum, no client certificates (the keys are
   public; TLS protects their integrity). The files are loaded once at start-up: unlike the
@@ -261,6 +261,9 @@ class HttpJwks:
             return self._handle(request), request.method == "HEAD"
         except _BadRequest as err:
             return _error(err.status, str(err)), False
+        except Exception:
+            log.exception("HTTP JWKS request failed")
+            return _error(500, "internal error"), False
 
     def _handle(self, request: _Request) -> _Response:
         if request.path == JWKS_PATH:

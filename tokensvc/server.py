@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 
 from tokensvc import redisconn, telemetry
-from tokensvc.audit import AuditTrail
+from tokensvc.audit import AuditTrail, cancelled_since, cancelling_count
 from tokensvc.config import Settings
 from tokensvc.embedded import RedisProcess
 from tokensvc.feed import RevocationHub
@@ -75,17 +75,31 @@ class Running:
             task.cancel()
         await self.server.stop(self.settings.grace_seconds if grace is None else grace)
         self.tasks[-1].cancel()  # AuditTrail.run writes what is queued when cancelled
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await _finish(self.tasks)
         await self.redis.aclose()
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
+
+
+async def _finish(tasks: list[asyncio.Task[None]]) -> None:
+    """Wait for cancelled tasks, cancelling again those still running: redis-py under
+    Python 3.11 can lose a cancellation that lands while a command is in flight."""
+    pending = {task for task in tasks if not task.done()}
+    for _ in range(20):
+        if not pending:
+            return
+        _, pending = await asyncio.wait(pending, timeout=0.5)
+        for task in pending:
+            task.cancel()
+    log.warning("%d background task(s) did not stop", len(pending))
 
 
 async def _maintain(keyring: KeyRing, lifecycle: Lifecycle, health: HealthServicer) -> None:
     """Each second: run the key ring's due transitions (which also picks up other replicas'
     changes and proves Redis reachable) and report readiness accordingly."""
     current = None
-    while True:
+    baseline = cancelling_count()
+    while not cancelled_since(baseline):  # a cancel redis-py swallowed (see tokensvc.audit)
         await asyncio.sleep(_MAINTENANCE_INTERVAL)
         try:
             await keyring.tick(lifecycle)
@@ -99,6 +113,7 @@ async def _maintain(keyring: KeyRing, lifecycle: Lifecycle, health: HealthServic
             current = status
             for name in ("", SERVICE_NAME):
                 await health.set(name, status)
+    raise asyncio.CancelledError
 
 
 async def start(settings: Settings, tracer_provider: TracerProvider | None = None) -> Running:

@@ -1,0 +1,374 @@
+"""The HTTP JWKS/discovery listener (``--http-listen``), end to end.
+
+A real tokensvc on loopback; requests are written on raw sockets (so malformed ones can be
+sent too) or, for HTTPS, with :mod:`http.client` trusting the development CA.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.support import ServerThread
+from tokensvc import http_jwks, server
+from tokensvc.config import ConfigError, Settings
+from tokensvc.devcerts import Issued
+from tokensvc_client.channels import channel
+from tokensvc_client.v1 import tokensvc_pb2 as pb
+from tokensvc_client.v1 import tokensvc_pb2_grpc
+
+JWKS = "/.well-known/jwks.json"
+DISCOVERY = "/.well-known/openid-configuration"
+MAX_AGE = 77  # not the default, so the header must really come from the settings
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    raw: bytes
+
+
+def exchange(port: int, data: bytes, *, half_close: bool = False) -> bytes:
+    """Send ``data``, return everything the server sends until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse(raw: bytes) -> Reply:
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    assert sep, raw
+    lines = head.decode("latin-1").split("\r\n")
+    version, status, _reason = lines[0].split(" ", 2)
+    assert version == "HTTP/1.1"
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        assert name.lower() not in headers, f"duplicate {name}"
+        headers[name.lower()] = value.strip()
+    return Reply(int(status), headers, body, raw)
+
+
+def request(
+    port: int, path: str = JWKS, method: str = "GET", headers: tuple[str, ...] = ()
+) -> Reply:
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", *headers]
+    return parse(exchange(port, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")))
+
+
+def get_keys(srv: ServerThread, ca: Path | None = None) -> pb.GetKeysResponse:
+    with channel(srv.target, ca=ca) if ca else srv.channel() as ch:
+        stub = tokensvc_pb2_grpc.TokenServiceStub(ch)
+        reply: pb.GetKeysResponse = stub.GetKeys(pb.GetKeysRequest(), timeout=10)
+        return reply
+
+
+def http_port(srv: ServerThread) -> int:
+    assert srv.running.http is not None
+    return srv.running.http.port
+
+
+@pytest.fixture
+def service(
+    make_settings: Callable[..., Settings], start_server: Callable[..., ServerThread]
+) -> ServerThread:
+    return start_server(make_settings(http_listen="127.0.0.1:0", jwks_max_age=MAX_AGE))
+
+
+@pytest.fixture
+def port(service: ServerThread) -> int:
+    return http_port(service)
+
+
+# -- the documents -----------------------------------------------------------------------
+
+
+def test_jwks_is_what_getkeys_returns_with_its_max_age(service, port):
+    keys = get_keys(service)
+    reply = request(port)
+    assert reply.status == 200
+    assert reply.body.decode() == keys.jwks
+    assert json.loads(reply.body)["keys"]
+    assert reply.headers["content-type"] == "application/json"
+    assert reply.headers["content-length"] == str(len(reply.body))
+    assert keys.max_age_seconds == MAX_AGE
+    assert reply.headers["cache-control"] == f"public, max-age={keys.max_age_seconds}"
+    assert reply.headers["connection"] == "close"
+    # a query string does not change the resource
+    assert request(port, JWKS + "?x=1").body == reply.body
+
+
+def test_discovery_document(service, port):
+    reply = request(port, DISCOVERY)
+    assert reply.status == 200
+    assert reply.headers["content-type"] == "application/json"
+    assert json.loads(reply.body) == {
+        "issuer": "https://tokensvc.test",
+        "jwks_uri": "https://tokensvc.test/.well-known/jwks.json",
+        "id_token_signing_alg_values_supported": ["ES256"],
+    }
+    etag = reply.headers["etag"]
+    assert request(port, DISCOVERY, headers=(f"If-None-Match: {etag}",)).status == 304
+
+
+def test_etag_and_if_none_match(port):
+    reply = request(port)
+    etag = reply.headers["etag"]
+    assert etag.startswith('"') and etag.endswith('"') and len(etag) > 10  # strong
+    assert etag == http_jwks.etag_of(reply.body)
+    for value in (etag, f'"other", {etag}', f"W/{etag}", "*", f' "x" ,W/"y",  {etag} '):
+        not_modified = request(port, headers=(f"If-None-Match: {value}",))
+        assert not_modified.status == 304, value
+        assert not_modified.body == b""
+        assert not_modified.headers["etag"] == etag
+        assert not_modified.headers["cache-control"] == f"public, max-age={MAX_AGE}"
+        assert "content-length" not in not_modified.headers
+    # two field lines make one list
+    assert request(port, headers=('If-None-Match: "a"', f"If-None-Match: {etag}")).status == 304
+    for value in ('"other"', 'W/"other", "more"', '"' + etag[1:-2] + '"'):
+        full = request(port, headers=(f"If-None-Match: {value}",))
+        assert (full.status, full.body) == (200, reply.body), value
+    assert request(port, headers=("If-None-Match: not-a-tag",)).status == 400
+
+
+def test_head_has_the_get_headers_and_no_body(port):
+    full = request(port)
+    head = request(port, method="HEAD")
+    assert head.status == 200 and head.body == b""
+    assert head.headers["content-length"] == str(len(full.body))
+    for name in ("etag", "cache-control", "content-type"):
+        assert head.headers[name] == full.headers[name]
+    etag = full.headers["etag"]
+    assert request(port, method="HEAD", headers=(f"If-None-Match: {etag}",)).status == 304
+
+
+def test_rotation_shows_without_restart(service, port):
+    before = request(port)
+    with service.channel() as ch:
+        stub = tokensvc_pb2_grpc.TokenServiceStub(ch)
+        stub.RotateKeys(pb.RotateKeysRequest(), timeout=10)  # a pending key is published
+    after = request(port)
+    assert after.body.decode() == get_keys(service).jwks
+    assert len(json.loads(after.body)["keys"]) == len(json.loads(before.body)["keys"]) + 1
+    assert after.headers["etag"] != before.headers["etag"]
+    stale = request(port, headers=(f"If-None-Match: {before.headers['etag']}",))
+    assert (stale.status, stale.body) == (200, after.body)
+
+
+def test_other_paths_404_and_other_methods_405(port):
+    for path in ("/", "/.well-known/jwks.json/", "/jwks.json", "/.well-known/JWKS.JSON"):
+        reply = request(port, path)
+        assert reply.status == 404, path
+        assert reply.headers["cache-control"] == "no-store"
+    for method in ("POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE"):
+        for path in (JWKS, DISCOVERY):
+            reply = request(port, path, method, headers=("Content-Length: 0",))
+            assert reply.status == 405, method
+            assert reply.headers["allow"] == "GET, HEAD"
+
+
+# -- hostile and broken requests ---------------------------------------------------------
+
+
+def test_oversized_headers_are_refused_and_the_server_keeps_serving(port):
+    big = "X-Filler: " + "a" * 9000
+    reply = request(port, headers=(big,))
+    assert reply.status == 431
+    many = tuple(f"X-{i}: {'b' * 90}" for i in range(100))  # ~10 KiB in small lines
+    assert request(port, headers=many).status == 431
+    # just under the limit is fine
+    assert request(port, headers=("X-Filler: " + "a" * 7000,)).status == 200
+
+
+MALFORMED = [
+    b"hello\r\n\r\n",
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40 + b"\r\n\r\n",  # TLS hello
+    b"GET /.well-known/jwks.json\r\n\r\n",
+    b"GET /.well-known/jwks.json HTTP/2.0\r\nHost: x\r\n\r\n",
+    b"GET  /.well-known/jwks.json HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET .well-known/jwks.json HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /.well-known/jwks.json HTTP/1.1\r\n\r\n",  # no Host
+    b"GET /.well-known/jwks.json HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    b"GET /.well-known/jwks.json HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+    b"GET /.well-known/jwks.json HTTP/1.1\r\nHost : x\r\n\r\n",
+    b"GET /.well-known/jwks.json HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n folded\r\n\r\n",
+    b"GET /.well-known/jwks.json HTTP/1.1\r\nHost: x\nX-A: 1\r\n\r\n",
+    b"GET /.well-known/jwks.json HTTP/1.1\r\nHost: x\r\nX-A: \x00\r\n\r\n",
+    b"GET /.well-known/jwks.json HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+    b"GET /.well-known/jwks.json HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+    b"GET /.well-known/jwks.json HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"0\r\n\r\n",
+    b"\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("data", MALFORMED)
+def test_malformed_requests_get_400_and_the_server_keeps_serving(port, data):
+    reply = parse(exchange(port, data))
+    assert reply.status == 400
+    assert b"Traceback" not in reply.raw and b"Error" not in reply.body
+    assert request(port).status == 200
+
+
+def test_a_request_cut_short_gets_400(port):
+    reply = parse(exchange(port, b"GET /.well-known/jwks.json HTT", half_close=True))
+    assert reply.status == 400
+    assert exchange(port, b"", half_close=True) == b""  # nothing sent: nothing answered
+
+
+def test_a_slow_request_times_out(port, monkeypatch):
+    monkeypatch.setattr(http_jwks, "READ_TIMEOUT", 0.2)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /.well-known/jwks.json HTTP/1.1\r\nHost: x\r\n")  # no blank line
+        raw = b"".join(iter(lambda: sock.recv(65536), b""))
+    assert parse(raw).status == 408
+    assert request(port).status == 200
+
+
+def test_connections_beyond_the_limit_get_503(port, monkeypatch):
+    monkeypatch.setattr(http_jwks, "MAX_CONNECTIONS", 2)
+    first = socket.create_connection(("127.0.0.1", port), timeout=10)
+    second = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        # the two idle connections are served in accept order; the third is turned away
+        assert parse(exchange(port, b"")).status == 503
+        for sock in (first, second):
+            sock.sendall(b"GET /.well-known/jwks.json HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert parse(b"".join(iter(lambda s=sock: s.recv(65536), b""))).status == 200
+    finally:
+        first.close()
+        second.close()
+
+
+# -- configuration -----------------------------------------------------------------------
+
+
+def test_off_by_default(tokensvc):
+    assert tokensvc.settings.http_listen is None
+    assert tokensvc.running.http is None
+
+
+def test_plaintext_only_on_loopback(make_settings):
+    settings = make_settings(http_listen="0.0.0.0:0")
+    with pytest.raises(ConfigError, match="loopback"):
+        asyncio.run(server.start(settings))
+
+
+def test_stop_closes_the_listener(make_settings):
+    srv = ServerThread(make_settings(http_listen="127.0.0.1:0"))
+    port = http_port(srv)
+    assert request(port).status == 200
+    srv.stop()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=10).close()
+
+
+# -- HTTPS -------------------------------------------------------------------------------
+
+
+def _https(port: int, ctx: ssl.SSLContext, path: str = JWKS) -> tuple[str, Reply]:
+    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=ctx)
+    try:
+        conn.request("GET", path)
+        assert isinstance(conn.sock, ssl.SSLSocket)
+        version = str(conn.sock.version())
+        resp = conn.getresponse()
+        headers = {k.lower(): v for k, v in resp.getheaders()}
+        return version, Reply(resp.status, headers, resp.read(), b"")
+    finally:
+        conn.close()
+
+
+def _client_context(
+    ca: Path,
+    minimum: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2,
+    maximum: ssl.TLSVersion | None = None,
+) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.minimum_version = minimum
+    if maximum is not None:
+        ctx.maximum_version = maximum
+    if minimum < ssl.TLSVersion.TLSv1_2:
+        ctx.set_ciphers("ALL:@SECLEVEL=0")  # let OpenSSL offer TLS 1.1 at all
+    return ctx
+
+
+def _tls11_control(issued: Issued, ctx: ssl.SSLContext) -> str:
+    """The TLS version ``ctx`` negotiates with a Python server that allows TLS 1.1."""
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(issued.cert, issued.key)
+    server_ctx.minimum_version = ssl.TLSVersion.TLSv1_1
+    server_ctx.set_ciphers("ALL:@SECLEVEL=0")
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        with listener:
+            conn, _ = listener.accept()
+            conn.settimeout(10)
+            with server_ctx.wrap_socket(conn, server_side=True):
+                pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    with (
+        socket.create_connection(listener.getsockname()[:2], timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        version = str(tls.version())
+    thread.join(10)
+    return version
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")
+def test_https_with_the_service_certificate(make_settings, start_server, dev_pki):
+    issued = dev_pki["server"]
+    srv = start_server(
+        make_settings(
+            insecure=False,
+            tls_cert=issued.cert,
+            tls_key=issued.key,
+            http_listen="127.0.0.1:0",
+        )
+    )
+    port = http_port(srv)
+    assert srv.running.http is not None and srv.running.http.scheme == "https"
+    version, reply = _https(port, _client_context(issued.ca))
+    assert version in ("TLSv1.2", "TLSv1.3")
+    assert reply.status == 200
+    assert reply.body.decode() == get_keys(srv, ca=issued.ca).jwks
+    assert reply.headers["cache-control"] == f"public, max-age={srv.settings.jwks_max_age}"
+    _, discovery = _https(port, _client_context(issued.ca), DISCOVERY)
+    assert json.loads(discovery.body)["issuer"] == srv.settings.issuer
+    # TLS 1.2 exactly works too
+    tls12 = _client_context(issued.ca, maximum=ssl.TLSVersion.TLSv1_2)
+    assert _https(port, tls12)[0] == "TLSv1.2"
+    # the certificate really is checked: without the dev CA the client refuses it
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _https(port, ssl.create_default_context())
+    # no plaintext HTTP on the TLS port
+    answer = exchange(port, b"GET /.well-known/jwks.json HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert not answer.startswith(b"HTTP/")
+    # TLS 1.1: this client negotiates it where allowed, and is refused here
+    tls11 = _client_context(
+        issued.ca, minimum=ssl.TLSVersion.TLSv1_1, maximum=ssl.TLSVersion.TLSv1_1
+    )
+    assert _tls11_control(issued, tls11) == "TLSv1.1"
+    with pytest.raises(ssl.SSLError):
+        _https(port, tls11)
+    assert _https(port, _client_context(issued.ca))[1].status == 200
