@@ -133,20 +133,20 @@ def peer_limit_key(what: str, peer: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Limit:
-    """A rate limit in the scripts' terms: GCRA emission interval and burst tolerance, ms."""
+    """A rate limit in the scripts' terms: GCRA emission interval and burst tolerance, µs."""
 
-    interval_ms: int = 0
-    tolerance_ms: int = 0
+    interval_us: int = 0
+    tolerance_us: int = 0
 
     @classmethod
     def of(cls, count: int, period_s: int) -> Limit:
         if count <= 0:
             return cls()
-        return cls(max(1, period_s * 1000 // count), period_s * 1000)
+        return cls(max(1, period_s * 1_000_000 // count), period_s * 1_000_000)
 
     @property
     def enabled(self) -> bool:
-        return self.interval_ms > 0
+        return self.interval_us > 0
 
 
 class RefreshStatus(enum.Enum):
@@ -303,8 +303,8 @@ class FamilyStore:
                 family.label,
                 json.dumps(family.claims, separators=(",", ":")),
                 family.cnf,
-                limit.interval_ms,
-                limit.tolerance_ms,
+                limit.interval_us,
+                limit.tolerance_us,
             ],
         )
         status = IssueStatus(_s(reply[0]))
@@ -565,7 +565,7 @@ class FamilyStore:
         if not limit.enabled:
             return 0
         return int(
-            await guarded(self._rate, keys=[key], args=[limit.interval_ms, limit.tolerance_ms])
+            await guarded(self._rate, keys=[key], args=[limit.interval_us, limit.tolerance_us])
         )
 
     async def ping(self) -> bool:

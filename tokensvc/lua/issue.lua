@@ -3,7 +3,7 @@
 -- KEYS[3] subject hash (lock flag)   KEYS[4] subject's Issue rate limiter
 -- ARGV: sid, token hash, now ms, token expiry ms, family expiry ms, subject, client_id,
 --       label, claims (JSON carried to every access token of the family),
---       cnf thumbprint ('' = unbound), rate interval ms (0 = no limit), rate tolerance ms
+--       cnf thumbprint ('' = unbound), rate interval µs (0 = no limit), rate tolerance µs
 -- Returns {'ok'} | {'locked'} | {'limited', ms to wait}. (gcra.lua is prepended.)
 -- 'created' is Redis's own clock, like the subject watermark it is compared with
 -- (revoke_subject.lua), so replicas with skewed clocks cannot misorder the two.
