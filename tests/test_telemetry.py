@@ -49,3 +49,19 @@ def test_rpc_span_with_redis_children_and_propagated_trace(make_settings, start_
     for secret in (pair.access_token, pair.refresh_token, refresh_hash(pair.refresh_token)):
         assert secret not in text
         assert secret[-40:] not in text
+
+
+def test_background_tasks_make_no_root_spans(make_settings, start_server):
+    """The audit writer, the revocation feed reader and the key-ring tick talk to Redis all
+    the time; only RPCs make traces."""
+    import time
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    stub = start_server(make_settings(), tracer_provider=provider).stub()
+    stub.Issue(pb.IssueRequest(subject="alice"))  # an audit record to write
+    time.sleep(1.5)  # a key-ring tick, feed reads, the audit batch
+    provider.force_flush()
+    roots = [s.name for s in exporter.get_finished_spans() if s.parent is None]
+    assert roots == ["/tokensvc.v1.TokenService/Issue"]

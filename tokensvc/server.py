@@ -203,9 +203,8 @@ async def start(settings: Settings, tracer_provider: TracerProvider | None = Non
     running = Running(settings, server, port, redis, health, audit, embedded)
     running.http = http
     lifecycle = Lifecycle.from_settings(settings)
-    running.tasks.append(asyncio.create_task(_maintain(keyring, lifecycle, health)))
-    running.tasks.append(asyncio.create_task(hub.run()))
-    running.tasks.append(asyncio.create_task(audit.run()))
+    for job in (_maintain(keyring, lifecycle, health), hub.run(), audit.run()):  # audit last
+        running.tasks.append(asyncio.create_task(job, context=telemetry.untraced()))
     log.info("tokensvc serving on port %d issuer=%s", port, settings.issuer)
     return running
 
