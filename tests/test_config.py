@@ -110,3 +110,18 @@ def test_cli_reports_an_unreachable_redis_in_one_line_and_exit_2(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert "cannot start" in last and "redis" in last
     assert "Traceback" not in proc.stderr
+
+
+def test_workers_default_to_the_cpus_in_production_and_one_in_development(tmp_path):
+    import os
+
+    from tokensvc.config import load
+
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    cert.write_text("x")
+    key.write_text("x")
+    tls = {"TOKENSVC_TLS_CERT": str(cert), "TOKENSVC_TLS_KEY": str(key)}
+    assert load(env=tls).workers == (os.cpu_count() or 1)
+    assert load(env={**tls, "TOKENSVC_WORKERS": "3"}).workers == 3
+    assert load(env={"TOKENSVC_INSECURE": "1"}).workers == 1
+    assert load(env={**tls, "TOKENSVC_LISTEN": "127.0.0.1:0"}).workers == 1

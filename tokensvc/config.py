@@ -193,7 +193,11 @@ _OPTIONS: dict[str, tuple[str, type]] = {
     "tls_client_ca": ("CA bundle for client certificates (enables mTLS)", Path),
     "redis_timeout": ("Redis socket timeout in seconds", float),
     "log_level": ("DEBUG, INFO, WARNING or ERROR", str),
-    "workers": ("server processes sharing the port (SO_REUSEPORT)", int),
+    "workers": (
+        "server processes sharing the port (SO_REUSEPORT); default: one per CPU with TLS, "
+        "1 in --insecure development mode",
+        int,
+    ),
     "policy_file": ("caller policy (TOML): which mTLS identities may call each RPC", Path),
     "rate_issue": ("Issue calls per subject, COUNT/SECONDS or off", Rate),
     "rate_refresh": ("Refresh calls per peer, COUNT/SECONDS or off (+1 Redis trip)", Rate),
@@ -261,7 +265,18 @@ def load(args: argparse.Namespace | None = None, env: Mapping[str, str] | None =
         if flag is None:
             flag = env.get("TOKENSVC_" + name.upper(), "").lower() in ("1", "true", "yes")
         values[name] = bool(flag)
+    if "workers" not in values:
+        values["workers"] = _default_workers(values)
     return Settings(**values).validate()  # type: ignore[arg-type]
+
+
+def _default_workers(values: Mapping[str, object]) -> int:
+    """Production (TLS) uses every core of the host; development mode, and a listener on
+    port 0 (whose port the workers could not share), one process."""
+    listen = str(values.get("listen", Settings.listen))
+    if values.get("insecure") or listen.endswith(":0"):
+        return 1
+    return max(1, min(os.cpu_count() or 1, 256))
 
 
 def _convert(name: str, raw: str, kind: type) -> object:
