@@ -144,3 +144,17 @@ def test_any_workload_of_the_mesh_may_watch(mtls_service):
         assert watcher.next().kind == Kind.RESET
     finally:
         watcher.close()
+
+
+def test_shutdown_ends_open_watches_with_unavailable(make_settings, start_server):
+    # a draining server must not wait its grace period for streams that never end: with
+    # a grace beyond the test timeout, this test only passes if the watches are ended
+    srv = start_server(make_settings(grace_seconds=300))
+    watcher = Watcher(srv.stub())
+    assert watcher.next().kind == Kind.RESET
+    srv.stop(grace=300)
+    deadline = 10.0
+    while watcher.error is None and deadline > 0:
+        threading.Event().wait(0.05)
+        deadline -= 0.05
+    assert watcher.error is not None and watcher.error.code() == grpc.StatusCode.UNAVAILABLE

@@ -273,7 +273,7 @@ def load(args: argparse.Namespace | None = None, env: Mapping[str, str] | None =
 def _default_workers(values: Mapping[str, object]) -> int:
     """Production (TLS) uses every core of the host; development mode, and a listener on
     port 0 (whose port the workers could not share), one process."""
-    listen = str(values.get("listen", Settings.listen))
+    listen = str(values.get("listen", Settings().listen))
     if values.get("insecure") or listen.endswith(":0"):
         return 1
     return max(1, min(os.cpu_count() or 1, 256))

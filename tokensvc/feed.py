@@ -44,8 +44,9 @@ _BATCH: Final = 1_000
 _CLOSED: Final = object()
 
 
-class FeedClosed(Exception):
-    """The watcher's stream must end (slow watcher, or the hub lost Redis)."""
+class FeedClosed(StoreUnavailable):
+    """The watcher's stream must end (slow watcher, the hub lost Redis, or shutdown): the
+    caller gets UNAVAILABLE and resumes from its last event id."""
 
 
 def _id(value: str) -> tuple[int, int]:
@@ -94,7 +95,14 @@ class RevocationHub:
         self._watchers: set[asyncio.Queue[object]] = set()
 
     async def run(self) -> None:
-        """Read live events until cancelled; on Redis trouble end every watcher's stream."""
+        """Read live events until cancelled; on Redis trouble end every watcher's stream,
+        and on cancellation (shutdown) too, so a draining server does not wait for them."""
+        try:
+            await self._read()
+        finally:
+            self._close_all()
+
+    async def _read(self) -> None:
         last = "$"
         delay = 0.1
         baseline = cancelling_count()
@@ -107,8 +115,6 @@ class RevocationHub:
                     self.redis.xread, {REVOCATIONS: last}, count=_BATCH, block=self.block_ms
                 )
                 delay = 0.1
-            except asyncio.CancelledError:
-                raise
             except Exception as err:  # StoreUnavailable or a reply we cannot read
                 log.warning("revocation feed reader: %s; watchers reconnect", err)
                 self._close_all()
@@ -122,7 +128,6 @@ class RevocationHub:
                     event = to_event(entry_id, fields)
                     if event is not None:
                         self._publish(event)
-        self._close_all()
         raise asyncio.CancelledError
 
     def _publish(self, event: pb.RevocationEvent) -> None:
