@@ -24,13 +24,13 @@ from tokensvc_client.interceptor import AuthInterceptor
 from tokensvc_client.jwks import AsyncJwksCache, JwksCache
 from tokensvc_client.jwks_http import HttpsJwksSource
 from tokensvc_client.results import Introspection, Jwks, TokenPair
-from tokensvc_client.revocations import (
+from tokensvc_client.revocation_feed import (
     FEED_CHANNEL_OPTIONS,
     AioRevocationFeed,
     FeedStale,
     RevocationFeed,
-    RevocationSet,
 )
+from tokensvc_client.revocations import RevocationSet
 from tokensvc_client.verifier import Claims, KeySet, Verifier
 
 __all__ = [

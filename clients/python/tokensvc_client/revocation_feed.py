@@ -1,0 +1,581 @@
+"""The revocation feed: interceptors refuse revoked access tokens within a second.
+
+An :class:`~tokensvc_client.AuthInterceptor` verifies tokens locally, so without help a
+revoked access token stays usable until its ``exp``. A :class:`RevocationFeed` (blocking
+servers) or :class:`AioRevocationFeed` (``grpc.aio`` servers) subscribes to the token
+service's ``WatchRevocations`` stream, keeps every revocation still in force in memory
+(:class:`RevocationSet`) and is the interceptor's ``revocation_check``::
+
+    feed = RevocationFeed(channel("tokensvc:50051", ca="ca.pem", options=FEED_CHANNEL_OPTIONS))
+    feed.start()
+    interceptor = AuthInterceptor(
+        keys, issuer="https://tokensvc", audience="orders", revocation_check=feed
+    )
+
+and with asyncio (``start`` needs the running event loop)::
+
+    feed = AioRevocationFeed(aio_channel("tokensvc:50051", ca="ca.pem"))
+    feed.start()
+    interceptor = AioAuthInterceptor(keys, ..., revocation_check=feed)
+    ...
+    await feed.close()
+
+The channel is the caller's: the feed never closes it.
+
+Lost connections: the feed reconnects with exponential backoff and jitter and resumes from
+the id of the last event it received, so nothing is missed; when the server no longer holds
+that id it starts over (``RESET`` and everything still in force). While the feed is down
+the last known set stays in force. Down longer than ``max_staleness`` seconds, the feed is
+*stale*: by default calls keep being checked against the last known set (counted in
+``stale_checks``, a warning logged at most once a minute); with ``fail_closed=True`` every
+check raises :class:`FeedStale`, which the interceptors answer with UNAVAILABLE
+``authorization check failed``.
+
+What is held and what a check costs: :mod:`tokensvc_client.revocations`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Final
+
+import grpc
+import grpc.aio
+
+from tokensvc_client.errors import TokenServiceError
+from tokensvc_client.revocations import RevocationSet
+from tokensvc_client.v1 import tokensvc_pb2 as pb
+from tokensvc_client.v1 import tokensvc_pb2_grpc
+from tokensvc_client.verifier import Claims
+
+__all__ = [
+    "FEED_CHANNEL_OPTIONS",
+    "AioRevocationFeed",
+    "Backoff",
+    "FeedStale",
+    "FeedStats",
+    "RevocationFeed",
+]
+
+log = logging.getLogger("tokensvc_client.revocations")
+
+#: Channel options for a feed's channel: gRPC's own reconnect backoff (which grows to two
+#: minutes by default) capped at 5 s, so a feed resumes within seconds of the token
+#: service coming back. Pass as ``options=`` to :func:`~tokensvc_client.channels.channel`.
+FEED_CHANNEL_OPTIONS: Final[tuple[tuple[str, Any], ...]] = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 5000),
+)
+
+#: Warn about a stale feed at most this often, seconds.
+STALE_WARNING_INTERVAL: Final = 60.0
+
+
+class FeedStale(TokenServiceError):
+    """The revocation feed has been down longer than ``max_staleness`` and the feed fails
+    closed: the interceptor refuses the call (UNAVAILABLE)."""
+
+
+class Backoff:
+    """Exponential backoff with jitter: attempt ``n`` waits a random time between half and
+    all of ``min(cap, base * 2**n)`` seconds."""
+
+    def __init__(self, base: float = 0.1, cap: float = 5.0) -> None:
+        if not 0 < base <= cap:
+            raise ValueError("backoff needs 0 < base <= cap")
+        self.base, self.cap = base, cap
+        self.attempt = 0
+
+    def next_delay(self) -> float:
+        ceiling = min(self.cap, self.base * 2.0 ** min(self.attempt, 60))
+        self.attempt += 1
+        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 -- jitter, not a secret
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+@dataclass(frozen=True, slots=True)
+class FeedStats:
+    """Counters of a feed, for metrics."""
+
+    #: events received (RESET included)
+    events: int
+    #: streams opened after the first one (each disconnection costs one)
+    reconnects: int
+    #: RESET events seen: full resynchronisations
+    resets: int
+    #: checks answered while the feed was stale (from the last known set, or refused)
+    stale_checks: int
+    #: entries held now
+    entries: int
+    connected: bool
+    healthy: bool
+
+
+class _FeedCore:
+    """What the blocking and the asyncio feed share: the set, the resume position, the
+    connection state, the reconnection backoff and the staleness policy. The drivers only
+    do the I/O, and tell the core what happened to which stream (by its number, so a late
+    report about an ended stream changes nothing).
+
+    A stream counts as up once it delivered headers or an event, or -- for a resumed
+    stream with nothing new to send, whose headers gRPC may hold back until the first
+    event -- once it has stayed open :attr:`settle` seconds on a READY channel: a refused
+    call (unknown method, denied, Redis down behind the server) ends well before that.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_staleness: float,
+        fail_closed: bool,
+        backoff: tuple[float, float],
+        clock: Callable[[], float],
+        revocations: RevocationSet | None,
+    ) -> None:
+        if not max_staleness > 0:
+            raise ValueError("max_staleness must be positive")
+        self.revocations = revocations if revocations is not None else RevocationSet(clock=clock)
+        self.max_staleness = float(max_staleness)
+        self.fail_closed = bool(fail_closed)
+        self.backoff = Backoff(*backoff)
+        #: seconds an open stream on a READY channel takes to count as up without an event
+        self.settle = min(0.5, self.max_staleness / 4)
+        self.last_event_id = ""
+        self.connected = False
+        #: monotonic time the feed went down (or was started); None while connected
+        self.down_since: float | None = time.monotonic()
+        self.events = 0
+        self.streams = 0
+        self.stale_checks = 0
+        self._open = False
+        self._stream_started = 0.0
+        self._stream_events = 0
+        self._last_warning = -math.inf
+        self._lock = threading.Lock()
+        self.ready = threading.Event()
+
+    # -- driver side ----------------------------------------------------------------------
+
+    def begin(self) -> tuple[int, pb.WatchRevocationsRequest]:
+        """A new stream: its number, and its request (resuming from the last event id)."""
+        with self._lock:
+            self.streams += 1
+            self._open = True
+            self._stream_started = time.monotonic()
+            self._stream_events = 0
+            return self.streams, pb.WatchRevocationsRequest(resume_from=self.last_event_id)
+
+    def on_connected(self, stream: int) -> None:
+        """Stream ``stream`` is up."""
+        if self.connected:
+            return
+        with self._lock:
+            if self.connected or not self._open or stream != self.streams:
+                return
+            self.connected = True
+            down, self.down_since = self.down_since, None
+        self.ready.set()
+        if stream > 1 and down is not None:
+            log.info(
+                "revocation feed connected after %.1f s down (resumed from %r)",
+                time.monotonic() - down,
+                self.last_event_id,
+            )
+
+    def settled(self, stream: int, open_: bool, channel_ready: bool) -> bool:
+        """The driver's periodic probe of a stream without headers or events yet; whether
+        to stop probing."""
+        if self.connected or not open_ or stream != self.streams:
+            return True
+        if channel_ready and time.monotonic() - self._stream_started >= self.settle:
+            self.on_connected(stream)
+            return True
+        return False
+
+    def on_event(self, stream: int, event: pb.RevocationEvent) -> None:
+        self.revocations.apply(event)
+        self.events += 1
+        self._stream_events += 1
+        if event.id:
+            self.last_event_id = event.id
+        if not self.connected:
+            self.on_connected(stream)
+
+    def end(self, stream: int, why: str, *, closing: bool = False) -> float:
+        """Stream ``stream`` ended (``closing``: because the feed is closed); returns how
+        long to wait before the next one."""
+        with self._lock:
+            if stream != self.streams:
+                return 0.0
+            self._open = False
+            was_connected, self.connected = self.connected, False
+            if was_connected:
+                self.down_since = time.monotonic()
+                self.ready.clear()
+            lasted = time.monotonic() - self._stream_started
+            if self._stream_events or lasted >= self.backoff.cap:
+                self.backoff.reset()
+            delay = self.backoff.next_delay()
+        if closing:
+            log.debug("revocation feed closed")
+        elif was_connected:
+            log.warning("revocation feed disconnected (%s); reconnecting", why)
+        else:
+            log.debug("revocation feed not connected (%s); retry in %.2f s", why, delay)
+        return delay
+
+    def restart_clock(self) -> None:
+        """The feed starts: it has been down since now, not since it was made."""
+        with self._lock:
+            if not self.connected:
+                self.down_since = time.monotonic()
+
+    # -- interceptor side -----------------------------------------------------------------
+
+    def stale(self) -> bool:
+        down = self.down_since
+        return down is not None and time.monotonic() - down > self.max_staleness
+
+    def check(self, claims: Claims) -> bool:
+        if self.revocations.is_revoked(claims):
+            return True
+        if self.down_since is not None and self.stale():
+            self._on_stale()
+        return False
+
+    def _on_stale(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self.stale_checks += 1
+            warn = now - self._last_warning >= STALE_WARNING_INTERVAL
+            if warn:
+                self._last_warning = now
+            down = now - (self.down_since or now)
+        if warn:
+            log.warning(
+                "revocation feed down for %.0f s (max %.0f s): %s",
+                down,
+                self.max_staleness,
+                "refusing calls"
+                if self.fail_closed
+                else "checking calls against the last known revocations",
+            )
+        if self.fail_closed:
+            raise FeedStale(f"revocation feed down longer than {self.max_staleness:g} s")
+
+    def stats(self) -> FeedStats:
+        return FeedStats(
+            events=self.events,
+            reconnects=max(0, self.streams - 1),
+            resets=self.revocations.resets,
+            stale_checks=self.stale_checks,
+            entries=len(self.revocations),
+            connected=self.connected,
+            healthy=not self.stale(),
+        )
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, grpc.RpcError):
+        code = err.code() if hasattr(err, "code") else None
+        details = err.details() if hasattr(err, "details") else ""
+        return f"{getattr(code, 'name', code)}: {details}"
+    return f"{type(err).__name__}: {err}"
+
+
+class _FeedBase:
+    """Properties, counters and the check both feeds offer."""
+
+    _core: _FeedCore
+
+    def __call__(self, claims: Claims) -> bool:
+        """The interceptor's ``revocation_check``: whether ``claims``' token is revoked.
+
+        Raises:
+            FeedStale: the feed fails closed and has been down too long.
+        """
+        return self._core.check(claims)
+
+    @property
+    def revocations(self) -> RevocationSet:
+        return self._core.revocations
+
+    @property
+    def connected(self) -> bool:
+        """The stream is up."""
+        return self._core.connected
+
+    @property
+    def healthy(self) -> bool:
+        """Connected, or down for at most ``max_staleness`` seconds."""
+        return not self._core.stale()
+
+    @property
+    def last_event_id(self) -> str:
+        """Where the next stream resumes."""
+        return self._core.last_event_id
+
+    @property
+    def events(self) -> int:
+        return self._core.events
+
+    @property
+    def reconnects(self) -> int:
+        return max(0, self._core.streams - 1)
+
+    @property
+    def stale_checks(self) -> int:
+        return self._core.stale_checks
+
+    def stats(self) -> FeedStats:
+        return self._core.stats()
+
+
+class RevocationFeed(_FeedBase):
+    """The revocation feed over a blocking channel, consumed by a daemon thread.
+
+    Args:
+        channel: a channel to the token service (e.g. from
+            :func:`~tokensvc_client.channels.channel`, with :data:`FEED_CHANNEL_OPTIONS`);
+            the caller keeps owning it.
+        max_staleness: seconds the feed may be down before it is stale.
+        fail_closed: stale, refuse every call (:class:`FeedStale`, answered UNAVAILABLE)
+            instead of checking against the last known set.
+        backoff: ``(base, cap)`` seconds of the reconnection backoff (:class:`Backoff`).
+        clock: current UNIX time, for the entries' expiry.
+        metadata: sent with every ``WatchRevocations`` call.
+        revocations: the set to fill (default: a new one).
+
+    Use as a context manager, or call :meth:`start` and :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        *,
+        max_staleness: float = 60.0,
+        fail_closed: bool = False,
+        backoff: tuple[float, float] = (0.1, 5.0),
+        clock: Callable[[], float] = time.time,
+        metadata: Sequence[tuple[str, str]] = (),
+        revocations: RevocationSet | None = None,
+    ) -> None:
+        self._core = _FeedCore(
+            max_staleness=max_staleness,
+            fail_closed=fail_closed,
+            backoff=backoff,
+            clock=clock,
+            revocations=revocations,
+        )
+        self._channel = channel
+        self._stub = tokensvc_pb2_grpc.TokenServiceStub(channel)
+        self._metadata = tuple(metadata)
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self._call: Any = None
+        self._thread: threading.Thread | None = None
+        self._channel_ready = False
+
+    def start(self) -> RevocationFeed:
+        """Start consuming the stream (once); returns the feed."""
+        with self._lock:
+            if self._closed.is_set():
+                raise RuntimeError("revocation feed closed")
+            if self._thread is not None:
+                return self
+            self._core.restart_clock()
+            self._channel.subscribe(self._on_connectivity, try_to_connect=False)
+            self._thread = threading.Thread(
+                target=self._run, name="tokensvc-revocation-feed", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def wait_connected(self, timeout: float | None = None) -> bool:
+        """Wait until the stream is up; whether it is."""
+        return self._core.ready.wait(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the stream and its thread (the channel stays open)."""
+        with self._lock:
+            self._closed.set()
+            call, thread = self._call, self._thread
+        if call is not None:
+            call.cancel()
+        if thread is not None:
+            with contextlib.suppress(Exception):  # e.g. the channel closed already
+                self._channel.unsubscribe(self._on_connectivity)
+            if thread is not threading.current_thread():
+                thread.join(timeout)
+
+    def __enter__(self) -> RevocationFeed:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
+        self._channel_ready = state is grpc.ChannelConnectivity.READY
+
+    def _probe(self, stream: int, call: Any) -> None:
+        core = self._core
+        while not self._closed.wait(core.settle / 2):
+            if core.settled(stream, call.is_active(), self._channel_ready):
+                return
+
+    def _run(self) -> None:
+        core = self._core
+        while not self._closed.is_set():
+            why = "stream ended"
+            with self._lock:
+                if self._closed.is_set():
+                    break
+                stream, request = core.begin()
+                # a grpc._channel._MultiThreadedRendezvous: a Call, a Future and an iterator
+                call: Any = self._stub.WatchRevocations(request, metadata=self._metadata)
+                self._call = call
+            threading.Thread(
+                target=self._probe, args=(stream, call), name="tokensvc-revocation-probe"
+            ).start()
+            try:
+                call.initial_metadata()
+                if call.is_active():  # headers, not a trailers-only refusal
+                    core.on_connected(stream)
+                for event in call:
+                    core.on_event(stream, event)
+            except grpc.RpcError as err:
+                why = _describe(err)
+            except Exception as err:  # a bug must not end the feed silently
+                log.exception("revocation feed failed")
+                why = _describe(err)
+            finally:
+                with self._lock:
+                    self._call = None
+                call.cancel()
+            delay = core.end(stream, why, closing=self._closed.is_set())
+            self._closed.wait(delay)
+
+
+class AioRevocationFeed(_FeedBase):
+    """The revocation feed over a ``grpc.aio`` channel, consumed by an asyncio task.
+
+    Arguments as for :class:`RevocationFeed`. :meth:`start` must be called with the event
+    loop running (the loop of the channel and of the server); :meth:`close` is a
+    coroutine. Also an async context manager.
+    """
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        *,
+        max_staleness: float = 60.0,
+        fail_closed: bool = False,
+        backoff: tuple[float, float] = (0.1, 5.0),
+        clock: Callable[[], float] = time.time,
+        metadata: Sequence[tuple[str, str]] = (),
+        revocations: RevocationSet | None = None,
+    ) -> None:
+        self._core = _FeedCore(
+            max_staleness=max_staleness,
+            fail_closed=fail_closed,
+            backoff=backoff,
+            clock=clock,
+            revocations=revocations,
+        )
+        self._channel = channel
+        self._stub = tokensvc_pb2_grpc.TokenServiceStub(channel)
+        self._metadata = tuple(metadata)
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def start(self) -> AioRevocationFeed:
+        """Start consuming the stream on the running loop (once); returns the feed."""
+        if self._closed:
+            raise RuntimeError("revocation feed closed")
+        if self._task is None:
+            self._core.restart_clock()
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="tokensvc-revocation-feed"
+            )
+        return self
+
+    async def wait_connected(self, timeout: float | None = None) -> bool:
+        """Wait until the stream is up; whether it is."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while not self._core.connected:
+            if deadline is not None and loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    async def close(self) -> None:
+        """Stop the stream and its task (the channel stays open)."""
+        self._closed = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def __aenter__(self) -> AioRevocationFeed:
+        return self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _probe(self, stream: int, call: Any) -> None:
+        core = self._core
+        while True:
+            await asyncio.sleep(core.settle / 2)
+            ready = self._channel.get_state() is grpc.ChannelConnectivity.READY
+            if core.settled(stream, not call.done(), ready):
+                return
+
+    async def _run(self) -> None:
+        core = self._core
+        while True:
+            why = "stream ended"
+            stream, request = core.begin()
+            call = self._stub.WatchRevocations(request, metadata=self._metadata)
+            probe = asyncio.create_task(self._probe(stream, call))
+            try:
+                await call.initial_metadata()
+                if not call.done():  # headers, not a trailers-only refusal
+                    core.on_connected(stream)
+                async for event in call:
+                    core.on_event(stream, event)
+            except grpc.RpcError as err:
+                why = _describe(err)
+            except asyncio.CancelledError:
+                core.end(stream, "cancelled", closing=True)
+                raise
+            except Exception as err:  # a bug must not end the feed silently
+                log.exception("revocation feed failed")
+                why = _describe(err)
+            finally:
+                probe.cancel()
+                call.cancel()
+            await asyncio.sleep(core.end(stream, why))
