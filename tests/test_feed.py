@@ -158,3 +158,47 @@ def test_shutdown_ends_open_watches_with_unavailable(make_settings, start_server
         threading.Event().wait(0.05)
         deadline -= 0.05
     assert watcher.error is not None and watcher.error.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_watcher_that_connects_before_the_reader_starts_misses_nothing(redis_url):
+    """The reader's starting point is fixed before any watcher catches up; otherwise an
+    event between a watcher's catch-up and the reader's first read would be lost to it."""
+    import asyncio
+    import time
+
+    import redis.asyncio as aioredis
+
+    from tokensvc.feed import RevocationHub
+    from tokensvc.store import REVOCATIONS
+
+    exp = str(int(time.time() * 1000) + 600_000)
+
+    async def main() -> list[str]:
+        client = aioredis.Redis.from_url(redis_url)
+
+        async def revoke(sid: str) -> None:
+            await client.xadd(REVOCATIONS, {"kind": "session", "value": sid, "exp": exp})
+
+        got: list[str] = []
+
+        async def consume(hub: RevocationHub) -> None:
+            async for event in hub.watch(""):
+                got.append(event.value or "RESET")
+
+        await revoke("a")
+        hub = RevocationHub(client, block_ms=100)
+        watcher = asyncio.create_task(consume(hub))
+        while len(got) < 2:  # RESET, a
+            await asyncio.sleep(0.01)
+        await revoke("b")  # before the reader's first read
+        reader = asyncio.create_task(hub.run())
+        await revoke("c")
+        while len(got) < 4:
+            await asyncio.sleep(0.01)
+        reader.cancel()
+        watcher.cancel()
+        await asyncio.gather(reader, watcher, return_exceptions=True)
+        await client.aclose()
+        return got
+
+    assert asyncio.run(asyncio.wait_for(main(), 10)) == ["RESET", "a", "b", "c"]

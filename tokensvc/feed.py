@@ -67,10 +67,10 @@ def _ts(ms: int) -> Timestamp:
 
 
 def to_event(entry_id: Any, fields: dict[Any, Any]) -> pb.RevocationEvent | None:
-    """A stream entry as an event (``None`` for an entry this version does not know)."""
+    """A stream entry as an event (``None`` for an entry this version cannot read)."""
     data = {_text(k): _text(v) for k, v in fields.items()}
     kind = _KINDS.get(data.get("kind", ""))
-    if kind is None:
+    if kind is None or not data.get("exp", "0").isdigit() or not data.get("before", "0").isdigit():
         return None
     event = pb.RevocationEvent(
         id=_text(entry_id),
@@ -93,6 +93,14 @@ class RevocationHub:
         self.redis = redis
         self.block_ms = block_ms
         self._watchers: set[asyncio.Queue[object]] = set()
+        self._last: str | None = None  # the id the reader continues after
+
+    async def prime(self) -> None:
+        """Fix the reader's starting point at the stream's newest entry. Called before the
+        server takes calls: a watcher's catch-up then always reaches at least as far as
+        the reader starts, so no event falls between the two."""
+        newest = await guarded(self.redis.xrevrange, REVOCATIONS, count=1)
+        self._last = _text(newest[0][0]) if newest else "0-0"
 
     async def run(self) -> None:
         """Read live events until cancelled; on Redis trouble end every watcher's stream,
@@ -103,31 +111,32 @@ class RevocationHub:
             self._close_all()
 
     async def _read(self) -> None:
-        last = "$"
+        if self._last is None:
+            await self.prime()
         delay = 0.1
         baseline = cancelling_count()
         while not cancelled_since(baseline):  # redis-py can swallow a cancel (see audit)
             try:
-                if last == "$":
-                    newest = await guarded(self.redis.xrevrange, REVOCATIONS, count=1)
-                    last = _text(newest[0][0]) if newest else "0-0"
                 reply = await guarded(
-                    self.redis.xread, {REVOCATIONS: last}, count=_BATCH, block=self.block_ms
+                    self.redis.xread, {REVOCATIONS: self._last}, count=_BATCH, block=self.block_ms
                 )
+                events = [
+                    (_text(entry_id), to_event(entry_id, fields))
+                    for _stream, entries in reply or ()
+                    for entry_id, fields in entries
+                ]
                 delay = 0.1
-            except Exception as err:  # StoreUnavailable or a reply we cannot read
+            except Exception as err:  # StoreUnavailable, or an entry we cannot read
+                # keep the position: reading on from it (even if trimmed since) loses nothing
                 log.warning("revocation feed reader: %s; watchers reconnect", err)
                 self._close_all()
-                last = "$"  # watchers catch up from the stream themselves
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
-            for _stream, entries in reply or ():
-                for entry_id, fields in entries:
-                    last = _text(entry_id)
-                    event = to_event(entry_id, fields)
-                    if event is not None:
-                        self._publish(event)
+            for entry_id, event in events:
+                self._last = entry_id
+                if event is not None:
+                    self._publish(event)
         raise asyncio.CancelledError
 
     def _publish(self, event: pb.RevocationEvent) -> None:
@@ -158,6 +167,8 @@ class RevocationHub:
                 _id(resume_from)
             except ValueError:
                 raise BadRequest("resume_from is not a revocation event id") from None
+        if self._last is None:
+            await self.prime()  # (the server primes before it serves; this is a safeguard)
         queue: asyncio.Queue[object] = asyncio.Queue(_QUEUE)
         self._watchers.add(queue)  # before catching up: nothing falls between the two
         try:

@@ -146,6 +146,9 @@ async def start(settings: Settings, tracer_provider: TracerProvider | None = Non
             wait_timeout=settings.redis_wait_timeout,
         )
         await store.load_scripts()
+        # the feed reader blocks at most half the socket timeout, so it never times out
+        hub = RevocationHub(redis, block_ms=max(100, int(settings.redis_timeout * 500)))
+        await hub.prime()  # before any watcher can connect (see RevocationHub.prime)
     except Exception:
         await redis.aclose()
         if embedded is not None:
@@ -165,8 +168,6 @@ async def start(settings: Settings, tracer_provider: TracerProvider | None = Non
         ],
     )
     audit = AuditTrail(redis)
-    # the feed reader blocks at most half the socket timeout, so it never times out
-    hub = RevocationHub(redis, block_ms=max(100, int(settings.redis_timeout * 500)))
     tokensvc_pb2_grpc.add_TokenServiceServicer_to_server(
         TokenService(settings, store, keyring, audit, policy, hub), server
     )
