@@ -40,7 +40,7 @@ from tokensvc.redisconn import (
     parse_sentinel_url,
     redis_client,
 )
-from tokensvc.store import family_key, subject_key
+from tokensvc.store import REVOCATIONS, family_key, subject_key
 from tokensvc.tokens import subject_tag
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 from tokensvc_client.v1 import tokensvc_pb2_grpc
@@ -245,6 +245,38 @@ def test_cluster_full_flow(
             return wanted <= seen
 
         wait_for("audit events in ts:audit", events, timeout=10)
+
+
+def test_cluster_revocation_feed_and_a_retry_after_a_lost_event(
+    cluster: Cluster,
+    cluster_url: str,
+    make_settings: Callable[..., Settings],
+    start_server: Callable[..., ServerThread],
+):
+    """On Cluster the feed's events are appended after the revoking script (the stream is
+    in another slot). If that append is lost, the caller's retry announces it again."""
+    stub = start_server(make_settings(redis_url=cluster_url)).stub()
+    pair = _issue(stub, "feed-user")
+    reused = _issue(stub, "feed-other")
+    rotated = _refresh(stub, reused.refresh_token)
+
+    def events() -> list[tuple[bytes, bytes]]:
+        with cluster.client() as conn:
+            return [(f[b"kind"], f[b"value"]) for _, f in conn.xrange(REVOCATIONS)]
+
+    assert stub.Revoke(pb.RevokeRequest(session_id=pair.session_id)).revoked_sessions == 1
+    assert events() == [(b"session", pair.session_id.encode())]
+    assert _code(lambda: _refresh(stub, reused.refresh_token)) == grpc.StatusCode.UNAUTHENTICATED
+    assert events()[-1] == (b"session", rotated.session_id.encode())
+
+    with cluster.client() as conn:
+        conn.delete(REVOCATIONS)  # as if the appends after the scripts had been lost
+    # the callers retry (their first attempt answered UNAVAILABLE)
+    assert stub.Revoke(pb.RevokeRequest(session_id=pair.session_id)).revoked_sessions == 0
+    assert _code(lambda: _refresh(stub, reused.refresh_token)) == grpc.StatusCode.UNAUTHENTICATED
+    assert sorted(events()) == sorted(
+        [(b"session", pair.session_id.encode()), (b"session", rotated.session_id.encode())]
+    )
 
 
 def _subject_on(cluster: Cluster, master: RedisProcess, other: bool = False) -> str:

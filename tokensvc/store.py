@@ -344,8 +344,10 @@ class FamilyStore:
                 family_expires_ms=int(reply[4]),
                 token_expires_ms=int(reply[5]),
             )
-        if status is RefreshStatus.REUSE:
+        if status in (RefreshStatus.REUSE, RefreshStatus.REVOKED):
+            # (Cluster) a revoked family is announced again: a retry after a lost append
             await self._append([("session", sid, exp, 0)], now_ms)
+        if status is RefreshStatus.REUSE:
             await self.settle(family_key(sid))  # a revocation: a retry sees 'revoked'
             return Rotation(status, subject=_s(reply[1]))
         return Rotation(status)
@@ -393,9 +395,12 @@ class FamilyStore:
         access-token lifetime cover only expired tokens."""
         return now_ms - self.feed_ttl_ms - 60_000, now_ms + self.feed_ttl_ms
 
-    async def _append(self, events: list[tuple[str, str, int, int]], now_ms: int) -> None:
-        """Cluster only: append events the scripts could not (see the class doc)."""
-        if self._inline_feed or not events:
+    async def _append(
+        self, events: list[tuple[str, str, int, int]], now_ms: int, *, always: bool = False
+    ) -> None:
+        """Append events the scripts could not (Cluster, see the class doc; ``always``: events
+        no script knew of)."""
+        if (self._inline_feed and not always) or not events:
             return
         minid, _ = self._feed_window(now_ms)
         pipe = self.redis.pipeline(transaction=False)
@@ -477,8 +482,11 @@ class FamilyStore:
         minid, exp = self._feed_window(now_ms)
         args: list[Any] = [now_ms, reason, token_hash or "", int(self._inline_feed), minid, exp]
         keys = self._stream() + [family_key(s) for s in sids]
-        revoked = [_s(sid) for sid in await guarded(self._revoke_family, keys=keys, args=args)]
-        await self._append([("session", sid, exp, 0) for sid in revoked], now_ms)
+        now_revoked, revoked_before = await guarded(self._revoke_family, keys=keys, args=args)
+        revoked = [_s(sid) for sid in now_revoked]
+        # (Cluster) also re-announce families revoked before: a retry after a lost append
+        announce = revoked + [_s(sid) for sid in revoked_before]
+        await self._append([("session", sid, exp, 0) for sid in announce], now_ms)
         if sids:
             await self.settle(family_key(sids[0]))
         return len(revoked)
@@ -504,8 +512,28 @@ class FamilyStore:
         watermark, revoked = int(reply[0]), [_s(sid) for sid in reply[1:]]
         events = [("session", sid, exp, 0) for sid in revoked]
         await self._append([*events, ("subject", subject, exp, watermark)], now_ms)
+        await self._announce_late_families(tag, {_s(s) for s in sids}, watermark, now_ms)
         await self.settle(subject_key(tag))
         return len(revoked)
+
+    async def _announce_late_families(
+        self, tag: str, listed: set[str], watermark: int, now_ms: int
+    ) -> None:
+        """Families created between reading the index and the watermark are revoked by it
+        (Refresh and Introspect compare creation times) but got no SESSION event, and the
+        feed's SUBJECT event is in whole seconds: interceptors would let their tokens
+        through. Announce them."""
+        index = await guarded(self.redis.zrangebyscore, sessions_key(tag), now_ms, "+inf")
+        missed = [sid for sid in map(_s, index) if sid not in listed]
+        if not missed:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for sid in missed:
+            pipe.hget(family_key(sid), "created")
+        created = await guarded(pipe.execute)
+        _, exp = self._feed_window(now_ms)
+        late = [sid for sid, c in zip(missed, created, strict=True) if c and int(c) <= watermark]
+        await self._append([("session", sid, exp, 0) for sid in late], now_ms, always=True)
 
     async def list_sessions(self, tag: str, now_ms: int, limit: int = 500) -> list[SessionInfo]:
         """The subject's sessions (newest ``limit``), pruning expired ones from its index."""

@@ -3,9 +3,11 @@
 --       stream MINID, event expiry ms. (feed.lua is prepended.)
 -- With a token hash, the (single) family is revoked only if the hash is its current or a
 -- used token, so a guessed session id cannot be used to revoke someone else's session.
--- Returns the session ids of the families this call revoked (active before).
+-- Returns {session ids this call revoked, session ids owned but revoked before}: without
+-- the stream (Cluster) the service appends events for both, so a retry after a lost append
+-- still announces the revocation.
 local stream = ARGV[4] == '1' and KEYS[1] or nil
-local out = {}
+local out, before = {}, {}
 for i = stream and 2 or 1, #KEYS do
   local fam = KEYS[i]
   local state, cur = unpack(redis.call('HMGET', fam, 'state', 'cur'))
@@ -16,6 +18,8 @@ for i = stream and 2 or 1, #KEYS do
     local sid = string.match(fam, ':fam:(%x+)$')
     out[#out + 1] = sid
     emit(stream, ARGV[5], 'session', sid, ARGV[6])
+  elseif state and owned then
+    before[#before + 1] = string.match(fam, ':fam:(%x+)$')
   end
 end
-return out
+return {out, before}
