@@ -133,3 +133,21 @@ def test_oversized_metadata_and_messages_are_refused_by_the_transport(tokensvc):
     err = _refused(lambda: stub.Issue(big))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert stub.GetKeys(pb.GetKeysRequest()).jwks  # the server is unharmed
+
+
+def test_a_blocked_peer_keeps_issue_and_revoke_and_revoked_tokens_do_not_count(mtls_service):
+    # a login service relays its users' refreshes: users' dead sessions must not cost it
+    # its own Issue and Revoke, and only guessing-like failures count
+    policy = POLICY + f'[rpc.Revoke]\nallow = ["{LOGIN}"]\n'
+    login = mtls_service(policy, rate_auth_failures=Rate(3, 60)).stub("login")
+    dead = login.Issue(pb.IssueRequest(subject="alice")).tokens
+    login.Revoke(pb.RevokeRequest(session_id=dead.session_id))
+    for _ in range(6):  # revoked: refused, audited, not counted
+        err = _refused(lambda: login.Refresh(pb.RefreshRequest(refresh_token=dead.refresh_token)))
+        assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+    bogus = pb.RefreshRequest(refresh_token="tsr1_" + "0" * 64 + "_" + "1" * 64)
+    for _ in range(4):
+        _refused(lambda: login.Refresh(bogus))
+    assert _refused(lambda: login.Refresh(bogus)).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    fresh = login.Issue(pb.IssueRequest(subject="bob")).tokens  # still issuing
+    assert login.Revoke(pb.RevokeRequest(session_id=fresh.session_id)).revoked_sessions == 1

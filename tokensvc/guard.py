@@ -8,8 +8,10 @@
 - **Rate limits** are GCRA counters in Redis, shared by every replica
   (:mod:`tokensvc.store`): Issue per subject runs inside Issue's own script (no extra round
   trip); Refresh and Introspect per peer, when enabled, cost one round trip each; failed
-  authentications per peer cost a round trip only when a call fails, and a peer over that
-  limit is then refused locally (RESOURCE_EXHAUSTED) until its wait is over.
+  authentications per peer (bad or unknown tokens, certificate mismatches, policy
+  denials; not expired or revoked ones) cost a round trip only when a call fails, and a
+  peer over that limit is then refused its :data:`GUESSABLE` calls locally
+  (RESOURCE_EXHAUSTED) until its wait is over.
 
 The admitted caller is kept in a context variable for the handler (binding, audit).
 """
@@ -36,6 +38,12 @@ from tokensvc_client.peer import ANONYMOUS, Peer, peer_of
 log = logging.getLogger("tokensvc.guard")
 _BLOCKED_MAX = 10_000
 SELF_SERVICE = frozenset({"ListSessions"})
+#: RPCs whose credential is a token the caller presents: where guessing could happen, and
+#: the only ones a peer over the failed-authentication limit is refused (so a login
+#: service whose users send bad refresh tokens can still Issue and Revoke).
+GUESSABLE = frozenset({"Refresh", "ListSessions"})
+#: Refusals that are normal life, not guessing: they are audited but not counted.
+_NOT_COUNTED = frozenset({"expired", "revoked", "reused"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +116,7 @@ class Guard:
         """Admit a call or raise :class:`Denied` / :class:`RateLimited`."""
         caller = Caller(peer_of(context), _address(context.peer() or ""))
         _current.set(caller)
-        if rpc != "GetKeys":
+        if rpc in GUESSABLE:
             self._check_blocked(caller)
         # ListSessions also serves the subject itself: its handler decides (tokensvc.sessions)
         if self.enforce and rpc not in SELF_SERVICE and not self.policy.admits(rpc, caller.peer):
@@ -136,12 +144,13 @@ class Guard:
         caller = current_caller()
         event = "denied" if isinstance(err, Denied) else "auth_failed"
         self.audit.record(event, peer=caller.name, reason=f"{rpc}: {err.message}")
-        if not self.failures.enabled:
+        if not self.failures.enabled or err.message in _NOT_COUNTED:
             return
         try:
             wait = await self.store.hit(peer_limit_key("authfail", caller.key), self.failures)
-        except StoreUnavailable:
-            return  # the call fails anyway; a lost count must not hide its real error
+        except Exception as err:  # the call fails anyway: a lost count must not hide why
+            log.warning("failed-authentication count for %s not recorded: %r", caller.name, err)
+            return
         if wait:
             if len(self._blocked) >= _BLOCKED_MAX:
                 with contextlib.suppress(StopIteration, KeyError):
