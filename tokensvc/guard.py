@@ -32,7 +32,7 @@ from tokensvc.audit import AuditTrail
 from tokensvc.config import Rate, Settings
 from tokensvc.errors import Denied, RateLimited, ServiceError
 from tokensvc.policy import CallerPolicy
-from tokensvc.store import FamilyStore, Limit, StoreUnavailable, peer_limit_key
+from tokensvc.store import FamilyStore, Limit, peer_limit_key
 from tokensvc_client.peer import ANONYMOUS, Peer, peer_of
 
 log = logging.getLogger("tokensvc.guard")
