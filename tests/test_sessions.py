@@ -128,3 +128,16 @@ def test_sessions_cli_lists_and_revokes(tokensvc, capsys):
     assert capsys.readouterr().out == ""
     assert cli_main(["sessions", "list", "", *target]) == 1  # INVALID_ARGUMENT
     assert "subject" in capsys.readouterr().err
+
+
+def test_a_stolen_bound_token_lists_nothing(mtls_service, dev_pki):
+    from tokensvc_client.peer import certificate_thumbprint
+
+    svc = mtls_service(POLICY)
+    thumb = certificate_thumbprint(dev_pki["orders"].cert.read_bytes())
+    pair = svc.stub("login").Issue(pb.IssueRequest(subject="erin", cnf_x5t_s256=thumb)).tokens
+    bearer = (("authorization", f"Bearer {pair.access_token}"),)
+    assert _sessions(svc.stub("orders"), "erin", metadata=bearer)  # its own workload
+    with pytest.raises(grpc.RpcError) as err:
+        _sessions(svc.stub("billing"), "erin", metadata=bearer)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -12,8 +12,8 @@ from tokensvc import limits, tokens
 from tokensvc.audit import AuditTrail
 from tokensvc.errors import BadRequest, rpc
 from tokensvc.guard import current_caller
-from tokensvc.keyring import KeyRing, Lifecycle
-from tokensvc.store import FamilyStore
+from tokensvc.keyring import RING_KEY, KeyRing, Lifecycle
+from tokensvc.store import REVOCATIONS, FamilyStore
 from tokensvc.times import ts as _ts
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 
@@ -96,9 +96,11 @@ class AdminRpcs:
             raise BadRequest("revoke_old needs now: the old key signs until a new one does")
         before = set(self.keyring.records)
         await self.keyring.rotate(self.lifecycle, now=request.now, revoke_old=request.revoke_old)
+        await self.store.settle(RING_KEY)  # a compromised key must not come back
         removed = sorted(before - set(self.keyring.records))
         if removed:
             await self.store.revoke_keys(removed, int(self.clock() * 1000))
+            await self.store.settle(REVOCATIONS)
         self.audit.record(
             "keys_rotated",
             peer=current_caller().name,
@@ -111,6 +113,7 @@ class AdminRpcs:
     async def RetireKey(self, request: pb.RetireKeyRequest, context: Ctx) -> pb.RetireKeyResponse:
         kid = limits.text("kid", request.kid, required=True, limit=limits.MAX_SHORT)
         status = await self.keyring.retire(kid)
+        await self.store.settle(RING_KEY)
         if status == "unknown":
             raise BadRequest(f"no key {kid}")
         if status == "active":

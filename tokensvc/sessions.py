@@ -8,6 +8,7 @@ page can show a user their devices without an admin credential.
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -76,6 +77,9 @@ class SessionRpcs:
         )
         if not state.active:
             raise NotAuthenticated("revoked")
+        bound = claims.cnf_x5t_s256
+        if bound and not hmac.compare_digest(bound, current_caller().peer.thumbprint):
+            raise NotAuthenticated("certificate_mismatch")  # RFC 8705: a stolen bound token
         if claims.subject != subject:
             raise Denied("a subject may only list its own sessions")
 
