@@ -78,7 +78,8 @@ class SessionRpcs:
         if not state.active:
             raise NotAuthenticated("revoked")
         bound = claims.cnf_x5t_s256
-        if bound and not hmac.compare_digest(bound, current_caller().peer.thumbprint):
+        presented = current_caller().peer.thumbprint.encode()
+        if bound and not hmac.compare_digest(bound.encode(), presented):
             raise NotAuthenticated("certificate_mismatch")  # RFC 8705: a stolen bound token
         if claims.subject != subject:
             raise Denied("a subject may only list its own sessions")
