@@ -20,7 +20,8 @@ import pytest
 import redis
 
 from tests.attacks.forge import EcKey, Forge
-from tests.attacks.targets import AUDIENCE, KINDS, Protected, start_protected
+from tests.attacks.targets import KINDS, Protected, start_protected
+from tests.protected import AUDIENCE
 from tests.support import ServerThread, settings_for
 from tokensvc.embedded import RedisProcess
 from tokensvc.keyring import KeyRing, SigningKey, load_kek

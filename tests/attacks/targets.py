@@ -8,7 +8,8 @@
   (blocking ``grpc.server``) or :class:`AioAuthInterceptor` (``grpc.aio`` server on its own
   event loop thread) in front of one unary method that answers with the claims its handler
   sees. Keys come from the real tokensvc through ``TokenClient.get_keys`` /
-  ``AsyncTokenClient.get_keys``, wrapped only to count the calls.
+  ``AsyncTokenClient.get_keys``, wrapped only to count the calls
+  (:func:`tests.protected.start_server`).
 
 The JWKS cache's clock is a :class:`ManualClock`: it moves only when a test moves it, so
 whether a rejection may cause a fetch (max age, refetch interval) does not depend on how
@@ -17,34 +18,20 @@ long a shared machine takes to run the suite.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 from collections.abc import Callable, Sequence
-from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-import grpc.aio
 
+from tests.protected import Setup, start_server
 from tests.support import ServerThread
-from tokensvc_client import (
-    AioAuthInterceptor,
-    AsyncJwksCache,
-    AsyncTokenClient,
-    AuthInterceptor,
-    Claims,
-    Jwks,
-    JwksCache,
-    TokenClient,
-    current_claims,
-)
+from tokensvc_client import Claims, current_claims
 from tokensvc_client._auth import Authenticator, Rejection, step
 from tokensvc_client.jwks import KeyRequest
 from tokensvc_client.verifier import KeySet
 
-AUDIENCE = "mesh"
 SERVICE = "tokensvc.attacks.Echo"
 METHOD = f"/{SERVICE}/Call"
 KINDS = ("sync", "aio")
@@ -165,110 +152,34 @@ class Protected:
         self.stop()
 
 
-def _interceptor_kw(service: ServerThread) -> dict[str, Any]:
-    return {
-        "issuer": service.settings.issuer,
-        "audience": AUDIENCE,
-        "leeway": service.settings.leeway,
-    }
-
-
-def _start_sync(service: ServerThread, protected: Protected) -> None:
-    client = TokenClient(service.target, insecure=True)
-
-    def fetch() -> Jwks:
-        protected.fetches.append(threading.current_thread().name)
-        return client.get_keys()
-
-    cache = JwksCache(fetch, clock=protected.clock)
-    cache.load()
-    interceptor = AuthInterceptor(cache, **_interceptor_kw(service))
+def _handler(protected: Protected) -> grpc.GenericRpcHandler:
+    """The one protected method: records the run, answers with the claims it sees."""
 
     def call(request: bytes, context: Any) -> bytes:
         protected.runs.append("sync")
         return _seen()
 
-    server = grpc.server(
-        futures.ThreadPoolExecutor(4, thread_name_prefix="attacks-worker"),
-        interceptors=[interceptor],
-        options=SERVER_OPTIONS,
+    async def call_aio(request: bytes, context: Any) -> bytes:
+        protected.runs.append("aio")
+        return _seen()
+
+    method = call if protected.kind == "sync" else call_aio
+    return grpc.method_handlers_generic_handler(
+        SERVICE, {"Call": grpc.unary_unary_rpc_method_handler(method)}
     )
-    server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                SERVICE, {"Call": grpc.unary_unary_rpc_method_handler(call)}
-            ),
-        )
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-
-    def stop() -> None:
-        server.stop(None)
-        client.close()
-
-    protected.target, protected.stop = f"127.0.0.1:{port}", stop
-
-
-def _start_aio(service: ServerThread, protected: Protected) -> None:
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    def run(coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, loop).result(30)
-
-    async def start() -> tuple[grpc.aio.Server, AsyncTokenClient, int]:
-        client = AsyncTokenClient(service.target, insecure=True)
-
-        async def fetch() -> Jwks:
-            protected.fetches.append(threading.current_thread().name)
-            return await client.get_keys()
-
-        cache = AsyncJwksCache(fetch, clock=protected.clock)
-        await cache.load()
-        interceptor = AioAuthInterceptor(cache, **_interceptor_kw(service))
-
-        async def call(request: bytes, context: Any) -> bytes:
-            protected.runs.append("aio")
-            return _seen()
-
-        server = grpc.aio.server(interceptors=[interceptor], options=SERVER_OPTIONS)
-        server.add_generic_rpc_handlers(
-            (
-                grpc.method_handlers_generic_handler(
-                    SERVICE, {"Call": grpc.unary_unary_rpc_method_handler(call)}
-                ),
-            )
-        )
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        return server, client, port
-
-    try:
-        server, client, port = run(start())
-    except BaseException:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        raise
-
-    async def shutdown() -> None:
-        await server.stop(None)
-        await client.close()
-
-    def stop() -> None:
-        try:
-            run(shutdown())
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(5)
-            loop.close()
-
-    protected.target, protected.stop = f"127.0.0.1:{port}", stop
 
 
 def start_protected(service: ServerThread, kind: str) -> Protected:
     """A protected service of ``kind`` ("sync" or "aio"), its key cache loaded (one fetch)."""
     protected = Protected(kind)
-    {"sync": _start_sync, "aio": _start_aio}[kind](service, protected)
+    setup = Setup(
+        handler=_handler(protected),
+        fetches=protected.fetches,
+        cache_kw={"clock": protected.clock},
+        interceptor_kw={"leeway": service.settings.leeway},
+        options=SERVER_OPTIONS,
+        worker_prefix="attacks-worker",
+        load=True,
+    )
+    protected.target, protected.stop = start_server(service, kind, setup)
     return protected

@@ -5,7 +5,8 @@ The sample service ``tokensvc.test.Sample`` has one method of each RPC kind, on 
 ``current_claims_or_none()``. It runs either on a blocking ``grpc.server`` with
 :class:`AuthInterceptor` or on a ``grpc.aio`` server (own event loop thread) with
 :class:`AioAuthInterceptor`; both fetch keys from the real tokensvc through a counting
-wrapper around ``TokenClient.get_keys`` / ``AsyncTokenClient.get_keys``. Tests talk to
+wrapper around ``TokenClient.get_keys`` / ``AsyncTokenClient.get_keys``
+(:func:`tests.protected.start_server`). Tests talk to
 either with the same blocking client code. With ``server_credentials`` the sample service
 serves TLS (e.g. mTLS with a certificate of :func:`tokensvc.devcerts.write_dev_pki`); tests
 then open their own channels with :meth:`Protected.secure_channel`.
@@ -15,30 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-import grpc.aio
 import pytest
-from grpc_health.v1 import _async as health_async
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.protected import Setup, start_server
 from tests.support import ServerThread
-from tokensvc_client import (
-    DEFAULT_EXEMPT,
-    AioAuthInterceptor,
-    AsyncJwksCache,
-    AsyncTokenClient,
-    AuthInterceptor,
-    Jwks,
-    JwksCache,
-    TokenClient,
-    current_claims_or_none,
-)
+from tokensvc_client import DEFAULT_EXEMPT, TokenClient, current_claims_or_none
 
 SERVICE = "tokensvc.test.Sample"
 #: name prefix of the blocking sample server's worker threads
@@ -192,99 +180,6 @@ def bearer(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
 
-def _add_port(server: Any, credentials: grpc.ServerCredentials | None) -> int:
-    if credentials is None:
-        return server.add_insecure_port("127.0.0.1:0")
-    return server.add_secure_port("127.0.0.1:0", credentials)
-
-
-def _start_sync(
-    service: ServerThread,
-    cache_kw: dict[str, Any],
-    interceptor_kw: dict[str, Any],
-    credentials: grpc.ServerCredentials | None = None,
-) -> Protected:
-    protected = Protected(target="")
-    client = TokenClient(service.target, insecure=True)
-
-    def fetch() -> Jwks:
-        protected.fetches.append(threading.current_thread().name)
-        return client.get_keys()
-
-    interceptor = AuthInterceptor(
-        JwksCache(fetch, **cache_kw),
-        issuer=service.settings.issuer,
-        audience="mesh",
-        **interceptor_kw,
-    )
-    server = grpc.server(
-        futures.ThreadPoolExecutor(4, thread_name_prefix=WORKER), interceptors=[interceptor]
-    )
-    server.add_generic_rpc_handlers((_sync_handler(protected.calls),))
-    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
-    port = _add_port(server, credentials)
-    server.start()
-
-    def stop() -> None:
-        server.stop(None)
-        client.close()
-
-    protected.target, protected.stop = f"127.0.0.1:{port}", stop
-    return protected
-
-
-def _start_aio(
-    service: ServerThread,
-    cache_kw: dict[str, Any],
-    interceptor_kw: dict[str, Any],
-    credentials: grpc.ServerCredentials | None = None,
-) -> Protected:
-    protected = Protected(target="")
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    def run(coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, loop).result(30)
-
-    async def start() -> tuple[grpc.aio.Server, AsyncTokenClient, int]:
-        client = AsyncTokenClient(service.target, insecure=True)
-
-        async def fetch() -> Jwks:
-            protected.fetches.append(threading.current_thread().name)
-            return await client.get_keys()
-
-        interceptor = AioAuthInterceptor(
-            AsyncJwksCache(fetch, **cache_kw),
-            issuer=service.settings.issuer,
-            audience="mesh",
-            **interceptor_kw,
-        )
-        server = grpc.aio.server(interceptors=[interceptor])
-        server.add_generic_rpc_handlers((_aio_handler(protected.calls),))
-        health_pb2_grpc.add_HealthServicer_to_server(health_async.HealthServicer(), server)
-        port = _add_port(server, credentials)
-        await server.start()
-        return server, client, port
-
-    server, client, port = run(start())
-
-    async def shutdown() -> None:
-        await server.stop(None)
-        await client.close()
-
-    def stop() -> None:
-        try:
-            run(shutdown())
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(5)
-            loop.close()
-
-    protected.target, protected.stop = f"127.0.0.1:{port}", stop
-    return protected
-
-
 @pytest.fixture
 def make_protected() -> Iterator[Callable[..., Protected]]:
     """``make_protected(service, kind, cache_kw={}, server_credentials=None,
@@ -299,8 +194,18 @@ def make_protected() -> Iterator[Callable[..., Protected]]:
         **interceptor_kw: Any,
     ) -> Protected:
         interceptor_kw.setdefault("exempt", (*DEFAULT_EXEMPT, PUBLIC))
-        start = _start_sync if kind == "sync" else _start_aio
-        protected = start(service, cache_kw or {}, interceptor_kw, server_credentials)
+        protected = Protected(target="")
+        sync = kind == "sync"
+        setup = Setup(
+            handler=(_sync_handler if sync else _aio_handler)(protected.calls),
+            fetches=protected.fetches,
+            cache_kw=cache_kw or {},
+            interceptor_kw=interceptor_kw,
+            credentials=server_credentials,
+            worker_prefix=WORKER,
+            health=True,
+        )
+        protected.target, protected.stop = start_server(service, "sync" if sync else "aio", setup)
         started.append(protected)
         return protected
 
