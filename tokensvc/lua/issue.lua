@@ -16,7 +16,7 @@ local t = redis.call('TIME')
 local created = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('HSET', fam,
   'state', 'active', 'cur', ARGV[2], 'cur_exp', ARGV[4], 'created', created,
-  'last', ARGV[3], 'exp', ARGV[5], 'sub', ARGV[6], 'cid', ARGV[7], 'label', ARGV[8],
+  'last', created, 'exp', ARGV[5], 'sub', ARGV[6], 'cid', ARGV[7], 'label', ARGV[8],
   'claims', ARGV[9], 'cnf', ARGV[10])
 redis.call('PEXPIREAT', fam, fam_exp)
 redis.call('ZREMRANGEBYSCORE', sessions, '-inf', now)
