@@ -47,7 +47,7 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from tokensvc.config import ConfigError, Settings, _is_loopback
+from tokensvc.config import ConfigError, Settings
 
 log = logging.getLogger("tokensvc.http_jwks")
 
@@ -343,22 +343,15 @@ async def start_http(settings: Settings, keys: KeySource) -> HttpJwks:
     """Start the listener on ``settings.http_listen``; HTTPS unless ``settings.insecure``.
 
     Raises:
-        ConfigError: no ``http_listen``, plaintext on a non-loopback address, or unusable
-            TLS files.
+        ConfigError: no ``http_listen``, or unusable TLS files.
         OSError: the address cannot be bound.
     """
     if settings.http_listen is None:
         raise ConfigError("--http-listen is not set")
     host, _, port = settings.http_listen.rpartition(":")
     host = host.strip("[]")
-    context: ssl.SSLContext | None = None
-    if settings.insecure:
-        if not _is_loopback(host):
-            raise ConfigError(
-                f"--insecure serves plaintext HTTP only on a loopback address, not {host}"
-            )
-    else:
-        context = server_ssl_context(settings)
+    # plaintext only in --insecure mode, which Settings.validate confines to loopback
+    context = None if settings.insecure else server_ssl_context(settings)
     http = HttpJwks(settings, keys, scheme="http" if context is None else "https")
     http.server = await asyncio.start_server(
         http._connection,
