@@ -36,7 +36,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
 from tokensvc.redisconn import RedisClient
-from tokensvc.store import guarded
+from tokensvc.store import guarded, text
+from tokensvc.tasks import cancelled_since, cancelling_count
 from tokensvc.telemetry import current_trace_id
 from tokensvc_client.verifier import REFRESH_TOKEN_PREFIX
 
@@ -84,33 +85,17 @@ _RESERVED: Final = frozenset(vars(logging.makeLogRecord({}))) | {
 }
 
 
-def cancelled_since(baseline: int) -> bool:
-    """Whether the current task was asked to cancel after ``baseline`` was read.
-
-    On Python 3.11 ``asyncio.wait_for`` (which redis-py uses to send a command when a
-    socket timeout is set) loses a cancellation that arrives just as the wrapped call
-    finishes; without this check a cancelled loop could go on forever.
-    """
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > baseline
-
-
 def _retrieve(task: asyncio.Future[None]) -> None:
     """Mark a shielded write's exception as seen (its caller may have been cancelled)."""
     if not task.cancelled():
         task.exception()
 
 
-def cancelling_count() -> int:
-    task = asyncio.current_task()
-    return task.cancelling() if task is not None else 0
-
-
 def _clean(value: object) -> str:
-    text = value if isinstance(value, str) else str(value)
-    if _TOKEN_LIKE.search(text):
+    shown = value if isinstance(value, str) else str(value)
+    if _TOKEN_LIKE.search(shown):
         return REDACTED
-    return text[:MAX_VALUE_CHARS]
+    return shown[:MAX_VALUE_CHARS]
 
 
 def _field_name(key: str) -> str:
@@ -331,15 +316,11 @@ class AuditTrail:
             raise
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-
-
 def _line(entry_id: bytes | str, fields: Mapping[bytes | str, bytes | str]) -> str:
-    out: dict[str, Any] = {"id": _text(entry_id)}
+    out: dict[str, Any] = {"id": text(entry_id)}
     for key, value in fields.items():
-        name, text = _text(key), _text(value)
-        out.setdefault(name, int(text) if name == "ts" and text.isdigit() else text)
+        name, item = text(key), text(value)
+        out.setdefault(name, int(item) if name == "ts" and item.isdigit() else item)
     return json.dumps(out)
 
 
@@ -360,7 +341,7 @@ async def tail(
     """
     baseline = cancelling_count()
     newest: list[Any] = await guarded(redis.xrevrange, stream, count=max(count, 1))
-    last = _text(newest[0][0]) if newest else "0-0"
+    last = text(newest[0][0]) if newest else "0-0"
     entries: Iterable[Any] = reversed(newest[:count]) if count > 0 else ()
     for entry_id, fields in entries:
         write(_line(entry_id, fields))
@@ -373,4 +354,4 @@ async def tail(
         for _name, new in reply or ():
             for entry_id, fields in new:
                 write(_line(entry_id, fields))
-                last = _text(entry_id)
+                last = text(entry_id)

@@ -25,10 +25,10 @@ from typing import Any, Final
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from tokensvc.audit import cancelled_since, cancelling_count
 from tokensvc.errors import BadRequest
 from tokensvc.redisconn import RedisClient
-from tokensvc.store import REVOCATIONS, StoreUnavailable, guarded
+from tokensvc.store import REVOCATIONS, StoreUnavailable, guarded, text
+from tokensvc.tasks import cancelled_since, cancelling_count
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 
 log = logging.getLogger("tokensvc.feed")
@@ -56,10 +56,6 @@ def _id(value: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _ts(ms: int) -> Timestamp:
     stamp = Timestamp()
     stamp.FromMilliseconds(ms)
@@ -68,12 +64,12 @@ def _ts(ms: int) -> Timestamp:
 
 def to_event(entry_id: Any, fields: dict[Any, Any]) -> pb.RevocationEvent | None:
     """A stream entry as an event (``None`` for an entry this version cannot read)."""
-    data = {_text(k): _text(v) for k, v in fields.items()}
+    data = {text(k): text(v) for k, v in fields.items()}
     kind = _KINDS.get(data.get("kind", ""))
     if kind is None or not data.get("exp", "0").isdigit() or not data.get("before", "0").isdigit():
         return None
     event = pb.RevocationEvent(
-        id=_text(entry_id),
+        id=text(entry_id),
         kind=kind,
         value=data.get("value", ""),
         expires_at=_ts(int(data.get("exp", "0"))),
@@ -100,7 +96,7 @@ class RevocationHub:
         server takes calls: a watcher's catch-up then always reaches at least as far as
         the reader starts, so no event falls between the two."""
         newest = await guarded(self.redis.xrevrange, REVOCATIONS, count=1)
-        self._last = _text(newest[0][0]) if newest else "0-0"
+        self._last = text(newest[0][0]) if newest else "0-0"
 
     async def run(self) -> None:
         """Read live events until cancelled; on Redis trouble end every watcher's stream,
@@ -121,7 +117,7 @@ class RevocationHub:
                     self.redis.xread, {REVOCATIONS: self._last}, count=_BATCH, block=self.block_ms
                 )
                 events = [
-                    (_text(entry_id), to_event(entry_id, fields))
+                    (text(entry_id), to_event(entry_id, fields))
                     for _stream, entries in reply or ()
                     for entry_id, fields in entries
                 ]
@@ -189,7 +185,7 @@ class RevocationHub:
 
     async def _catch_up(self, resume_from: str) -> AsyncIterator[pb.RevocationEvent]:
         oldest = await guarded(self.redis.xrange, REVOCATIONS, count=1)
-        held = bool(resume_from) and bool(oldest) and _id(_text(oldest[0][0])) <= _id(resume_from)
+        held = bool(resume_from) and bool(oldest) and _id(text(oldest[0][0])) <= _id(resume_from)
         if held:
             cursor = f"({resume_from}"
         else:
@@ -205,7 +201,7 @@ class RevocationHub:
                     yield event
             if len(entries) < _BATCH:
                 return
-            cursor = f"({_text(entries[-1][0])}"
+            cursor = f"({text(entries[-1][0])}"
 
 
 __all__ = ["FeedClosed", "RevocationHub", "StoreUnavailable", "to_event"]

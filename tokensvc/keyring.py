@@ -36,7 +36,7 @@ from typing import Any, Final
 from jwcrypto import jwe, jwk
 
 from tokensvc.redisconn import RedisClient
-from tokensvc.store import guarded
+from tokensvc.store import guarded, text
 from tokensvc_client.verifier import ALGORITHM, KeySet, b64url_decode
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ class KeyRing:
         version = await guarded(self._redis.get, VERSION_KEY)
         active_kid = await guarded(self._redis.get, ACTIVE_KEY)
         raw = await guarded(self._redis.hgetall, RING_KEY)
-        self._apply(_text(active_kid), {_text(k): json.loads(v) for k, v in raw.items()})
+        self._apply(text(active_kid), {text(k): json.loads(v) for k, v in raw.items()})
         self.version = int(version or 0)
 
     def _apply(self, active_kid: str, records: dict[str, dict[str, Any]]) -> None:
@@ -192,7 +192,7 @@ class KeyRing:
         reply = await guarded(
             self._lifecycle, keys=[RING_KEY, ACTIVE_KEY, VERSION_KEY], args=[op, *args]
         )
-        status, version = _text(reply[0]), int(reply[1])
+        status, version = text(reply[0]), int(reply[1])
         if version != self.version:
             await self.load()
         return status, version
@@ -231,7 +231,7 @@ class KeyRing:
                 continue
             key = self._decrypt(record)
             # the script replaces a record only if it still reads exactly as stored here
-            args += [_text(kid), _text(stored), json.dumps({**record, "private": self._wrap(key)})]
+            args += [text(kid), text(stored), json.dumps({**record, "private": self._wrap(key)})]
         if not args:
             return 0
         await self._run("rewrap", *args)
@@ -279,9 +279,3 @@ def _jwe_kid(compact: str) -> str:
         return str(header.get("kid", ""))
     except (ValueError, AttributeError):
         return ""
-
-
-def _text(value: bytes | str | None) -> str:
-    if value is None:
-        return ""
-    return value.decode() if isinstance(value, bytes) else value

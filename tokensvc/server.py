@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 
 from tokensvc import redisconn, telemetry
-from tokensvc.audit import AuditTrail, cancelled_since, cancelling_count
+from tokensvc.audit import AuditTrail
 from tokensvc.config import Settings
 from tokensvc.embedded import RedisProcess
 from tokensvc.feed import RevocationHub
@@ -30,6 +30,7 @@ from tokensvc.policy import CallerPolicy
 from tokensvc.redisconn import RedisClient
 from tokensvc.service import TokenService
 from tokensvc.store import FamilyStore, StoreUnavailable
+from tokensvc.tasks import cancelled_since, cancelling_count
 from tokensvc_client.v1 import tokensvc_pb2, tokensvc_pb2_grpc
 
 log = logging.getLogger("tokensvc.server")

@@ -229,8 +229,11 @@ _FAMILY_FIELDS = (
 )
 
 
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+def text(value: Any) -> str:
+    """A Redis reply value as text (``None``: the empty string)."""
+    if value is None:
+        return ""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 class FamilyStore:
@@ -307,7 +310,7 @@ class FamilyStore:
                 limit.tolerance_us,
             ],
         )
-        status = IssueStatus(_s(reply[0]))
+        status = IssueStatus(text(reply[0]))
         return IssueOutcome(status, int(reply[1]) if status is IssueStatus.LIMITED else 0)
 
     async def rotate(
@@ -327,7 +330,7 @@ class FamilyStore:
             keys=keys + ([REVOCATIONS] if self._inline_feed else []),
             args=[presented_hash, successor_hash, now_ms, idle_ttl_ms, thumbprint, minid, exp, sid],
         )
-        status = RefreshStatus(_s(reply[0]))
+        status = RefreshStatus(text(reply[0]))
         if status is RefreshStatus.OK:
             # best effort: raising now would make the client retry with the spent token,
             # and that retry would be reuse; an unconfirmed rotation lost in a failover
@@ -338,8 +341,8 @@ class FamilyStore:
                 log.warning("refresh sid=%s not confirmed by replicas: %s", sid, err)
             return Rotation(
                 status,
-                subject=_s(reply[2]),
-                client_id=_s(reply[3]),
+                subject=text(reply[2]),
+                client_id=text(reply[3]),
                 claims=json.loads(reply[1]),
                 family_expires_ms=int(reply[4]),
                 token_expires_ms=int(reply[5]),
@@ -349,7 +352,7 @@ class FamilyStore:
             await self._append([("session", sid, exp, 0)], now_ms)
         if status is RefreshStatus.REUSE:
             await self.settle(family_key(sid))  # a revocation: a retry sees 'revoked'
-            return Rotation(status, subject=_s(reply[1]))
+            return Rotation(status, subject=text(reply[1]))
         return Rotation(status)
 
     async def _state(
@@ -362,7 +365,7 @@ class FamilyStore:
             keys=[fam, subject_key(tag_of(sid)), jti_key(sid, jti) if jti else fam],
             args=list(fields),
         )
-        values = {n: _s(v) for n, v in zip(fields, reply, strict=False) if v is not None}
+        values = {n: text(v) for n, v in zip(fields, reply, strict=False) if v is not None}
         watermark = reply[len(fields)]
         return values, (int(watermark) if watermark else None), bool(reply[len(fields) + 1])
 
@@ -483,9 +486,9 @@ class FamilyStore:
         args: list[Any] = [now_ms, reason, token_hash or "", int(self._inline_feed), minid, exp]
         keys = self._stream() + [family_key(s) for s in sids]
         now_revoked, revoked_before = await guarded(self._revoke_family, keys=keys, args=args)
-        revoked = [_s(sid) for sid in now_revoked]
+        revoked = [text(sid) for sid in now_revoked]
         # (Cluster) also re-announce families revoked before: a retry after a lost append
-        announce = revoked + [_s(sid) for sid in revoked_before]
+        announce = revoked + [text(sid) for sid in revoked_before]
         await self._append([("session", sid, exp, 0) for sid in announce], now_ms)
         if sids:
             await self.settle(family_key(sids[0]))
@@ -504,15 +507,15 @@ class FamilyStore:
         tag = subject_tag(subject)
         sids = await guarded(self.redis.zrangebyscore, sessions_key(tag), now_ms, "+inf")
         minid, exp = self._feed_window(now_ms)
-        keys = [subject_key(tag), sessions_key(tag)] + [family_key(_s(s)) for s in sids]
+        keys = [subject_key(tag), sessions_key(tag)] + [family_key(text(s)) for s in sids]
         args = [now_ms, reason, watermark_ttl_ms, int(lock), int(self._inline_feed), minid, exp]
         reply = await guarded(
             self._revoke_subject, keys=keys + self._stream(), args=[*args, subject]
         )
-        watermark, revoked = int(reply[0]), [_s(sid) for sid in reply[1:]]
+        watermark, revoked = int(reply[0]), [text(sid) for sid in reply[1:]]
         events = [("session", sid, exp, 0) for sid in revoked]
         await self._append([*events, ("subject", subject, exp, watermark)], now_ms)
-        await self._announce_late_families(tag, {_s(s) for s in sids}, watermark, now_ms)
+        await self._announce_late_families(tag, {text(s) for s in sids}, watermark, now_ms)
         await self.settle(subject_key(tag))
         return len(revoked)
 
@@ -524,7 +527,7 @@ class FamilyStore:
         feed's SUBJECT event is in whole seconds: interceptors would let their tokens
         through. Announce them."""
         index = await guarded(self.redis.zrangebyscore, sessions_key(tag), now_ms, "+inf")
-        missed = [sid for sid in map(_s, index) if sid not in listed]
+        missed = [sid for sid in map(text, index) if sid not in listed]
         if not missed:
             return
         pipe = self.redis.pipeline(transaction=False)
@@ -547,12 +550,12 @@ class FamilyStore:
         fields = ("state", "created", "last", "exp", "cur_exp", "cid", "label")
         pipe = self.redis.pipeline(transaction=False)
         for sid in sids:
-            pipe.hmget(family_key(_s(sid)), fields)
+            pipe.hmget(family_key(text(sid)), fields)
         rows = await guarded(pipe.execute)
         wm = int(watermark) if watermark else 0
         out = []
         for sid, row in zip(sids, rows, strict=True):
-            f = dict(zip(fields, (_s(v) if v is not None else "" for v in row), strict=True))
+            f = dict(zip(fields, (text(v) if v is not None else "" for v in row), strict=True))
             if not f["state"]:
                 continue  # the family expired between the two reads
             active = (
@@ -563,7 +566,7 @@ class FamilyStore:
             )
             out.append(
                 SessionInfo(
-                    _s(sid),
+                    text(sid),
                     f["cid"],
                     f["label"],
                     int(f["created"]),
