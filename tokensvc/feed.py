@@ -23,12 +23,11 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from tokensvc.errors import BadRequest
 from tokensvc.redisconn import RedisClient
 from tokensvc.store import REVOCATIONS, StoreUnavailable, guarded, text
 from tokensvc.tasks import cancelled_since, cancelling_count
+from tokensvc.times import ts_ms
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 
 log = logging.getLogger("tokensvc.feed")
@@ -56,12 +55,6 @@ def _id(value: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-def _ts(ms: int) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromMilliseconds(ms)
-    return stamp
-
-
 def to_event(entry_id: Any, fields: dict[Any, Any]) -> pb.RevocationEvent | None:
     """A stream entry as an event (``None`` for an entry this version cannot read)."""
     data = {text(k): text(v) for k, v in fields.items()}
@@ -72,13 +65,13 @@ def to_event(entry_id: Any, fields: dict[Any, Any]) -> pb.RevocationEvent | None
         id=text(entry_id),
         kind=kind,
         value=data.get("value", ""),
-        expires_at=_ts(int(data.get("exp", "0"))),
+        expires_at=ts_ms(int(data.get("exp", "0"))),
     )
     if kind == pb.RevocationEvent.SUBJECT:
         # whole seconds, rounded down: interceptors compare it with ``iat`` (whole seconds),
         # so a login in the same second as "log out everywhere" is not refused for its whole
         # lifetime; sessions created earlier in that second come as SESSION events anyway
-        event.revoked_before.CopyFrom(_ts(int(data.get("before", "0")) // 1000 * 1000))
+        event.revoked_before.CopyFrom(ts_ms(int(data.get("before", "0")) // 1000 * 1000))
     return event
 
 
