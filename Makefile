@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PROTO  := protos/tokensvc_client/v1/tokensvc.proto
 GEN    := clients/python
 
-.PHONY: setup run test check-protos protos lint bench certs clean
+.PHONY: setup run test tools check-protos protos lint bench certs clean
 
 setup: $(STAMP)
 
@@ -19,8 +19,12 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 run: setup
 	$(BIN)/tokensvc serve --insecure --listen 127.0.0.1:50051
 
-test: setup check-protos lint
+test: setup tools check-protos lint
 	$(BIN)/python -m pytest
+
+# System tools the tests use (promtool, chromium, ...): installed only when missing.
+tools:
+	bash .ci/tools.sh
 
 # Regenerate the stubs (message classes, gRPC stubs, typing stubs) from the .proto.
 protos: setup
