@@ -1,0 +1,273 @@
+"""Refresh families: creating one (Issue), rotating it (Refresh), reading its state
+(Introspect) and listing a subject's sessions.
+
+Only hashes of refresh tokens are stored. Automatic client retries are off: re-sending a
+Refresh whose reply was lost would present a spent token and revoke the family.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from redis.commands.core import AsyncScript
+
+from tokensvc.store.calls import StoreUnavailable, guarded, text
+from tokensvc.store.core import StoreCore
+from tokensvc.store.keys import (
+    REVOCATIONS,
+    family_key,
+    issue_limit_key,
+    jti_key,
+    sessions_key,
+    subject_key,
+)
+from tokensvc.store.limits import NO_LIMIT, Limit
+from tokensvc.tokens import tag_of
+
+log = logging.getLogger("tokensvc.store")
+
+
+class RefreshStatus(enum.Enum):
+    OK = "ok"
+    REUSE = "reuse"
+    REVOKED = "revoked"
+    EXPIRED = "expired"
+    UNKNOWN = "unknown"
+    MISMATCH = "mismatch"  # bound family, other (or no) client certificate
+
+
+class IssueStatus(enum.Enum):
+    OK = "ok"
+    LOCKED = "locked"
+    LIMITED = "limited"
+
+
+@dataclass(frozen=True, slots=True)
+class IssueOutcome:
+    status: IssueStatus
+    retry_after_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class NewFamily:
+    session_id: str
+    token_hash: str
+    subject: str
+    client_id: str
+    label: str
+    claims: dict[str, Any]
+    now_ms: int
+    token_expires_ms: int
+    family_expires_ms: int
+    cnf: str = ""  # x5t#S256 the family is bound to, '' if unbound
+
+
+@dataclass(frozen=True, slots=True)
+class Rotation:
+    status: RefreshStatus
+    subject: str = ""
+    client_id: str = ""
+    claims: dict[str, Any] | None = None
+    family_expires_ms: int = 0
+    token_expires_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """One row of a subject's session listing (times in ms)."""
+
+    session_id: str
+    client_id: str
+    label: str
+    created_ms: int
+    last_ms: int
+    expires_ms: int
+    active: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AccessState:
+    """What Redis says about an access token's session."""
+
+    active: bool
+    reason: str = ""
+
+
+_FAMILY_FIELDS = (
+    "state",
+    "cur",
+    "cur_exp",
+    "exp",
+    "created",
+    "last",
+    "sub",
+    "cid",
+    "label",
+    "claims",
+)
+
+
+class FamilyOps(StoreCore):
+    """Issue, Refresh, Introspect and ListSessions on refresh families."""
+
+    _issue: AsyncScript
+    _refresh: AsyncScript
+    _read_state: AsyncScript
+
+    def _register_scripts(self) -> None:
+        super()._register_scripts()
+        self._issue = self._register("issue.lua", gcra=True)
+        self._refresh = self._register("refresh.lua", feed=True)
+        self._read_state = self._register("state.lua")
+
+    async def create(self, family: NewFamily, limit: Limit = NO_LIMIT) -> IssueOutcome:
+        """Store a new family unless the subject is locked or over its Issue limit."""
+        tag = tag_of(family.session_id)
+        reply = await guarded(
+            self._issue,
+            keys=[
+                family_key(family.session_id),
+                sessions_key(tag),
+                subject_key(tag),
+                issue_limit_key(tag),
+            ],
+            args=[
+                family.session_id,
+                family.token_hash,
+                family.now_ms,
+                family.token_expires_ms,
+                family.family_expires_ms,
+                family.subject,
+                family.client_id,
+                family.label,
+                json.dumps(family.claims, separators=(",", ":")),
+                family.cnf,
+                limit.interval_us,
+                limit.tolerance_us,
+            ],
+        )
+        status = IssueStatus(text(reply[0]))
+        return IssueOutcome(status, int(reply[1]) if status is IssueStatus.LIMITED else 0)
+
+    async def rotate(
+        self,
+        sid: str,
+        presented_hash: str,
+        successor_hash: str,
+        now_ms: int,
+        idle_ttl_ms: int,
+        thumbprint: str = "",
+    ) -> Rotation:
+        """Rotate a refresh token; ``thumbprint`` is the presenter's client certificate."""
+        minid, exp = self._feed_window(now_ms)
+        keys = [family_key(sid), subject_key(tag_of(sid))]
+        reply = await guarded(
+            self._refresh,
+            keys=keys + ([REVOCATIONS] if self._inline_feed else []),
+            args=[presented_hash, successor_hash, now_ms, idle_ttl_ms, thumbprint, minid, exp, sid],
+        )
+        status = RefreshStatus(text(reply[0]))
+        if status is RefreshStatus.OK:
+            # best effort: raising now would make the client retry with the spent token,
+            # and that retry would be reuse; an unconfirmed rotation lost in a failover
+            # leaves the old token current, which only this client held
+            try:
+                await self.settle(family_key(sid))
+            except StoreUnavailable as err:
+                log.warning("refresh sid=%s not confirmed by replicas: %s", sid, err)
+            return Rotation(
+                status,
+                subject=text(reply[2]),
+                client_id=text(reply[3]),
+                claims=json.loads(reply[1]),
+                family_expires_ms=int(reply[4]),
+                token_expires_ms=int(reply[5]),
+            )
+        if status in (RefreshStatus.REUSE, RefreshStatus.REVOKED):
+            # (Cluster) a revoked family is announced again: a retry after a lost append
+            await self._append([("session", sid, exp, 0)], now_ms)
+        if status is RefreshStatus.REUSE:
+            await self.settle(family_key(sid))  # a revocation: a retry sees 'revoked'
+            return Rotation(status, subject=text(reply[1]))
+        return Rotation(status)
+
+    async def _state(
+        self, sid: str, jti: str | None, fields: tuple[str, ...]
+    ) -> tuple[dict[str, str], int | None, bool]:
+        """Family fields, subject watermark and jti revocation: one read-only script."""
+        fam = family_key(sid)
+        reply = await guarded(
+            self._read_state,
+            keys=[fam, subject_key(tag_of(sid)), jti_key(sid, jti) if jti else fam],
+            args=list(fields),
+        )
+        values = {n: text(v) for n, v in zip(fields, reply, strict=False) if v is not None}
+        watermark = reply[len(fields)]
+        return values, (int(watermark) if watermark else None), bool(reply[len(fields) + 1])
+
+    async def refresh_state(self, sid: str, token_hash: str, now_ms: int) -> dict[str, str] | None:
+        """The family of a refresh token if that token is its current, usable one."""
+        fields, watermark, _ = await self._state(sid, None, _FAMILY_FIELDS)
+        if fields.get("cur") != token_hash or fields.get("state") != "active":
+            return None
+        if now_ms >= int(fields["cur_exp"]) or now_ms >= int(fields["exp"]):
+            return None
+        if watermark is not None and int(fields["created"]) <= watermark:
+            return None
+        return fields
+
+    async def access_state(self, sid: str, jti: str, now_ms: int) -> AccessState:
+        """Revocation state of an access token's jti, its family and its subject."""
+        fields, watermark, jti_revoked = await self._state(sid, jti, ("state", "created", "exp"))
+        if "state" not in fields:
+            return AccessState(False, "unknown_session")
+        if fields["state"] != "active" or now_ms >= int(fields["exp"]):
+            return AccessState(False, "session_revoked")
+        if jti_revoked:
+            return AccessState(False, "token_revoked")
+        if watermark is not None and int(fields["created"]) <= watermark:
+            return AccessState(False, "subject_revoked")
+        return AccessState(True)
+
+    async def list_sessions(self, tag: str, now_ms: int, limit: int = 500) -> list[SessionInfo]:
+        """The subject's sessions (newest ``limit``), pruning expired ones from its index."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zremrangebyscore(sessions_key(tag), "-inf", now_ms)
+        pipe.zrange(sessions_key(tag), -limit, -1)
+        pipe.hget(subject_key(tag), "revoked_before")
+        _, sids, watermark = await guarded(pipe.execute)
+        if not sids:
+            return []
+        fields = ("state", "created", "last", "exp", "cur_exp", "cid", "label")
+        pipe = self.redis.pipeline(transaction=False)
+        for sid in sids:
+            pipe.hmget(family_key(text(sid)), fields)
+        rows = await guarded(pipe.execute)
+        wm = int(watermark) if watermark else 0
+        out = []
+        for sid, row in zip(sids, rows, strict=True):
+            f = dict(zip(fields, (text(v) if v is not None else "" for v in row), strict=True))
+            if not f["state"]:
+                continue  # the family expired between the two reads
+            active = (
+                f["state"] == "active"
+                and now_ms < int(f["cur_exp"])
+                and now_ms < int(f["exp"])
+                and int(f["created"]) > wm
+            )
+            out.append(
+                SessionInfo(
+                    text(sid),
+                    f["cid"],
+                    f["label"],
+                    int(f["created"]),
+                    int(f["last"]),
+                    int(f["exp"]),
+                    active,
+                )
+            )
+        return sorted(out, key=lambda s: s.created_ms, reverse=True)
