@@ -99,13 +99,13 @@ def test_a_denied_call_is_audited_with_the_peer_identity(mtls_service, redis_url
     assert "Issue" in denied[0]["reason"]
 
 
-def test_common_name_is_the_identity_without_a_spiffe_id(make_settings, start_server, tmp_path):
+def test_common_name_is_an_identity_only_when_enabled(make_settings, start_server, tmp_path):
     ca = DevCA(tmp_path / "pki")
     server = ca.issue("server", hosts=("127.0.0.1",), server=True)
     legacy = ca.issue("legacy", common_name="legacy-login")
     other = ca.issue("other", common_name="other")
     policy = tmp_path / "policy.toml"
-    policy.write_text('[rpc.Issue]\nallow = ["legacy-login"]\n')
+    policy.write_text('[rpc.Issue]\nallow = ["cn:legacy-login"]\n')
     srv = start_server(
         make_settings(
             insecure=False,
@@ -113,6 +113,7 @@ def test_common_name_is_the_identity_without_a_spiffe_id(make_settings, start_se
             tls_key=server.key,
             tls_client_ca=ca.ca_path,
             policy_file=policy,
+            allow_cn_identities=True,
         )
     )
     target = f"127.0.0.1:{srv.port}"

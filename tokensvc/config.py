@@ -84,6 +84,7 @@ class Settings:
     previous_kek_file: Path | None = None
     redis_wait_replicas: int = 0
     redis_wait_timeout: float = 0.5
+    allow_cn_identities: bool = False
 
     @property
     def host(self) -> str:
@@ -209,7 +210,7 @@ _OPTIONS: dict[str, tuple[str, type]] = {
     "redis_wait_replicas": ("replicas that must acknowledge revocations (Redis WAIT)", int),
     "redis_wait_timeout": ("seconds to wait for those acknowledgements", float),
 }
-_FLAGS = ("insecure", "allow_long_access_ttl")
+_FLAGS = ("insecure", "allow_long_access_ttl", "allow_cn_identities")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -239,6 +240,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="allow --access-ttl above 900 s [env TOKENSVC_ALLOW_LONG_ACCESS_TTL]",
+    )
+    parser.add_argument(
+        "--allow-cn-identities",
+        action="store_true",
+        default=None,
+        help="a client certificate without a URI SAN is identified by its common name, as "
+        "cn:NAME in the policy [env TOKENSVC_ALLOW_CN_IDENTITIES]",
     )
 
 

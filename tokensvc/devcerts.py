@@ -98,8 +98,13 @@ class DevCA:
         spiffe_id: str | None = None,
         hosts: tuple[str, ...] = (),
         server: bool = False,
+        uris: tuple[str, ...] = (),
     ) -> Issued:
-        """Sign a leaf certificate; write ``<name>.pem`` and ``<name>.key``."""
+        """Sign a leaf certificate; write ``<name>.pem`` and ``<name>.key``.
+
+        ``uris`` are URI SANs added after ``spiffe_id`` as they are, valid or not (the
+        tests build ambiguous and invalid identities with them).
+        """
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         sans: list[x509.GeneralName] = []
@@ -108,8 +113,8 @@ class DevCA:
                 sans.append(x509.IPAddress(ipaddress.ip_address(host)))
             except ValueError:
                 sans.append(x509.DNSName(host))
-        if spiffe_id:
-            sans.append(x509.UniformResourceIdentifier(spiffe_id))
+        for uri in (spiffe_id, *uris) if spiffe_id else uris:
+            sans.append(x509.UniformResourceIdentifier(uri))
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
         builder = (
             x509.CertificateBuilder()

@@ -1,7 +1,11 @@
 """Admission of every call: who is calling, may they call this RPC, are they over a limit.
 
-- **Identity** comes from the verified TLS client certificate (:mod:`tokensvc_client.peer`).
-  Callers without one are anonymous; their limits are keyed by their network address.
+- **Identity** comes from the verified TLS client certificate (:mod:`tokensvc_client.peer`):
+  a SPIFFE ID from exactly one valid URI SAN, or ``cn:NAME`` only with
+  ``--allow-cn-identities``. A certificate refused as ambiguous or invalid makes its
+  caller anonymous; the refusal is logged and audited (``identity_refused``, once per
+  certificate and process) and every denied call of that caller carries the reason.
+  Anonymous callers' limits are keyed by their network address.
 - **Caller policy** (:mod:`tokensvc.policy`) decides per RPC. In plaintext development mode
   (``--insecure``, loopback only) there are no identities and the policy is not enforced;
   the server logs that loudly at start.
@@ -44,6 +48,8 @@ SELF_SERVICE = frozenset({"ListSessions"})
 GUESSABLE = frozenset({"Refresh", "ListSessions"})
 #: Refusals that are normal life, not guessing: they are audited but not counted.
 _NOT_COUNTED = frozenset({"expired", "revoked", "reused"})
+#: Distinct refused certificates audited per process (then only logged by the peer module).
+_REFUSALS_MAX = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,12 +116,19 @@ class Guard:
             )
             if rate.enabled
         }
+        self.common_names = settings.allow_cn_identities
         self._blocked: dict[str, float] = {}
+        self._refusals: set[str] = set()
 
     async def admit(self, rpc: str, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
         """Admit a call or raise :class:`Denied` / :class:`RateLimited`."""
-        caller = Caller(peer_of(context), _address(context.peer() or ""))
+        peer = peer_of(context, common_names=self.common_names)
+        caller = Caller(peer, _address(context.peer() or ""))
         _current.set(caller)
+        if peer.refused and peer.refused not in self._refusals:
+            if len(self._refusals) < _REFUSALS_MAX:
+                self._refusals.add(peer.refused)
+            self.audit.record("identity_refused", peer=caller.name, reason=peer.refused)
         if rpc in GUESSABLE:
             self._check_blocked(caller)
         # ListSessions also serves the subject itself: its handler decides (tokensvc.sessions)
@@ -143,7 +156,10 @@ class Guard:
         """Audit a denied or unauthenticated call and count it against the peer."""
         caller = current_caller()
         event = "denied" if isinstance(err, Denied) else "auth_failed"
-        self.audit.record(event, peer=caller.name, reason=f"{rpc}: {err.message}")
+        reason = f"{rpc}: {err.message}"
+        if caller.peer.refused:
+            reason += f" (no identity: {caller.peer.refused})"
+        self.audit.record(event, peer=caller.name, reason=reason)
         if not self.failures.enabled or err.message in _NOT_COUNTED:
             return
         try:

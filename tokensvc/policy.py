@@ -1,8 +1,10 @@
 """The caller policy: which mTLS identities may call each RPC.
 
-A peer's identity is its SPIFFE ID or, without one, its certificate's common name (see
-:mod:`tokensvc_client.peer`). The policy file (``--policy FILE``) is TOML with one table
-per RPC::
+A peer's identity is the SPIFFE ID of its certificate's one URI SAN or, only with
+``--allow-cn-identities`` and a certificate without URI SAN, ``cn:`` + its common name
+(see :mod:`tokensvc_client.peer`). Every ``allow`` entry must be ``"*"``, a valid SPIFFE
+ID or ``cn:NAME``: a bare name is refused at start-up rather than silently matching
+nothing. The policy file (``--policy FILE``) is TOML with one table per RPC::
 
     [rpc.Issue]
     allow = ["spiffe://example.org/ns/auth/sa/login"]
@@ -15,6 +17,9 @@ per RPC::
 
     [rpc.GetKeys]
     anonymous = true         # also callers without a client certificate
+
+    [rpc.ListKeys]
+    allow = ["cn:legacy-ops"]  # a common-name identity (needs --allow-cn-identities)
 
 An RPC missing from the file keeps its default: ``GetKeys`` and ``Refresh`` open to anyone
 (the refresh token is Refresh's credential), ``Introspect`` any authenticated peer,
@@ -32,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tokensvc.config import ConfigError
-from tokensvc_client.peer import Peer
+from tokensvc.config import ConfigError, Settings
+from tokensvc_client.peer import CN_PREFIX, Peer, is_identity
 
 ANY_AUTHENTICATED = "*"
 
@@ -111,9 +116,31 @@ class CallerPolicy:
             raise ConfigError(f"--policy-file {path}: {err}") from None
         return cls.from_toml(text, str(path))
 
+    @classmethod
+    def for_settings(cls, settings: Settings) -> CallerPolicy:
+        """The policy of ``--policy-file`` (else the defaults), checked against the settings.
+
+        Raises:
+            ConfigError: as :meth:`from_toml`, or ``cn:`` identities listed while
+                ``--allow-cn-identities`` is off (they could never match).
+        """
+        policy = cls.from_file(settings.policy_file) if settings.policy_file else cls.default()
+        if policy.common_names and not settings.allow_cn_identities:
+            raise ConfigError(
+                f"{settings.policy_file}: lists common-name identities "
+                f"({', '.join(policy.common_names)}) but --allow-cn-identities is off"
+            )
+        return policy
+
     def admits(self, rpc: str, peer: Peer) -> bool:
         rule = self.rules.get(rpc)
         return rule is not None and rule.admits(peer)
+
+    @property
+    def common_names(self) -> list[str]:
+        """The ``cn:NAME`` identities the policy lists (sorted)."""
+        names = {name for rule in self.rules.values() for name in rule.allow}
+        return sorted(name for name in names if name.startswith(CN_PREFIX))
 
 
 def _rule(where: str, table: Any) -> Rule:
@@ -125,6 +152,12 @@ def _rule(where: str, table: Any) -> Rule:
     allow = table.get("allow", [])
     if not isinstance(allow, list) or not all(isinstance(a, str) and a for a in allow):
         raise ConfigError(f"{where}: allow must be a list of non-empty identity strings")
+    for entry in allow:
+        if entry != ANY_AUTHENTICATED and not is_identity(entry):
+            raise ConfigError(
+                f"{where}: {entry!r} is not an identity: write a SPIFFE ID "
+                f'(spiffe://trust.domain/path), cn:NAME for a common name, or "*"'
+            )
     anonymous = table.get("anonymous", False)
     if not isinstance(anonymous, bool):
         raise ConfigError(f"{where}: anonymous must be true or false")

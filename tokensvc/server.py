@@ -128,11 +128,7 @@ async def start(settings: Settings, tracer_provider: TracerProvider | None = Non
         log.info("embedded redis-server started, data in %s", embedded.data_dir)
     redis = redis_client(url, settings.redis_timeout)
     try:
-        policy = (
-            CallerPolicy.from_file(settings.policy_file)
-            if settings.policy_file
-            else CallerPolicy.default()
-        )
+        policy = CallerPolicy.for_settings(settings)
         previous = (
             [load_kek(settings.previous_kek_file, settings.data_dir)]
             if settings.previous_kek_file

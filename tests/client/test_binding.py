@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from tests.client.conftest import METHODS, bearer
-from tokensvc.devcerts import Issued, write_dev_pki
+from tokensvc.devcerts import DEFAULT_WORKLOADS, DevCA, Issued
 from tokensvc_client import AsyncTokenClient, PermissionDenied
 from tokensvc_client.peer import certificate_thumbprint
 
@@ -25,7 +25,16 @@ UNBOUND = (grpc.StatusCode.UNAUTHENTICATED, "invalid token: unbound")
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Issued]:
-    return write_dev_pki(tmp_path_factory.mktemp("pki"))
+    ca = DevCA(tmp_path_factory.mktemp("pki"))
+    orders, billing = DEFAULT_WORKLOADS["orders"], DEFAULT_WORKLOADS["billing"]
+    return {
+        "server": ca.issue("server", hosts=("localhost", "127.0.0.1"), server=True),
+        "orders": ca.issue("orders", spiffe_id=orders),
+        "billing": ca.issue("billing", spiffe_id=billing),
+        # two URI SANs: no identity and, as if there were no certificate, no thumbprint
+        # either (tokensvc_client.peer), so it proves no binding
+        "ambiguous": ca.issue("ambiguous", spiffe_id=orders, uris=(billing,)),
+    }
 
 
 def _mtls_server(pki: dict[str, Issued]) -> grpc.ServerCredentials:
@@ -74,6 +83,17 @@ def test_bound_token_is_accepted_only_from_its_certificate(
     for kind in METHODS:
         assert _rejected(protected, kind, token, billing) == MISMATCH, kind
     assert len(protected.calls) == handled  # no handler ran for billing
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_a_certificate_refused_as_ambiguous_proves_no_binding(
+    tokensvc, client, make_protected, pki, server
+):
+    protected = make_protected(tokensvc, server, server_credentials=_mtls_server(pki))
+    ambiguous = protected.secure_channel(_as(pki, "ambiguous"))
+    token = client.issue("svc-orders", cnf_x5t_s256=_thumbprint(pki["ambiguous"])).access_token
+    assert _rejected(protected, "unary_unary", token, ambiguous) == MISMATCH
+    assert protected.calls == []
 
 
 @pytest.mark.parametrize("server", SERVERS)
