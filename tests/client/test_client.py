@@ -210,7 +210,7 @@ def pki(tmp_path: Path) -> dict[str, Path]:
 
 def test_token_client_over_mutual_tls(make_settings, start_server, pki, tmp_path):
     policy = tmp_path / "policy.toml"
-    policy.write_text('[rpc.Issue]\nallow = ["client"]\n')  # the certificate's CN
+    policy.write_text('[rpc.Issue]\nallow = ["cn:client"]\n')  # the certificate's CN
     srv = start_server(
         make_settings(
             insecure=False,
@@ -218,6 +218,7 @@ def test_token_client_over_mutual_tls(make_settings, start_server, pki, tmp_path
             tls_key=pki["server_key"],
             tls_client_ca=pki["ca"],
             policy_file=policy,
+            allow_cn_identities=True,
         )
     )
     target = f"127.0.0.1:{srv.port}"
