@@ -11,6 +11,7 @@ import json
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import ServerThread
-from tokensvc import http_jwks
+from tokensvc import http_gate, http_jwks
 from tokensvc.config import ConfigError, Settings
 from tokensvc.devcerts import Issued
 from tokensvc_client.channels import channel
@@ -55,7 +56,8 @@ def parse(raw: bytes) -> Reply:
     assert sep, raw
     lines = head.decode("latin-1").split("\r\n")
     version, status, _reason = lines[0].split(" ", 2)
-    assert version == "HTTP/1.1"
+    # a refusal echoes the version the client sent (HTTP/1.0 when it could not be parsed)
+    assert version == "HTTP/1.1" or (version.startswith("HTTP/") and int(status) >= 400)
     headers: dict[str, str] = {}
     for line in lines[1:]:
         name, _, value = line.partition(":")
@@ -200,7 +202,6 @@ MALFORMED = [
     b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40 + b"\r\n\r\n",  # TLS hello
     b"GET /.well-known/jwks.json\r\n\r\n",
     b"GET /.well-known/jwks.json HTTP/2.0\r\nHost: x\r\n\r\n",
-    b"GET  /.well-known/jwks.json HTTP/1.1\r\nHost: x\r\n\r\n",
     b"GET .well-known/jwks.json HTTP/1.1\r\nHost: x\r\n\r\n",
     b"GET /.well-known/jwks.json HTTP/1.1\r\n\r\n",  # no Host
     b"GET /.well-known/jwks.json HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
@@ -213,7 +214,6 @@ MALFORMED = [
     b"GET /.well-known/jwks.json HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
     b"GET /.well-known/jwks.json HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
     b"0\r\n\r\n",
-    b"\r\n\r\n",
 ]
 
 
@@ -225,34 +225,73 @@ def test_malformed_requests_get_400_and_the_server_keeps_serving(port, data):
     assert request(port).status == 200
 
 
-def test_a_request_cut_short_gets_400(port):
-    reply = parse(exchange(port, b"GET /.well-known/jwks.json HTT", half_close=True))
-    assert reply.status == 400
-    assert exchange(port, b"", half_close=True) == b""  # nothing sent: nothing answered
-
-
-def test_a_slow_request_times_out(port, monkeypatch):
-    monkeypatch.setattr(http_jwks, "READ_TIMEOUT", 0.2)
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(b"GET /.well-known/jwks.json HTTP/1.1\r\nHost: x\r\n")  # no blank line
-        raw = b"".join(iter(lambda: sock.recv(65536), b""))
-    assert parse(raw).status == 408
+def test_a_request_cut_short_gets_no_answer(port):
+    # empty lines before a request line are ignored (RFC 9112 2.2), then the peer is gone
+    for data in (b"GET /.well-known/jwks.json HTT", b"", b"\r\n\r\n"):
+        assert exchange(port, data, half_close=True) == b"", data
     assert request(port).status == 200
 
 
-def test_connections_beyond_the_limit_get_503(port, monkeypatch):
-    monkeypatch.setattr(http_jwks, "MAX_CONNECTIONS", 2)
-    first = socket.create_connection(("127.0.0.1", port), timeout=10)
-    second = socket.create_connection(("127.0.0.1", port), timeout=10)
+@pytest.fixture
+def tight(monkeypatch, make_settings, start_server) -> Callable[..., int]:
+    """A listener started after lowering the gate's limits (``tight(NAME=value, ...)``)."""
+
+    def start(**limits: float) -> int:
+        for name, value in limits.items():
+            monkeypatch.setattr(http_gate, name, value)
+        return http_port(start_server(make_settings(http_listen="127.0.0.1:0")))
+
+    return start
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the server closes ``sock`` (without a response) within ``seconds``."""
+    sock.settimeout(seconds)
     try:
-        # the two idle connections are served in accept order; the third is turned away
-        assert parse(exchange(port, b"")).status == 503
-        for sock in (first, second):
+        return sock.recv(65536) == b""
+    except TimeoutError:
+        return False
+    except OSError:  # a reset, or a TLS connection ended without close_notify
+        return True
+
+
+def test_a_slow_request_is_dropped(tight):
+    port = tight(READ_TIMEOUT=0.3)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /.well-known/jwks.json HTTP/1.1\r\nHost: x\r\n")  # no blank line
+        for _ in range(3):  # trickling more header lines does not extend the deadline
+            time.sleep(0.1)
+            sock.sendall(b"X-More: 1\r\n")
+        assert _closed_within(sock, 10)
+    assert request(port).status == 200
+
+
+def test_connections_beyond_the_limits_are_closed_at_once(tight):
+    port = tight(MAX_CONNECTIONS=3, MAX_PER_CLIENT=2)
+    mine = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+    other = socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.2", 0))
+    try:
+        # a third connection from the same client is refused; so is a fourth in all
+        assert _closed_within(socket.create_connection(("127.0.0.1", port)), 10)
+        assert _closed_within(
+            socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.3", 0)), 10
+        )
+        for sock in (*mine, other):  # those admitted are served
             sock.sendall(b"GET /.well-known/jwks.json HTTP/1.1\r\nHost: x\r\n\r\n")
             assert parse(b"".join(iter(lambda s=sock: s.recv(65536), b""))).status == 200
+        # their slots are free again
+        assert request(port).status == 200
     finally:
-        first.close()
-        second.close()
+        for sock in (*mine, other):
+            sock.close()
+
+
+def test_client_of_counts_ipv6_by_64():
+    assert http_gate.client_of(("127.0.0.1", 5)) == "127.0.0.1"
+    assert http_gate.client_of(("::ffff:10.1.2.3", 5, 0, 0)) == "10.1.2.3"
+    a = http_gate.client_of(("2001:db8:1:2::1", 5, 0, 0))
+    assert a == http_gate.client_of(("2001:db8:1:2:ffff::9", 6, 0, 0)) == "2001:db8:1:2::/64"
+    assert a != http_gate.client_of(("2001:db8:1:3::1", 5, 0, 0))
 
 
 # -- configuration -----------------------------------------------------------------------
@@ -371,3 +410,43 @@ def test_https_with_the_service_certificate(make_settings, start_server, dev_pki
     with pytest.raises(ssl.SSLError):
         _https(port, tls11)
     assert _https(port, _client_context(issued.ca))[1].status == 200
+
+
+def test_half_open_tls_connections_from_one_client_do_not_starve_others(
+    make_settings, start_server, dev_pki, monkeypatch
+):
+    monkeypatch.setattr(http_gate, "HANDSHAKE_TIMEOUT", 1.0)
+    monkeypatch.setattr(http_gate, "READ_TIMEOUT", 1.0)
+    issued = dev_pki["server"]
+    srv = start_server(
+        make_settings(
+            insecure=False, tls_cert=issued.cert, tls_key=issued.key, http_listen="127.0.0.1:0"
+        )
+    )
+    port = http_port(srv)
+    # one client opens 300 connections and sends no request: half of them never finish the
+    # TLS handshake (a ClientHello record header, then silence), half finish it and stop
+    ctx = _client_context(issued.ca)
+    hostile: list[socket.socket] = []
+    try:
+        for i in range(300):
+            sock = socket.create_connection(
+                ("127.0.0.1", port), timeout=10, source_address=("127.0.0.2", 0)
+            )
+            hostile.append(sock)
+            if i % 2:
+                sock.sendall(b"\x16\x03\x01\x02\x00")
+                continue
+            try:
+                hostile[-1] = ctx.wrap_socket(sock, server_hostname="127.0.0.1")
+            except OSError:
+                hostile.pop()  # refused (and closed): the client is at its cap
+        for _ in range(3):  # every legitimate fetch from another client is served
+            assert _https(port, ctx)[1].status == 200
+        # the hostile client holds at most its cap; the rest were closed at once
+        assert sum(not _closed_within(s, 0.01) for s in hostile) <= http_gate.MAX_PER_CLIENT
+        # and those it holds are dropped when the handshake timeout expires
+        assert all(_closed_within(s, 10) for s in hostile)
+    finally:
+        for sock in hostile:
+            sock.close()

@@ -1,10 +1,12 @@
 """The JWK Set and a discovery document over HTTP, for verifiers that cannot call GetKeys
 (sidecars such as Envoy's ``jwt_authn`` filter or Istio's ``RequestAuthentication``).
 
-Off unless ``--http-listen HOST:PORT`` is set. Built on ``asyncio.start_server`` only (no
-dependency), deliberately tiny:
+Off unless ``--http-listen HOST:PORT`` is set. HTTP parsing and responses are aiohttp's
+low-level server (:class:`aiohttp.web.Server`: it runs inside the service's asyncio loop,
+no ASGI layer or second process); this module adds the admission control a public listener
+needs (:mod:`tokensvc.http_gate`) and the two documents:
 
-* ``GET``/``HEAD`` of exactly two paths (a query string is ignored):
+* ``GET``/``HEAD`` of exactly these paths (a query string is ignored):
 
   - ``/.well-known/jwks.json``: the live key ring's JWK Set (``KeyRing.jwks_json``, read
     per request, so rotations show up without a restart) -- byte for byte what GetKeys
@@ -17,16 +19,17 @@ dependency), deliberately tiny:
     No ``token_endpoint``, ``authorization_endpoint`` etc.: the service has no OAuth HTTP
     endpoints (tokens are issued over gRPC only), so this is a key-discovery document for
     verifiers, not a complete OpenID Provider configuration. Same ``Cache-Control``.
+  - any extra document the server registers (``/metrics``, see :mod:`tokensvc.metrics`).
 
   Other paths answer 404; other methods 405 with ``Allow: GET, HEAD``.
 * A strong ``ETag`` (SHA-256 of the body); ``If-None-Match`` (a list, ``W/`` tags compared
   weakly as RFC 9110 prescribes, or ``*``) answers 304 without a body.
-* HTTP/1.1 (1.0 accepted), one request per connection (``Connection: close``). Limits:
-  request line and headers at most :data:`MAX_HEAD` bytes (else 431), :data:`READ_TIMEOUT`
-  seconds to send them (else 408), no request bodies (``Content-Length`` above 0 or any
-  ``Transfer-Encoding``: 400), at most :data:`MAX_CONNECTIONS` connections at a time
-  (others get 503). A malformed request gets 400; an unexpected error is logged and
-  answered 500 with a fixed body -- never a traceback.
+* HTTP/1.1 (1.0 accepted), one request per connection (``Connection: close``), no request
+  bodies (``Content-Length`` above 0 or any ``Transfer-Encoding``: 400), an HTTP/1.1
+  request needs exactly one ``Host``. Limits (module constants): request line and each
+  header line at most :data:`MAX_LINE` bytes, at most :data:`MAX_HEADERS` header lines
+  (else 431); malformed requests get 400 with a fixed body, an unexpected error 500 --
+  never a traceback or echoed input. Connection limits are :mod:`tokensvc.http_gate`'s.
 * TLS: outside ``--insecure`` the listener serves HTTPS with the gRPC server's
   ``--tls-cert``/``--tls-key``, TLS 1.2 minimum, no client certificates (the keys are
   public; TLS protects their integrity). The files are loaded once at start-up: unlike the
@@ -36,49 +39,32 @@ dependency), deliberately tiny:
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import email.utils
 import hashlib
 import json
 import logging
 import re
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
+from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
+
+from tokensvc import http_gate
 from tokensvc.config import ConfigError, Settings
 
 log = logging.getLogger("tokensvc.http_jwks")
 
 JWKS_PATH = "/.well-known/jwks.json"
 DISCOVERY_PATH = "/.well-known/openid-configuration"
-#: Most bytes of request line plus headers (including the blank line).
-MAX_HEAD = 8 * 1024
-#: Seconds a client has to send its request line and headers.
-READ_TIMEOUT = 5.0
-#: Connections served at the same time; more get 503 at once.
-MAX_CONNECTIONS = 256
-#: Seconds a response may take to be written (and a TLS connection to shut down).
-WRITE_TIMEOUT = 5.0
-#: Seconds to keep reading (and dropping) input after an error response.
-LINGER_TIMEOUT = 1.0
+#: Most bytes of the request line, and of each header line.
+MAX_LINE = 8 * 1024
+#: Most header lines in a request.
+MAX_HEADERS = 32
 
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_VERSION = re.compile(r"HTTP/1\.[01]")
-_FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 _ENTITY_TAG = re.compile(r'\s*(?:W/)?"([\x21\x23-\x7e\x80-\xff]*)"\s*(?:,|$)')
-_REASONS = {
-    200: "OK",
-    304: "Not Modified",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
+_COMMON_HEADERS = {"X-Content-Type-Options": "nosniff", "Server": "tokensvc"}
 
 
 class KeySource(Protocol):
@@ -88,27 +74,16 @@ class KeySource(Protocol):
     def jwks_json(self) -> str: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Document:
+    """An extra resource on the listener: ``render`` returns its body and content type
+    per request (no ETag: it changes every time, e.g. ``/metrics``)."""
+
+    render: Callable[[], tuple[bytes, str]]
+
+
 class _BadRequest(Exception):
-    """The request cannot be served; ``status`` says why."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-@dataclass(frozen=True, slots=True)
-class _Request:
-    method: str
-    path: str
-    headers: dict[str, list[str]]
-
-
-@dataclass(frozen=True, slots=True)
-class _Response:
-    status: int
-    body: bytes = b""
-    headers: tuple[tuple[str, str], ...] = ()
-    content_type: str = "text/plain; charset=utf-8"
+    """The request cannot be served."""
 
 
 def discovery_document(issuer: str) -> dict[str, object]:
@@ -139,49 +114,59 @@ def _none_match(values: list[str], etag: str) -> bool:
         while rest:
             found = _ENTITY_TAG.match(rest)
             if found is None:
-                raise _BadRequest(400, "malformed If-None-Match")
+                raise _BadRequest("malformed If-None-Match")
             if found.group(1) == opaque:
                 return True
             rest = rest[found.end() :].lstrip(" \t,")
     return False
 
 
-def _parse_head(head: bytes) -> _Request:
-    """Parse the request line and header fields (``head`` ends with the blank line).
+def _check(request: web.BaseRequest) -> None:
+    """Refuse what the parser accepts but this listener does not (see the module doc)."""
+    if request.version not in ((1, 0), (1, 1)):
+        raise _BadRequest("only HTTP/1.0 and HTTP/1.1")
+    if request.version == (1, 1) and len(request.headers.getall("Host", [])) != 1:
+        raise _BadRequest("HTTP/1.1 needs exactly one Host header")
+    if "Transfer-Encoding" in request.headers or (request.content_length or 0) > 0:
+        raise _BadRequest("request bodies are not accepted")
 
-    Raises:
-        _BadRequest: anything that is not a well-formed HTTP/1.x request without a body.
-    """
-    lines = head[:-4].decode("latin-1").split("\r\n")
-    if any("\n" in line or "\r" in line for line in lines):
-        raise _BadRequest(400, "bare CR or LF")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not _VERSION.fullmatch(parts[2]):
-        raise _BadRequest(400, "malformed request line")
-    method, target, version = parts
-    if target.startswith("/"):
-        path = target.split("?", 1)[0]
-    elif re.match(r"https?://[^/?#]+", target, re.IGNORECASE):  # absolute form
-        path = "/" + target.split("://", 1)[1].partition("/")[2].split("?", 1)[0]
-    else:
-        raise _BadRequest(400, "malformed request target")
-    if not _FIELD_VALUE.fullmatch(path):
-        raise _BadRequest(400, "malformed request target")
-    headers: dict[str, list[str]] = {}
-    for line in lines[1:]:
-        name, colon, value = line.partition(":")
-        # no obsolete line folding, no space before the colon (RFC 9112 5.1, 5.2)
-        if not colon or not _TOKEN.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
-            raise _BadRequest(400, "malformed header field")
-        headers.setdefault(name.lower(), []).append(value.strip(" \t"))
-    if version == "HTTP/1.1" and len(headers.get("host", [])) != 1:
-        raise _BadRequest(400, "HTTP/1.1 needs exactly one Host header")
-    if "transfer-encoding" in headers:
-        raise _BadRequest(400, "request bodies are not accepted")
-    lengths = headers.get("content-length", [])
-    if any(not v.isdigit() or int(v) != 0 for v in lengths):
-        raise _BadRequest(400, "request bodies are not accepted")
-    return _Request(method, path, headers)
+
+def _error(status: int, message: str, **headers: str) -> web.Response:
+    response = web.Response(
+        status=status,
+        text=message + "\n",
+        headers={**_COMMON_HEADERS, "Cache-Control": "no-store", **headers},
+    )
+    response.force_close()
+    return response
+
+
+class _Handler(web.RequestHandler):
+    """aiohttp's connection handler with our error answers: fixed bodies, 431 for header
+    limits, and hostile input logged in one line rather than with a traceback."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status == 500:
+            log.error("HTTP request failed", exc_info=exc)
+            return _error(500, "internal error")
+        too_big = isinstance(exc, LineTooLong) or "Too many headers" in str(exc)
+        log.debug("malformed HTTP request from %s: %s", request.remote, exc)
+        if too_big:
+            return _error(431, "request line or headers too large")
+        return _error(400, "malformed request")
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        log.debug(*args)  # handle_error above logs what matters
+
+
+class _Server(http_gate.Server):
+    handler_class = _Handler
 
 
 @dataclass
@@ -190,10 +175,9 @@ class HttpJwks:
 
     settings: Settings
     keys: KeySource
-    server: asyncio.Server | None = None
-    port: int = 0
+    documents: dict[str, Document] = field(default_factory=dict)
     scheme: str = "https"
-    _connections: dict[asyncio.Task[None], asyncio.StreamWriter] = field(default_factory=dict)
+    gate: http_gate.Gate | None = None
     _discovery: bytes = b""
     _cached: tuple[str, bytes, str] = ("", b"", "")
 
@@ -202,84 +186,46 @@ class HttpJwks:
             discovery_document(self.settings.issuer), separators=(",", ":")
         ).encode()
 
+    @property
+    def port(self) -> int:
+        return self.gate.port if self.gate is not None else 0
+
     async def stop(self) -> None:
         """Stop accepting, drop the connections still open, wait until all is closed."""
-        if self.server is None:
-            return
-        self.server.close()
-        # abort rather than cancel: each handler then ends normally (EOF or a reset), and
-        # Python 3.11's stream callback would log a cancelled handler as an error
-        for writer in self._connections.values():
-            writer.transport.abort()
-        if self._connections:
-            _, pending = await asyncio.wait(list(self._connections), timeout=WRITE_TIMEOUT)
-            for task in pending:
-                task.cancel()
-        await self.server.wait_closed()
-        self.server = None
+        if self.gate is not None:
+            await self.gate.stop()
+            self.gate = None
 
-    # -- one connection ------------------------------------------------------------------
-
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections[task] = writer
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Answer one request (aiohttp calls this once the head is parsed)."""
         try:
-            response: _Response | None
-            if len(self._connections) > MAX_CONNECTIONS:
-                response, head_only = _error(503, "too many connections"), False
-            else:
-                response, head_only = await self._respond(reader)
-            if response is not None:
-                await asyncio.wait_for(self._write(writer, response, head_only), WRITE_TIMEOUT)
-                if response.status >= 400:
-                    await _linger(reader, writer)
-        except (OSError, TimeoutError):
-            pass  # the peer went away or does not read: nothing to tell it
-        except Exception:
-            log.exception("HTTP JWKS connection failed")
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), WRITE_TIMEOUT)
-            self._connections.pop(task, None)
-
-    async def _respond(self, reader: asyncio.StreamReader) -> tuple[_Response | None, bool]:
-        """The response to the one request on ``reader`` (``None``: say nothing), and
-        whether it answers a HEAD."""
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
-        except asyncio.LimitOverrunError:
-            return _error(431, "request line and headers exceed 8 KiB"), False
-        except asyncio.IncompleteReadError as err:
-            # closed before the end of the headers: a half-closed peer still gets an answer
-            return (_error(400, "incomplete request") if err.partial else None), False
-        except TimeoutError:
-            return _error(408, "request not received in time"), False
-        try:
-            request = _parse_head(head)
-            return self._handle(request), request.method == "HEAD"
+            _check(request)
+            response = self._respond(request)
         except _BadRequest as err:
-            return _error(err.status, str(err)), False
-        except Exception:
-            log.exception("HTTP JWKS request failed")
-            return _error(500, "internal error"), False
+            response = _error(400, str(err))
+        response.force_close()  # one request per connection
+        return response
 
-    def _handle(self, request: _Request) -> _Response:
-        if request.path == JWKS_PATH:
+    def _respond(self, request: web.BaseRequest) -> web.StreamResponse:
+        path = request.rel_url.raw_path
+        document = self.documents.get(path)
+        if path == JWKS_PATH:
             body, etag = self._jwks()
-            cache = f"public, max-age={self.settings.jwks_max_age}"
-        elif request.path == DISCOVERY_PATH:
+        elif path == DISCOVERY_PATH:
             body, etag = self._discovery, etag_of(self._discovery)
-            cache = f"public, max-age={self.settings.jwks_max_age}"
-        else:
+        elif document is None:
             return _error(404, "not found")
         if request.method not in ("GET", "HEAD"):
-            return _error(405, "only GET and HEAD", (("Allow", "GET, HEAD"),))
-        headers = (("ETag", etag), ("Cache-Control", cache))
-        if _none_match(request.headers.get("if-none-match", []), etag):
-            return _Response(304, headers=headers, content_type="")
-        return _Response(200, body, headers, "application/json")
+            return _error(405, "only GET and HEAD", Allow="GET, HEAD")
+        if document is not None:
+            body, content_type = document.render()
+            headers = {**_COMMON_HEADERS, "Cache-Control": "no-store"}
+            return web.Response(body=body, headers=headers, content_type=content_type)
+        cache = f"public, max-age={self.settings.jwks_max_age}"
+        headers = {**_COMMON_HEADERS, "ETag": etag, "Cache-Control": cache}
+        if _none_match(request.headers.getall("If-None-Match", []), etag):
+            return web.Response(status=304, headers=headers)
+        return web.Response(body=body, headers=headers, content_type="application/json")
 
     def _jwks(self) -> tuple[bytes, str]:
         """The live JWK Set and its ETag (recomputed only when the ring changed)."""
@@ -288,39 +234,6 @@ class HttpJwks:
             body = text.encode()
             self._cached = (text, body, etag_of(body))
         return self._cached[1], self._cached[2]
-
-    @staticmethod
-    async def _write(writer: asyncio.StreamWriter, response: _Response, head_only: bool) -> None:
-        lines = [
-            f"HTTP/1.1 {response.status} {_REASONS[response.status]}",
-            f"Date: {email.utils.formatdate(usegmt=True)}",
-            "Connection: close",
-            "X-Content-Type-Options: nosniff",
-        ]
-        if response.status != 304:
-            lines.append(f"Content-Type: {response.content_type}")
-            lines.append(f"Content-Length: {len(response.body)}")
-        lines += [f"{name}: {value}" for name, value in response.headers]
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-        if not head_only and response.status != 304:
-            writer.write(response.body)
-        await writer.drain()
-
-
-async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """After an error response: end our side, then read and drop what the client still
-    sends (briefly), so closing with unread input does not reset the connection before
-    the client has read the response."""
-    if writer.can_write_eof():
-        writer.write_eof()
-    with contextlib.suppress(OSError, TimeoutError):
-        async with asyncio.timeout(LINGER_TIMEOUT):
-            while await reader.read(MAX_HEAD):
-                pass
-
-
-def _error(status: int, message: str, headers: tuple[tuple[str, str], ...] = ()) -> _Response:
-    return _Response(status, (message + "\n").encode(), (("Cache-Control", "no-store"), *headers))
 
 
 def server_ssl_context(settings: Settings) -> ssl.SSLContext:
@@ -339,36 +252,45 @@ def server_ssl_context(settings: Settings) -> ssl.SSLContext:
     return ctx
 
 
-async def start_http(settings: Settings, keys: KeySource) -> HttpJwks:
-    """Start the listener on ``settings.http_listen``; HTTPS unless ``settings.insecure``.
+async def start_http(
+    settings: Settings,
+    keys: KeySource,
+    documents: dict[str, Document] | None = None,
+    listen: str | None = None,
+) -> HttpJwks:
+    """Start the listener on ``listen`` (default ``settings.http_listen``); HTTPS unless
+    ``settings.insecure``. ``documents`` adds resources (e.g. ``/metrics``).
 
     Raises:
-        ConfigError: no ``http_listen``, or unusable TLS files.
+        ConfigError: no address, or unusable TLS files.
         OSError: the address cannot be bound.
     """
-    if settings.http_listen is None:
+    address = listen or settings.http_listen
+    if address is None:
         raise ConfigError("--http-listen is not set")
-    host, _, port = settings.http_listen.rpartition(":")
-    host = host.strip("[]")
     # plaintext only in --insecure mode, which Settings.validate confines to loopback
     context = None if settings.insecure else server_ssl_context(settings)
-    http = HttpJwks(settings, keys, scheme="http" if context is None else "https")
-    http.server = await asyncio.start_server(
-        http._connection,
-        host,
-        int(port),
-        ssl=context,
-        ssl_handshake_timeout=READ_TIMEOUT if context is not None else None,
-        limit=MAX_HEAD,
-        reuse_port=settings.workers > 1,  # worker processes share the port, as for gRPC
+    http = HttpJwks(settings, keys, dict(documents or {}))
+    http.scheme = "http" if context is None else "https"
+    server = _Server(
+        http.handle,
+        max_line_size=MAX_LINE,
+        max_field_size=MAX_LINE,
+        max_headers=MAX_HEADERS,
+        # aiohttp arms this at connect: a client that has not sent a whole request head
+        # by then is dropped (slowloris); with one request per connection it is also the
+        # header timeout
+        keepalive_timeout=http_gate.READ_TIMEOUT,
+        lingering_time=http_gate.LINGER_TIMEOUT,
+        access_log=None,
     )
-    http.port = http.server.sockets[0].getsockname()[1]
+    http.gate = await http_gate.Gate.start(
+        server, address, context, reuse_port=settings.workers > 1
+    )
     log.info(
-        "JWKS over %s on %s:%d (%s, %s)",
+        "HTTP listener (%s) on %s (%s)",
         http.scheme.upper(),
-        host,
-        http.port,
-        JWKS_PATH,
-        DISCOVERY_PATH,
+        address.rpartition(":")[0] + f":{http.port}",
+        ", ".join([JWKS_PATH, DISCOVERY_PATH, *http.documents]),
     )
     return http

@@ -1,0 +1,172 @@
+"""Admission control in front of the HTTP listener: who may hold a connection, how long.
+
+aiohttp parses HTTP well but counts nothing per client, and asyncio's TLS server hands a
+connection to the protocol only after its handshake: ~300 half-open TLS connections from
+one client used to take every slot. So this module accepts the TCP connections itself and,
+before spending any TLS work:
+
+* refuses (closes at once) a connection beyond :data:`MAX_PER_CLIENT` from one client --
+  one IPv4 address, or one IPv6 /64 (one host's addresses) -- and beyond
+  :data:`MAX_CONNECTIONS` in all;
+* gives the TLS handshake :data:`HANDSHAKE_TIMEOUT` seconds;
+
+then hands the (TLS) connection to aiohttp's protocol, whose keep-alive timer
+(:data:`READ_TIMEOUT`, armed at connect) drops a client that has not sent its request head
+in time. A slot is held from accept until the connection is closed. The constants are
+module attributes so tests can lower them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+import ssl
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+log = logging.getLogger("tokensvc.http_jwks")
+
+#: Connections held at once by one client (IPv4 address or IPv6 /64).
+MAX_PER_CLIENT = 16
+#: Connections held at once in all.
+MAX_CONNECTIONS = 256
+#: Seconds a client has to finish the TLS handshake.
+HANDSHAKE_TIMEOUT = 5.0
+#: Seconds from connect (after TLS) to a complete request head.
+READ_TIMEOUT = 5.0
+#: Seconds to keep reading (and dropping) input after a response, so that closing with
+#: unread input does not reset the connection before the client has read the response.
+LINGER_TIMEOUT = 1.0
+_BACKLOG = 256
+
+
+def client_of(address: tuple[str, int] | tuple[str, int, int, int]) -> str:
+    """The key a connection counts under: its IPv4 address, or its IPv6 /64."""
+    ip = ipaddress.ip_address(address[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is None:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip.ipv4_mapped or ip) if isinstance(ip, ipaddress.IPv6Address) else str(ip)
+
+
+class Server(web.Server):
+    """aiohttp's low-level server, telling the gate when a connection ends."""
+
+    handler_class: type[web.RequestHandler] = web.RequestHandler
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ends: dict[web.RequestHandler, asyncio.Future[None]] = {}
+
+    def __call__(self) -> web.RequestHandler:
+        return self.handler_class(self, loop=self._loop, **self._kwargs)
+
+    def connection_lost(
+        self, handler: web.RequestHandler, exc: BaseException | None = None
+    ) -> None:
+        super().connection_lost(handler, exc)
+        end = self.ends.pop(handler, None)
+        if end is not None and not end.done():
+            end.set_result(None)
+
+
+@dataclass
+class Gate:
+    """A listening socket feeding an aiohttp server."""
+
+    server: Server
+    sock: socket.socket
+    context: ssl.SSLContext | None
+    port: int = 0
+    held: Counter[str] = field(default_factory=Counter)
+    refused: int = 0
+    _accepting: asyncio.Task[None] | None = None
+    _opening: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @classmethod
+    async def start(
+        cls, server: Server, address: str, context: ssl.SSLContext | None, reuse_port: bool
+    ) -> Gate:
+        """Bind ``HOST:PORT`` and start accepting.
+
+        Raises:
+            OSError: the address cannot be bound.
+        """
+        host, _, port = address.rpartition(":")
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        family, _, _, _, sockaddr = infos[0]
+        sock = socket.create_server(
+            sockaddr[:2], family=family, backlog=_BACKLOG, reuse_port=reuse_port
+        )
+        sock.setblocking(False)
+        gate = cls(server, sock, context, port=sock.getsockname()[1])
+        gate._accepting = asyncio.create_task(gate._accept())
+        return gate
+
+    @property
+    def connections(self) -> int:
+        """Connections held now (handshaking or served)."""
+        return sum(self.held.values())
+
+    async def stop(self) -> None:
+        """Stop accepting, drop the connections still open, wait until all is closed."""
+        if self._accepting is not None:
+            self._accepting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accepting
+            self._accepting = None
+        self.sock.close()
+        for task in list(self._opening):
+            task.cancel()
+        await asyncio.gather(*self._opening, return_exceptions=True)
+        self.server.pre_shutdown()
+        await self.server.shutdown(LINGER_TIMEOUT)
+
+    async def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, address = await loop.sock_accept(self.sock)
+            except OSError as err:  # e.g. out of file descriptors: back off, keep serving
+                log.warning("HTTP listener cannot accept: %s", err)
+                await asyncio.sleep(0.1)
+                continue
+            client = client_of(address)
+            if self.held[client] >= MAX_PER_CLIENT or self.connections >= MAX_CONNECTIONS:
+                self.refused += 1
+                conn.close()  # before any TLS work: refusing must stay cheap
+                continue
+            self.held[client] += 1
+            task = asyncio.create_task(self._open(conn, client))
+            self._opening.add(task)
+            task.add_done_callback(self._opening.discard)
+
+    async def _open(self, conn: socket.socket, client: str) -> None:
+        """Handshake (if TLS) and hand the connection to aiohttp; release the slot when
+        the connection ends however it ends."""
+        loop = asyncio.get_running_loop()
+        closed: asyncio.Future[None] = loop.create_future()
+        handler = self.server()
+        self.server.ends[handler] = closed
+        try:
+            await loop.connect_accepted_socket(
+                lambda: handler,
+                conn,
+                ssl=self.context,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT if self.context is not None else None,
+            )
+            await closed
+        except (OSError, ssl.SSLError, TimeoutError):
+            conn.close()  # handshake failed or timed out
+        finally:
+            self.server.ends.pop(handler, None)
+            self.held[client] -= 1
+            if self.held[client] <= 0:
+                del self.held[client]
