@@ -8,18 +8,24 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import redis
 
-from bench.run import AUDIENCE, ISSUER, Bench, process, tokensvc_args
+from bench.run import AUDIENCE, ISSUER, Bench, Target, process
 from tokensvc.embedded import free_port
 from tokensvc_client import KeySet, TokenClient
 from tokensvc_client._auth import Authenticator
 from tokensvc_client.verifier import Claims, Verifier
 
 METHOD = "/bench.Noop/Call"
+ROWS = ("interceptor.cold", "interceptor.warm", "rpc.protected_noop", "rpc.unprotected_noop")
+TARGETS = [
+    Target("rpc.protected_noop", "rpc.unprotected_noop", at_least=0.9),
+    Target("rpc.protected_noop", "rpc.unprotected_noop", "server_cpu_us", at_most=1.15),
+    Target("interceptor.warm", "", "us_per_op", at_most=10),
+    Target("interceptor.cold", "limit.ecdsa_verify", "us_per_op", at_most=1.5),
+]
 
 
 def _decide(auth: Authenticator, metadata: Any, keys: KeySet) -> Claims:
@@ -71,23 +77,21 @@ def roundtrips(redis_url: str, calls: list[Any]) -> float:
     return len(top) / len(calls)
 
 
-def run(b: Bench, redis_url: str, data_dir: Path) -> None:
-    port, noop_port, open_port = free_port(), free_port(), free_port()
-    target = f"127.0.0.1:{port}"
-    with process(tokensvc_args(port, redis_url, data_dir), "listening"):
+def run(b: Bench) -> None:
+    noop_port, open_port = free_port(), free_port()
+    with b.serve() as server:
+        target = server.target
         client = TokenClient(target, insecure=True)
         count = b.n(1000)
         b.progress("redis_roundtrips (MONITOR) for Issue / Refresh / Introspect")
         pairs = [client.issue("bench-user") for _ in range(20)]
-        b.rows["rpc.issue"]["redis_roundtrips"] = roundtrips(
-            redis_url, [lambda: client.issue("bench-user") for _ in range(20)]
-        )
-        b.rows["rpc.refresh"]["redis_roundtrips"] = roundtrips(
-            redis_url, [lambda p=p: client.refresh(p.refresh_token) for p in pairs]
-        )
-        b.rows["rpc.introspect"]["redis_roundtrips"] = roundtrips(
-            redis_url, [lambda: client.introspect(pairs[0].access_token)] * 20
-        )
+        trips = {
+            "rpc.issue": [lambda: client.issue("bench-user") for _ in range(20)],
+            "rpc.refresh": [lambda p=p: client.refresh(p.refresh_token) for p in pairs],
+            "rpc.introspect": [lambda: client.introspect(pairs[0].access_token)] * 20,
+        }
+        for row, calls in trips.items():
+            b.rows.setdefault(row, {})["redis_roundtrips"] = roundtrips(b.redis_url, calls)
 
         b.progress("interceptor.cold / interceptor.warm")
         tokens = [client.issue("bench-user", roles=["reader"]).access_token for _ in range(count)]
@@ -103,21 +107,15 @@ def run(b: Bench, redis_url: str, data_dir: Path) -> None:
 
         b.progress("rpc.unprotected_noop / rpc.protected_noop")
         md = (("authorization", f"Bearer {tokens[-1]}"),)
-        n = b.n(6000)
-        with process([sys.executable, "-m", "bench.noop_server", str(open_port)], "ready"):
-            result = b.load(f"127.0.0.1:{open_port}", METHOD, [b""] * n, metadata=md)
-        b.record_load("rpc.unprotected_noop", result)
-        protected = [
-            sys.executable,
-            "-m",
-            "bench.noop_server",
-            str(noop_port),
-            "--protected",
-            ISSUER,
-            AUDIENCE,
-            target,
-        ]
-        with process(protected, "ready"):
-            result = b.load(f"127.0.0.1:{noop_port}", METHOD, [b""] * n, metadata=md)
-        b.record_load("rpc.protected_noop", result)
+        n = b.n(8000)
+        noop = [sys.executable, "-m", "bench.noop_server"]
+        for name, port, extra in (
+            ("rpc.unprotected_noop", open_port, []),
+            ("rpc.protected_noop", noop_port, ["--protected", ISSUER, AUDIENCE, target]),
+        ):
+            with process([*noop, str(port), *extra], "ready") as proc:
+                result = b.load(
+                    f"127.0.0.1:{port}", METHOD, [b""] * n, metadata=md, server_pid=proc.pid
+                )
+            b.record_load(name, result)
         client.close()

@@ -1,10 +1,22 @@
 """The tokensvc benchmark: limits of the machine, the service, the interceptor, Redis trips.
 
 One run starts what it needs (a real redis-server, tokensvc and a no-op server as separate
-processes on loopback), drives each with a closed-loop load generator in another process
-(concurrency 32), prints a table and writes ``bench/results.json``::
+processes on loopback), drives each with a closed-loop load generator (``LOAD_PROCS``
+processes, ``CHANNELS`` connections each, ``CONCURRENCY`` calls in flight in all), prints a
+table and writes ``bench/results.json``::
 
-    {"cpus": N, "rows": {NAME: {"rps", "p50_ms", "p99_ms", "us_per_op", "redis_roundtrips"}}}
+    {"cpus": N, "load": {...}, "rows": {NAME: {"rps", "p50_ms", "p99_ms", "server_cpu_us",
+     "load_cpu_us", "us_per_op", "redis_roundtrips", ...}}, "targets": [...]}
+
+``server_cpu_us`` is the CPU (user + system, from ``/proc``) the server's processes used per
+request over the measured window; it is far steadier than RPS on a shared machine.
+
+Rows come from modules: the core ones in ``MODULES``, then every ``bench/rows_*.py`` in name
+order, so a new row is a new module and nothing else. A row module has::
+
+    ROWS: tuple[str, ...]            # the rows it writes (the CI smoke test checks them)
+    TARGETS: list[Target]            # optional: ratios the report checks
+    def run(b: Bench) -> None: ...   # b.serve(...) starts tokensvc, b.load(...) drives it
 
 ``--quick`` runs a few hundred requests per row: the CI smoke test, so the benchmark never
 rots. Figures are only comparable within one run on one machine.
@@ -14,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import multiprocessing
 import os
@@ -22,26 +35,53 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-from bench.loadgen import LoadResult, run_load
+from bench.cpu import CpuMeter
+from bench.loadgen import LoadResult, merge, run_load
 from tokensvc.embedded import RedisProcess, free_port
-from tokensvc_client.v1 import tokensvc_pb2 as pb
 
 SERVICE = "/tokensvc.v1.TokenService/"
 ISSUER = "https://bench.tokensvc"
 AUDIENCE = "mesh"
 ROOT = Path(__file__).resolve().parents[1]
+#: The load shape of every measured row: processes, connections per process, calls in flight.
+LOAD_PROCS = 2
+CHANNELS = 4
+CONCURRENCY = 32
+MODULES = ("bench.limit_rows", "bench.service_rows", "bench.interceptor_rows")
+
+
+@dataclass(frozen=True)
+class Target:
+    """``row.metric / base.metric`` must be ≥ ``at_least`` or ≤ ``at_most`` (or the row's own
+    metric alone when ``base`` is empty)."""
+
+    row: str
+    base: str
+    metric: str = "rps"
+    at_least: float | None = None
+    at_most: float | None = None
+
+
+@dataclass
+class Server:
+    target: str
+    pid: int
 
 
 class Bench:
-    def __init__(self, scale: float, out: Path) -> None:
+    def __init__(self, scale: float, redis_url: str, data_dir: Path) -> None:
         self.scale = scale
-        self.out = out
+        self.redis_url = redis_url
+        self.data_dir = data_dir
         self.rows: dict[str, dict[str, float]] = {}
+        self.targets: list[Target] = []
         self.ctx = multiprocessing.get_context("spawn")
-        self.pool = self.ctx.Pool(1)
+        self.pool = self.ctx.Pool(LOAD_PROCS)
         self.step = 0
 
     def n(self, count: int) -> int:
@@ -51,22 +91,70 @@ class Bench:
         self.step += 1
         print(f"[{self.step:2d}] {name} ...", file=sys.stderr, flush=True)
 
+    # -- servers -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def serve(self, *extra: str, workers: int = 1) -> Iterator[Server]:
+        """A tokensvc on the bench's Redis (``extra``: more ``serve`` flags)."""
+        port = free_port()
+        args = [*tokensvc_args(port, self.redis_url, self.data_dir, workers), *extra]
+        with process(args, "listening") as proc:
+            if workers > 1:
+                time.sleep(1.0)  # let every worker bind
+            yield Server(f"127.0.0.1:{port}", proc.pid)
+
     # -- measurement helpers ---------------------------------------------------------
 
-    def load(self, target: str, method: str, requests: list[bytes], **kw: Any) -> LoadResult:
-        result: LoadResult = self.pool.apply(run_load, (target, method, requests), kw)
+    def load(
+        self,
+        target: str,
+        method: str,
+        requests: list[bytes],
+        *,
+        server_pid: int | None = None,
+        procs: int = LOAD_PROCS,
+        **kw: Any,
+    ) -> LoadResult:
+        """Send ``requests`` from ``procs`` load processes at once; with ``server_pid``, also
+        measure that process tree's CPU over the window (``result.server_cpu``)."""
+        procs = max(1, min(procs, LOAD_PROCS, len(requests)))
+        kw.setdefault("concurrency", CONCURRENCY)
+        kw.setdefault("channels", CHANNELS)
+        kw["concurrency"] = max(1, kw["concurrency"] // procs)
+        kw["start_at"] = time.time() + 0.3 + 0.2 * procs  # after every process connected
+        shards = [requests[i::procs] for i in range(procs)]
+        pending = [self.pool.apply_async(run_load, (target, method, s), kw) for s in shards]
+        meter = CpuMeter(server_pid) if server_pid else None
+        if meter is not None:
+            time.sleep(max(0.0, kw["start_at"] - time.time()))
+            meter.start()
+        result = merge([p.get(300) for p in pending])
+        server_cpu = meter.stop() if meter is not None else 0.0
         if result.errors:
-            raise RuntimeError(f"{method}: {result.errors} failed requests")
+            raise RuntimeError(f"{method}: {result.errors} failed requests {result.error_codes}")
+        result.server_cpu = server_cpu
         return result
 
     def record_load(self, name: str, result: LoadResult, **extra: float) -> None:
         lat = sorted(result.latencies)
-        self.rows[name] = {
+        row = {
             "rps": round(len(lat) / result.seconds, 1),
             "p50_ms": round(lat[len(lat) // 2] * 1000, 3),
             "p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000, 3),
-            **extra,
+            "load_cpu_us": round(result.cpu / len(lat) * 1e6, 1),
         }
+        if result.server_cpu:
+            row["server_cpu_us"] = round(result.server_cpu / len(lat) * 1e6, 1)
+        self.rows[name] = {**row, **extra}
+
+    def measure(
+        self, name: str, server: Server, method: str, requests: list[bytes], **kw: Any
+    ) -> LoadResult:
+        """Load a server with the standard shape and record row ``name`` with its CPU."""
+        self.progress(name)
+        result = self.load(server.target, SERVICE + method, requests, server_pid=server.pid, **kw)
+        self.record_load(name, result)
+        return result
 
     def record_op(self, name: str, fn: Callable[[], object], count: int) -> None:
         """Time a function on one core: best of three batches, µs per op."""
@@ -135,118 +223,58 @@ def tokensvc_args(port: int, redis_url: str, data_dir: Path, workers: int = 1) -
     ]
 
 
-def bench_limits(b: Bench) -> None:
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    b.progress("limit.ecdsa_sign / limit.ecdsa_verify (cryptography, one core)")
-    key = ec.generate_private_key(ec.SECP256R1())
-    message = b"x" * 300  # about the size of a token's signing input
-    signature = key.sign(message, ec.ECDSA(hashes.SHA256()))
-    public = key.public_key()
-    b.record_op("limit.ecdsa_sign", lambda: key.sign(message, ec.ECDSA(hashes.SHA256())), b.n(2000))
-    b.record_op(
-        "limit.ecdsa_verify",
-        lambda: public.verify(signature, message, ec.ECDSA(hashes.SHA256())),
-        b.n(2000),
-    )
-
-    b.progress("limit.grpc_noop (grpc.aio server, no-op unary)")
-    port = free_port()
-    with process([sys.executable, "-m", "bench.noop_server", str(port)], "ready"):
-        result = b.load(f"127.0.0.1:{port}", "/bench.Noop/Call", [b""] * b.n(6000))
-    b.record_load("limit.grpc_noop", result)
+def modules() -> list[ModuleType]:
+    """The core row modules, then every ``bench/rows_*.py`` in name order."""
+    names = list(MODULES)
+    names += [f"bench.{p.stem}" for p in sorted((ROOT / "bench").glob("rows_*.py"))]
+    return [importlib.import_module(name) for name in names]
 
 
-def bench_service(b: Bench, redis_url: str, data_dir: Path) -> str:
-    """Rows rpc.*; returns one valid access token for the interceptor rows."""
-    port = free_port()
-    target = f"127.0.0.1:{port}"
-    access = ""
-    with process(tokensvc_args(port, redis_url, data_dir), "listening"):
-        n = b.n(3000)
-        b.progress("rpc.getkeys")
-        b.record_load("rpc.getkeys", b.load(target, SERVICE + "GetKeys", [b""] * b.n(5000)))
-
-        b.progress("rpc.issue")
-        issue = pb.IssueRequest(
-            subject="bench-user", roles=["reader"], client_id="bench"
-        ).SerializeToString()
-        result = b.load(target, SERVICE + "Issue", [issue] * n, keep_replies=True)
-        b.record_load("rpc.issue", result)
-        pairs = [pb.IssueResponse.FromString(r).tokens for r in result.replies]
-        access = pairs[0].access_token
-
-        b.progress("rpc.refresh")
-        requests = [
-            pb.RefreshRequest(refresh_token=p.refresh_token).SerializeToString() for p in pairs
-        ]
-        result = b.load(target, SERVICE + "Refresh", requests)
-        b.record_load("rpc.refresh", result)
-
-        b.progress("rpc.introspect")
-        fresh = pb.IssueResponse.FromString(
-            b.load(target, SERVICE + "Issue", [issue], keep_replies=True).replies[0]
-        )
-        access = fresh.tokens.access_token
-        req = pb.IntrospectRequest(token=access).SerializeToString()
-        result = b.load(target, SERVICE + "Introspect", [req] * n)
-        b.record_load("rpc.introspect", result)
-        check = b.load(target, SERVICE + "Introspect", [req], keep_replies=True).replies[0]
-        if not pb.IntrospectResponse.FromString(check).active:
-            raise RuntimeError(
-                "benchmark token is not active: the Introspect row measured failures"
-            )
-
-    workers = os.cpu_count() or 1
-    b.progress(f"rpc.issue.workers_n (workers={workers})")
-    port = free_port()
-    with process(tokensvc_args(port, redis_url, data_dir, workers), "listening"):
-        time.sleep(1.0)  # let every worker bind
-        result = b.load(f"127.0.0.1:{port}", SERVICE + "Issue", [issue] * b.n(3000))
-    b.record_load("rpc.issue.workers_n", result, workers=workers)
-    return access
+def check(b: Bench, t: Target) -> tuple[str, float, bool] | None:
+    row, base = b.rows.get(t.row), b.rows.get(t.base) if t.base else {t.metric: 1.0}
+    if not row or not base or t.metric not in row or not base.get(t.metric):
+        return None
+    value = row[t.metric] / base[t.metric]
+    ok = (t.at_least is None or value >= t.at_least) and (t.at_most is None or value <= t.at_most)
+    bound = f"≥ {t.at_least:g}" if t.at_least is not None else f"≤ {t.at_most:g}"
+    what = f"{t.row} / {t.base}" if t.base else t.row
+    return f"{what} {t.metric} = {value:.2f}  [{bound}]", value, ok
 
 
-def bench_interceptor(b: Bench, redis_url: str, data_dir: Path) -> None:
-    from bench import interceptor_rows
-
-    interceptor_rows.run(b, redis_url, data_dir)
-
-
-RATIOS = [
-    ("rpc.issue", "limit.grpc_noop", 0.50),
-    ("rpc.refresh", "limit.grpc_noop", 0.40),
-    ("rpc.introspect", "limit.grpc_noop", 0.60),
-    ("rpc.issue.workers_n", "rpc.issue", 1.50),
-    ("rpc.protected_noop", "rpc.unprotected_noop", 0.90),
-]
+COLUMNS = (
+    ("rps", "rps", 1),
+    ("p50_ms", "p50 ms", 3),
+    ("p99_ms", "p99 ms", 3),
+    ("server_cpu_us", "srv µs/req", 1),
+    ("cpu_x_noop", "x noop cpu", 2),
+    ("load_cpu_us", "load µs/req", 1),
+    ("us_per_op", "µs/op", 2),
+    ("redis_roundtrips", "redis trips", 2),
+)
 
 
-def report(b: Bench) -> None:
+def report(b: Bench) -> list[dict[str, Any]]:
+    noop_cpu = b.rows.get("limit.grpc_noop", {}).get("server_cpu_us")
+    for row in b.rows.values():
+        if noop_cpu and "server_cpu_us" in row:
+            row["cpu_x_noop"] = round(row["server_cpu_us"] / noop_cpu, 2)
     print(
         f"\ntokensvc benchmark — {os.cpu_count()} CPUs, {sys.platform}, Python {sys.version.split()[0]}"
     )
-    print(f"{'row':28} {'rps':>10} {'p50 ms':>9} {'p99 ms':>9} {'µs/op':>9} {'redis trips':>12}")
+    print(f"load: {LOAD_PROCS} processes x {CHANNELS} connections, {CONCURRENCY} calls in flight")
+    print(f"{'row':28}" + "".join(f" {title:>11}" for _, title, _ in COLUMNS))
     for name, row in b.rows.items():
-        cells = [f"{row[k]:.1f}" if k in row else "" for k in ("rps",)]
-        cells += [f"{row[k]:.3f}" if k in row else "" for k in ("p50_ms", "p99_ms")]
-        cells += [f"{row[k]:.2f}" if k in row else "" for k in ("us_per_op", "redis_roundtrips")]
-        print(f"{name:28} {cells[0]:>10} {cells[1]:>9} {cells[2]:>9} {cells[3]:>9} {cells[4]:>12}")
-    print("\nratios (target in brackets):")
-    for name, base, target in RATIOS:
-        if name in b.rows and base in b.rows:
-            ratio = b.rows[name]["rps"] / b.rows[base]["rps"]
-            flag = "ok" if ratio >= target else "BELOW"
-            print(f"  {name} / {base} = {ratio:.2f}  [≥ {target:.2f}] {flag}")
-    if "interceptor.cold" in b.rows and "limit.ecdsa_verify" in b.rows:
-        ratio = b.rows["interceptor.cold"]["us_per_op"] / b.rows["limit.ecdsa_verify"]["us_per_op"]
-        print(
-            f"  interceptor.cold / limit.ecdsa_verify = {ratio:.2f}x time  [≤ 1.50] {'ok' if ratio <= 1.5 else 'ABOVE'}"
-        )
-    if "interceptor.warm" in b.rows:
-        warm = b.rows["interceptor.warm"]["us_per_op"]
-        print(f"  interceptor.warm = {warm:.2f} µs  [≤ 10] {'ok' if warm <= 10 else 'ABOVE'}")
+        cells = [f"{row[k]:.{d}f}" if k in row else "" for k, _, d in COLUMNS]
+        print(f"{name:28}" + "".join(f" {c:>11}" for c in cells))
+    print("\ntargets:")
+    checked = []
+    for t in b.targets:
+        outcome = check(b, t)
+        if outcome is not None:
+            line, value, ok = outcome
+            print(f"  {line} {'ok' if ok else 'NOT MET'}")
+            checked.append({**asdict(t), "value": round(value, 3), "met": ok})
+    return checked
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,19 +283,24 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="a few hundred requests per row (CI smoke)"
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
+    parser.add_argument("--only", default="", help="run only row modules whose name contains this")
     args = parser.parse_args(argv)
-    b = Bench(0.1 if args.quick else 1.0, args.out)
     with tempfile.TemporaryDirectory(prefix="tokensvc-bench-") as tmp:
         redis_proc = RedisProcess(Path(tmp) / "redis").start()
+        b = Bench(0.1 if args.quick else 1.0, redis_proc.url, Path(tmp) / "data")
         try:
-            bench_limits(b)
-            bench_service(b, redis_proc.url, Path(tmp) / "data")
-            bench_interceptor(b, redis_proc.url, Path(tmp) / "data")
+            for module in modules():
+                if args.only and args.only not in module.__name__:
+                    continue
+                b.targets.extend(getattr(module, "TARGETS", ()))
+                module.run(b)
         finally:
             redis_proc.stop()
             b.pool.close()
             b.pool.join()
-    report(b)
-    args.out.write_text(json.dumps({"cpus": os.cpu_count(), "rows": b.rows}, indent=2) + "\n")
+    targets = report(b)
+    load = {"processes": LOAD_PROCS, "channels": CHANNELS, "concurrency": CONCURRENCY}
+    results = {"cpus": os.cpu_count(), "load": load, "rows": b.rows, "targets": targets}
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {args.out}")
     return 0
