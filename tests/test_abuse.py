@@ -3,13 +3,17 @@ transport caps. Real Redis, real gRPC (mTLS where identities matter)."""
 
 from __future__ import annotations
 
+import secrets
+
 import grpc
 import pytest
 import redis
 
 from tokensvc.config import Rate
+from tokensvc.guard import Caller, network_of
 from tokensvc.store import subject_key
 from tokensvc.tokens import subject_tag
+from tokensvc_client.peer import ANONYMOUS
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 
 ADMIN = "spiffe://tokensvc.test/ns/ops/sa/admin"
@@ -48,20 +52,78 @@ def test_issue_is_limited_per_subject_across_replicas(make_settings, start_serve
     assert stub_a.Issue(pb.IssueRequest(subject="bob")).tokens.access_token  # per subject
 
 
-def test_failed_authentications_block_the_peer_and_only_that_peer(mtls_service):
+def _forged(session_id: str) -> pb.RefreshRequest:
+    """A refresh token for a real session that the family never issued."""
+    return pb.RefreshRequest(refresh_token=f"tsr1_{session_id}_{secrets.token_hex(32)}")
+
+
+def test_one_users_failures_through_a_relay_never_refuse_another_users_refresh(mtls_service):
+    # "orders" relays its users' refreshes under one mTLS identity (a web backend)
     svc = mtls_service(POLICY, rate_auth_failures=Rate(3, 60))
+    login, orders = svc.stub("login"), svc.stub("orders")
+    alice = login.Issue(pb.IssueRequest(subject="alice")).tokens
+    bob = login.Issue(pb.IssueRequest(subject="bob")).tokens
+    for _ in range(4):  # the 4th failure is over the burst of 3: alice's session is limited
+        err = _refused(lambda: orders.Refresh(_forged(alice.session_id)))
+        assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+    err = _refused(lambda: orders.Refresh(_forged(alice.session_id)))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert _retry_after(err) >= 1
+    # garbage naming other sessions, or none, is one user's too: it limits nobody else
+    for _ in range(10):
+        assert _refused(lambda: orders.Refresh(_forged(secrets.token_hex(32)))).code() == (
+            grpc.StatusCode.UNAUTHENTICATED
+        )
+        malformed = pb.RefreshRequest(refresh_token="tsr1_garbage")
+        assert _refused(lambda r=malformed: orders.Refresh(r)).code() == (
+            grpc.StatusCode.UNAUTHENTICATED
+        )
+    # every other user of the relay refreshes as usual
+    bob_next = orders.Refresh(pb.RefreshRequest(refresh_token=bob.refresh_token)).tokens
+    assert orders.Refresh(pb.RefreshRequest(refresh_token=bob_next.refresh_token)).tokens
+    # the limited session is refused whoever presents it, and the refusal spends nothing:
+    # its current token stays current (forged tokens revoke nothing)
+    good = pb.RefreshRequest(refresh_token=alice.refresh_token)
+    for stub in (orders, svc.stub("billing")):
+        assert _refused(lambda s=stub: s.Refresh(good)).code() == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED
+        )
+    assert orders.Introspect(pb.IntrospectRequest(token=alice.refresh_token)).active
+
+
+def test_a_flood_far_beyond_one_user_limits_the_relaying_peer_and_only_it(mtls_service):
+    svc = mtls_service(
+        POLICY, rate_auth_failures=Rate(3, 60), rate_auth_failures_relay=Rate(10, 60)
+    )
     login, orders, billing = svc.stub("login"), svc.stub("orders"), svc.stub("billing")
     pair = login.Issue(pb.IssueRequest(subject="alice")).tokens
-    bogus = pb.RefreshRequest(refresh_token="tsr1_" + "0" * 64 + "_" + "1" * 64)
-    for _ in range(4):  # the 4th failure is over the burst of 3
-        assert _refused(lambda: orders.Refresh(bogus)).code() == grpc.StatusCode.UNAUTHENTICATED
+    for _ in range(11):  # each naming another session: only the relay-wide count grows
+        assert _refused(lambda: orders.Refresh(_forged(secrets.token_hex(32)))).code() == (
+            grpc.StatusCode.UNAUTHENTICATED
+        )
     good = pb.RefreshRequest(refresh_token=pair.refresh_token)
     err = _refused(lambda: orders.Refresh(good))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert _retry_after(err) >= 1
     assert orders.GetKeys(pb.GetKeysRequest()).jwks  # public keys stay reachable
-    # the refused call consumed nothing: another workload refreshes with the same token
-    assert billing.Refresh(good).tokens.refresh_token
+    assert billing.Refresh(good).tokens.refresh_token  # another peer is not limited
+
+
+@pytest.mark.parametrize(
+    ("address", "network"),
+    [
+        ("127.0.0.1", "127.0.0.0/8"),
+        ("127.45.6.7", "127.0.0.0/8"),
+        ("10.1.2.3", "10.1.2.3"),
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),
+        ("::ffff:10.1.2.3", "10.1.2.3"),
+        ("::1", "::/64"),
+        ("unix:/run/tokensvc.sock", "unix:/run/tokensvc.sock"),
+    ],
+)
+def test_anonymous_callers_are_counted_per_network(address, network):
+    assert network_of(address) == network
+    assert Caller(ANONYMOUS, address).key == f"net:{network}"
 
 
 def test_per_peer_refresh_limit_refuses_before_rotating(mtls_service):

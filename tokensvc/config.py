@@ -79,6 +79,7 @@ class Settings:
     rate_refresh: Rate = Rate(0, 1)
     rate_introspect: Rate = Rate(0, 1)
     rate_auth_failures: Rate = Rate(20, 60)
+    rate_auth_failures_relay: Rate = Rate(1000, 60)
     http_listen: str | None = None
     key_rotation_interval: int = 30 * 86400
     previous_kek_file: Path | None = None
@@ -203,7 +204,16 @@ _OPTIONS: dict[str, tuple[str, type]] = {
     "rate_issue": ("Issue calls per subject, COUNT/SECONDS or off", Rate),
     "rate_refresh": ("Refresh calls per peer, COUNT/SECONDS or off (+1 Redis trip)", Rate),
     "rate_introspect": ("Introspect calls per peer, COUNT/SECONDS or off (+1 Redis trip)", Rate),
-    "rate_auth_failures": ("failed authentications per peer, COUNT/SECONDS or off", Rate),
+    "rate_auth_failures": (
+        "failed authentications per end-user session (refresh token, own token) and per "
+        "peer for its own failures (policy denials), COUNT/SECONDS or off",
+        Rate,
+    ),
+    "rate_auth_failures_relay": (
+        "failed end-user authentications per relaying peer, all its users together (a "
+        "flood far beyond one user), COUNT/SECONDS or off",
+        Rate,
+    ),
     "http_listen": ("HOST:PORT for the HTTP JWKS/discovery listener; off unless set", str),
     "key_rotation_interval": ("seconds between automatic signing-key rotations", int),
     "previous_kek_file": ("the KEK being replaced, still accepted for decryption", Path),

@@ -199,6 +199,7 @@ class TokenService(AdminRpcs, SessionRpcs, pb_grpc.TokenServiceServicer):
     async def Refresh(self, request: pb.RefreshRequest, context: Ctx) -> pb.RefreshResponse:
         presented = limits.token("refresh_token", request.refresh_token)
         sid = tokens.refresh_session_id(presented)
+        self.guard.presenting(f"session:{sid}" if sid else "")  # the end user's credential
         if sid is None:
             raise NotAuthenticated(Reason.MALFORMED.value)
         successor = tokens.new_refresh_token(sid)

@@ -64,6 +64,7 @@ class SessionRpcs:
 
     async def _require_own_token(self, subject: str, context: Ctx) -> None:
         """The call must carry a valid, unrevoked access token of ``subject``."""
+        self.guard.presenting(f"subject:{tokens.subject_tag(subject)}")  # maybe relayed
         try:
             token = bearer_token(context.invocation_metadata())
         except InvalidToken:
