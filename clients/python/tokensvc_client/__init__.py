@@ -23,7 +23,7 @@ from tokensvc_client.errors import (
 from tokensvc_client.interceptor import AuthInterceptor
 from tokensvc_client.jwks import AsyncJwksCache, JwksCache
 from tokensvc_client.jwks_http import HttpsJwksSource
-from tokensvc_client.results import Introspection, Jwks, TokenPair
+from tokensvc_client.results import Introspection, Jwks, SessionInfo, TokenPair
 from tokensvc_client.revocation_feed import (
     FEED_CHANNEL_OPTIONS,
     AioRevocationFeed,
@@ -61,6 +61,7 @@ __all__ = [
     "RevocationFeed",
     "RevocationSet",
     "RpcFailed",
+    "SessionInfo",
     "StepUp",
     "TokenClient",
     "TokenCredentials",

@@ -17,23 +17,34 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from tokensvc_client.errors import RpcFailed
-from tokensvc_client.results import Introspection, Jwks, TokenPair
+from tokensvc_client.results import Introspection, Jwks, SessionInfo, TokenPair
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 
 Resp = TypeVar("Resp", bound=Message)
 Result = TypeVar("Result")
 Method = Literal[
-    "Issue", "Refresh", "Revoke", "Introspect", "GetKeys", "LockSubject", "UnlockSubject"
+    "Issue",
+    "Refresh",
+    "Revoke",
+    "Introspect",
+    "GetKeys",
+    "LockSubject",
+    "UnlockSubject",
+    "ListSessions",
 ]
+#: Call metadata (gRPC headers) of one call.
+Metadata = tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True, slots=True)
 class Call(Generic[Resp, Result]):
-    """One RPC ready to send: ``getattr(stub, method)(request)``, then ``parse``."""
+    """One RPC ready to send: ``getattr(stub, method)(request, metadata=metadata)``, then
+    ``parse``."""
 
     method: Method
     request: Message
     parse: Callable[[Resp], Result]
+    metadata: Metadata = ()
 
 
 def check_timeout(timeout: float) -> float:
@@ -185,3 +196,31 @@ def get_keys() -> Call[pb.GetKeysResponse, Jwks]:
 
 def _jwks(response: pb.GetKeysResponse) -> Jwks:
     return Jwks(jwks_json=response.jwks, max_age_seconds=response.max_age_seconds)
+
+
+def list_sessions(
+    subject: str, *, access_token: str | None = None
+) -> Call[pb.ListSessionsResponse, list[SessionInfo]]:
+    """Build a ListSessions call; with ``access_token`` (the subject's own) it carries
+    ``authorization: Bearer``, which lets a caller that is not an admin identity list the
+    subject's sessions (self-service)."""
+    metadata: Metadata = ()
+    if access_token is not None:
+        metadata = (("authorization", f"Bearer {access_token}"),)
+    request = pb.ListSessionsRequest(subject=subject)
+    return Call("ListSessions", request, _sessions, metadata)
+
+
+def _sessions(response: pb.ListSessionsResponse) -> list[SessionInfo]:
+    return [
+        SessionInfo(
+            session_id=s.session_id,
+            client_id=s.client_id,
+            session_label=s.session_label,
+            created_at=_seconds(s.created_at),
+            last_refreshed_at=_seconds(s.last_refreshed_at),
+            expires_at=_seconds(s.expires_at),
+            active=s.active,
+        )
+        for s in response.sessions
+    ]

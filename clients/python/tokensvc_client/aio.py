@@ -18,7 +18,7 @@ import grpc.aio
 from tokensvc_client import _calls
 from tokensvc_client.channels import Pem, aio_channel
 from tokensvc_client.errors import from_rpc_error
-from tokensvc_client.results import Introspection, Jwks, TokenPair
+from tokensvc_client.results import Introspection, Jwks, SessionInfo, TokenPair
 from tokensvc_client.v1 import tokensvc_pb2_grpc
 
 Result = TypeVar("Result")
@@ -64,7 +64,9 @@ class AsyncTokenClient:
     async def _invoke(self, call: _calls.Call[Any, Result]) -> Result:
         method = getattr(self._stub, call.method)
         try:
-            response = await method(call.request, timeout=self._timeout)
+            response = await method(
+                call.request, timeout=self._timeout, metadata=call.metadata or None
+            )
         except grpc.RpcError as err:  # grpc.aio.AioRpcError is a grpc.RpcError
             raise from_rpc_error(err) from err
         return call.parse(response)
@@ -133,6 +135,13 @@ class AsyncTokenClient:
     async def get_keys(self) -> Jwks:
         """See :meth:`TokenClient.get_keys <tokensvc_client.client.TokenClient.get_keys>`."""
         return await self._invoke(_calls.get_keys())
+
+    async def list_sessions(
+        self, subject: str, *, access_token: str | None = None
+    ) -> list[SessionInfo]:
+        """See :meth:`TokenClient.list_sessions
+        <tokensvc_client.client.TokenClient.list_sessions>`."""
+        return await self._invoke(_calls.list_sessions(subject, access_token=access_token))
 
     async def close(self) -> None:
         """Close the channel if this client opened it."""

@@ -17,7 +17,7 @@ import grpc
 from tokensvc_client import _calls
 from tokensvc_client.channels import Pem, channel
 from tokensvc_client.errors import from_rpc_error
-from tokensvc_client.results import Introspection, Jwks, TokenPair
+from tokensvc_client.results import Introspection, Jwks, SessionInfo, TokenPair
 from tokensvc_client.v1 import tokensvc_pb2_grpc
 
 Result = TypeVar("Result")
@@ -66,7 +66,7 @@ class TokenClient:
     def _invoke(self, call: _calls.Call[Any, Result]) -> Result:
         method = getattr(self._stub, call.method)
         try:
-            response = method(call.request, timeout=self._timeout)
+            response = method(call.request, timeout=self._timeout, metadata=call.metadata or None)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
         return call.parse(response)
@@ -166,6 +166,19 @@ class TokenClient:
     def get_keys(self) -> Jwks:
         """Fetch the public keys that verify access tokens."""
         return self._invoke(_calls.get_keys())
+
+    def list_sessions(self, subject: str, *, access_token: str | None = None) -> list[SessionInfo]:
+        """The sessions of ``subject`` (a "your devices" page).
+
+        Args:
+            access_token: the subject's own valid access token, for a caller that is not an
+                admin identity of the service's policy (self-service listing).
+
+        Raises:
+            PermissionDenied: neither an admin identity nor the subject's own token.
+            Unauthenticated: ``access_token`` is invalid, expired or revoked.
+        """
+        return self._invoke(_calls.list_sessions(subject, access_token=access_token))
 
     def close(self) -> None:
         """Close the channel if this client opened it."""

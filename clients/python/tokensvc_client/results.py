@@ -85,3 +85,25 @@ class Jwks:
             KeysUnavailable: the document is not a usable JWK Set.
         """
         return KeySet.from_jwks(self.jwks_json)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """One session (refresh family) of a subject, as ListSessions reports it.
+
+    Attributes:
+        session_id: the family id (the ``sid`` of its access tokens).
+        client_id: the client it was issued to.
+        session_label: the device label given at Issue (e.g. "Firefox on laptop").
+        created_at / last_refreshed_at / expires_at: epoch seconds; ``expires_at`` is the
+            absolute end of the session.
+        active: not revoked and not expired.
+    """
+
+    session_id: str
+    client_id: str
+    session_label: str
+    created_at: float
+    last_refreshed_at: float
+    expires_at: float
+    active: bool

@@ -1,0 +1,248 @@
+"""ASGI middleware: every HTTP request gets its CSRF check and its verified session.
+
+A plain ASGI middleware (not Starlette's ``BaseHTTPMiddleware``), so the context it sets
+reaches the endpoint and works in Starlette, FastAPI or any ASGI app::
+
+    backend = WebBackend(settings, target="tokensvc:50051", ca=..., cert=..., key=...)
+    app = Starlette(routes=[...], middleware=[Middleware(TokenSessionMiddleware, backend=backend)])
+
+Per request, in this order:
+
+1. A state-changing request (not GET/HEAD/OPTIONS) must pass the CSRF checks
+   (:mod:`tokensvc_client.web.csrf`), else 403 ``{"error": "csrf", "reason": ...}``.
+   For a urlencoded form the body is read (up to ``max_form_bytes``) for the token and
+   handed on to the app unchanged.
+2. The session cookie is opened; one that does not open is no session (and is cleared).
+   The session is verified, refreshed when due (once per session), and made available to
+   handlers (:func:`~tokensvc_client.web.context.current_session` ...).
+3. A session that has ended (refresh refused: revoked, reused, expired) has its cookie
+   cleared and is answered 401 ``{"error": "unauthenticated"}`` -- or a 303 redirect to
+   ``login_url`` -- except on ``public_paths``, which go on as anonymous requests. A
+   handler raising :class:`~tokensvc_client.web.context.NoSession` is answered the same.
+   tokensvc unreachable with no valid token left: 503.
+4. Cookies that the request caused (new session, refresh, logout, a new CSRF token) are
+   added to the response's headers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from tokensvc_client.web import context
+from tokensvc_client.web.backend import WebBackend
+from tokensvc_client.web.context import NoSession, RequestState
+from tokensvc_client.web.cookies import request_cookies
+from tokensvc_client.web.csrf import (
+    SAFE_METHODS,
+    CsrfReason,
+    check_request,
+    form_field,
+    needs_form,
+    refusal,
+)
+
+__all__ = ["TokenSessionMiddleware"]
+
+log = logging.getLogger("tokensvc_client.web")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+App = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class TokenSessionMiddleware:
+    """See the module docstring.
+
+    Args:
+        app: the ASGI app to protect.
+        backend: the configured :class:`~tokensvc_client.web.backend.WebBackend`.
+    """
+
+    def __init__(self, app: App, backend: WebBackend) -> None:
+        self.app = app
+        self.backend = backend
+        self.settings = backend.settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = _headers(scope)
+        cookies = request_cookies(headers.get("cookie", ""))
+        jar = self.backend.cookies
+        method = str(scope["method"]).upper()
+        path = str(scope.get("path", "/"))
+        csrf = jar.csrf(cookies)
+        state = RequestState(csrf=csrf or jar.new_csrf())
+        if csrf is None:
+            state.set_cookies.append(jar.set_csrf(state.csrf))
+
+        if method not in SAFE_METHODS:
+            submitted: str | None = None
+            if needs_form(headers, self.settings):
+                try:
+                    body = await _read_body(receive, self.settings.max_form_bytes)
+                except _BodyTooLarge:
+                    await _json(send, 413, {"error": "request_too_large"}, [])
+                    return
+                submitted = form_field(body, self.settings.csrf_field)
+                receive = _replay(body, receive)
+            reason = check_request(headers, submitted, csrf, self.settings)
+            if reason is not None:
+                await self._refuse(send, reason, method, path, headers)
+                return
+
+        ended = False
+        stored = jar.session(cookies)
+        if stored is None and self.settings.session_cookie in cookies:
+            state.set_cookies.append(jar.clear_session())  # unreadable: treated as none
+        elif stored is not None:
+            outcome = await self.backend.resolve(stored, f"{method} {path}")
+            if outcome.unavailable:
+                await _json(send, 503, {"error": "unavailable"}, [])
+                return
+            if outcome.ended:
+                self.backend.end(state)
+                ended = True
+            else:
+                state.session = outcome.session
+                if outcome.store is not None:
+                    state.set_cookies.append(jar.set_session(outcome.store, self.backend.now()))
+        if ended and not self.settings.is_public(path):
+            await self._unauthenticated(send, state)
+            return
+
+        started = False
+
+        async def send_with_cookies(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message["headers"] = [
+                    *message.get("headers", []),
+                    *_cookie_headers(state.set_cookies),
+                ]
+            await send(message)
+
+        token = context.enter(state)
+        try:
+            await self.app(scope, receive, send_with_cookies)
+        except NoSession:
+            if started:
+                raise
+            await self._unauthenticated(send, state)
+        finally:
+            context.leave(token)
+
+    async def _refuse(
+        self, send: Send, reason: CsrfReason, method: str, path: str, headers: dict[str, str]
+    ) -> None:
+        record = refusal(reason, method, path, headers)
+        log.warning(
+            "csrf: refused %s %s: %s (origin=%r sec-fetch-site=%r)",
+            record.method,
+            record.path,
+            record.reason.value,
+            record.origin,
+            record.fetch_site,
+        )
+        if self.backend.audit is not None:
+            try:
+                self.backend.audit(record)
+            except Exception:
+                log.exception("csrf audit hook failed")
+        await _json(send, 403, {"error": "csrf", "reason": reason.value}, [])
+
+    async def _unauthenticated(self, send: Send, state: RequestState) -> None:
+        cookies = _cookie_headers(state.set_cookies)
+        if self.settings.login_url is not None:
+            headers = [(b"location", self.settings.login_url.encode("latin-1")), *cookies]
+            await _respond(send, 303, b"", b"text/plain; charset=utf-8", headers)
+            return
+        await _json(send, 401, {"error": "unauthenticated"}, cookies)
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    """Request headers by lower-case name; a repeated header keeps its first value (the
+    CSRF checks read Origin, Sec-Fetch-Site and the custom header, never joined)."""
+    found: dict[str, str] = {}
+    for name, value in scope.get("headers", []):
+        key = name.decode("latin-1").lower()
+        if key == "cookie" and key in found:
+            found[key] += "; " + value.decode("latin-1")
+        else:
+            found.setdefault(key, value.decode("latin-1"))
+    return found
+
+
+def _cookie_headers(lines: list[str]) -> list[tuple[bytes, bytes]]:
+    return [(b"set-cookie", line.encode("latin-1")) for line in lines]
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _BodyTooLarge
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that first hands the app the body already read."""
+    pending = True
+
+    async def replayed() -> Message:
+        nonlocal pending
+        if pending:
+            pending = False
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+async def _json(
+    send: Send, status: int, body: dict[str, str], headers: list[tuple[bytes, bytes]]
+) -> None:
+    payload = json.dumps(body).encode("utf-8")
+    await _respond(send, status, payload, b"application/json", headers)
+
+
+async def _respond(
+    send: Send,
+    status: int,
+    body: bytes,
+    content_type: bytes,
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type),
+                (b"content-length", str(len(body)).encode("ascii")),
+                (b"cache-control", b"no-store"),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
