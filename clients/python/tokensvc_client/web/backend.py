@@ -235,14 +235,23 @@ class WebBackend:
         outcome = await self._verify(conn, pair.access_token, "session start")
         if not isinstance(outcome, Claims):
             # e.g. settings.audience not among what the tokens carry: a setup error
-            await conn.client.revoke(session_id=pair.session_id, reason="web: unverifiable")
+            await self._revoke_quietly(conn, pair.session_id, "web: unverifiable")
             raise TokenServiceError(f"issued token not accepted: {outcome.message}")
         session = WebSession(outcome, pair)
+        if state.session is not None:  # a new login in this browser: end the one it replaces
+            await self._revoke_quietly(conn, state.session.session_id, "web: replaced")
         state.session = session
-        state.set_cookies.append(self.cookies.set_session(stored, now))
+        state.cookie(self.cookies.set_session(stored, now))
         self._new_csrf(state)
         log.info("session started sid=%s", pair.session_id)
         return session
+
+    @staticmethod
+    async def _revoke_quietly(conn: _Connection, session_id: str, reason: str) -> None:
+        try:
+            await conn.client.revoke(session_id=session_id, reason=reason)
+        except TokenServiceError as err:
+            log.warning("could not revoke sid=%s: %s", session_id, err)
 
     async def logout(self) -> None:
         """End this session: Revoke it at tokensvc, clear the cookie."""
@@ -307,9 +316,9 @@ class WebBackend:
     def end(self, state: RequestState) -> None:
         """Forget the request's session and clear its cookie (and renew the CSRF token)."""
         state.session = None
-        state.set_cookies.append(self.cookies.clear_session())
+        state.cookie(self.cookies.clear_session())
         self._new_csrf(state)
 
     def _new_csrf(self, state: RequestState) -> None:
         state.csrf = self.cookies.new_csrf()
-        state.set_cookies.append(self.cookies.set_csrf(state.csrf))
+        state.cookie(self.cookies.set_csrf(state.csrf))

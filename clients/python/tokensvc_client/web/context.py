@@ -63,7 +63,12 @@ class RequestState:
 
     csrf: str
     session: WebSession | None = None
-    set_cookies: list[str] = field(default_factory=list)
+    #: ``Set-Cookie`` lines by cookie name: a later one for the same cookie replaces it
+    set_cookies: dict[str, str] = field(default_factory=dict)
+
+    def cookie(self, line: str) -> None:
+        """Send ``line`` (a ``Set-Cookie`` value) with the response."""
+        self.set_cookies[line.split("=", 1)[0]] = line
 
 
 _STATE: contextvars.ContextVar[RequestState | None] = contextvars.ContextVar(

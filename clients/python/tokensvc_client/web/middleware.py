@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 from tokensvc_client.web import context
@@ -84,7 +84,7 @@ class TokenSessionMiddleware:
         csrf = jar.csrf(cookies)
         state = RequestState(csrf=csrf or jar.new_csrf())
         if csrf is None:
-            state.set_cookies.append(jar.set_csrf(state.csrf))
+            state.cookie(jar.set_csrf(state.csrf))
 
         if method not in SAFE_METHODS:
             submitted: str | None = None
@@ -104,7 +104,7 @@ class TokenSessionMiddleware:
         ended = False
         stored = jar.session(cookies)
         if stored is None and self.settings.session_cookie in cookies:
-            state.set_cookies.append(jar.clear_session())  # unreadable: treated as none
+            state.cookie(jar.clear_session())  # unreadable: treated as none
         elif stored is not None:
             outcome = await self.backend.resolve(stored, f"{method} {path}")
             if outcome.unavailable:
@@ -116,7 +116,7 @@ class TokenSessionMiddleware:
             else:
                 state.session = outcome.session
                 if outcome.store is not None:
-                    state.set_cookies.append(jar.set_session(outcome.store, self.backend.now()))
+                    state.cookie(jar.set_session(outcome.store, self.backend.now()))
         if ended and not self.settings.is_public(path):
             await self._unauthenticated(send, state)
             return
@@ -129,7 +129,7 @@ class TokenSessionMiddleware:
                 started = True
                 message["headers"] = [
                     *message.get("headers", []),
-                    *_cookie_headers(state.set_cookies),
+                    *_cookie_headers(state.set_cookies.values()),
                 ]
             await send(message)
 
@@ -163,7 +163,7 @@ class TokenSessionMiddleware:
         await _json(send, 403, {"error": "csrf", "reason": reason.value}, [])
 
     async def _unauthenticated(self, send: Send, state: RequestState) -> None:
-        cookies = _cookie_headers(state.set_cookies)
+        cookies = _cookie_headers(state.set_cookies.values())
         if self.settings.login_url is not None:
             headers = [(b"location", self.settings.login_url.encode("latin-1")), *cookies]
             await _respond(send, 303, b"", b"text/plain; charset=utf-8", headers)
@@ -184,7 +184,7 @@ def _headers(scope: Scope) -> dict[str, str]:
     return found
 
 
-def _cookie_headers(lines: list[str]) -> list[tuple[bytes, bytes]]:
+def _cookie_headers(lines: Iterable[str]) -> list[tuple[bytes, bytes]]:
     return [(b"set-cookie", line.encode("latin-1")) for line in lines]
 
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
 
+from tokensvc_client.web.sealing import CookieSealer
+
 __all__ = ["WebSettings"]
 
 SESSION_COOKIE = "__Host-tokensvc-session"
@@ -105,6 +107,7 @@ class WebSettings:
         """Raise ``ValueError`` for a setting that cannot be right; return ``self``."""
         if not self.origins:
             raise ValueError("origins: at least the backend's own origin")
+        CookieSealer(self.cookie_keys)  # raises for a missing, short or repeated key
         if not self.issuer or not self.audience:
             raise ValueError("issuer and audience are required")
         if self.same_site not in ("Strict", "Lax"):
