@@ -134,6 +134,7 @@ def make_web(
         access_ttl: int = 900,
         server: ServerThread | None = None,
         keys: tuple[bytes, ...] | None = None,
+        revocation_check: Any = None,
         **options: Any,
     ) -> Web:
         if server is None:
@@ -148,7 +149,11 @@ def make_web(
             **options,
         )
         backend = web.WebBackend(
-            settings, target=server.target, insecure=True, audit=refusals.append
+            settings,
+            target=server.target,
+            insecure=True,
+            audit=refusals.append,
+            revocation_check=revocation_check,
         )
         acts: list[str] = []
         client = TestClient(build_app(backend, acts), base_url=ORIGIN)

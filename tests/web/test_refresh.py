@@ -7,6 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from tests.web.conftest import GOOD
+from tokensvc_client import RevocationFeed, channel
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 
 SESSION = "__Host-tokensvc-session"
@@ -123,3 +124,20 @@ def test_tokensvc_down_keeps_a_valid_token_and_never_clears(make_web):
     down = w.client.get("/me", headers=GOOD)
     assert down.status_code == 503
     assert not any(c.startswith(f"{SESSION}=") for c in down.headers.get_list("set-cookie"))
+
+
+def test_with_the_revocation_feed_a_revoked_session_ends_at_once(make_web, tokensvc):
+    feed = RevocationFeed(channel(tokensvc.target, insecure=True)).start()
+    try:
+        assert feed.wait_connected(5)
+        w = make_web(server=tokensvc, revocation_check=feed)  # 15-minute access tokens
+        sid = w.login().json()["sid"]
+        assert w.client.get("/me").status_code == 200
+        w.server.stub().Revoke(pb.RevokeRequest(session_id=sid))
+        deadline = time.monotonic() + 2  # the feed delivers within milliseconds
+        while (response := w.client.get("/me")).status_code == 200:
+            assert time.monotonic() < deadline, "revocation not seen through the feed"
+            time.sleep(0.02)
+        assert response.status_code == 401 and CLEARED in response.headers.get_list("set-cookie")
+    finally:
+        feed.close()

@@ -7,7 +7,7 @@ Revoke, ListSessions) and verifies access tokens locally with the interceptors' 
 decision code (:class:`tokensvc_client._auth.Authenticator`: the same
 :class:`~tokensvc_client.verifier.Verifier`, the same
 :class:`~tokensvc_client.jwks.AsyncJwksCache`, the same optional revocation check such as
-an :class:`~tokensvc_client.AioRevocationFeed`).
+a :class:`~tokensvc_client.RevocationFeed`, whose own thread suits any event loop).
 
 gRPC asyncio channels, asyncio locks and futures belong to one event loop; the backend
 opens its connection lazily in the loop that serves requests (and anew if that loop
@@ -90,8 +90,8 @@ class WebBackend:
         ca, cert, key, insecure: TLS to tokensvc, as for
             :class:`~tokensvc_client.AsyncTokenClient` (the backend's client certificate
             is the identity the caller policy must allow for Issue and Revoke).
-        revocation_check: optional, as for the interceptors (e.g. an
-            ``AioRevocationFeed``): a revoked session is then refused at once, not at its
+        revocation_check: optional, as for the interceptors (e.g. a started
+            ``RevocationFeed``): a revoked session is then refused at once, not at its
             next refresh.
         audit: called with every CSRF refusal (after it is logged).
         leeway: clock skew tolerated for ``nbf``/``iat``.
