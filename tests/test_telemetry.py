@@ -65,3 +65,49 @@ def test_background_tasks_make_no_root_spans(make_settings, start_server):
     provider.force_flush()
     roots = [s.name for s in exporter.get_finished_spans() if s.parent is None]
     assert roots == ["/tokensvc.v1.TokenService/Issue"]
+
+
+def test_without_an_exporter_nothing_is_instrumented_and_logs_keep_the_trace_id(
+    make_settings, start_server, caplog, monkeypatch
+):
+    """The default: no server interceptor and no Redis instrumentation (their cost is paid
+    only when spans go somewhere), yet audit records and log lines of a call that came with
+    a traceparent carry its trace id."""
+    from opentelemetry.instrumentation.redis import RedisInstrumentor
+
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+    srv = start_server(make_settings())
+    assert not RedisInstrumentor().is_instrumented_by_opentelemetry
+    assert srv.running.tracer_provider is None
+
+    caplog.set_level(logging.INFO, logger="tokensvc.audit")
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    traceparent = (("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01"),)
+    stub = srv.stub()
+    stub.Issue(pb.IssueRequest(subject="alice"), metadata=traceparent)
+    stub.Issue(pb.IssueRequest(subject="bob"))
+    stub.Issue(pb.IssueRequest(subject="carol"), metadata=(("traceparent", "00-zz-bad-01"),))
+    issued = {r.subject: r for r in caplog.records if getattr(r, "event", "") == "issued"}
+    assert issued["alice"].trace_id == trace_id
+    assert not hasattr(issued["bob"], "trace_id")
+    assert not hasattr(issued["carol"], "trace_id")  # a malformed traceparent is ignored
+
+
+def test_an_exporter_in_the_environment_turns_tracing_on(monkeypatch):
+    from opentelemetry.instrumentation.redis import RedisInstrumentor
+
+    from tokensvc import telemetry
+
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+    assert telemetry.setup_tracing() is None
+    assert telemetry.server_interceptors(None) == []
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
+    provider = telemetry.setup_tracing()
+    try:
+        assert provider is not None
+        assert RedisInstrumentor().is_instrumented_by_opentelemetry
+        assert len(telemetry.server_interceptors(provider)) == 1
+    finally:
+        monkeypatch.delenv("OTEL_TRACES_EXPORTER")
+        assert telemetry.setup_tracing() is None
+        assert not RedisInstrumentor().is_instrumented_by_opentelemetry

@@ -17,6 +17,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 import grpc.aio
 
+from tokensvc import telemetry
 from tokensvc.store import StoreUnavailable
 
 log = logging.getLogger("tokensvc.rpc")
@@ -77,6 +78,7 @@ async def _statuses(
     servicer: Guarded, name: str, context: grpc.aio.ServicerContext[Any, Any]
 ) -> AsyncIterator[None]:
     """Admit the caller, then turn what the handler raises into a status code."""
+    telemetry.serving(context)  # for the trace id of log lines and audit records
     try:
         await servicer.admit(name, context)
         yield

@@ -65,6 +65,7 @@ class Running:
     embedded: RedisProcess | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     http: HttpJwks | None = None  # the --http-listen JWKS listener, if any
+    tracer_provider: TracerProvider | None = None  # None: no spans, no instrumentation
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking calls, finish in-flight ones within ``grace``, release Redis."""
@@ -200,6 +201,7 @@ async def start(settings: Settings, tracer_provider: TracerProvider | None = Non
         raise
     running = Running(settings, server, port, redis, health, audit, embedded)
     running.http = http
+    running.tracer_provider = provider
     lifecycle = Lifecycle.from_settings(settings)
     for job in (_maintain(keyring, lifecycle, health), hub.run(), audit.run()):  # audit last
         running.tasks.append(asyncio.create_task(job, context=telemetry.untraced()))

@@ -1,9 +1,12 @@
-"""OpenTelemetry set-up: a span per RPC (server side), Redis calls as child spans.
+"""OpenTelemetry set-up, paid for only when spans are exported.
 
-Exporters follow the standard environment: ``OTEL_TRACES_EXPORTER=console`` prints spans,
-``otlp`` exports with ``opentelemetry-exporter-otlp`` if it is installed; the default is to
-export nothing (spans are still created, so trace context propagates to Redis and logs).
-W3C trace context is the API's default propagator. Spans never carry tokens: the gRPC
+With an exporter (``OTEL_TRACES_EXPORTER=console`` prints spans, ``otlp`` exports with
+``opentelemetry-exporter-otlp`` if it is installed) or a tracer provider handed in: a server
+span per RPC joining the caller's W3C trace context, Redis calls as child spans. Without one
+(the default) no instrumentation is installed at all -- neither the gRPC server interceptor
+nor redis-py's -- because even an always-off sampler keeps most of their cost; logs and audit
+records still carry the caller's trace id, read from its ``traceparent`` metadata only when
+something is logged (:func:`current_trace_id`). Spans never carry tokens: the gRPC
 instrumentation records method and status, not messages.
 """
 
@@ -21,8 +24,14 @@ from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 log = logging.getLogger(__name__)
+
+# the call being served (set per RPC by tokensvc.errors.rpc): its metadata is parsed for a
+# traceparent only when a log line or audit record wants the trace id
+_call: contextvars.ContextVar[Any] = contextvars.ContextVar("tokensvc_call", default=None)
+_W3C = TraceContextTextMapPropagator()
 
 
 def _exporter_processor(name: str) -> SpanProcessor | None:
@@ -44,29 +53,44 @@ def _exporter_processor(name: str) -> SpanProcessor | None:
     return None
 
 
-def setup_tracing(provider: TracerProvider | None = None) -> TracerProvider:
-    """Create (or take) the tracer provider and instrument redis-py once per process."""
+def setup_tracing(provider: TracerProvider | None = None) -> TracerProvider | None:
+    """The tracer provider to instrument with, or ``None`` when nothing is exported.
+
+    A provider handed in (tests) or an exporter named by ``OTEL_TRACES_EXPORTER`` means
+    tracing: redis-py is instrumented (once per process) and the provider returned for
+    :func:`server_interceptors`. Otherwise any redis-py instrumentation is removed and
+    ``None`` returned.
+    """
     if provider is None:
-        provider = TracerProvider(
-            resource=Resource.create(
-                {"service.name": os.environ.get("OTEL_SERVICE_NAME", "tokensvc")}
-            )
-        )
         processor = _exporter_processor(
             os.environ.get("OTEL_TRACES_EXPORTER", "none").strip().lower()
         )
         if processor is not None:
+            provider = TracerProvider(
+                resource=Resource.create(
+                    {"service.name": os.environ.get("OTEL_SERVICE_NAME", "tokensvc")}
+                )
+            )
             provider.add_span_processor(processor)
     instrumentor = RedisInstrumentor()
     if instrumentor.is_instrumented_by_opentelemetry:
         instrumentor.uninstrument()
-    instrumentor.instrument(tracer_provider=provider)
+    if provider is not None:
+        instrumentor.instrument(tracer_provider=provider)
     return provider
 
 
-def server_interceptors(provider: TracerProvider) -> list[Any]:
-    """gRPC aio server interceptors creating one span per RPC."""
+def server_interceptors(provider: TracerProvider | None) -> list[Any]:
+    """gRPC aio server interceptors creating one span per RPC (none without a provider)."""
+    if provider is None:
+        return []
     return [aio_server_interceptor(tracer_provider=provider)]  # type: ignore[no-untyped-call]
+
+
+def serving(call: Any) -> None:
+    """Note the call (a ``grpc.aio.ServicerContext``) the current task serves: cheap, as its
+    metadata is only looked at by :func:`current_trace_id`."""
+    _call.set(call)
 
 
 def untraced() -> contextvars.Context:
@@ -78,6 +102,18 @@ def untraced() -> contextvars.Context:
 
 
 def current_trace_id() -> str:
-    """Hex trace id of the current span, for logs and audit records ('' outside a span)."""
+    """Hex trace id for logs and audit records: the current span's, else that of the
+    ``traceparent`` the served call came with (tracing not exported), else ''."""
     ctx = trace.get_current_span().get_span_context()
-    return format(ctx.trace_id, "032x") if ctx.is_valid else ""
+    if ctx.is_valid:
+        return format(ctx.trace_id, "032x")
+    call = _call.get()
+    if call is None:
+        return ""
+    carrier = {
+        key: value for key, value in call.invocation_metadata() or () if key == "traceparent"
+    }
+    if not carrier:
+        return ""
+    parent = trace.get_current_span(_W3C.extract(carrier)).get_span_context()
+    return format(parent.trace_id, "032x") if parent.is_valid else ""
