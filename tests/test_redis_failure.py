@@ -64,3 +64,38 @@ def test_server_refuses_to_start_without_redis(make_settings, start_server):
     settings = make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0")
     with pytest.raises(Exception, match=r"(?i)redis|connect"):
         start_server(settings)
+
+
+def test_a_hung_redis_is_unavailable_within_the_timeout_then_service_resumes(
+    own_redis, make_settings, start_server
+):
+    """A Redis that stops answering (SIGSTOP: the connection stays open, no reply comes)
+    fails calls UNAVAILABLE after about --redis-timeout (the watchdog closes the silent
+    connection), and the service works again once Redis does."""
+    import os
+    import signal
+
+    stub = start_server(make_settings(redis_url=own_redis.url, redis_timeout=1.0)).stub()
+    stub.Issue(pb.IssueRequest(subject="alice"))
+    os.kill(own_redis.process.pid, signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Issue(pb.IssueRequest(subject="alice"), timeout=20)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert time.monotonic() - began < 5.0
+    finally:
+        os.kill(own_redis.process.pid, signal.SIGCONT)
+    _until_ok(lambda: stub.Issue(pb.IssueRequest(subject="alice")))
+
+
+def test_scripts_flushed_from_redis_are_loaded_again(own_redis, make_settings, start_server):
+    """After SCRIPT FLUSH (a restarted Redis, a failover to a fresh replica) the next call
+    gets NOSCRIPT, which means the script did not run: it is loaded and run once."""
+    import redis
+
+    stub = start_server(make_settings(redis_url=own_redis.url)).stub()
+    redis.Redis.from_url(own_redis.url).script_flush()
+    pairs = [stub.Issue(pb.IssueRequest(subject="alice")).tokens for _ in range(2)]
+    listed = stub.ListSessions(pb.ListSessionsRequest(subject="alice")).sessions
+    assert {s.session_id for s in listed} == {p.session_id for p in pairs}

@@ -13,6 +13,16 @@
     Redis Cluster (port 6379 when left out); the hosts are startup nodes, the rest of
     the cluster is discovered. No query parameters; database 0 only.
 
+Timeouts are per connection, not per command: a client made with a :class:`Watchdog`
+sets no socket timeout (redis-py would then wrap every command in a timer task and a
+timeout context, the largest cost of a round trip); instead the watchdog's task looks at
+every connection twice per timeout and closes one that has commands in flight and has
+neither sent nor received anything for a whole timeout. Every command in flight on it then
+fails (``ConnectionError``, so UNAVAILABLE), and the next command gets a new connection.
+A cancelled caller's connection is closed by redis-py itself, so its late reply is never
+read as someone else's. Without a watchdog (command-line tools) the socket timeout applies
+per command as usual.
+
 Every client sends each command exactly once: no retry on a connection error or a
 timeout at any level (a Refresh whose reply was lost would be re-sent with a spent token
 and revoke the family; see :mod:`tokensvc.store`). Such failures surface as
@@ -51,13 +61,16 @@ Guarantees per topology (``--redis-wait-replicas`` is ``FamilyStore.settle``):
 
 from __future__ import annotations
 
+import asyncio
 import re
+import weakref
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import Any, TypeAlias, TypeVar, cast
 from urllib.parse import parse_qsl, unquote
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import AbstractConnection, Connection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
@@ -104,29 +117,124 @@ def _no_retry() -> Retry:
     return Retry(NoBackoff(), 0)
 
 
-def redis_client(url: str, timeout: float) -> RedisClient:
-    """An asyncio client for ``url`` that never retries a command on its own.
+_Conn = TypeVar("_Conn", bound=AbstractConnection)
+
+
+class _Watched:
+    """Mixed into a redis-py connection class: counts commands packed and replies read, so
+    the :class:`Watchdog` can tell a connection waiting on a silent server. Two integer
+    increments per command; no timer."""
+
+    watchdog: Watchdog
+    sent = 0
+    received = 0
+    _seen = (0, 0)
+    _stalled = 0.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.watchdog.watch(self)
+
+    def pack_command(self, *args: Any) -> Any:  # pack_commands calls it for each command
+        self.sent += 1
+        return super().pack_command(*args)  # type: ignore[misc]
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            self.received += 1
+
+    async def disconnect(self, *args: Any, **kwargs: Any) -> None:
+        self.sent = self.received = 0  # whatever was in flight failed with the connection
+        await super().disconnect(*args, **kwargs)  # type: ignore[misc]
+
+    def stalled(self, interval: float) -> float:
+        """Seconds this connection has waited with commands in flight and no traffic, as
+        seen by checks ``interval`` apart."""
+        now = (self.sent, self.received)
+        if self.sent > self.received and now == self._seen:
+            self._stalled += interval
+        else:
+            self._stalled = 0.0
+        self._seen = now
+        return self._stalled
+
+    def abort(self) -> None:
+        """Close the socket at once: every read in flight fails with ConnectionError."""
+        writer = getattr(self, "_writer", None)
+        if writer is not None:
+            writer.transport.abort()
+
+
+class Watchdog:
+    """The per-connection timeout of the clients made with it: run :meth:`run` as a task
+    for as long as they are used."""
+
+    def __init__(self, timeout: float) -> None:
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        self.timeout = timeout
+        self._connections: weakref.WeakSet[_Watched] = weakref.WeakSet()
+        self._classes: dict[type[AbstractConnection], type[AbstractConnection]] = {}
+        self.aborted = 0  # connections closed for silence, since start
+
+    def watch(self, connection: _Watched) -> None:
+        self._connections.add(connection)
+
+    def connection_class(self, base: type[_Conn]) -> type[_Conn]:
+        """``base`` (a redis-py connection class) watched by this watchdog."""
+        if base not in self._classes:
+            attrs = {"watchdog": self, "__module__": __name__}
+            self._classes[base] = type(f"Watched{base.__name__}", (_Watched, base), attrs)
+        return cast(type[_Conn], self._classes[base])
+
+    def check(self, interval: float) -> None:
+        """One look at every connection (the task calls this every ``interval`` s)."""
+        for connection in list(self._connections):
+            if connection.stalled(interval) >= self.timeout:
+                self.aborted += 1
+                connection.abort()
+
+    async def run(self) -> None:
+        interval = self.timeout / 2
+        while True:
+            await asyncio.sleep(interval)
+            self.check(interval)
+
+
+def redis_client(url: str, timeout: float, watchdog: Watchdog | None = None) -> RedisClient:
+    """An asyncio client for ``url`` that never retries a command on its own; with a
+    ``watchdog``, ``timeout`` is enforced per connection by it instead of per command.
 
     Raises:
         ConfigError: the URL is malformed or of an unknown scheme.
     """
     scheme = url.partition("://")[0].lower()
     if scheme == SENTINEL_SCHEME:
-        return _sentinel_client(parse_sentinel_url(url), timeout)
+        return _sentinel_client(parse_sentinel_url(url), timeout, watchdog)
     if scheme == CLUSTER_SCHEME:
-        return _cluster_client(parse_cluster_url(url), timeout)
+        return _cluster_client(parse_cluster_url(url), timeout, watchdog)
     if scheme in ("redis", "rediss", "unix"):
-        return aioredis.Redis.from_url(
+        client = aioredis.Redis.from_url(
             url,
-            socket_timeout=timeout,
+            socket_timeout=None if watchdog else timeout,
             socket_connect_timeout=timeout,
             retry=_no_retry(),
             retry_on_timeout=False,
         )
+        _watch_pool(client, watchdog)
+        return client
     raise ConfigError(
         "--redis-url must start with one of redis://, rediss://, unix://, "
         f"{SENTINEL_SCHEME}://, {CLUSTER_SCHEME}://"
     )
+
+
+def _watch_pool(client: aioredis.Redis, watchdog: Watchdog | None) -> None:
+    if watchdog is not None:  # before any connection exists: from_url picked the class
+        pool = client.connection_pool
+        pool.connection_class = watchdog.connection_class(pool.connection_class)
 
 
 class SentinelPrimary(aioredis.Redis):
@@ -143,18 +251,22 @@ class SentinelPrimary(aioredis.Redis):
                 await self.sentinels.aclose()
 
 
-def _sentinel_client(target: SentinelTarget, timeout: float) -> SentinelPrimary:
-    sockets = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+def _sentinel_client(
+    target: SentinelTarget, timeout: float, watchdog: Watchdog | None
+) -> SentinelPrimary:
+    # asking sentinels (rare: at connect and after a failover) keeps a per-command timeout
+    asking = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         list(target.sentinels),
         # asking sentinels is read-only, but several are listed: move on to the next one
         sentinel_kwargs={
-            **sockets,
+            **asking,
             "retry": _no_retry(),
             "username": target.sentinel_username,
             "password": target.sentinel_password,
         },
-        **sockets,
+        socket_timeout=None if watchdog else timeout,
+        socket_connect_timeout=timeout,
         retry=_no_retry(),
         retry_on_timeout=False,
         username=target.username,
@@ -163,21 +275,31 @@ def _sentinel_client(target: SentinelTarget, timeout: float) -> SentinelPrimary:
     )
     client: SentinelPrimary = sentinel.master_for(target.master, redis_class=SentinelPrimary)
     client.sentinels = sentinel
+    _watch_pool(client, watchdog)
     return client
 
 
-def _cluster_client(target: ClusterTarget, timeout: float) -> RedisCluster:
-    return RedisCluster(
+def _cluster_client(
+    target: ClusterTarget, timeout: float, watchdog: Watchdog | None
+) -> RedisCluster:
+    client = RedisCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
         username=target.username,
         password=target.password,
-        socket_timeout=timeout,
+        socket_timeout=None if watchdog else timeout,
         socket_connect_timeout=timeout,
         # RedisCluster re-sends a command after a connection error or timeout (refreshing
         # the slot map first) unless told otherwise; redirections are followed regardless
         retry=_no_retry(),
         require_full_coverage=True,
     )
+    if watchdog is not None:  # RedisCluster takes no connection class: set it on the nodes
+        watched = watchdog.connection_class(Connection)
+        client.connection_kwargs["connection_class"] = watched
+        client.nodes_manager.connection_kwargs["connection_class"] = watched
+        for node in client.nodes_manager.startup_nodes.values():
+            node.connection_class = watched
+    return client
 
 
 def _redacted(url: str) -> str:

@@ -40,10 +40,12 @@ _MAX_MESSAGE = 64 * 1024
 _MAX_METADATA = 16 * 1024
 
 
-def redis_client(url: str, timeout: float) -> RedisClient:
+def redis_client(
+    url: str, timeout: float, watchdog: redisconn.Watchdog | None = None
+) -> RedisClient:
     """An asyncio client for any --redis-url topology (single server, Sentinel, Cluster)
     that never retries a command on its own (see tokensvc.redisconn)."""
-    return redisconn.redis_client(url, timeout)
+    return redisconn.redis_client(url, timeout, watchdog)
 
 
 def _server_credentials(settings: Settings) -> grpc.ServerCredentials:
@@ -66,6 +68,7 @@ class Running:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     http: HttpJwks | None = None  # the --http-listen JWKS listener, if any
     tracer_provider: TracerProvider | None = None  # None: no spans, no instrumentation
+    watching: asyncio.Task[None] | None = None  # the Redis watchdog: stops last
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking calls, finish in-flight ones within ``grace``, release Redis."""
@@ -78,6 +81,9 @@ class Running:
         await self.server.stop(self.settings.grace_seconds if grace is None else grace)
         self.tasks[-1].cancel()  # AuditTrail.run writes what is queued when cancelled
         await _finish(self.tasks)
+        if self.watching is not None:
+            self.watching.cancel()
+            await _finish([self.watching])
         await self.redis.aclose()
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
@@ -127,7 +133,10 @@ async def start(settings: Settings, tracer_provider: TracerProvider | None = Non
         await asyncio.to_thread(embedded.start)
         url = embedded.url
         log.info("embedded redis-server started, data in %s", embedded.data_dir)
-    redis = redis_client(url, settings.redis_timeout)
+    # the Redis timeout is the watchdog's, per connection (no timer per command)
+    watchdog = redisconn.Watchdog(settings.redis_timeout)
+    watching = asyncio.create_task(watchdog.run(), context=telemetry.untraced())
+    redis = redis_client(url, settings.redis_timeout, watchdog)
     try:
         policy = CallerPolicy.for_settings(settings)
         previous = (
@@ -148,6 +157,7 @@ async def start(settings: Settings, tracer_provider: TracerProvider | None = Non
         hub = RevocationHub(redis, block_ms=max(100, int(settings.redis_timeout * 500)))
         await hub.prime()  # before any watcher can connect (see RevocationHub.prime)
     except Exception:
+        watching.cancel()
         await redis.aclose()
         if embedded is not None:
             embedded.stop()
@@ -194,12 +204,14 @@ async def start(settings: Settings, tracer_provider: TracerProvider | None = Non
     try:
         http = await start_http(settings, keyring) if settings.http_listen else None
     except BaseException:
+        watching.cancel()
         await server.stop(None)
         await redis.aclose()
         if embedded is not None:
             await asyncio.to_thread(embedded.stop)
         raise
     running = Running(settings, server, port, redis, health, audit, embedded)
+    running.watching = watching
     running.http = http
     running.tracer_provider = provider
     lifecycle = Lifecycle.from_settings(settings)
