@@ -86,6 +86,7 @@ class Settings:
     redis_wait_replicas: int = 0
     redis_wait_timeout: float = 0.5
     allow_cn_identities: bool = False
+    max_watchers_per_client: int = 16
 
     @property
     def host(self) -> str:
@@ -154,6 +155,8 @@ class Settings:
                 "--key-rotation-interval must be at least twice --jwks-max-age + --access-ttl "
                 "+ --leeway (a key must be published before it signs and outlive its tokens)"
             )
+        if not 1 <= self.max_watchers_per_client <= 10_000:
+            raise ConfigError("--max-watchers-per-client must be between 1 and 10000")
         if not 0 <= self.redis_wait_replicas <= 16:
             raise ConfigError("--redis-wait-replicas must be between 0 and 16")
         if not 0 < self.redis_wait_timeout < self.redis_timeout:
@@ -219,6 +222,10 @@ _OPTIONS: dict[str, tuple[str, type]] = {
     "previous_kek_file": ("the KEK being replaced, still accepted for decryption", Path),
     "redis_wait_replicas": ("replicas that must acknowledge revocations (Redis WAIT)", int),
     "redis_wait_timeout": ("seconds to wait for those acknowledgements", float),
+    "max_watchers_per_client": (
+        "concurrent WatchRevocations streams per client (identity and address) per process",
+        int,
+    ),
 }
 _FLAGS = ("insecure", "allow_long_access_ttl", "allow_cn_identities")
 

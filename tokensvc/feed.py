@@ -2,20 +2,27 @@
 
 Revocations are appended to the Redis stream :data:`tokensvc.store.REVOCATIONS` by the
 revoking scripts (see :class:`tokensvc.store.FamilyStore`). Each process runs one
-:class:`RevocationHub`: a single ``XREAD BLOCK`` loop whose live events are fanned out to
-every watcher in memory, so a thousand interceptors cost one blocked Redis connection,
-not a thousand.
+:class:`RevocationHub`: it reads the whole stream once when it is primed, then follows it
+with a single ``XREAD BLOCK`` loop, and keeps every event still in force in memory. Live
+events are fanned out to every watcher in memory, so a thousand interceptors cost one
+blocked Redis connection, not a thousand -- and a new watcher's catch-up comes from that
+memory too, never from a Redis scan of its own (sixty watchers connecting over 30 000
+revocations would otherwise scan the stream sixty times).
 
-A watcher first catches up from the stream itself (``XRANGE``): from just after its
-``resume_from`` id if the stream still holds everything after it, else a ``RESET`` event
-and every entry still in force. Then it receives live events, skipping ids it has already
-sent. A watcher too slow to keep up, or a hub that lost Redis, ends the stream with
-UNAVAILABLE: the client reconnects and resumes from its last id, so nothing is lost.
+A watcher gets, from just after its ``resume_from`` id, what the hub holds if the hub has
+held everything since (its oldest entry is not newer than that id), else a ``RESET`` event
+and every entry still in force; then live events, skipping ids it has already sent. The
+catch-up is a copy taken in the same step as the watcher's registration, so no event falls
+between the two. A watcher too slow to keep up, or a hub that lost Redis, ends the stream
+with UNAVAILABLE; while the reader is failing no new stream is accepted (the client keeps
+counting its feed as down), and once it reads again it continues from its last id, so
+nothing is lost. Streams per client are capped (:class:`TooManyWatchers`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import re
@@ -23,7 +30,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
-from tokensvc.errors import BadRequest
+from tokensvc.errors import BadRequest, RateLimited
 from tokensvc.redisconn import RedisClient
 from tokensvc.store import REVOCATIONS, StoreUnavailable, guarded, text
 from tokensvc.tasks import cancelled_since, cancelling_count
@@ -41,6 +48,7 @@ _KINDS: Final = {
 _QUEUE: Final = 10_000
 _BATCH: Final = 1_000
 _CLOSED: Final = object()
+_PRUNE_MS: Final = 5_000
 
 
 class FeedClosed(StoreUnavailable):
@@ -75,21 +83,73 @@ def to_event(entry_id: Any, fields: dict[Any, Any]) -> pb.RevocationEvent | None
     return event
 
 
-class RevocationHub:
-    """One Redis reader per process, fanning live revocation events out to watchers."""
+class TooManyWatchers(RateLimited):
+    """A client already holds as many WatchRevocations streams as it may (RESOURCE_EXHAUSTED)."""
 
-    def __init__(self, redis: RedisClient, *, block_ms: int = 1000) -> None:
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"at most {limit} WatchRevocations streams per client", 1000)
+
+
+class RevocationHub:
+    """One Redis reader per process: the events in force in memory, fanned out to watchers.
+
+    Args:
+        redis: the Redis client.
+        block_ms: how long one ``XREAD`` blocks.
+        max_per_client: concurrent streams one client (see :meth:`watch`) may hold.
+    """
+
+    def __init__(self, redis: RedisClient, *, block_ms: int = 1000, max_per_client: int = 16):
         self.redis = redis
         self.block_ms = block_ms
+        self.max_per_client = max_per_client
         self._watchers: set[asyncio.Queue[object]] = set()
+        self._clients: dict[str, int] = {}
         self._last: str | None = None  # the id the reader continues after
+        #: the events read, in stream order, as (id, expiry ms, event); expired ones pruned
+        self._held: list[tuple[tuple[int, int], int, pb.RevocationEvent]] = []
+        self._ids: list[tuple[int, int]] = []  # the ids of _held, for bisection
+        #: the oldest id held: from there on the hub has read every entry (None: none yet)
+        self._floor: tuple[int, int] | None = None
+        self._pruned_at = 0.0
+        self._reading = True  # False while the reader fails: new watchers are refused
 
     async def prime(self) -> None:
-        """Fix the reader's starting point at the stream's newest entry. Called before the
-        server takes calls: a watcher's catch-up then always reaches at least as far as
-        the reader starts, so no event falls between the two."""
-        newest = await guarded(self.redis.xrevrange, REVOCATIONS, count=1)
-        self._last = text(newest[0][0]) if newest else "0-0"
+        """Read the stream as it is now and fix the reader's starting point after its
+        newest entry. Called before the server takes calls (the one full read of the
+        stream per process)."""
+        cursor, last = "-", "0-0"
+        while True:
+            entries = await guarded(self.redis.xrange, REVOCATIONS, cursor, "+", count=_BATCH)
+            for entry_id, fields in entries:
+                last = text(entry_id)
+                self._hold(last, to_event(entry_id, fields))
+            if len(entries) < _BATCH:
+                break
+            cursor = f"({last}"
+        if self._last is None:
+            self._last = last
+
+    def _hold(self, entry_id: str, event: pb.RevocationEvent | None) -> None:
+        key = _id(entry_id)
+        if self._floor is None:
+            self._floor = key
+        if event is not None and (not self._ids or key > self._ids[-1]):
+            self._held.append((key, event.expires_at.ToMilliseconds(), event))
+            self._ids.append(key)
+
+    def _prune(self, now_ms: int) -> None:
+        """Forget events no longer in force (at most every few seconds)."""
+        if now_ms - self._pruned_at < _PRUNE_MS:
+            return
+        self._pruned_at = now_ms
+        self._held = [item for item in self._held if item[1] > now_ms]
+        self._ids = [item[0] for item in self._held]
+
+    @property
+    def held(self) -> int:
+        """Events held in memory."""
+        return len(self._held)
 
     async def run(self) -> None:
         """Read live events until cancelled; on Redis trouble end every watcher's stream,
@@ -115,17 +175,21 @@ class RevocationHub:
                     for entry_id, fields in entries
                 ]
                 delay = 0.1
+                self._reading = True
             except Exception as err:  # StoreUnavailable, or an entry we cannot read
                 # keep the position: reading on from it (even if trimmed since) loses nothing
                 log.warning("revocation feed reader: %s; watchers reconnect", err)
+                self._reading = False
                 self._close_all()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
             for entry_id, event in events:
                 self._last = entry_id
+                self._hold(entry_id, event)
                 if event is not None:
                     self._publish(event)
+            self._prune(int(time.time() * 1000))
         raise asyncio.CancelledError
 
     def _publish(self, event: pb.RevocationEvent) -> None:
@@ -144,11 +208,38 @@ class RevocationHub:
             with contextlib.suppress(asyncio.QueueFull):
                 queue.put_nowait(_CLOSED)
 
-    async def watch(self, resume_from: str) -> AsyncIterator[pb.RevocationEvent]:
+    def _catch_up(self, resume_from: str) -> list[pb.RevocationEvent]:
+        """What a new watcher is sent before live events (see the module doc)."""
+        now_ms = int(time.time() * 1000)
+        after = _id(resume_from) if resume_from else None
+        if after is not None and self._floor is not None and self._floor <= after:
+            start = bisect.bisect_right(self._ids, after)
+            return [event for _key, exp, event in self._held[start:] if exp > now_ms]
+        reset = pb.RevocationEvent(kind=pb.RevocationEvent.RESET)
+        return [reset, *(event for _key, exp, event in self._held if exp > now_ms)]
+
+    def check(self, client: str) -> None:
+        """Raise what :meth:`watch` would refuse a new stream of ``client`` with now.
+
+        Raises:
+            TooManyWatchers: ``client`` holds ``max_per_client`` streams already.
+            FeedClosed: the reader is failing (Redis unreachable).
+        """
+        if self._clients.get(client, 0) >= self.max_per_client:
+            raise TooManyWatchers(self.max_per_client)
+        if not self._reading:
+            raise FeedClosed("revocation feed reader is reconnecting to Redis; retry")
+
+    async def watch(self, resume_from: str, client: str = "") -> AsyncIterator[pb.RevocationEvent]:
         """Catch-up events, then live ones; raises :class:`FeedClosed` to end the stream.
+
+        Args:
+            resume_from: the last event id the watcher has, or "".
+            client: whom the stream counts against (at most ``max_per_client`` at once).
 
         Raises:
             BadRequest: ``resume_from`` is not a stream id.
+            TooManyWatchers, FeedClosed: see :meth:`check`.
             StoreUnavailable: Redis is unreachable.
         """
         if resume_from:
@@ -158,13 +249,19 @@ class RevocationHub:
                 raise BadRequest("resume_from is not a revocation event id") from None
         if self._last is None:
             await self.prime()  # (the server primes before it serves; this is a safeguard)
+        self.check(client)  # from here on no await until the watcher is registered
+        self._clients[client] = self._clients.get(client, 0) + 1
         queue: asyncio.Queue[object] = asyncio.Queue(_QUEUE)
-        self._watchers.add(queue)  # before catching up: nothing falls between the two
+        # taken in one step with the registration: no event falls between the two
+        self._watchers.add(queue)
+        catch_up = self._catch_up(resume_from)
         try:
-            sent = (0, 0)
-            async for event in self._catch_up(resume_from):
-                sent = _id(event.id) if event.id else sent
+            sent = _id(resume_from) if resume_from else (0, 0)
+            for event in catch_up:
+                if event.id:
+                    sent = max(sent, _id(event.id))
                 yield event
+            del catch_up
             while True:
                 item = await queue.get()
                 if item is _CLOSED:
@@ -175,26 +272,11 @@ class RevocationHub:
                     yield item
         finally:
             self._watchers.discard(queue)
-
-    async def _catch_up(self, resume_from: str) -> AsyncIterator[pb.RevocationEvent]:
-        oldest = await guarded(self.redis.xrange, REVOCATIONS, count=1)
-        held = bool(resume_from) and bool(oldest) and _id(text(oldest[0][0])) <= _id(resume_from)
-        if held:
-            cursor = f"({resume_from}"
-        else:
-            yield pb.RevocationEvent(kind=pb.RevocationEvent.RESET)
-            cursor = "-"
-        now_ms = int(time.time() * 1000)
-        while True:
-            entries = await guarded(self.redis.xrange, REVOCATIONS, cursor, "+", count=_BATCH)
-            for entry_id, fields in entries:
-                event = to_event(entry_id, fields)
-                # a snapshot leaves out what no longer matters; a resume sends everything
-                if event is not None and (held or event.expires_at.ToMilliseconds() > now_ms):
-                    yield event
-            if len(entries) < _BATCH:
-                return
-            cursor = f"({text(entries[-1][0])}"
+            left = self._clients.get(client, 1) - 1
+            if left > 0:
+                self._clients[client] = left
+            else:
+                self._clients.pop(client, None)
 
 
-__all__ = ["FeedClosed", "RevocationHub", "StoreUnavailable", "to_event"]
+__all__ = ["FeedClosed", "RevocationHub", "StoreUnavailable", "TooManyWatchers", "to_event"]

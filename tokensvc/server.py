@@ -154,7 +154,11 @@ async def start(settings: Settings, tracer_provider: TracerProvider | None = Non
         )
         await store.load_scripts()
         # the feed reader blocks at most half the socket timeout, so it never times out
-        hub = RevocationHub(redis, block_ms=max(100, int(settings.redis_timeout * 500)))
+        hub = RevocationHub(
+            redis,
+            block_ms=max(100, int(settings.redis_timeout * 500)),
+            max_per_client=settings.max_watchers_per_client,
+        )
         await hub.prime()  # before any watcher can connect (see RevocationHub.prime)
     except Exception:
         watching.cancel()

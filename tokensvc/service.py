@@ -60,7 +60,9 @@ class TokenService(AdminRpcs, SessionRpcs, pb_grpc.TokenServiceServicer):
         clock: Any = time.time,
     ) -> None:
         self.settings = settings
-        self.hub = hub or RevocationHub(store.redis)
+        self.hub = hub or RevocationHub(
+            store.redis, max_per_client=settings.max_watchers_per_client
+        )
         self.store = store
         self.keyring = keyring
         self.audit = audit

@@ -90,6 +90,11 @@ class SessionRpcs:
         self, request: pb.WatchRevocationsRequest, context: Ctx
     ) -> AsyncIterator[pb.RevocationEvent]:
         resume_from = limits.text("resume_from", request.resume_from, limit=limits.MAX_SHORT)
+        caller = current_caller()
+        # one client: one identity at one address (a workload's replicas each get the cap),
+        # or one network for anonymous callers
+        client = f"{caller.key}@{caller.address}" if caller.peer.identity else caller.key
+        self.hub.check(client)  # a refusal (cap, reader down) comes before the headers
         await context.send_initial_metadata(())  # the watcher knows it is connected at once
-        async for event in self.hub.watch(resume_from):
+        async for event in self.hub.watch(resume_from, client):
             yield event
