@@ -40,6 +40,8 @@ from tokensvc.embedded import RedisProcess, free_port
 from tokensvc_client import web
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 
+pytestmark = pytest.mark.timeout(90)  # each test takes seconds; a hang must not take minutes
+
 ROOT = Path(__file__).resolve().parents[2]
 SESSION = "__Host-tokensvc-session"
 WAIT = 10  # seconds: the most any single step may take
@@ -111,6 +113,7 @@ class Example:
 
 class _Attacker(http.server.BaseHTTPRequestHandler):
     pages: ClassVar[dict[str, bytes]] = {}
+    timeout = 5  # a connection the browser opened speculatively and left idle ends
 
     def do_GET(self) -> None:
         body = self.pages.get(self.path, b"not found")
@@ -137,10 +140,14 @@ fetch("{target}/logout", {{method: "POST", credentials: "include", mode: "no-cor
   .finally(() => {{ document.title = "sent"; }});
 </script></body></html>""".encode(),
     }
-    server = http.server.HTTPServer(("127.0.0.1", 0), _Attacker)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Attacker)
+    server.daemon_threads = True
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(certs / "server.pem", certs / "server.key")
-    server.socket = context.wrap_socket(server.socket, server_side=True)
+    # the handshake happens in each connection's own thread, not in the accepting loop
+    server.socket = context.wrap_socket(
+        server.socket, server_side=True, do_handshake_on_connect=False
+    )
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return f"https://localhost:{server.server_address[1]}", server
 

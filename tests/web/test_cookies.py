@@ -36,6 +36,7 @@ def test_login_sets_exact_host_cookies_bounded_by_the_session(make_web):
     assert max_age <= listed.expires_at.seconds - before + 1
     assert abs(max_age - w.server.settings.refresh_idle_ttl) <= 2
     assert re.fullmatch(rf"{CSRF}=[A-Za-z0-9_-]{{43}}{re.escape(ATTRS)}", cookies[CSRF])
+    assert response.headers["cache-control"] == "no-store"
 
 
 def test_lax_is_configurable(make_web):

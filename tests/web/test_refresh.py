@@ -49,6 +49,7 @@ def test_twenty_concurrent_requests_at_expiry_refresh_once(make_web):
     )
     assert w.audit.count("refreshed") == 1
     assert w.audit.count("reuse_detected") == 0
+    assert all(r.headers["cache-control"] == "no-store" for r in responses)
 
     # a late request with the old cookie gets the new pair, not a second Refresh (reuse)
     late = w.client.get("/me", headers={"cookie": f"{SESSION}={old_cookie}"})

@@ -21,7 +21,8 @@ Per request, in this order:
    handler raising :class:`~tokensvc_client.web.context.NoSession` is answered the same.
    tokensvc unreachable with no valid token left: 503.
 4. Cookies that the request caused (new session, refresh, logout, a new CSRF token) are
-   added to the response's headers.
+   added to the response's headers; a response that sets or clears the session cookie is
+   ``Cache-Control: no-store`` (a shared cache must never hand it to someone else).
 """
 
 from __future__ import annotations
@@ -127,10 +128,12 @@ class TokenSessionMiddleware:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                message["headers"] = [
-                    *message.get("headers", []),
-                    *_cookie_headers(state.set_cookies.values()),
-                ]
+                headers = list(message.get("headers", []))
+                if self.settings.session_cookie in state.set_cookies:
+                    # a response carrying someone's session must never be stored by a cache
+                    headers = [(k, v) for k, v in headers if k.lower() != b"cache-control"]
+                    headers.append((b"cache-control", b"no-store"))
+                message["headers"] = [*headers, *_cookie_headers(state.set_cookies.values())]
             await send(message)
 
         token = context.enter(state)
