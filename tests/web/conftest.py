@@ -121,8 +121,9 @@ def make_web(
     start_server: Callable[..., ServerThread],
     cookie_key: bytes,
 ) -> Iterator[Callable[..., Web]]:
-    """``make_web(access_ttl=..., server=..., **web_settings)``: start tokensvc (or reuse
-    ``server``) and the app; closes them at the end."""
+    """``make_web(access_ttl=..., server=..., tls=..., **web_settings)``: start tokensvc
+    (or reuse ``server``; ``tls``: the backend's ``ca``/``cert``/``key`` for it) and the
+    app; closes them at the end."""
     opened: list[TestClient] = []
     counter = AuditCounter()
     audit_log = logging.getLogger(AUDIT_LOGGER)
@@ -135,6 +136,7 @@ def make_web(
         server: ServerThread | None = None,
         keys: tuple[bytes, ...] | None = None,
         revocation_check: Any = None,
+        tls: dict[str, Any] | None = None,
         **options: Any,
     ) -> Web:
         if server is None:
@@ -151,7 +153,7 @@ def make_web(
         backend = web.WebBackend(
             settings,
             target=server.target,
-            insecure=True,
+            **(tls or {"insecure": True}),
             audit=refusals.append,
             revocation_check=revocation_check,
         )

@@ -8,6 +8,7 @@ import re
 
 import grpc
 import grpc.aio
+import pytest
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -159,3 +160,31 @@ def test_session_call_credentials_reach_a_protected_service(make_web):
         assert w.client.get("/call").json() == {"sub": "alice"}
     finally:
         stop()
+
+
+POLICY = """
+[rpc.Issue]
+allow = ["spiffe://tokensvc.test/ns/auth/sa/login"]
+[rpc.Revoke]
+allow = ["spiffe://tokensvc.test/ns/auth/sa/login"]
+"""
+
+
+def test_over_mtls_the_backend_lists_with_the_users_own_token(make_web, mtls_service):
+    # the backend's identity (login) may Issue and Revoke, and is no ListSessions admin
+    svc = mtls_service(POLICY)
+    login = svc.pki["login"]
+    tls = {"ca": login.ca, "cert": login.cert, "key": login.key}
+    w = make_web(server=svc.server, tls=tls)
+    bob = make_web(server=svc.server, tls=tls)
+    bob_sid = bob.login("bob").json()["sid"]
+    sid = w.login("alice").json()["sid"]
+    listed = w.client.get("/api/sessions").json()["sessions"]
+    assert [s["session_id"] for s in listed] == [sid]
+    # the same identity without the user's token is refused: no one else's listing
+    with pytest.raises(grpc.RpcError) as refused:
+        svc.stub("login").ListSessions(pb.ListSessionsRequest(subject="alice"))
+    assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert w.client.delete(f"/api/sessions/{bob_sid}", headers=GOOD).status_code == 404
+    assert w.client.delete(f"/api/sessions/{sid}", headers=GOOD).status_code == 204
+    assert bob.client.get("/api/sessions").status_code == 200
