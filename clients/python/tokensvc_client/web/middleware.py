@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from typing import Any
+from typing import Any, Literal
 
 from tokensvc_client.web import context
 from tokensvc_client.web.backend import WebBackend
@@ -79,49 +79,80 @@ class TokenSessionMiddleware:
             return
         headers = _headers(scope)
         cookies = request_cookies(headers.get("cookie", ""))
-        jar = self.backend.cookies
         method = str(scope["method"]).upper()
         path = str(scope.get("path", "/"))
+        jar = self.backend.cookies
         csrf = jar.csrf(cookies)
         state = RequestState(csrf=csrf or jar.new_csrf())
         if csrf is None:
             state.cookie(jar.set_csrf(state.csrf))
-
         if method not in SAFE_METHODS:
-            submitted: str | None = None
-            if needs_form(headers, self.settings):
-                try:
-                    body = await _read_body(receive, self.settings.max_form_bytes)
-                except _BodyTooLarge:
-                    await _json(send, 413, {"error": "request_too_large"}, [])
-                    return
-                submitted = form_field(body, self.settings.csrf_field)
-                receive = _replay(body, receive)
-            reason = check_request(headers, submitted, csrf, self.settings)
-            if reason is not None:
-                await self._refuse(send, reason, method, path, headers)
-                return
-
-        ended = False
-        stored = jar.session(cookies)
-        if stored is None and self.settings.session_cookie in cookies:
-            state.cookie(jar.clear_session())  # unreadable: treated as none
-        elif stored is not None:
-            outcome = await self.backend.resolve(stored, f"{method} {path}")
-            if outcome.unavailable:
-                await _json(send, 503, {"error": "unavailable"}, [])
-                return
-            if outcome.ended:
-                self.backend.end(state)
-                ended = True
-            else:
-                state.session = outcome.session
-                if outcome.store is not None:
-                    state.cookie(jar.set_session(outcome.store, self.backend.now()))
-        if ended and not self.settings.is_public(path):
+            checked = await self._check_csrf(headers, csrf, method, path, receive, send)
+            if checked is None:
+                return  # answered: refused
+            receive = checked
+        outcome = await self._resolve(cookies, state, f"{method} {path}")
+        if outcome == "unavailable":
+            await _json(send, 503, {"error": "unavailable"}, [])
+            return
+        if outcome == "ended" and not self.settings.is_public(path):
             await self._unauthenticated(send, state)
             return
+        await self._call_app(scope, receive, send, state)
 
+    async def _check_csrf(
+        self,
+        headers: dict[str, str],
+        cookie_token: str | None,
+        method: str,
+        path: str,
+        receive: Receive,
+        send: Send,
+    ) -> Receive | None:
+        """The CSRF checks of a state-changing request: the ``receive`` to hand on (the
+        body replayed if it was read for the form token), or ``None`` once refused."""
+        submitted: str | None = None
+        if needs_form(headers, self.settings):
+            try:
+                body = await _read_body(receive, self.settings.max_form_bytes)
+            except _BodyTooLarge:
+                await _json(send, 413, {"error": "request_too_large"}, [])
+                return None
+            submitted = form_field(body, self.settings.csrf_field)
+            receive = _replay(body, receive)
+        reason = check_request(headers, submitted, cookie_token, self.settings)
+        if reason is not None:
+            await self._refuse(send, reason, method, path, headers)
+            return None
+        return receive
+
+    async def _resolve(
+        self, cookies: dict[str, str], state: RequestState, where: str
+    ) -> Literal["ok", "ended", "unavailable"]:
+        """Put the request's session (if any) into ``state``: ``"ok"``, ``"ended"`` (its
+        cookie is cleared) or ``"unavailable"``."""
+        jar = self.backend.cookies
+        stored = jar.session(cookies)
+        if stored is None:
+            if self.settings.session_cookie in cookies:
+                state.cookie(jar.clear_session())  # unreadable: treated as none
+            return "ok"
+        outcome = await self.backend.resolve(stored, where)
+        if outcome.unavailable:
+            return "unavailable"
+        if outcome.ended:
+            self.backend.end(state)
+            return "ended"
+        state.session = outcome.session
+        if outcome.store is not None:
+            state.cookie(jar.set_session(outcome.store, self.backend.now()))
+        return "ok"
+
+    async def _call_app(
+        self, scope: Scope, receive: Receive, send: Send, state: RequestState
+    ) -> None:
+        """Run the app with ``state`` as the current request's, adding its cookies to the
+        response; a ``NoSession`` out of the app is answered like an ended session."""
         started = False
 
         async def send_with_cookies(message: Message) -> None:
