@@ -14,11 +14,12 @@ whole session. Inside one process of the web backend that never happens:
 
 Across several processes or replicas of the web backend, nothing is shared: two of them
 may refresh one session at the same moment. That is what tokensvc's refresh grace window
-(``--refresh-grace-seconds``) is for: a retry of the immediately previous refresh token
-within the window, before its successor has been used, gets the *same* successor pair, so
-concurrent refreshes from different replicas converge on one pair and the family does not
-fork. Without a grace window (strict mode) run one process per session (sticky sessions)
-or accept that the loser of such a race logs the user out.
+(``--refresh-grace-seconds``) is for: the refresh token just rotated, presented again
+within the window before its successor has been used, gets the *same* successor refresh
+token (with a fresh access token of the same session), so concurrent refreshes from
+different replicas converge on one lineage and the family does not fork. Without a grace
+window (strict mode) run one process per session (sticky sessions) or accept that the
+loser of such a race logs the user out.
 
 Memory is bounded: at most ``max_sessions`` remembered sessions, each kept for
 ``spent_token_memory`` seconds.
