@@ -37,7 +37,12 @@ def test_a_workload_binds_its_tokens_to_its_own_certificate(mtls_service, dev_pk
     assert _cnf(pair.access_token) == {"x5t#S256": thumb}
     seen = billing.Introspect(pb.IntrospectRequest(token=pair.access_token))
     assert seen.active and seen.cnf_x5t_s256 == thumb
-    assert billing.Introspect(pb.IntrospectRequest(token=pair.refresh_token)).cnf_x5t_s256 == thumb
+    # a bound refresh token introspects active only for the workload holding it
+    own = orders.Introspect(pb.IntrospectRequest(token=pair.refresh_token))
+    assert own.active and own.cnf_x5t_s256 == thumb and own.subject == "orders-svc"
+    assert billing.Introspect(pb.IntrospectRequest(token=pair.refresh_token)) == (
+        pb.IntrospectResponse(active=False)
+    )
 
     # a thief with another certificate gets nothing, and the family is untouched
     stolen = pb.RefreshRequest(refresh_token=pair.refresh_token)
@@ -88,3 +93,18 @@ def test_binding_to_the_caller_needs_a_client_certificate(stub):
         lambda: stub.Issue(pb.IssueRequest(subject="a", bind_to_client_certificate=True))
     )
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_bound_refresh_token_is_inactive_for_every_other_caller(mtls_service, dev_pki):
+    svc = mtls_service(POLICY)
+    thumb = certificate_thumbprint(dev_pki["billing"].cert.read_bytes())
+    pair = svc.stub("login").Issue(pb.IssueRequest(subject="bob", cnf_x5t_s256=thumb)).tokens
+    token = pb.IntrospectRequest(token=pair.refresh_token)
+    for other in ("login", "orders", "admin"):  # its issuer too: RFC 7662 per caller
+        assert svc.stub(other).Introspect(token) == pb.IntrospectResponse(active=False), other
+    seen = svc.stub("billing").Introspect(token)
+    assert seen.active and seen.token_type == "refresh" and seen.subject == "bob"
+    # the bound access token stays introspectable by resource servers
+    assert svc.stub("orders").Introspect(pb.IntrospectRequest(token=pair.access_token)).active
+    unbound = svc.stub("login").Issue(pb.IssueRequest(subject="carol")).tokens
+    assert svc.stub("orders").Introspect(pb.IntrospectRequest(token=unbound.refresh_token)).active

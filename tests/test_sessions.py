@@ -75,8 +75,11 @@ def test_expired_sessions_are_pruned(make_settings, start_server, redis_url):
 def test_a_subject_lists_its_own_sessions_with_its_own_token(mtls_service):
     svc = mtls_service(POLICY)
     login, orders, admin = svc.stub("login"), svc.stub("orders"), svc.stub("admin")
-    alice = login.Issue(pb.IssueRequest(subject="alice", session_label="tablet")).tokens
-    bob = login.Issue(pb.IssueRequest(subject="bob")).tokens
+    own = ["mesh", "tokensvc"]  # the user's token names tokensvc itself too
+    alice = login.Issue(
+        pb.IssueRequest(subject="alice", session_label="tablet", audience=own)
+    ).tokens
+    bob = login.Issue(pb.IssueRequest(subject="bob", audience=own)).tokens
 
     def bearer(token: str):
         return (("authorization", f"Bearer {token}"),)
@@ -135,9 +138,41 @@ def test_a_stolen_bound_token_lists_nothing(mtls_service, dev_pki):
 
     svc = mtls_service(POLICY)
     thumb = certificate_thumbprint(dev_pki["orders"].cert.read_bytes())
-    pair = svc.stub("login").Issue(pb.IssueRequest(subject="erin", cnf_x5t_s256=thumb)).tokens
+    request = pb.IssueRequest(subject="erin", cnf_x5t_s256=thumb, audience=["tokensvc"])
+    pair = svc.stub("login").Issue(request).tokens
     bearer = (("authorization", f"Bearer {pair.access_token}"),)
     assert _sessions(svc.stub("orders"), "erin", metadata=bearer)  # its own workload
     with pytest.raises(grpc.RpcError) as err:
         _sessions(svc.stub("billing"), "erin", metadata=bearer)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def _bearer(token: str):
+    return (("authorization", f"Bearer {token}"),)
+
+
+def test_a_token_minted_for_another_service_lists_nothing(mtls_service):
+    # a token alice sent to "orders" (aud mesh) cannot be replayed by orders to list her
+    # sessions: self-service needs a token whose aud names tokensvc itself
+    svc = mtls_service(POLICY)
+    login, orders = svc.stub("login"), svc.stub("orders")
+    elsewhere = login.Issue(pb.IssueRequest(subject="alice", audience=["orders"])).tokens
+    default = login.Issue(pb.IssueRequest(subject="alice")).tokens  # the default aud, mesh
+    for token in (elsewhere.access_token, default.access_token):
+        with pytest.raises(grpc.RpcError) as err:
+            _sessions(orders, "alice", metadata=_bearer(token))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "wrong_audience" in (err.value.details() or "")
+    own = login.Issue(pb.IssueRequest(subject="alice", audience=["orders", "tokensvc"])).tokens
+    assert len(_sessions(orders, "alice", metadata=_bearer(own.access_token))) == 3
+
+
+def test_tokensvc_own_audience_is_configurable(mtls_service):
+    svc = mtls_service(POLICY, self_audience="https://tokensvc.example")
+    login, orders = svc.stub("login"), svc.stub("orders")
+    plain = login.Issue(pb.IssueRequest(subject="bob", audience=["tokensvc"])).tokens
+    with pytest.raises(grpc.RpcError) as err:
+        _sessions(orders, "bob", metadata=_bearer(plain.access_token))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    own = login.Issue(pb.IssueRequest(subject="bob", audience=["https://tokensvc.example"]))
+    assert _sessions(orders, "bob", metadata=_bearer(own.tokens.access_token))

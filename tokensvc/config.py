@@ -87,6 +87,7 @@ class Settings:
     redis_wait_timeout: float = 0.5
     allow_cn_identities: bool = False
     max_watchers_per_client: int = 16
+    self_audience: str = "tokensvc"
 
     @property
     def host(self) -> str:
@@ -127,6 +128,8 @@ class Settings:
             raise ConfigError("--issuer must not be empty")
         if not self.audience or not all(self.audience):
             raise ConfigError("--audience must name at least one audience")
+        if not self.self_audience:
+            raise ConfigError("--self-audience must not be empty")
         if self.insecure:
             if not _is_loopback(host.strip("[]")):
                 raise ConfigError(f"--insecure is only allowed on a loopback address, not {host}")
@@ -186,6 +189,10 @@ _OPTIONS: dict[str, tuple[str, type]] = {
     "redis_url": ("Redis URL; omit to run an embedded Redis in --data-dir", str),
     "issuer": ("iss of every token", str),
     "audience": ("default aud (comma-separated for several)", str),
+    "self_audience": (
+        "tokensvc's own aud: a user's token listing its own sessions must carry it",
+        str,
+    ),
     "access_ttl": ("access token lifetime in seconds (cap 900)", int),
     "refresh_idle_ttl": ("refresh token idle lifetime in seconds", int),
     "family_max_age": ("absolute session (refresh family) lifetime in seconds", int),

@@ -6,6 +6,7 @@ one script; Introspect: one pipeline in one hash slot; GetKeys: none).
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import time
@@ -74,6 +75,14 @@ class TokenService(AdminRpcs, SessionRpcs, pb_grpc.TokenServiceServicer):
         self.verifier = Verifier(
             settings.issuer,
             None,
+            leeway=settings.leeway,
+            max_token_bytes=limits.MAX_TOKEN,
+            clock=clock,
+        )
+        #: for tokens presented to tokensvc itself (ListSessions' self-service path)
+        self.own_verifier = Verifier(
+            settings.issuer,
+            settings.self_audience,
             leeway=settings.leeway,
             max_token_bytes=limits.MAX_TOKEN,
             clock=clock,
@@ -301,7 +310,13 @@ class TokenService(AdminRpcs, SessionRpcs, pb_grpc.TokenServiceServicer):
             )
             if family is None:
                 return pb.IntrospectResponse(active=False)
-            return self._describe_refresh(sid, family)
+            described = self._describe_refresh(sid, family)
+            if not self._holds(described.cnf_x5t_s256):
+                # RFC 7662 answers per caller: a bound refresh token is only active for the
+                # workload holding its certificate, so it reveals nothing to anyone else
+                log.info("introspect: sid=%s inactive reason=certificate_mismatch", sid)
+                return pb.IntrospectResponse(active=False)
+            return described
         try:
             claims = await self._verify(token)
         except InvalidToken as err:
@@ -347,14 +362,23 @@ class TokenService(AdminRpcs, SessionRpcs, pb_grpc.TokenServiceServicer):
             expires_at=_ts(int(family["cur_exp"]) / 1000),
         )
 
-    async def _verify(self, token: str) -> Claims:
-        """Verify with the ring's public keys, reloading the ring once on an unknown kid."""
+    @staticmethod
+    def _holds(bound: str) -> bool:
+        """Whether the caller presents the certificate ``bound`` names (true if unbound)."""
+        presented = current_caller().peer.thumbprint
+        # bytes: compare_digest refuses str with non-ASCII characters
+        return not bound or hmac.compare_digest(bound.encode(), presented.encode())
+
+    async def _verify(self, token: str, verifier: Verifier | None = None) -> Claims:
+        """Verify with the ring's public keys, reloading the ring once on an unknown kid
+        (``verifier``: another audience than the default none, e.g. tokensvc's own)."""
+        verifier = verifier or self.verifier
         try:
-            return self.verifier.verify(token, self.keyring.public)
+            return verifier.verify(token, self.keyring.public)
         except InvalidToken as err:
             if err.reason is not Reason.UNKNOWN_KEY or not await self.keyring.reload_if_stale():
                 raise
-        return self.verifier.verify(token, self.keyring.public)
+        return verifier.verify(token, self.keyring.public)
 
     @rpc
     async def GetKeys(self, request: pb.GetKeysRequest, context: Ctx) -> pb.GetKeysResponse:

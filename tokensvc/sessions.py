@@ -2,8 +2,10 @@
 
 A mixin of :class:`tokensvc.service.TokenService`. ListSessions serves the admin
 identities of the caller policy, or the subject itself when the call carries that
-subject's own valid access token (``authorization: Bearer ...``): a session-management
-page can show a user their devices without an admin credential.
+subject's own valid access token (``authorization: Bearer ...``) whose ``aud`` names
+tokensvc itself (``--self-audience``): a session-management page can show a user their
+devices without an admin credential, and a service a user sent a token to cannot replay
+it here.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from tokensvc.times import ts as _ts
 from tokensvc_client._auth import bearer_token
 from tokensvc_client.errors import InvalidToken
 from tokensvc_client.v1 import tokensvc_pb2 as pb
-from tokensvc_client.verifier import Claims
+from tokensvc_client.verifier import Claims, Verifier
 
 Ctx = Any
 
@@ -34,7 +36,8 @@ class SessionRpcs:
     hub: RevocationHub
     clock: Any
 
-    _verify: Callable[[str], Awaitable[Claims]]  # TokenService's
+    own_verifier: Verifier
+    _verify: Callable[[str, Verifier], Awaitable[Claims]]  # TokenService's
 
     @rpc
     async def ListSessions(
@@ -69,8 +72,8 @@ class SessionRpcs:
             token = bearer_token(context.invocation_metadata())
         except InvalidToken:
             raise Denied("ListSessions needs an admin identity or the subject's token") from None
-        try:
-            claims = await self._verify(token)
+        try:  # a token for tokensvc itself: not one a user sent another service
+            claims = await self._verify(token, self.own_verifier)
         except InvalidToken as err:
             raise NotAuthenticated(err.reason.value) from None
         state = await self.store.access_state(

@@ -108,9 +108,9 @@ def create_app(config: Config) -> Starlette:
         cookie_keys=[config.cookie_key],
         issuer=config.issuer,
         audience="demo-web",
-        # the service the backend calls for the user; tokensvc's own audience would go
-        # here too where ListSessions requires it
-        extra_audience=[profile_service.AUDIENCE],
+        # the service the backend calls for the user, and tokensvc's own audience, which
+        # ListSessions requires of the user's token (the devices page)
+        extra_audience=[profile_service.AUDIENCE, "tokensvc"],
         login_url="/login",
         public_paths=["/login"],
     )

@@ -147,7 +147,7 @@ def make_web(
             cookie_keys=keys or (cookie_key,),
             issuer=server.settings.issuer,
             audience="web",
-            extra_audience=["mesh"],
+            extra_audience=["mesh", "tokensvc"],  # tokensvc's own: the devices page
             **options,
         )
         backend = web.WebBackend(

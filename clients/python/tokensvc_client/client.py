@@ -172,7 +172,9 @@ class TokenClient:
 
         Args:
             access_token: the subject's own valid access token, for a caller that is not an
-                admin identity of the service's policy (self-service listing).
+                admin identity of the service's policy (self-service listing); its ``aud``
+                must name tokensvc itself (the service's ``--self-audience``, default
+                ``tokensvc``).
 
         Raises:
             PermissionDenied: neither an admin identity nor the subject's own token.

@@ -15,9 +15,9 @@ changes, as in tests that start several), so it can be built at import time.
 
 **ListSessions and its audience.** The devices page lists the user's sessions with the
 user's *own* access token (ListSessions' self-service path): the web backend needs no
-admin identity, and can list no one else's sessions. Should tokensvc require that token's
-``aud`` to name tokensvc itself, add tokensvc's audience to ``extra_audience``: every
-token the backend issues then carries it.
+admin identity, and can list no one else's sessions. tokensvc requires that token's
+``aud`` to name tokensvc itself (its ``--self-audience``, default ``tokensvc``): add that
+audience to ``extra_audience``, and every token the backend issues carries it.
 """
 
 from __future__ import annotations

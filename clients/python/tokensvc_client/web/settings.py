@@ -43,8 +43,9 @@ class WebSettings:
         issuer: the ``iss`` tokensvc signs with.
         audience: the audience this backend verifies (put in every token it issues).
         extra_audience: further audiences of the tokens it issues: the mesh services the
-            backend calls on the user's behalf and, where tokensvc requires it for the
-            self-service ListSessions of the devices page, tokensvc's own audience.
+            backend calls on the user's behalf and tokensvc's own audience
+            (``--self-audience``, default ``tokensvc``), which the self-service
+            ListSessions of the devices page requires.
         client_id: the ``client_id`` of the sessions (shown on the devices page).
         same_site: ``"Strict"`` (default) or ``"Lax"`` (links from other sites arrive
             logged in); the CSRF defence is the same for both.
