@@ -158,7 +158,8 @@ def test_other_stream_name(redis_url):
 
 def test_log_event_carries_the_structured_fields(caplog):
     caplog.set_level(logging.INFO, logger="tokensvc.audit")
-    trail = AuditTrail(client("redis://127.0.0.1:1/0"))  # never contacted: record() only
+    # never contacted: record() only; log_routine: the issued event is logged too
+    trail = AuditTrail(client("redis://127.0.0.1:1/0"), log_routine=True)
     trail.record("issued", subject="alice", session_id="s1", jti="j1", client_id="web")
     (rec,) = [r for r in caplog.records if r.name == "tokensvc.audit"]
     assert rec.levelno == logging.INFO
@@ -203,10 +204,31 @@ def test_log_event_carries_the_structured_fields(caplog):
 )
 def test_log_levels(caplog, event, level):
     caplog.set_level(logging.INFO, logger="tokensvc.audit")
-    AuditTrail(client("redis://127.0.0.1:1/0")).record(event, subject="alice")
+    AuditTrail(client("redis://127.0.0.1:1/0"), log_routine=True).record(event, subject="alice")
     (rec,) = [r for r in caplog.records if r.name == "tokensvc.audit"]
     assert rec.levelno == level
     assert rec.event == event
+
+
+def test_routine_events_are_logged_only_when_asked_but_always_streamed(redis_url, caplog):
+    """By default the log has the security-relevant events only; issued and refreshed (one
+    per Issue / Refresh) still reach the stream, which is the audit trail."""
+    caplog.set_level(logging.INFO, logger="tokensvc.audit")
+    events = ["issued", "refreshed", "reuse_detected", "denied", "auth_failed", "locked"]
+    events += ["revoked", "rate_limited", "unlocked", "keys_rotated"]
+
+    async def main() -> None:
+        r = client(redis_url)
+        trail = AuditTrail(r)
+        for event in events:
+            trail.record(event, subject="alice")
+        await trail.flush()
+        await r.aclose()
+
+    asyncio.run(main())
+    logged = [r.event for r in caplog.records if r.name == "tokensvc.audit"]
+    assert logged == events[2:]
+    assert [e["event"] for e in entries(redis_url)] == events
 
 
 def test_trace_id_of_the_current_span_in_log_and_record(caplog):

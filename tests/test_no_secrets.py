@@ -62,7 +62,7 @@ def _denied(call) -> None:
 
 def test_no_secret_in_logs_or_audit(make_settings, start_server, redis_url, caplog, tmp_path):
     caplog.set_level(logging.DEBUG)
-    settings = make_settings()
+    settings = make_settings(audit_log_all=True)  # every audit event logged too
     srv = start_server(settings)
     stub = srv.stub()
     secrets: list[str] = _key_secrets(settings)

@@ -1,12 +1,15 @@
-"""The audit trail: one structured log event and one Redis Stream entry per security event.
+"""The audit trail: one Redis Stream entry per security event, and a structured log event.
 
 :meth:`AuditTrail.record` is what request handlers call. It is synchronous, never waits
-for Redis and never raises: it logs the event at once on the ``tokensvc.audit`` logger
-(WARNING for ``reuse_detected``, ``denied``, ``auth_failed`` and ``locked``, INFO for
-everything else) and queues the same fields, plus ``ts`` (epoch milliseconds), for the
-background task :meth:`AuditTrail.run`, which appends them to the capped stream
-``ts:audit`` in batches: one pipeline of ``XADD ts:audit MAXLEN ~ <maxlen> * field value
-...`` per batch, at most every 50 ms or as soon as 256 records wait.
+for Redis and never raises: it queues the event's fields, plus ``ts`` (epoch
+milliseconds), for the background task :meth:`AuditTrail.run`, which appends them to the
+capped stream ``ts:audit`` in batches: one call of a script doing ``XADD ts:audit MAXLEN ~
+<maxlen> * field value ...`` per record (one command per batch, not one per record), at
+most every 50 ms or as soon as 256 records wait. It also logs the event at once on the
+``tokensvc.audit`` logger (WARNING for ``reuse_detected``, ``denied``, ``auth_failed`` and
+``locked``, INFO for everything else) -- except the routine, high-volume ``issued`` and
+``refreshed``, which are logged only with ``log_routine`` (``--audit-log-all``); the stream
+always has every event.
 
 If Redis is unreachable the records stay queued and the task retries with backoff
 (0.1 s doubling to 5 s). The queue is bounded (10 000 records by default): when it is full
@@ -37,6 +40,7 @@ from typing import Any, Final
 
 from tokensvc.redisconn import RedisClient
 from tokensvc.store import guarded, text
+from tokensvc.store.calls import script_source
 from tokensvc.tasks import cancelled_since, cancelling_count
 from tokensvc.telemetry import current_trace_id
 from tokensvc_client.verifier import REFRESH_TOKEN_PREFIX
@@ -47,11 +51,13 @@ log = logging.getLogger("tokensvc.audit")
 
 #: Events logged at WARNING; every other event is INFO.
 WARNING_EVENTS: Final = frozenset({"reuse_detected", "denied", "auth_failed", "locked"})
+#: One per Issue / Refresh: logged only with ``log_routine`` (always in the stream).
+ROUTINE_EVENTS: Final = frozenset({"issued", "refreshed"})
 #: Longest value stored; longer ones are cut (ids are far shorter).
 MAX_VALUE_CHARS: Final = 256
 #: Records waiting for Redis; beyond this the oldest are dropped.
 QUEUE_MAX: Final = 10_000
-#: Most records written by one pipeline; a batch is written as soon as this many wait.
+#: Most records written by one call; a batch is written as soon as this many wait.
 BATCH_MAX: Final = 256
 #: Least time between two batches while records trickle in, seconds.
 BATCH_INTERVAL: Final = 0.05
@@ -108,7 +114,7 @@ class AuditTrail:
     Call :meth:`record` from request handlers (on the event loop's thread), run
     :meth:`run` as a task for the life of the server, and cancel and await that task
     before closing the Redis client: on cancellation it writes what is still queued
-    (for up to 3 s).
+    (for up to 3 s). ``log_routine`` also logs the ``issued`` and ``refreshed`` events.
     """
 
     def __init__(
@@ -118,6 +124,7 @@ class AuditTrail:
         stream: str = AUDIT_STREAM,
         maxlen: int = 100_000,
         queue_max: int = QUEUE_MAX,
+        log_routine: bool = False,
     ) -> None:
         if maxlen < 1 or queue_max < 1:
             raise ValueError("maxlen and queue_max must be positive")
@@ -125,6 +132,8 @@ class AuditTrail:
         self.stream = stream
         self.maxlen = maxlen
         self.queue_max = queue_max
+        self.log_routine = log_routine
+        self._append = redis.register_script(script_source("audit_append.lua"))
         self._queue: collections.deque[dict[str, str]] = collections.deque()
         self._wakeup = asyncio.Event()  # something is queued
         self._full = asyncio.Event()  # a whole batch is queued
@@ -179,8 +188,9 @@ class AuditTrail:
             for key, item in extra.items():
                 if item is not None and item != "":
                     fields[_field_name(key)] = _clean(item)
-            level = logging.WARNING if event in WARNING_EVENTS else logging.INFO
-            log.log(level, "audit %s", fields.get("event", ""), extra=fields)
+            if self.log_routine or event not in ROUTINE_EVENTS:
+                level = logging.WARNING if event in WARNING_EVENTS else logging.INFO
+                log.log(level, "audit %s", fields.get("event", ""), extra=fields)
             self._enqueue({**fields, "ts": str(time.time_ns() // 1_000_000)})
         except Exception:  # the request path must not fail because of auditing
             with contextlib.suppress(Exception):
@@ -224,11 +234,13 @@ class AuditTrail:
             if n == 0:
                 return
             batch = [self._queue.popleft() for _ in range(n)]
-            try:
-                pipe = self.redis.pipeline(transaction=False)
-                for entry in batch:
-                    pipe.xadd(self.stream, entry, maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
-                await guarded(pipe.execute)
+            args: list[str | int] = [self.maxlen]
+            for entry in batch:
+                args.append(len(entry))
+                for pair in entry.items():
+                    args.extend(pair)
+            try:  # one command (NOSCRIPT: the script did not run; it is loaded and run)
+                await guarded(self._append, keys=[self.stream], args=args)
             except BaseException:  # failed or cancelled: the records were not (all) written
                 self._requeue(batch)
                 raise
@@ -244,7 +256,7 @@ class AuditTrail:
                 other Redis errors as raised by redis-py.
         """
         while True:
-            # a cancelled caller does not interrupt a pipeline half-way (which would leave
+            # a cancelled caller does not interrupt a write half-way (which would leave
             # it unknown what was written, and write it again): the batch finishes, and
             # whoever writes next waits for it on the lock -- as does this flush, so it
             # returns after a write still in flight, even with nothing left queued

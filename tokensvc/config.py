@@ -88,6 +88,7 @@ class Settings:
     allow_cn_identities: bool = False
     max_watchers_per_client: int = 16
     self_audience: str = "tokensvc"
+    audit_log_all: bool = False
 
     @property
     def host(self) -> str:
@@ -234,7 +235,7 @@ _OPTIONS: dict[str, tuple[str, type]] = {
         int,
     ),
 }
-_FLAGS = ("insecure", "allow_long_access_ttl", "allow_cn_identities")
+_FLAGS = ("insecure", "allow_long_access_ttl", "allow_cn_identities", "audit_log_all")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -271,6 +272,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="a client certificate without a URI SAN is identified by its common name, as "
         "cn:NAME in the policy [env TOKENSVC_ALLOW_CN_IDENTITIES]",
+    )
+    parser.add_argument(
+        "--audit-log-all",
+        action="store_true",
+        default=None,
+        help="also log the routine audit events issued and refreshed (one per Issue and "
+        "Refresh; the audit stream always has them) [env TOKENSVC_AUDIT_LOG_ALL]",
     )
 
 

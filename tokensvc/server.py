@@ -179,7 +179,7 @@ async def start(settings: Settings, tracer_provider: TracerProvider | None = Non
             ("grpc.max_metadata_size", _MAX_METADATA),
         ],
     )
-    audit = AuditTrail(redis)
+    audit = AuditTrail(redis, log_routine=settings.audit_log_all)
     tokensvc_pb2_grpc.add_TokenServiceServicer_to_server(
         TokenService(settings, store, keyring, audit, policy, hub), server
     )
