@@ -214,8 +214,6 @@ def tokensvc_args(port: int, redis_url: str, data_dir: Path, workers: int = 1) -
         str(data_dir),
         "--workers",
         str(workers),
-        "--log-level",
-        "WARNING",
         # the load sends thousands of Issues for one subject: a limit it never reaches keeps
         # the per-subject rate check (inside Issue's script) in the measured path
         "--rate-issue",
