@@ -140,7 +140,7 @@ def make_web(
         **options: Any,
     ) -> Web:
         if server is None:
-            server = start_server(make_settings(access_ttl=access_ttl))
+            server = start_server(make_settings(access_ttl=access_ttl, audit_log_all=True))
         refusals: list[web.CsrfRefusal] = []
         settings = web.WebSettings.create(
             origins=[ORIGIN],
