@@ -34,7 +34,7 @@ from tokensvc.audit import (
 )
 from tokensvc.embedded import RedisProcess
 from tokensvc.store import StoreUnavailable
-from tokensvc.tokens import new_refresh_token, new_session_id
+from tokensvc.tokens import RefreshTokens, new_session_id
 
 
 def client(url: str) -> aioredis.Redis:
@@ -247,7 +247,7 @@ def test_trace_id_of_the_current_span_in_log_and_record(caplog):
 
 def test_no_secrets_long_values_cut_reserved_names_renamed(redis_url, caplog):
     caplog.set_level(logging.INFO, logger="tokensvc.audit")
-    refresh = new_refresh_token(new_session_id("alice"))
+    refresh = RefreshTokens(bytes(32)).new(new_session_id("alice"), 1)
     jws = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl"
 
     async def main() -> None:

@@ -16,6 +16,8 @@ from pathlib import Path
 #: Access tokens never live longer than this unless the operator overrides the cap.
 ACCESS_TTL_CAP = 900
 #: --redis-url schemes: plain, TLS, unix socket, Sentinel, Cluster (see tokensvc.redisconn).
+#: The longest --refresh-grace-seconds (a replay window, not a second token lifetime).
+MAX_REFRESH_GRACE = 60
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "redis+cluster://")
 
 
@@ -89,6 +91,7 @@ class Settings:
     max_watchers_per_client: int = 16
     self_audience: str = "tokensvc"
     audit_log_all: bool = False
+    refresh_grace_seconds: int = 0
 
     @property
     def host(self) -> str:
@@ -168,6 +171,10 @@ class Settings:
                 "--redis-wait-timeout must be above 0 and below --redis-timeout (WAIT blocks "
                 "the connection)"
             )
+        if not 0 <= self.refresh_grace_seconds <= MAX_REFRESH_GRACE:
+            raise ConfigError(
+                f"--refresh-grace-seconds must be between 0 (strict) and {MAX_REFRESH_GRACE}"
+            )
         if self.redis_url is not None:
             from tokensvc import redisconn  # (it imports this module)
 
@@ -232,6 +239,11 @@ _OPTIONS: dict[str, tuple[str, type]] = {
     "redis_wait_timeout": ("seconds to wait for those acknowledgements", float),
     "max_watchers_per_client": (
         "concurrent WatchRevocations streams per client (identity and address) per process",
+        int,
+    ),
+    "refresh_grace_seconds": (
+        "seconds a just-rotated refresh token may be re-presented for the same successor "
+        "(lost replies; 0 = strict, max 60)",
         int,
     ),
 }

@@ -19,6 +19,13 @@ Every replica runs :meth:`KeyRing.tick` each second; a ring version counter tell
 to reload. ``rotate(now=True, revoke_old=True)`` is the emergency rotation for a
 compromised key: the new key signs at once and every older key leaves the JWK Set.
 The first replica to start on an empty Redis creates the first active key (SET NX).
+
+The ring also keeps the deployment's symmetric secrets (:meth:`KeyRing.secret`): 256
+random bits each, created once by the first replica (HSETNX) and stored in
+``ts:{keyring}:secrets`` only as a JWE under the KEK, like the private keys (``rewrap``
+re-encrypts them too). They must outlive KEK rotations, so they are not derived from the
+KEK: the refresh-token MAC key (:mod:`tokensvc.tokens`) recognises tokens issued years
+of rotations ago.
 """
 
 from __future__ import annotations
@@ -44,8 +51,17 @@ log = logging.getLogger(__name__)
 RING_KEY: Final = "ts:{keyring}:keys"
 ACTIVE_KEY: Final = "ts:{keyring}:active"
 VERSION_KEY: Final = "ts:{keyring}:version"
+SECRETS_KEY: Final = "ts:{keyring}:secrets"
+#: the deployment secrets every replica loads at start (see KeyRing.secret)
+SECRET_NAMES: Final = ("refresh-mac",)
 PUBLISHED_STATES: Final = frozenset({"pending", "active", "retired"})
 
+_REPLACE_IF_UNCHANGED = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+end
+return 0
+"""
 _BOOTSTRAP = """
 if redis.call('SET', KEYS[2], ARGV[1], 'NX') then
   local t = redis.call('TIME')
@@ -132,6 +148,8 @@ class KeyRing:
         self._lifecycle = redis.register_script(
             resources.files("tokensvc").joinpath("lua", "keys.lua").read_text()
         )
+        self._replace = redis.register_script(_REPLACE_IF_UNCHANGED)
+        self._secrets: dict[str, bytes] = {}
         self._signing: SigningKey | None = None
         self.public = KeySet({})
         self.jwks_json = '{"keys":[]}'
@@ -156,8 +174,25 @@ class KeyRing:
             raise KeyRingError("no active signing key")
         return self._signing
 
+    def secret(self, name: str) -> bytes:
+        """A deployment secret (one of :data:`SECRET_NAMES`), loaded by :meth:`load`."""
+        try:
+            return self._secrets[name]
+        except KeyError:
+            raise KeyRingError(f"deployment secret {name} is not loaded") from None
+
+    async def _load_secrets(self) -> None:
+        for name in SECRET_NAMES:
+            if name in self._secrets:
+                continue
+            fresh = self._wrap_secret(os.urandom(32))
+            await guarded(self._redis.hsetnx, SECRETS_KEY, name, fresh)  # the first one wins
+            stored = text(await guarded(self._redis.hget, SECRETS_KEY, name))
+            self._secrets[name] = self._unwrap_secret(name, stored)
+
     async def load(self) -> None:
         """Read the ring from Redis, creating the first key if there is none."""
+        await self._load_secrets()
         if not await guarded(self._redis.exists, ACTIVE_KEY):
             record = self._new_record("active")
             created = await guarded(
@@ -222,7 +257,12 @@ class KeyRing:
         return status
 
     async def rewrap(self) -> int:
-        """Re-encrypt every private key not yet under the current KEK; returns how many."""
+        """Re-encrypt every private key and deployment secret not yet under the current
+        KEK; returns how many private keys."""
+        for name, stored in (await guarded(self._redis.hgetall, SECRETS_KEY)).items():
+            if _jwe_kid(text(stored)) != self._kek_id:
+                value = self._wrap_secret(self._unwrap_secret(text(name), text(stored)))
+                await guarded(self._replace, keys=[SECRETS_KEY], args=[name, stored, value])
         raw = await guarded(self._redis.hgetall, RING_KEY)
         args: list[str] = []
         for kid, stored in raw.items():
@@ -258,6 +298,24 @@ class KeyRing:
         )
         token.add_recipient(self._kek)
         return str(token.serialize(compact=True))
+
+    def _wrap_secret(self, value: bytes) -> str:
+        token = jwe.JWE(value, protected={"alg": "A256KW", "enc": "A256GCM", "kid": self._kek_id})
+        token.add_recipient(self._kek)
+        return str(token.serialize(compact=True))
+
+    def _unwrap_secret(self, name: str, stored: str) -> bytes:
+        try:
+            token = jwe.JWE()
+            token.deserialize(stored, key=self._keks.get(_jwe_kid(stored), self._kek))
+            value = bytes(token.payload)
+        except Exception:
+            raise KeyRingError(
+                f"cannot decrypt deployment secret {name}: wrong key-encryption key?"
+            ) from None
+        if len(value) != 32:
+            raise KeyRingError(f"deployment secret {name} is not 256 bits")
+        return value
 
     def _decrypt(self, record: dict[str, Any]) -> jwk.JWK:
         kek = self._keks.get(_jwe_kid(record.get("private", "")), self._kek)

@@ -24,8 +24,18 @@ from tokensvc.guard import Caller, Guard, current_caller
 from tokensvc.keyring import KeyRing, Lifecycle
 from tokensvc.policy import CallerPolicy
 from tokensvc.sessions import SessionRpcs
-from tokensvc.store import FamilyStore, IssueStatus, Limit, NewFamily, RefreshStatus
+from tokensvc.store import (
+    FamilyStore,
+    IssueStatus,
+    Limit,
+    NewFamily,
+    Presented,
+    RefreshStatus,
+    Rotation,
+    Successor,
+)
 from tokensvc.times import ts as _ts
+from tokensvc_client._refresh_retry import GRACE_HEADER
 from tokensvc_client.errors import InvalidToken, Reason
 from tokensvc_client.peer import is_thumbprint
 from tokensvc_client.v1 import tokensvc_pb2 as pb
@@ -72,6 +82,11 @@ class TokenService(AdminRpcs, SessionRpcs, pb_grpc.TokenServiceServicer):
         self.issue_limit = Limit.of(settings.rate_issue.count, settings.rate_issue.period)
         self.subject_ttl_ms = (settings.family_max_age + settings.leeway) * 1000
         self.lifecycle = Lifecycle.from_settings(settings)
+        self.refresh_tokens = tokens.RefreshTokens(keyring.secret("refresh-mac"))
+        self.grace_ms = settings.refresh_grace_seconds * 1000
+        # every Refresh/Issue/GetKeys answer announces the window: clients retry a
+        # Refresh whose reply was lost only when the server will answer it idempotently
+        self._grace_md = ((GRACE_HEADER, str(settings.refresh_grace_seconds)),)
         self.verifier = Verifier(
             settings.issuer,
             None,
@@ -98,22 +113,28 @@ class TokenService(AdminRpcs, SessionRpcs, pb_grpc.TokenServiceServicer):
 
     # -- minting -----------------------------------------------------------------------
 
-    def _mint(
+    def _claims(
         self, base: dict[str, Any], sid: str, now: int, family_expires_ms: int
-    ) -> tuple[str, int]:
-        """Sign an access token; it never outlives its family."""
-        exp = min(now + self.settings.access_ttl, family_expires_ms // 1000)
-        claims = {
+    ) -> dict[str, Any]:
+        """An access token's claims; it never outlives its family. ``now``: Redis's clock
+        (the subject watermark's), so a replica's skewed clock cannot date it."""
+        return {
             "iss": self.settings.issuer,
             **base,
-            "exp": exp,
+            "exp": min(now + self.settings.access_ttl, family_expires_ms // 1000),
             "iat": now,
             "nbf": now,
             "jti": tokens.new_token_id(),
             "sid": sid,
         }
+
+    def _mint(
+        self, base: dict[str, Any], sid: str, now: int, family_expires_ms: int
+    ) -> tuple[str, int]:
+        """Sign an access token (see :meth:`_claims`); returns it and its expiry."""
+        claims = self._claims(base, sid, now, family_expires_ms)
         key = self.keyring.signing
-        return tokens.sign_access_token(key.key, key.kid, claims), exp
+        return tokens.sign_access_token(key.key, key.kid, claims), claims["exp"]
 
     def _pair(
         self, access: str, access_exp: int, refresh: str, refresh_exp_ms: int, sid: str
@@ -157,11 +178,10 @@ class TokenService(AdminRpcs, SessionRpcs, pb_grpc.TokenServiceServicer):
         now_f = self.clock()
         now, now_ms = int(now_f), int(now_f * 1000)
         sid = tokens.new_session_id(subject)
-        refresh = tokens.new_refresh_token(sid)
+        refresh = self.refresh_tokens.new(sid, 1)
         family_exp_ms = now_ms + self.settings.family_max_age * 1000
         refresh_exp_ms = min(now_ms + self.settings.refresh_idle_ttl * 1000, family_exp_ms)
-        access, access_exp = self._mint(base, sid, now, family_exp_ms)
-        if len(access) > limits.MAX_TOKEN:
+        if tokens.access_token_size(self._claims(base, sid, now, family_exp_ms)) > limits.MAX_TOKEN:
             # every field is within its limit but together they make a token verifiers
             # would refuse as too large: refuse to issue it instead
             raise BadRequest(
@@ -186,9 +206,12 @@ class TokenService(AdminRpcs, SessionRpcs, pb_grpc.TokenServiceServicer):
         if outcome.status is IssueStatus.LIMITED:
             self.audit.record("rate_limited", peer=caller.name, subject=subject, reason="Issue")
             raise RateLimited("too many tokens issued for this subject", outcome.retry_after_ms)
+        # signed only once stored (a refused Issue costs no signature), dated by Redis
+        access, access_exp = self._mint(base, sid, outcome.created_ms // 1000, family_exp_ms)
         self.audit.record(
             "issued", peer=caller.name, subject=subject, session_id=sid, bound=int(bool(cnf))
         )
+        context.set_trailing_metadata(self._grace_md)
         return pb.IssueResponse(tokens=self._pair(access, access_exp, refresh, refresh_exp_ms, sid))
 
     @staticmethod
@@ -208,22 +231,18 @@ class TokenService(AdminRpcs, SessionRpcs, pb_grpc.TokenServiceServicer):
 
     @rpc
     async def Refresh(self, request: pb.RefreshRequest, context: Ctx) -> pb.RefreshResponse:
-        presented = limits.token("refresh_token", request.refresh_token)
-        sid = tokens.refresh_session_id(presented)
-        self.guard.presenting(f"session:{sid}" if sid else "")  # the end user's credential
-        if sid is None:
+        context.set_trailing_metadata(self._grace_md)  # also on errors: clients learn it
+        presented = self.refresh_tokens.parse(limits.token("refresh_token", request.refresh_token))
+        # the end user's credential
+        self.guard.presenting(f"session:{presented.session_id}" if presented else "")
+        if presented is None:
             raise NotAuthenticated(Reason.MALFORMED.value)
-        successor = tokens.new_refresh_token(sid)
-        caller = current_caller()
-        now_f = self.clock()
-        rotation = await self.store.rotate(
-            sid,
-            tokens.refresh_hash(presented),
-            tokens.refresh_hash(successor),
-            int(now_f * 1000),
-            self.settings.refresh_idle_ttl * 1000,
-            caller.peer.thumbprint,
-        )
+        if presented.generation and not presented.genuine:
+            raise NotAuthenticated("unknown")  # not one the service made: no Redis trip
+        sid, caller = presented.session_id, current_caller()
+        rotation, successor = await self._rotate(presented, presented.generation + 1)
+        if rotation.status is RefreshStatus.REGEN:  # (a family rotated by an older version)
+            rotation, successor = await self._rotate(presented, rotation.generation + 1)
         if rotation.status is RefreshStatus.REUSE:
             self.audit.record(
                 "reuse_detected",
@@ -235,16 +254,47 @@ class TokenService(AdminRpcs, SessionRpcs, pb_grpc.TokenServiceServicer):
             raise NotAuthenticated("reused")
         if rotation.status is RefreshStatus.MISMATCH:
             raise NotAuthenticated("certificate_mismatch")
-        if rotation.status is not RefreshStatus.OK or rotation.claims is None:
+        if rotation.status is RefreshStatus.REPLAYED:
+            replayed = self.refresh_tokens.unseal(
+                presented.token, sid, rotation.generation, rotation.sealed
+            )
+            if replayed is None:
+                raise RuntimeError(f"sealed successor of sid={sid} does not open")
+            successor = replayed
+            self.audit.record(
+                "refresh_replayed", peer=caller.name, subject=rotation.subject, session_id=sid
+            )
+        elif rotation.status is not RefreshStatus.OK:
             log.info("refresh refused sid=%s status=%s", sid, rotation.status.value)
             raise NotAuthenticated(rotation.status.value)
+        else:
+            self.audit.record(
+                "refreshed", peer=caller.name, subject=rotation.subject, session_id=sid
+            )
+        assert rotation.claims is not None  # OK and REPLAYED carry them
         access, access_exp = self._mint(
-            rotation.claims, sid, int(now_f), rotation.family_expires_ms
+            rotation.claims, sid, rotation.now_ms // 1000, rotation.family_expires_ms
         )
-        self.audit.record("refreshed", peer=caller.name, subject=rotation.subject, session_id=sid)
         return pb.RefreshResponse(
             tokens=self._pair(access, access_exp, successor, rotation.token_expires_ms, sid)
         )
+
+    async def _rotate(
+        self, presented: tokens.PresentedRefresh, generation: int
+    ) -> tuple[Rotation, str]:
+        """One rotation attempt with a successor of ``generation``: (outcome, successor)."""
+        successor = self.refresh_tokens.new(presented.session_id, generation)
+        sealed = tokens.RefreshTokens.seal(presented.token, successor) if self.grace_ms else b""
+        rotation = await self.store.rotate(
+            presented.session_id,
+            Presented(presented.hash, presented.generation, presented.genuine),
+            Successor(tokens.refresh_hash(successor), generation, sealed),
+            int(self.clock() * 1000),
+            self.settings.refresh_idle_ttl * 1000,
+            current_caller().peer.thumbprint,
+            self.grace_ms,
+        )
+        return rotation, successor
 
     @rpc
     async def Revoke(self, request: pb.RevokeRequest, context: Ctx) -> pb.RevokeResponse:
@@ -283,11 +333,17 @@ class TokenService(AdminRpcs, SessionRpcs, pb_grpc.TokenServiceServicer):
     ) -> int:
         """Revoke a refresh token's family or an access token's jti (RFC 7009: an invalid
         token is not an error, there is simply nothing to revoke)."""
-        sid = tokens.refresh_session_id(token)
-        if sid is not None:
-            audit["session_id"] = sid
+        presented = self.refresh_tokens.parse(token)
+        if presented is not None:
+            audit["session_id"] = presented.session_id
+            if presented.generation and not presented.genuine:
+                return 0  # not a token the service made
             return await self.store.revoke_sessions(
-                [sid], now_ms, reason, tokens.refresh_hash(token)
+                [presented.session_id],
+                now_ms,
+                reason,
+                presented.hash,
+                presented.generation if presented.genuine else 0,
             )
         try:
             claims = await self._verify(token)
@@ -303,11 +359,12 @@ class TokenService(AdminRpcs, SessionRpcs, pb_grpc.TokenServiceServicer):
     ) -> pb.IntrospectResponse:
         token = limits.token("token", request.token)
         now_f = self.clock()
-        sid = tokens.refresh_session_id(token)
-        if sid is not None:
-            family = await self.store.refresh_state(
-                sid, tokens.refresh_hash(token), int(now_f * 1000)
-            )
+        presented = self.refresh_tokens.parse(token)
+        if presented is not None:
+            if presented.generation and not presented.genuine:
+                return pb.IntrospectResponse(active=False)
+            sid = presented.session_id
+            family = await self.store.refresh_state(sid, presented.hash, int(now_f * 1000))
             if family is None:
                 return pb.IntrospectResponse(active=False)
             described = self._describe_refresh(sid, family)
@@ -382,6 +439,7 @@ class TokenService(AdminRpcs, SessionRpcs, pb_grpc.TokenServiceServicer):
 
     @rpc
     async def GetKeys(self, request: pb.GetKeysRequest, context: Ctx) -> pb.GetKeysResponse:
+        context.set_trailing_metadata(self._grace_md)
         return pb.GetKeysResponse(
             jwks=self.keyring.jwks_json, max_age_seconds=self.settings.jwks_max_age
         )

@@ -5,17 +5,35 @@ subject -- its families, its session index, its revocation watermark, its revoke
 lands in one Redis Cluster hash slot, so Refresh and Introspect are single atomic steps
 and revoke-by-subject's watermark is one atomic O(1) write. A refresh token carries its
 session id, so the key a Refresh touches is known from the token alone.
+
+Refresh tokens (both start with ``tsr1_``, the mark interceptors and log redaction know)::
+
+    v1  tsr1_<sid>_<256 random bits>                     (before families v2; still honoured)
+    v2  tsr1_<sid>_<generation>_<256 random bits>_<mac>  (hex; generation 1, 2, ...)
+
+``mac`` is HMAC-SHA256 (truncated to 128 bits) of everything before it under the
+deployment's ``refresh-mac`` secret (:meth:`tokensvc.keyring.KeyRing.secret`). So the
+service recognises a token it issued, and which generation of its family it was, without
+remembering it: that is what keeps a family's state constant-size (see
+:mod:`tokensvc.store.families`). The random part stays: the MAC key alone does not make a
+usable token, because the current one is also checked against its stored hash.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
 import re
 import secrets
+from dataclasses import dataclass
 from typing import Any, Final
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from jwcrypto import jwa, jwk
 
 from tokensvc_client.verifier import (
@@ -32,6 +50,12 @@ _TAG_HEX: Final = 32  # 128-bit subject tag
 _ES256: Final = jwa.JWA.signing_alg(ALGORITHM)
 _SESSION_ID = re.compile(r"[0-9a-f]{64}")
 _REFRESH_TOKEN = re.compile(re.escape(REFRESH_TOKEN_PREFIX) + r"([0-9a-f]{64})_[0-9a-f]{64}")
+_REFRESH_V2 = re.compile(
+    re.escape(REFRESH_TOKEN_PREFIX)
+    + r"(?P<sid>[0-9a-f]{64})_(?P<gen>[1-9a-f][0-9a-f]{0,11})"
+    + r"_(?P<rand>[0-9a-f]{64})_(?P<mac>[0-9a-f]{32})"
+)
+_SEAL_INFO: Final = b"tokensvc refresh grace seal v1"
 
 
 def subject_tag(subject: str) -> str:
@@ -52,15 +76,85 @@ def tag_of(session_id: str) -> str:
     return session_id[:_TAG_HEX]
 
 
-def new_refresh_token(session_id: str) -> str:
-    """An opaque refresh token: prefix, session id, 256 random bits."""
+def new_legacy_refresh_token(session_id: str) -> str:
+    """A v1 refresh token, as the service made them before families v2 (tests of the
+    upgrade path use it)."""
     return f"{REFRESH_TOKEN_PREFIX}{session_id}_{secrets.token_hex(32)}"
 
 
 def refresh_session_id(token: str) -> str | None:
-    """The session id inside a well-formed refresh token, else ``None``."""
-    match = _REFRESH_TOKEN.fullmatch(token)
+    """The session id inside a well-formed (v1 or v2) refresh token, else ``None``."""
+    match = _REFRESH_TOKEN.fullmatch(token) or _REFRESH_V2.fullmatch(token)
     return match.group(1) if match else None
+
+
+@dataclass(frozen=True, slots=True)
+class PresentedRefresh:
+    """A refresh token as presented: its session, generation (0: a v1 token), stored-form
+    hash, and whether its MAC proves the service issued it (v2 only)."""
+
+    token: str
+    session_id: str
+    generation: int
+    hash: str
+    genuine: bool
+
+
+class RefreshTokens:
+    """Makes and reads refresh tokens under the deployment's MAC key (module doc)."""
+
+    def __init__(self, mac_key: bytes) -> None:
+        if len(mac_key) < 32:
+            raise ValueError("the refresh-token MAC key must have 256 bits")
+        self._key = mac_key
+
+    def _mac(self, body: str) -> str:
+        return hmac.new(self._key, body.encode("ascii"), hashlib.sha256).hexdigest()[:32]
+
+    def new(self, session_id: str, generation: int, random_part: bytes | None = None) -> str:
+        """A v2 token of ``generation`` (>= 1); ``random_part``: 32 bytes, fresh if None."""
+        rand = (random_part if random_part is not None else secrets.token_bytes(32)).hex()
+        body = f"{REFRESH_TOKEN_PREFIX}{session_id}_{generation:x}_{rand}"
+        return f"{body}_{self._mac(body)}"
+
+    def parse(self, token: str) -> PresentedRefresh | None:
+        """The parts of a well-formed refresh token, else ``None``."""
+        v2 = _REFRESH_V2.fullmatch(token)
+        if v2 is not None:
+            body = token[: v2.start("mac") - 1]
+            genuine = hmac.compare_digest(self._mac(body), v2.group("mac"))
+            gen = int(v2.group("gen"), 16)
+            return PresentedRefresh(token, v2.group("sid"), gen, refresh_hash(token), genuine)
+        v1 = _REFRESH_TOKEN.fullmatch(token)
+        if v1 is not None:
+            return PresentedRefresh(token, v1.group(1), 0, refresh_hash(token), False)
+        return None
+
+    @staticmethod
+    def seal(presented: str, successor: str) -> bytes:
+        """The successor's random part, encrypted under a key only the presenter of
+        ``presented`` can derive (HKDF of the token itself; Redis holds just its hash):
+        what a grace-window replay returns (tokensvc.service). 60 bytes."""
+        match = _REFRESH_V2.fullmatch(successor)
+        if match is None:
+            raise ValueError("not a v2 refresh token")
+        nonce = secrets.token_bytes(12)
+        aad = successor[: match.start("rand")].encode("ascii")
+        return nonce + _sealer(presented).encrypt(nonce, bytes.fromhex(match["rand"]), aad)
+
+    def unseal(self, presented: str, session_id: str, generation: int, box: bytes) -> str | None:
+        """The successor sealed by :meth:`seal`, or ``None`` if ``box`` does not open."""
+        aad = f"{REFRESH_TOKEN_PREFIX}{session_id}_{generation:x}_".encode("ascii")
+        try:
+            rand = _sealer(presented).decrypt(box[:12], box[12:], aad)
+        except (InvalidTag, ValueError):
+            return None
+        return self.new(session_id, generation, rand)
+
+
+def _sealer(presented: str) -> AESGCM:
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_SEAL_INFO)
+    return AESGCM(hkdf.derive(presented.encode("ascii")))
 
 
 def refresh_hash(token: str) -> str:
@@ -83,6 +177,13 @@ def sign_access_token(key: jwk.JWK, kid: str, claims: dict[str, Any]) -> str:
     signing_input = f"{header}.{payload}"
     signature = _low_s(_ES256.sign(key, signing_input.encode("ascii")))
     return f"{signing_input}.{base64.urlsafe_b64encode(signature).rstrip(b'=').decode('ascii')}"
+
+
+def access_token_size(claims: dict[str, Any]) -> int:
+    """The length :func:`sign_access_token` gives these claims (header, payload and the
+    86-character signature), without signing."""
+    header = _compact_json({"alg": ALGORITHM, "typ": TOKEN_TYPE, "kid": "k" * 43})
+    return len(_b64url(header)) + len(_b64url(_compact_json(claims))) + 2 + 86
 
 
 def _b64url(text: str) -> str:

@@ -4,9 +4,11 @@
 -- ARGV: sid, token hash, now ms, token expiry ms, family expiry ms, subject, client_id,
 --       label, claims (JSON carried to every access token of the family),
 --       cnf thumbprint ('' = unbound), rate interval µs (0 = no limit), rate tolerance µs
--- Returns {'ok'} | {'locked'} | {'limited', ms to wait}. (gcra.lua is prepended.)
+-- Returns {'ok', created ms} | {'locked'} | {'limited', ms to wait}. (gcra.lua is
+-- prepended.) The first refresh token is generation 1 (families v2, tokensvc.tokens).
 -- 'created' is Redis's own clock, like the subject watermark it is compared with
--- (revoke_subject.lua), so replicas with skewed clocks cannot misorder the two.
+-- (revoke_subject.lua), so replicas with skewed clocks cannot misorder the two; the
+-- service stamps the access token's iat with it, for the same reason.
 local fam, sessions = KEYS[1], KEYS[2]
 if redis.call('HEXISTS', KEYS[3], 'locked') == 1 then return {'locked'} end
 local wait = gcra(KEYS[4], tonumber(ARGV[11]), tonumber(ARGV[12]))
@@ -17,10 +19,10 @@ local created = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('HSET', fam,
   'state', 'active', 'cur', ARGV[2], 'cur_exp', ARGV[4], 'created', created,
   'last', created, 'exp', ARGV[5], 'sub', ARGV[6], 'cid', ARGV[7], 'label', ARGV[8],
-  'claims', ARGV[9], 'cnf', ARGV[10])
+  'claims', ARGV[9], 'cnf', ARGV[10], 'gen', 1)
 redis.call('PEXPIREAT', fam, fam_exp)
 redis.call('ZREMRANGEBYSCORE', sessions, '-inf', now)
 redis.call('ZADD', sessions, fam_exp, ARGV[1])
 local newest = redis.call('ZRANGE', sessions, -1, -1, 'WITHSCORES')
 redis.call('PEXPIREAT', sessions, tonumber(newest[2]))
-return {'ok'}
+return {'ok', created}

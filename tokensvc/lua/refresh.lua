@@ -1,37 +1,67 @@
--- Rotate a refresh token. One atomic step: the presented token must be the family's
--- current one; it is marked used (never deleted: it is the evidence for reuse detection)
--- and its successor becomes current. A used token revokes the whole family.
+-- Rotate a refresh token (families v2, see tokensvc.store.families). One atomic step.
 -- KEYS[1] family hash   KEYS[2] subject hash (revoked_before watermark)
 -- [KEYS[3] revocation stream: reuse revokes the family and tells the interceptors]
--- ARGV: presented hash, successor hash, now ms, idle ttl ms, presenter's certificate
---       thumbprint ('' without a client certificate), stream MINID, event expiry ms,
---       session id. (feed.lua is prepended.)
--- Returns {status, ...}: {'ok', claims, sub, cid, family expiry, successor expiry} |
+-- ARGV: 1 presented hash, 2 presented generation (0: a v1 token), 3 '1' if the presented
+--   token's MAC is valid (the service issued it), 4 successor hash, 5 successor generation,
+--   6 sealed successor ('' with no grace window), 7 idle ttl ms, 8 presenter's certificate
+--   thumbprint ('' without one), 9 grace window ms (0: strict), 10 stream MINID,
+--   11 event expiry ms, 12 session id. (feed.lua is prepended.)
+-- Returns {status, ...}:
+--   {'ok', claims, sub, cid, family expiry, successor expiry, now} |
+--   {'replayed', claims, sub, cid, family expiry, successor expiry, now, sealed, generation} |
+--   {'regen', generation} (the successor must be of generation+1: mint again) |
 --   {'reuse', sub} | {'revoked'} | {'expired'} | {'unknown'} | {'mismatch'}
--- A family bound to a certificate (RFC 8705) is only served to that certificate: any
--- other presenter is refused before anything changes (no rotation, no reuse verdict).
+-- Times are Redis's clock (TIME), the same clock as 'created' and the subject watermark,
+-- and the service stamps the access token's iat with the returned 'now'.
+-- A token is this family's if it is the current one (cur), or an older generation whose
+-- MAC is valid, or a v1 token recorded as used (u:<hash>, families from before v2). A
+-- family bound to a certificate (RFC 8705) is served only to that certificate: any other
+-- presenter is refused before anything changes (no rotation, replay or reuse verdict).
 local fam, subj = KEYS[1], KEYS[2]
-local presented, successor = ARGV[1], ARGV[2]
-local now, idle = tonumber(ARGV[3]), tonumber(ARGV[4])
-local f = redis.call('HMGET', fam, 'state', 'cur', 'cur_exp', 'exp', 'created', 'sub', 'cid', 'claims', 'cnf')
+local presented, pgen = ARGV[1], tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local f = redis.call('HMGET', fam, 'state', 'cur', 'cur_exp', 'exp', 'created', 'sub', 'cid',
+  'claims', 'cnf', 'gen', 'gprev', 'gat', 'gbox', 'gcur')
 local state, cur = f[1], f[2]
 if not state then return {'unknown'} end
-local is_used = redis.call('HEXISTS', fam, 'u:' .. presented) == 1
-if cur ~= presented and not is_used then return {'unknown'} end
-if f[9] and f[9] ~= '' and f[9] ~= ARGV[5] then return {'mismatch'} end
+local gen = tonumber(f[10] or '0')
+local is_cur = cur == presented
+local is_old = not is_cur and (
+  (ARGV[3] == '1' and pgen <= gen) or
+  (pgen == 0 and redis.call('HEXISTS', fam, 'u:' .. presented) == 1))
+if not is_cur and not is_old then return {'unknown'} end
+if f[9] and f[9] ~= '' and f[9] ~= ARGV[8] then return {'mismatch'} end
 if state ~= 'active' then return {'revoked'} end
 local wm = redis.call('HGET', subj, 'revoked_before')
 if wm and tonumber(f[5]) <= tonumber(wm) then
   redis.call('HSET', fam, 'state', 'revoked', 'revoked_at', now, 'reason', 'subject')
   return {'revoked'}
 end
-if is_used then
+local fam_exp = tonumber(f[4])
+if is_old then
+  -- the grace window: the immediately previous token, soon after its rotation, while its
+  -- successor is still current (unused), gets that same successor back
+  local grace = tonumber(ARGV[9])
+  if grace > 0 and f[11] == presented and f[14] == cur and now < tonumber(f[12]) + grace
+      and now < tonumber(f[3]) and now < fam_exp then
+    return {'replayed', f[8], f[6], f[7], fam_exp, tonumber(f[3]), now, f[13], gen}
+  end
   redis.call('HSET', fam, 'state', 'revoked', 'revoked_at', now, 'reason', 'reuse')
-  emit(KEYS[3], ARGV[6], 'session', ARGV[8], ARGV[7])
+  emit(KEYS[3], ARGV[10], 'session', ARGV[12], ARGV[11])
   return {'reuse', f[6]}
 end
-local fam_exp = tonumber(f[4])
 if now >= tonumber(f[3]) or now >= fam_exp then return {'expired'} end
-local next_exp = math.min(now + idle, fam_exp)
-redis.call('HSET', fam, 'u:' .. presented, now, 'cur', successor, 'cur_exp', next_exp, 'last', now)
-return {'ok', f[8], f[6], f[7], fam_exp, next_exp}
+if tonumber(ARGV[5]) ~= gen + 1 then return {'regen', gen} end
+local next_exp = math.min(now + tonumber(ARGV[7]), fam_exp)
+redis.call('HSET', fam, 'cur', ARGV[4], 'gen', ARGV[5], 'cur_exp', next_exp, 'last', now)
+if pgen == 0 then
+  -- a v1 token leaves the family: it stays recognisable as used (once per v1 family)
+  redis.call('HSET', fam, 'u:' .. presented, now)
+end
+if ARGV[6] ~= '' then
+  redis.call('HSET', fam, 'gprev', presented, 'gat', now, 'gbox', ARGV[6], 'gcur', ARGV[4])
+elseif f[11] then
+  redis.call('HDEL', fam, 'gprev', 'gat', 'gbox', 'gcur')
+end
+return {'ok', f[8], f[6], f[7], fam_exp, next_exp, now}

@@ -18,7 +18,6 @@ from redis.commands.core import AsyncScript
 from tokensvc.store.calls import StoreUnavailable, guarded, text
 from tokensvc.store.core import StoreCore
 from tokensvc.store.keys import (
-    REVOCATIONS,
     family_key,
     issue_limit_key,
     jti_key,
@@ -33,6 +32,8 @@ log = logging.getLogger("tokensvc.store")
 
 class RefreshStatus(enum.Enum):
     OK = "ok"
+    REPLAYED = "replayed"  # grace window: the same successor again
+    REGEN = "regen"  # the successor must be of another generation: mint it again
     REUSE = "reuse"
     REVOKED = "revoked"
     EXPIRED = "expired"
@@ -50,6 +51,7 @@ class IssueStatus(enum.Enum):
 class IssueOutcome:
     status: IssueStatus
     retry_after_ms: int = 0
+    created_ms: int = 0  # Redis's clock: the access token's iat
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +69,26 @@ class NewFamily:
 
 
 @dataclass(frozen=True, slots=True)
+class Presented:
+    """A presented refresh token as the scripts see it: its hash, its generation (0: a v1
+    token) and whether its MAC proved the service issued it."""
+
+    token_hash: str
+    generation: int = 0
+    genuine: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Successor:
+    """The token a rotation makes current: hash, generation, and (grace window on) the
+    sealed random part a replay hands back (``b""`` in strict mode)."""
+
+    token_hash: str
+    generation: int
+    sealed: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
 class Rotation:
     status: RefreshStatus
     subject: str = ""
@@ -74,6 +96,9 @@ class Rotation:
     claims: dict[str, Any] | None = None
     family_expires_ms: int = 0
     token_expires_ms: int = 0
+    now_ms: int = 0  # Redis's clock: the access token's iat
+    generation: int = 0  # REPLAYED: the successor's; REGEN: the family's current one
+    sealed: bytes = b""  # REPLAYED: the sealed successor
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,34 +176,52 @@ class FamilyOps(StoreCore):
             ],
         )
         status = IssueStatus(text(reply[0]))
+        if status is IssueStatus.OK:
+            return IssueOutcome(status, created_ms=int(reply[1]))
         return IssueOutcome(status, int(reply[1]) if status is IssueStatus.LIMITED else 0)
 
     async def rotate(
         self,
         sid: str,
-        presented_hash: str,
-        successor_hash: str,
+        presented: Presented,
+        successor: Successor,
         now_ms: int,
         idle_ttl_ms: int,
         thumbprint: str = "",
+        grace_ms: int = 0,
     ) -> Rotation:
-        """Rotate a refresh token; ``thumbprint`` is the presenter's client certificate."""
+        """Rotate a refresh token (``lua/refresh.lua``); ``thumbprint`` is the presenter's
+        client certificate, ``grace_ms`` the grace window (0: strict). The rotation runs
+        on Redis's clock; ``now_ms`` (the service's) only places its feed event."""
         minid, exp = self._feed_window(now_ms)
-        keys = [family_key(sid), subject_key(tag_of(sid))]
         reply = await guarded(
             self._refresh,
-            keys=keys + ([REVOCATIONS] if self._inline_feed else []),
-            args=[presented_hash, successor_hash, now_ms, idle_ttl_ms, thumbprint, minid, exp, sid],
+            keys=[family_key(sid), subject_key(tag_of(sid)), *self._stream()],
+            args=[
+                presented.token_hash,
+                presented.generation,
+                int(presented.genuine),
+                successor.token_hash,
+                successor.generation,
+                successor.sealed,
+                idle_ttl_ms,
+                thumbprint,
+                grace_ms,
+                minid,
+                exp,
+                sid,
+            ],
         )
         status = RefreshStatus(text(reply[0]))
-        if status is RefreshStatus.OK:
-            # best effort: raising now would make the client retry with the spent token,
-            # and that retry would be reuse; an unconfirmed rotation lost in a failover
-            # leaves the old token current, which only this client held
-            try:
-                await self.settle(family_key(sid))
-            except StoreUnavailable as err:
-                log.warning("refresh sid=%s not confirmed by replicas: %s", sid, err)
+        if status in (RefreshStatus.OK, RefreshStatus.REPLAYED):
+            if status is RefreshStatus.OK:
+                # best effort: raising now would make the client retry with the spent
+                # token (reuse without a grace window); an unconfirmed rotation lost in a
+                # failover leaves the old token current, which only this client held
+                try:
+                    await self.settle(family_key(sid))
+                except StoreUnavailable as err:
+                    log.warning("refresh sid=%s not confirmed by replicas: %s", sid, err)
             return Rotation(
                 status,
                 subject=text(reply[2]),
@@ -186,7 +229,12 @@ class FamilyOps(StoreCore):
                 claims=json.loads(reply[1]),
                 family_expires_ms=int(reply[4]),
                 token_expires_ms=int(reply[5]),
+                now_ms=int(reply[6]),
+                sealed=bytes(reply[7]) if status is RefreshStatus.REPLAYED else b"",
+                generation=int(reply[8]) if status is RefreshStatus.REPLAYED else 0,
             )
+        if status is RefreshStatus.REGEN:
+            return Rotation(status, generation=int(reply[1]))
         if status in (RefreshStatus.REUSE, RefreshStatus.REVOKED):
             # (Cluster) a revoked family is announced again: a retry after a lost append
             await self._append([("session", sid, exp, 0)], now_ms)

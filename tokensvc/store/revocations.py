@@ -39,12 +39,18 @@ class RevocationOps(StoreCore):
         await self.settle(jti_key(sid, jti))
 
     async def revoke_sessions(
-        self, sids: list[str], now_ms: int, reason: str, token_hash: str | None = None
+        self,
+        sids: list[str],
+        now_ms: int,
+        reason: str,
+        token_hash: str | None = None,
+        generation: int = 0,
     ) -> int:
-        """Revoke families (only the one owning ``token_hash``, if given); returns how many
-        were active."""
+        """Revoke families (only the one owning ``token_hash``, if given: ``generation`` is
+        that token's if its MAC is valid, else 0); returns how many were active."""
         minid, exp = self._feed_window(now_ms)
         args: list[Any] = [now_ms, reason, token_hash or "", int(self._inline_feed), minid, exp]
+        args.append(generation)
         keys = self._stream() + [family_key(s) for s in sids]
         now_revoked, revoked_before = await guarded(self._revoke_family, keys=keys, args=args)
         revoked = [text(sid) for sid in now_revoked]

@@ -7,6 +7,9 @@ is awaited. Method documentation lives on the blocking client.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import time
 from collections.abc import Iterable
 from datetime import datetime
 from types import TracebackType
@@ -16,12 +19,14 @@ import grpc
 import grpc.aio
 
 from tokensvc_client import _calls
+from tokensvc_client._refresh_retry import GraceWindow, trailing
 from tokensvc_client.channels import Pem, aio_channel
 from tokensvc_client.errors import from_rpc_error
 from tokensvc_client.results import Introspection, Jwks, SessionInfo, TokenPair
 from tokensvc_client.v1 import tokensvc_pb2_grpc
 
 Result = TypeVar("Result")
+log = logging.getLogger("tokensvc_client.aio")
 
 
 class AsyncTokenClient:
@@ -60,15 +65,25 @@ class AsyncTokenClient:
             self._channel = channel_or_target
             self._owns_channel = False
         self._stub = tokensvc_pb2_grpc.TokenServiceStub(self._channel)
+        self._grace = GraceWindow()
 
     async def _invoke(self, call: _calls.Call[Any, Result]) -> Result:
-        method = getattr(self._stub, call.method)
         try:
-            response = await method(
-                call.request, timeout=self._timeout, metadata=call.metadata or None
-            )
+            return await self._send(call)
         except grpc.RpcError as err:  # grpc.aio.AioRpcError is a grpc.RpcError
             raise from_rpc_error(err) from err
+
+    async def _send(self, call: _calls.Call[Any, Result]) -> Result:
+        """One attempt; raises grpc.RpcError. Learns the server's grace window."""
+        rpc = getattr(self._stub, call.method)(
+            call.request, timeout=self._timeout, metadata=call.metadata or None
+        )
+        try:
+            response = await rpc
+        except grpc.RpcError as err:
+            self._grace.learn(trailing(err))
+            raise
+        self._grace.learn(await rpc.trailing_metadata())
         return call.parse(response)
 
     async def issue(
@@ -102,8 +117,20 @@ class AsyncTokenClient:
         )
 
     async def refresh(self, refresh_token: str) -> TokenPair:
-        """See :meth:`TokenClient.refresh <tokensvc_client.client.TokenClient.refresh>`."""
-        return await self._invoke(_calls.refresh(refresh_token))
+        """See :meth:`TokenClient.refresh <tokensvc_client.client.TokenClient.refresh>`
+        (the same single retry within an announced grace window)."""
+        call = _calls.refresh(refresh_token)
+        started = time.monotonic()
+        try:
+            return await self._send(call)
+        except grpc.RpcError as err:
+            if self._grace.worth_asking(err):
+                with contextlib.suppress(grpc.RpcError):
+                    await self._send(_calls.get_keys())
+            if not self._grace.allows_retry(err, time.monotonic() - started):
+                raise from_rpc_error(err) from err
+            log.info("refresh answer lost (%s); retrying within the grace window", err.code())
+        return await self._invoke(call)
 
     async def revoke(
         self,

@@ -7,6 +7,9 @@ Every call has a deadline and raises the library's exceptions
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import time
 from collections.abc import Iterable
 from datetime import datetime
 from types import TracebackType
@@ -15,12 +18,14 @@ from typing import Any, TypeVar
 import grpc
 
 from tokensvc_client import _calls
+from tokensvc_client._refresh_retry import GraceWindow, trailing
 from tokensvc_client.channels import Pem, channel
 from tokensvc_client.errors import from_rpc_error
 from tokensvc_client.results import Introspection, Jwks, SessionInfo, TokenPair
 from tokensvc_client.v1 import tokensvc_pb2_grpc
 
 Result = TypeVar("Result")
+log = logging.getLogger("tokensvc_client.client")
 
 
 class TokenClient:
@@ -62,13 +67,25 @@ class TokenClient:
             self._channel = channel_or_target
             self._owns_channel = False
         self._stub = tokensvc_pb2_grpc.TokenServiceStub(self._channel)
+        self._grace = GraceWindow()
 
     def _invoke(self, call: _calls.Call[Any, Result]) -> Result:
-        method = getattr(self._stub, call.method)
         try:
-            response = method(call.request, timeout=self._timeout, metadata=call.metadata or None)
+            return self._send(call)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
+
+    def _send(self, call: _calls.Call[Any, Result]) -> Result:
+        """One attempt; raises grpc.RpcError. Learns the server's grace window."""
+        method = getattr(self._stub, call.method)
+        try:
+            response, rpc = method.with_call(
+                call.request, timeout=self._timeout, metadata=call.metadata or None
+            )
+        except grpc.RpcError as err:
+            self._grace.learn(trailing(err))
+            raise
+        self._grace.learn(rpc.trailing_metadata())
         return call.parse(response)
 
     def issue(
@@ -116,11 +133,28 @@ class TokenClient:
     def refresh(self, refresh_token: str) -> TokenPair:
         """Spend ``refresh_token`` for a new pair; keep the new refresh token.
 
+        If the answer is lost (``Unavailable``, also on a missed deadline) and the server
+        announces a grace window (``--refresh-grace-seconds``), the call is sent once more
+        while the window lasts: the server answers it with the same successor, so the
+        session survives. A strict server's Refresh is never re-sent (see
+        :mod:`tokensvc_client._refresh_retry`).
+
         Raises:
             Unauthenticated: the token is invalid, expired, revoked or was already used
                 (a reuse revokes the whole session).
         """
-        return self._invoke(_calls.refresh(refresh_token))
+        call = _calls.refresh(refresh_token)
+        started = time.monotonic()
+        try:
+            return self._send(call)
+        except grpc.RpcError as err:
+            if self._grace.worth_asking(err):
+                with contextlib.suppress(grpc.RpcError):
+                    self._send(_calls.get_keys())
+            if not self._grace.allows_retry(err, time.monotonic() - started):
+                raise from_rpc_error(err) from err
+            log.info("refresh answer lost (%s); retrying within the grace window", err.code())
+        return self._invoke(call)
 
     def revoke(
         self,
