@@ -46,6 +46,7 @@ def test_quick_benchmark_writes_every_row(tmp_path: Path) -> None:
         assert rows[name]["server_cpu_us"] > 0, name
         assert rows[name]["cpu_x_noop"] > 0, name
     assert rows["rpc.issue.workers_2"]["workers"] == 2
+    assert 0 < rows["store.family_bytes"]["bytes"] <= 1024
     for name in ("rpc.issue", "rpc.refresh", "rpc.introspect"):
         # one Lua script per RPC; MONITOR may also catch the service's periodic PING
         assert 1.0 <= rows[name]["redis_roundtrips"] < 1.5

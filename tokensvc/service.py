@@ -406,11 +406,11 @@ class TokenService(AdminRpcs, SessionRpcs, pb_grpc.TokenServiceServicer):
         return pb.IntrospectResponse(
             active=True,
             token_type="refresh",
-            subject=family["sub"],
+            subject=base["sub"],
             roles=base.get("roles", []),
             audience=base.get("aud", []),
             issuer=self.settings.issuer,
-            client_id=family.get("cid", ""),
+            client_id=base.get("client_id", ""),
             session_id=sid,
             acr=base.get("acr", ""),
             amr=base.get("amr", []),

@@ -1,7 +1,8 @@
 -- Start a refresh family. One atomic step.
 -- KEYS[1] family hash   KEYS[2] subject's session index (zset sid -> expiry ms)
 -- KEYS[3] subject hash (lock flag)   KEYS[4] subject's Issue rate limiter
--- ARGV: sid, token hash, now ms, token expiry ms, family expiry ms, subject, client_id,
+-- ARGV: sid, token hash, now ms, token expiry ms, family expiry ms, subject, client_id
+--       (both unused: they are in the claims),
 --       label, claims (JSON carried to every access token of the family),
 --       cnf thumbprint ('' = unbound), rate interval µs (0 = no limit), rate tolerance µs
 -- Returns {'ok', created ms} | {'locked'} | {'limited', ms to wait}. (gcra.lua is
@@ -16,10 +17,13 @@ if wait > 0 then return {'limited', wait} end
 local now, fam_exp = tonumber(ARGV[3]), tonumber(ARGV[5])
 local t = redis.call('TIME')
 local created = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- (subject and client_id are in the claims; an empty label or cnf is not stored: each
+-- field of a family costs Redis memory)
 redis.call('HSET', fam,
   'state', 'active', 'cur', ARGV[2], 'cur_exp', ARGV[4], 'created', created,
-  'last', created, 'exp', ARGV[5], 'sub', ARGV[6], 'cid', ARGV[7], 'label', ARGV[8],
-  'claims', ARGV[9], 'cnf', ARGV[10], 'gen', 1)
+  'last', created, 'exp', ARGV[5], 'claims', ARGV[9], 'gen', 1)
+if ARGV[8] ~= '' then redis.call('HSET', fam, 'label', ARGV[8]) end
+if ARGV[10] ~= '' then redis.call('HSET', fam, 'cnf', ARGV[10]) end
 redis.call('PEXPIREAT', fam, fam_exp)
 redis.call('ZREMRANGEBYSCORE', sessions, '-inf', now)
 redis.call('ZADD', sessions, fam_exp, ARGV[1])

@@ -7,10 +7,11 @@
 --   thumbprint ('' without one), 9 grace window ms (0: strict), 10 stream MINID,
 --   11 event expiry ms, 12 session id. (feed.lua is prepended.)
 -- Returns {status, ...}:
---   {'ok', claims, sub, cid, family expiry, successor expiry, now} |
---   {'replayed', claims, sub, cid, family expiry, successor expiry, now, sealed, generation} |
+--   {'ok', claims, family expiry, successor expiry, now} |
+--   {'replayed', claims, family expiry, successor expiry, now, sealed, generation} |
 --   {'regen', generation} (the successor must be of generation+1: mint again) |
---   {'reuse', sub} | {'revoked'} | {'expired'} | {'unknown'} | {'mismatch'}
+--   {'reuse', claims} | {'revoked'} | {'expired'} | {'unknown'} | {'mismatch'}
+-- (claims: the JSON carried to every access token, with the subject and client_id)
 -- Times are Redis's clock (TIME), the same clock as 'created' and the subject watermark,
 -- and the service stamps the access token's iat with the returned 'now'.
 -- A token is this family's if it is the current one (cur), or an older generation whose
@@ -21,17 +22,17 @@ local fam, subj = KEYS[1], KEYS[2]
 local presented, pgen = ARGV[1], tonumber(ARGV[2])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local f = redis.call('HMGET', fam, 'state', 'cur', 'cur_exp', 'exp', 'created', 'sub', 'cid',
-  'claims', 'cnf', 'gen', 'gprev', 'gat', 'gbox', 'gcur')
+local f = redis.call('HMGET', fam, 'state', 'cur', 'cur_exp', 'exp', 'created', 'claims',
+  'cnf', 'gen', 'last', 'g')
 local state, cur = f[1], f[2]
 if not state then return {'unknown'} end
-local gen = tonumber(f[10] or '0')
+local gen = tonumber(f[8] or '0')
 local is_cur = cur == presented
 local is_old = not is_cur and (
   (ARGV[3] == '1' and pgen <= gen) or
   (pgen == 0 and redis.call('HEXISTS', fam, 'u:' .. presented) == 1))
 if not is_cur and not is_old then return {'unknown'} end
-if f[9] and f[9] ~= '' and f[9] ~= ARGV[8] then return {'mismatch'} end
+if f[7] and f[7] ~= '' and f[7] ~= ARGV[8] then return {'mismatch'} end
 if state ~= 'active' then return {'revoked'} end
 local wm = redis.call('HGET', subj, 'revoked_before')
 if wm and tonumber(f[5]) <= tonumber(wm) then
@@ -41,11 +42,15 @@ end
 local fam_exp = tonumber(f[4])
 if is_old then
   -- the grace window: the immediately previous token, soon after its rotation, while its
-  -- successor is still current (unused), gets that same successor back
-  local grace = tonumber(ARGV[9])
-  if grace > 0 and f[11] == presented and f[14] == cur and now < tonumber(f[12]) + grace
-      and now < tonumber(f[3]) and now < fam_exp then
-    return {'replayed', f[8], f[6], f[7], fam_exp, tonumber(f[3]), now, f[13], gen}
+  -- successor is still current (unused), gets that same successor back. The grace record
+  -- 'g' is '<rotation ms> <first 128 bits of the previous token's hash> <sealed
+  -- successor>', written by the last rotation; 'last' equal to its time proves no
+  -- rotation (of any version) came after.
+  local grace, g, last = tonumber(ARGV[9]), f[10], f[9]
+  local head = last and (last .. ' ' .. string.sub(presented, 1, 32) .. ' ')
+  if grace > 0 and g and head and string.sub(g, 1, #head) == head
+      and now < tonumber(last) + grace and now < tonumber(f[3]) and now < fam_exp then
+    return {'replayed', f[6], fam_exp, tonumber(f[3]), now, string.sub(g, #head + 1), gen}
   end
   redis.call('HSET', fam, 'state', 'revoked', 'revoked_at', now, 'reason', 'reuse')
   emit(KEYS[3], ARGV[10], 'session', ARGV[12], ARGV[11])
@@ -60,8 +65,8 @@ if pgen == 0 then
   redis.call('HSET', fam, 'u:' .. presented, now)
 end
 if ARGV[6] ~= '' then
-  redis.call('HSET', fam, 'gprev', presented, 'gat', now, 'gbox', ARGV[6], 'gcur', ARGV[4])
-elseif f[11] then
-  redis.call('HDEL', fam, 'gprev', 'gat', 'gbox', 'gcur')
+  redis.call('HSET', fam, 'g', now .. ' ' .. string.sub(presented, 1, 32) .. ' ' .. ARGV[6])
+elseif f[10] then
+  redis.call('HDEL', fam, 'g')
 end
-return {'ok', f[8], f[6], f[7], fam_exp, next_exp, now}
+return {'ok', f[6], fam_exp, next_exp, now}

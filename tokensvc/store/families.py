@@ -129,8 +129,6 @@ _FAMILY_FIELDS = (
     "exp",
     "created",
     "last",
-    "sub",
-    "cid",
     "label",
     "claims",
 )
@@ -222,16 +220,17 @@ class FamilyOps(StoreCore):
                     await self.settle(family_key(sid))
                 except StoreUnavailable as err:
                     log.warning("refresh sid=%s not confirmed by replicas: %s", sid, err)
+            claims = json.loads(reply[1])
             return Rotation(
                 status,
-                subject=text(reply[2]),
-                client_id=text(reply[3]),
-                claims=json.loads(reply[1]),
-                family_expires_ms=int(reply[4]),
-                token_expires_ms=int(reply[5]),
-                now_ms=int(reply[6]),
-                sealed=bytes(reply[7]) if status is RefreshStatus.REPLAYED else b"",
-                generation=int(reply[8]) if status is RefreshStatus.REPLAYED else 0,
+                subject=str(claims.get("sub", "")),
+                client_id=str(claims.get("client_id", "")),
+                claims=claims,
+                family_expires_ms=int(reply[2]),
+                token_expires_ms=int(reply[3]),
+                now_ms=int(reply[4]),
+                sealed=bytes(reply[5]) if status is RefreshStatus.REPLAYED else b"",
+                generation=int(reply[6]) if status is RefreshStatus.REPLAYED else 0,
             )
         if status is RefreshStatus.REGEN:
             return Rotation(status, generation=int(reply[1]))
@@ -240,7 +239,7 @@ class FamilyOps(StoreCore):
             await self._append([("session", sid, exp, 0)], now_ms)
         if status is RefreshStatus.REUSE:
             await self.settle(family_key(sid))  # a revocation: a retry sees 'revoked'
-            return Rotation(status, subject=text(reply[1]))
+            return Rotation(status, subject=str(json.loads(reply[1]).get("sub", "")))
         return Rotation(status)
 
     async def _state(
@@ -290,7 +289,7 @@ class FamilyOps(StoreCore):
         _, sids, watermark = await guarded(pipe.execute)
         if not sids:
             return []
-        fields = ("state", "created", "last", "exp", "cur_exp", "cid", "label")
+        fields = ("state", "created", "last", "exp", "cur_exp", "claims", "label")
         pipe = self.redis.pipeline(transaction=False)
         for sid in sids:
             pipe.hmget(family_key(text(sid)), fields)
@@ -310,7 +309,7 @@ class FamilyOps(StoreCore):
             out.append(
                 SessionInfo(
                     text(sid),
-                    f["cid"],
+                    str(json.loads(f["claims"] or "{}").get("client_id", "")),
                     f["label"],
                     int(f["created"]),
                     int(f["last"]),

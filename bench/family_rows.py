@@ -1,0 +1,56 @@
+"""Row store.family_bytes: Redis ``MEMORY USAGE`` of one refresh family after 10 000
+rotations, through the service's own store and scripts (families v2 keep it constant; v1
+grew by one field per rotation: 229 KB after 2 000)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+from bench.run import Bench
+from tokensvc.redisconn import redis_client
+from tokensvc.store import FamilyStore, NewFamily, Presented, Successor, family_key
+from tokensvc.tokens import RefreshTokens, new_session_id, refresh_hash
+
+CLAIMS = {"sub": "bench-user", "aud": ["mesh"], "client_id": "bench", "roles": ["reader"]}
+
+
+async def family_bytes(redis_url: str, rotations: int, grace_ms: int = 30_000) -> int:
+    """Start a family, rotate it ``rotations`` times (grace window on: the largest state),
+    return its MEMORY USAGE in bytes."""
+    redis = redis_client(redis_url, 5.0)
+    try:
+        store, codec = FamilyStore(redis), RefreshTokens(b"\x01" * 32)
+        sid = new_session_id("bench-user")
+        token = codec.new(sid, 1)
+        now, day = int(time.time() * 1000), 86_400_000
+        family = NewFamily(
+            sid, refresh_hash(token), "bench-user", "bench", "", CLAIMS, now, now + day, now + day
+        )
+        await store.create(family)
+        for generation in range(2, rotations + 2):
+            successor = codec.new(sid, generation)
+            rotation = await store.rotate(
+                sid,
+                Presented(refresh_hash(token), generation - 1, True),
+                Successor(refresh_hash(successor), generation, codec.seal(token, successor)),
+                now,
+                day,
+                grace_ms=grace_ms,
+            )
+            if rotation.status.value != "ok":
+                raise RuntimeError(f"rotation {generation}: {rotation.status}")
+            token = successor
+        usage = await redis.memory_usage(family_key(sid), samples=0)
+        return int(usage or 0)
+    finally:
+        await redis.aclose()
+
+
+def run(b: Bench, redis_url: str) -> None:
+    rotations = b.n(10_000)
+    b.progress(f"store.family_bytes ({rotations} rotations)")
+    size = asyncio.run(family_bytes(redis_url, rotations))
+    b.rows["store.family_bytes"] = {"bytes": size, "rotations": rotations}
+    print(f"     store.family_bytes = {size} B after {rotations} rotations", file=sys.stderr)
