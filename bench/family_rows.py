@@ -23,18 +23,23 @@ async def family_bytes(redis_url: str, rotations: int, grace_ms: int = 30_000) -
     try:
         store, codec = FamilyStore(redis), RefreshTokens(b"\x01" * 32)
         sid = new_session_id("bench-user")
-        token = codec.new(sid, 1)
         now, day = int(time.time() * 1000), 86_400_000
+        token = codec.new(sid, 1, (now + day) // 1000)
         family = NewFamily(
             sid, refresh_hash(token), "bench-user", "bench", "", CLAIMS, now, now + day, now + day
         )
         await store.create(family)
         for generation in range(2, rotations + 2):
-            successor = codec.new(sid, generation)
+            successor = codec.new(sid, generation, (now + day) // 1000)
             rotation = await store.rotate(
                 sid,
                 Presented(refresh_hash(token), generation - 1, True),
-                Successor(refresh_hash(successor), generation, codec.seal(token, successor)),
+                Successor(
+                    refresh_hash(successor),
+                    generation,
+                    (now + day) // 1000,
+                    codec.seal(token, successor),
+                ),
                 now,
                 day,
                 grace_ms=grace_ms,

@@ -25,12 +25,18 @@ T = TypeVar("T")
 class ServerThread:
     """Runs ``tokensvc.server.start`` on a private event loop."""
 
-    def __init__(self, settings: Settings, tracer_provider: TracerProvider | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        tracer_provider: TracerProvider | None = None,
+        clock: Any = None,
+    ) -> None:
         self.settings = settings
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.running: server.Running = self.run(server.start(settings, tracer_provider))
+        extra = {"clock": clock} if clock is not None else {}
+        self.running: server.Running = self.run(server.start(settings, tracer_provider, **extra))
         self.port = self.running.port
         self.target = f"127.0.0.1:{self.port}"
 

@@ -14,11 +14,13 @@ import redis
 from bench.family_rows import family_bytes
 from tests.legacy import old_issue, old_refresh
 from tokensvc.audit import AUDIT_STREAM
+from tokensvc.config import Rate
 from tokensvc.store import family_key
 from tokensvc.tokens import refresh_hash
-from tokensvc_client import AsyncTokenClient, TokenClient
+from tokensvc_client import AsyncTokenClient, KeySet, RevocationSet, TokenClient
 from tokensvc_client.errors import Unavailable
 from tokensvc_client.v1 import tokensvc_pb2 as pb
+from tokensvc_client.verifier import Verifier
 
 ORDERS = "spiffe://tokensvc.test/ns/shop/sa/orders"
 
@@ -60,7 +62,7 @@ def test_families_written_by_the_previous_version_keep_working(stub, redis_url):
     sid, t0 = old_issue(redis_url, "carol")
     t1 = old_refresh(redis_url, t0)
     t2 = _refresh(stub, t1)  # a v1 token refreshes into the new format
-    assert t2.session_id == sid and t2.refresh_token.count("_") == 4
+    assert t2.session_id == sid and t2.refresh_token.count("_") == 5
     t3 = _refresh(stub, t2.refresh_token)
     used = [f for f in client.hgetall(family_key(sid)) if f.startswith(b"u:")]
     assert len(used) == 2  # t0 (old code) and t1 (its last v1 token): no more growth
@@ -116,23 +118,25 @@ def test_fifty_concurrent_refreshes_in_grace_mode_make_one_successor(
 
 def _slow_reply_server(make_settings, start_server, grace: int):
     # a rotation is committed, then the server waits for a replica that does not exist
-    # (WAIT, 1 s) before it answers: the client's 0.4 s deadline loses the reply
+    # (WAIT, 1.5 s) before it answers: the client's 0.75 s deadline loses the reply
     settings = make_settings(
         refresh_grace_seconds=grace,
         redis_wait_replicas=1,
-        redis_wait_timeout=1.0,
+        redis_wait_timeout=1.5,
         redis_timeout=2.0,
     )
-    return start_server(settings)
+    srv = start_server(settings)
+    with TokenClient(srv.target, insecure=True) as login:
+        pairs = [login.issue("gina") for _ in range(2)]
+    return srv, pairs
 
 
 def test_a_lost_refresh_reply_is_retried_once_for_the_same_successor(
     make_settings, start_server, redis_url
 ):
-    srv = _slow_reply_server(make_settings, start_server, grace=10)
+    srv, (pair, other) = _slow_reply_server(make_settings, start_server, grace=10)
     client = redis.Redis.from_url(redis_url)
-    with TokenClient(srv.target, insecure=True, timeout=0.4) as tokens:
-        pair = tokens.issue("gina")
+    with TokenClient(srv.target, insecure=True, timeout=0.75) as tokens:
         new = tokens.refresh(pair.refresh_token)
         assert client.hget(family_key(pair.session_id), "cur").decode() == refresh_hash(
             new.refresh_token
@@ -140,20 +144,17 @@ def test_a_lost_refresh_reply_is_retried_once_for_the_same_successor(
         assert tokens.introspect(new.access_token).active
 
     async def aio() -> None:
-        async with AsyncTokenClient(srv.target, insecure=True, timeout=0.4) as atokens:
-            pair = await atokens.issue("gina")
-            new = await atokens.refresh(pair.refresh_token)
+        async with AsyncTokenClient(srv.target, insecure=True, timeout=0.75) as atokens:
+            new = await atokens.refresh(other.refresh_token)
             assert (await atokens.introspect(new.refresh_token)).active
 
     asyncio.run(aio())
 
 
 def test_a_strict_server_refresh_is_never_retried(make_settings, start_server, redis_url):
-    srv = _slow_reply_server(make_settings, start_server, grace=0)
-    with TokenClient(srv.target, insecure=True, timeout=0.4) as tokens:
-        pair = tokens.issue("hank")
-        with pytest.raises(Unavailable):
-            tokens.refresh(pair.refresh_token)
+    srv, (pair, _) = _slow_reply_server(make_settings, start_server, grace=0)
+    with TokenClient(srv.target, insecure=True, timeout=0.75) as tokens, pytest.raises(Unavailable):
+        tokens.refresh(pair.refresh_token)
     family = redis.Redis.from_url(redis_url).hgetall(family_key(pair.session_id))
     # rotated once, not revoked: a retry would have presented the spent token (reuse)
     assert family[b"gen"] == b"2" and family[b"state"] == b"active"
@@ -166,3 +167,38 @@ def test_a_bound_familys_grace_serves_only_its_certificate(mtls_service):
     new = _refresh(orders, pair.refresh_token)
     assert _refused(billing, pair.refresh_token) == "certificate_mismatch"
     assert _refresh(orders, pair.refresh_token).refresh_token == new.refresh_token
+
+
+def test_an_ended_session_is_expired_or_revoked_never_a_guess(make_settings, start_server):
+    # two counted failures would block the peer: ended sessions must not count at all
+    settings = make_settings(family_max_age=2, refresh_idle_ttl=2, rate_auth_failures=Rate(2, 60))
+    stub = start_server(settings).stub()
+    ended = stub.Issue(pb.IssueRequest(subject="ivan")).tokens
+    logged_out = stub.Issue(pb.IssueRequest(subject="ivan")).tokens
+    stub.Revoke(pb.RevokeRequest(token=logged_out.refresh_token))
+    assert [_refused(stub, logged_out.refresh_token) for _ in range(3)] == ["revoked"] * 3
+    time.sleep(max(0.0, ended.refresh_expires_at.seconds + 1.1 - time.time()))
+    # the family has left Redis; the token itself says when its session ended
+    assert [_refused(stub, ended.refresh_token) for _ in range(3)] == ["expired"] * 3
+    assert _refresh(stub, stub.Issue(pb.IssueRequest(subject="ivan")).tokens.refresh_token)
+
+
+def test_a_replica_whose_clock_runs_behind_cannot_date_fresh_logins_before_a_revocation(
+    make_settings, start_server
+):
+    settings = make_settings()
+    ahead = start_server(settings).stub()
+    behind = start_server(settings, clock=lambda: time.time() - 300).stub()
+    ahead.Issue(pb.IssueRequest(subject="judy"))
+    feed = ahead.WatchRevocations(pb.WatchRevocationsRequest(), timeout=10)
+    ahead.Revoke(pb.RevokeRequest(subject="judy"))
+    subject_event = next(e for e in feed if e.kind == pb.RevocationEvent.SUBJECT)
+    feed.cancel()
+    fresh = behind.Issue(pb.IssueRequest(subject="judy")).tokens
+    keys = KeySet.from_jwks(ahead.GetKeys(pb.GetKeysRequest()).jwks)
+    claims = Verifier("https://tokensvc.test", None).verify(fresh.access_token, keys)
+    assert claims.issued_at >= subject_event.revoked_before.seconds  # Redis's clock, both
+    revoked = RevocationSet()
+    revoked.apply(subject_event)
+    assert not revoked.is_revoked(claims)
+    assert _active(ahead, fresh.access_token)

@@ -10,6 +10,8 @@ import dataclasses
 import logging
 import os
 import signal
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -124,8 +126,14 @@ async def _maintain(keyring: KeyRing, lifecycle: Lifecycle, health: HealthServic
     raise asyncio.CancelledError
 
 
-async def start(settings: Settings, tracer_provider: TracerProvider | None = None) -> Running:
-    """Start everything; raises on a configuration that cannot work (bad KEK, no Redis)."""
+async def start(
+    settings: Settings,
+    tracer_provider: TracerProvider | None = None,
+    *,
+    clock: Callable[[], float] = time.time,
+) -> Running:
+    """Start everything; raises on a configuration that cannot work (bad KEK, no Redis).
+    ``clock``: the servicer's UNIX time (tests give a replica a skewed one)."""
     embedded = None
     url = settings.redis_url
     if url is None:
@@ -181,7 +189,7 @@ async def start(settings: Settings, tracer_provider: TracerProvider | None = Non
     )
     audit = AuditTrail(redis, log_routine=settings.audit_log_all)
     tokensvc_pb2_grpc.add_TokenServiceServicer_to_server(
-        TokenService(settings, store, keyring, audit, policy, hub), server
+        TokenService(settings, store, keyring, audit, policy, hub, clock=clock), server
     )
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

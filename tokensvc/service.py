@@ -178,8 +178,8 @@ class TokenService(AdminRpcs, SessionRpcs, pb_grpc.TokenServiceServicer):
         now_f = self.clock()
         now, now_ms = int(now_f), int(now_f * 1000)
         sid = tokens.new_session_id(subject)
-        refresh = self.refresh_tokens.new(sid, 1)
         family_exp_ms = now_ms + self.settings.family_max_age * 1000
+        refresh = self.refresh_tokens.new(sid, 1, family_exp_ms // 1000)
         refresh_exp_ms = min(now_ms + self.settings.refresh_idle_ttl * 1000, family_exp_ms)
         if tokens.access_token_size(self._claims(base, sid, now, family_exp_ms)) > limits.MAX_TOKEN:
             # every field is within its limit but together they make a token verifiers
@@ -239,10 +239,15 @@ class TokenService(AdminRpcs, SessionRpcs, pb_grpc.TokenServiceServicer):
             raise NotAuthenticated(Reason.MALFORMED.value)
         if presented.generation and not presented.genuine:
             raise NotAuthenticated("unknown")  # not one the service made: no Redis trip
+        if presented.generation and presented.ends_at * 1000 <= self.clock() * 1000:
+            # the session ended (its family may have left Redis long ago): not a guess
+            raise NotAuthenticated("expired")
         sid, caller = presented.session_id, current_caller()
-        rotation, successor = await self._rotate(presented, presented.generation + 1)
-        if rotation.status is RefreshStatus.REGEN:  # (a family rotated by an older version)
-            rotation, successor = await self._rotate(presented, rotation.generation + 1)
+        generation, ends_at = presented.generation + 1, presented.ends_at
+        rotation, successor = await self._rotate(presented, generation, ends_at)
+        if rotation.status is RefreshStatus.REGEN:  # a v1 token, or an older version's
+            generation, ends_at = rotation.generation + 1, rotation.family_expires_ms // 1000
+            rotation, successor = await self._rotate(presented, generation, ends_at)
         if rotation.status is RefreshStatus.REUSE:
             self.audit.record(
                 "reuse_detected",
@@ -256,7 +261,7 @@ class TokenService(AdminRpcs, SessionRpcs, pb_grpc.TokenServiceServicer):
             raise NotAuthenticated("certificate_mismatch")
         if rotation.status is RefreshStatus.REPLAYED:
             replayed = self.refresh_tokens.unseal(
-                presented.token, sid, rotation.generation, rotation.sealed
+                presented, rotation.generation, rotation.family_expires_ms // 1000, rotation.sealed
             )
             if replayed is None:
                 raise RuntimeError(f"sealed successor of sid={sid} does not open")
@@ -280,15 +285,16 @@ class TokenService(AdminRpcs, SessionRpcs, pb_grpc.TokenServiceServicer):
         )
 
     async def _rotate(
-        self, presented: tokens.PresentedRefresh, generation: int
+        self, presented: tokens.PresentedRefresh, generation: int, ends_at: int
     ) -> tuple[Rotation, str]:
-        """One rotation attempt with a successor of ``generation``: (outcome, successor)."""
-        successor = self.refresh_tokens.new(presented.session_id, generation)
+        """One rotation attempt with a successor of ``generation`` carrying the family end
+        ``ends_at``: (outcome, successor)."""
+        successor = self.refresh_tokens.new(presented.session_id, generation, ends_at)
         sealed = tokens.RefreshTokens.seal(presented.token, successor) if self.grace_ms else b""
         rotation = await self.store.rotate(
             presented.session_id,
             Presented(presented.hash, presented.generation, presented.genuine),
-            Successor(tokens.refresh_hash(successor), generation, sealed),
+            Successor(tokens.refresh_hash(successor), generation, ends_at, sealed),
             int(self.clock() * 1000),
             self.settings.refresh_idle_ttl * 1000,
             current_caller().peer.thumbprint,

@@ -8,15 +8,18 @@ session id, so the key a Refresh touches is known from the token alone.
 
 Refresh tokens (both start with ``tsr1_``, the mark interceptors and log redaction know)::
 
-    v1  tsr1_<sid>_<256 random bits>                     (before families v2; still honoured)
-    v2  tsr1_<sid>_<generation>_<256 random bits>_<mac>  (hex; generation 1, 2, ...)
+    v1  tsr1_<sid>_<256 random bits>                          (before families v2)
+    v2  tsr1_<sid>_<generation>_<end>_<256 random bits>_<mac>  (hex)
 
-``mac`` is HMAC-SHA256 (truncated to 128 bits) of everything before it under the
-deployment's ``refresh-mac`` secret (:meth:`tokensvc.keyring.KeyRing.secret`). So the
-service recognises a token it issued, and which generation of its family it was, without
-remembering it: that is what keeps a family's state constant-size (see
-:mod:`tokensvc.store.families`). The random part stays: the MAC key alone does not make a
-usable token, because the current one is also checked against its stored hash.
+``generation`` counts the family's tokens from 1; ``end`` is the family's absolute end
+(UNIX seconds); ``mac`` is HMAC-SHA256 (truncated to 128 bits) of everything before it
+under the deployment's ``refresh-mac`` secret (:meth:`tokensvc.keyring.KeyRing.secret`).
+So the service recognises a token it issued, which generation of its family it was and
+when that family ends, without remembering it: that keeps a family's state constant-size
+(see :mod:`tokensvc.store.families`), and a token of a session that ended is answered
+``expired`` -- never "unknown", which counts as guessing -- however long after the family
+left Redis. The random part stays: the MAC key alone does not make a usable token, because
+the current one is also checked against its stored hash.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ _SESSION_ID = re.compile(r"[0-9a-f]{64}")
 _REFRESH_TOKEN = re.compile(re.escape(REFRESH_TOKEN_PREFIX) + r"([0-9a-f]{64})_[0-9a-f]{64}")
 _REFRESH_V2 = re.compile(
     re.escape(REFRESH_TOKEN_PREFIX)
-    + r"(?P<sid>[0-9a-f]{64})_(?P<gen>[1-9a-f][0-9a-f]{0,11})"
+    + r"(?P<sid>[0-9a-f]{64})_(?P<gen>[1-9a-f][0-9a-f]{0,11})_(?P<end>[1-9a-f][0-9a-f]{0,11})"
     + r"_(?P<rand>[0-9a-f]{64})_(?P<mac>[0-9a-f]{32})"
 )
 _SEAL_INFO: Final = b"tokensvc refresh grace seal v1"
@@ -90,12 +93,14 @@ def refresh_session_id(token: str) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class PresentedRefresh:
-    """A refresh token as presented: its session, generation (0: a v1 token), stored-form
-    hash, and whether its MAC proves the service issued it (v2 only)."""
+    """A refresh token as presented: its session, generation (0: a v1 token), its
+    family's end (UNIX s; 0: unknown, v1), stored-form hash, and whether its MAC proves
+    the service issued it (v2 only)."""
 
     token: str
     session_id: str
     generation: int
+    ends_at: int
     hash: str
     genuine: bool
 
@@ -111,10 +116,13 @@ class RefreshTokens:
     def _mac(self, body: str) -> str:
         return hmac.new(self._key, body.encode("ascii"), hashlib.sha256).hexdigest()[:32]
 
-    def new(self, session_id: str, generation: int, random_part: bytes | None = None) -> str:
-        """A v2 token of ``generation`` (>= 1); ``random_part``: 32 bytes, fresh if None."""
+    def new(
+        self, session_id: str, generation: int, ends_at: int, random_part: bytes | None = None
+    ) -> str:
+        """A v2 token of ``generation`` (>= 1) of a family ending at ``ends_at`` (UNIX s);
+        ``random_part``: 32 bytes, fresh if None."""
         rand = (random_part if random_part is not None else secrets.token_bytes(32)).hex()
-        body = f"{REFRESH_TOKEN_PREFIX}{session_id}_{generation:x}_{rand}"
+        body = f"{_v2_head(session_id, generation, ends_at)}{rand}"
         return f"{body}_{self._mac(body)}"
 
     def parse(self, token: str) -> PresentedRefresh | None:
@@ -123,11 +131,11 @@ class RefreshTokens:
         if v2 is not None:
             body = token[: v2.start("mac") - 1]
             genuine = hmac.compare_digest(self._mac(body), v2.group("mac"))
-            gen = int(v2.group("gen"), 16)
-            return PresentedRefresh(token, v2.group("sid"), gen, refresh_hash(token), genuine)
+            gen, end = int(v2.group("gen"), 16), int(v2.group("end"), 16)
+            return PresentedRefresh(token, v2.group("sid"), gen, end, refresh_hash(token), genuine)
         v1 = _REFRESH_TOKEN.fullmatch(token)
         if v1 is not None:
-            return PresentedRefresh(token, v1.group(1), 0, refresh_hash(token), False)
+            return PresentedRefresh(token, v1.group(1), 0, 0, refresh_hash(token), False)
         return None
 
     @staticmethod
@@ -142,14 +150,21 @@ class RefreshTokens:
         aad = successor[: match.start("rand")].encode("ascii")
         return nonce + _sealer(presented).encrypt(nonce, bytes.fromhex(match["rand"]), aad)
 
-    def unseal(self, presented: str, session_id: str, generation: int, box: bytes) -> str | None:
+    def unseal(
+        self, presented: PresentedRefresh, generation: int, ends_at: int, box: bytes
+    ) -> str | None:
         """The successor sealed by :meth:`seal`, or ``None`` if ``box`` does not open."""
-        aad = f"{REFRESH_TOKEN_PREFIX}{session_id}_{generation:x}_".encode("ascii")
+        sid = presented.session_id
+        aad = _v2_head(sid, generation, ends_at).encode("ascii")
         try:
-            rand = _sealer(presented).decrypt(box[:12], box[12:], aad)
+            rand = _sealer(presented.token).decrypt(box[:12], box[12:], aad)
         except (InvalidTag, ValueError):
             return None
-        return self.new(session_id, generation, rand)
+        return self.new(sid, generation, ends_at, rand)
+
+
+def _v2_head(session_id: str, generation: int, ends_at: int) -> str:
+    return f"{REFRESH_TOKEN_PREFIX}{session_id}_{generation:x}_{ends_at:x}_"
 
 
 def _sealer(presented: str) -> AESGCM:

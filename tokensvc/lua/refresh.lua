@@ -5,11 +5,13 @@
 --   token's MAC is valid (the service issued it), 4 successor hash, 5 successor generation,
 --   6 sealed successor ('' with no grace window), 7 idle ttl ms, 8 presenter's certificate
 --   thumbprint ('' without one), 9 grace window ms (0: strict), 10 stream MINID,
---   11 event expiry ms, 12 session id. (feed.lua is prepended.)
+--   11 event expiry ms, 12 session id, 13 the family end (s) written in the successor.
+--   (feed.lua is prepended.)
 -- Returns {status, ...}:
 --   {'ok', claims, family expiry, successor expiry, now} |
 --   {'replayed', claims, family expiry, successor expiry, now, sealed, generation} |
---   {'regen', generation} (the successor must be of generation+1: mint again) |
+--   {'regen', generation, family expiry} (the successor must be of generation+1 and carry
+--   the family's end: mint it again) |
 --   {'reuse', claims} | {'revoked'} | {'expired'} | {'unknown'} | {'mismatch'}
 -- (claims: the JSON carried to every access token, with the subject and client_id)
 -- Times are Redis's clock (TIME), the same clock as 'created' and the subject watermark,
@@ -57,7 +59,9 @@ if is_old then
   return {'reuse', f[6]}
 end
 if now >= tonumber(f[3]) or now >= fam_exp then return {'expired'} end
-if tonumber(ARGV[5]) ~= gen + 1 then return {'regen', gen} end
+if tonumber(ARGV[5]) ~= gen + 1 or tonumber(ARGV[13]) ~= math.floor(fam_exp / 1000) then
+  return {'regen', gen, fam_exp}
+end
 local next_exp = math.min(now + tonumber(ARGV[7]), fam_exp)
 redis.call('HSET', fam, 'cur', ARGV[4], 'gen', ARGV[5], 'cur_exp', next_exp, 'last', now)
 if pgen == 0 then

@@ -1,8 +1,39 @@
 """Refresh families: creating one (Issue), rotating it (Refresh), reading its state
 (Introspect) and listing a subject's sessions.
 
-Only hashes of refresh tokens are stored. Automatic client retries are off: re-sending a
-Refresh whose reply was lost would present a spent token and revoke the family.
+**Families v2: constant size, exact reuse detection.** A family hash holds the current
+token's hash (``cur``) and generation (``gen``), times, the claims, and at most one grace
+record (``g``): nothing per rotation. Reuse detection must still recognise *every* token
+the family issued and rotated, and nothing else. It does so by construction of the token
+(:mod:`tokensvc.tokens`): generation ``n`` carries ``HMAC(K, sid, n, random)`` under the
+deployment secret ``K``. The argument:
+
+- *Every rotated token is recognised.* A presented token whose MAC verifies and whose
+  generation is at most ``gen`` but is not ``cur`` was issued by the service for this
+  session (the MAC binds the session id and generation) and has been superseded: reuse.
+  Generations only grow (a rotation writes ``gen + 1``; a script refuses any other, see
+  ``regen``), so "older generation" is exactly "rotated".
+- *Nothing else is.* Without ``K`` nobody makes a valid MAC (HMAC is a PRF; 128-bit tags):
+  a guessed token, one forged from a session id seen in a log, or one of another family
+  (other session id in the MAC) is ``unknown`` and revokes nothing -- the service refuses
+  it before any Redis trip. A token of a *later* generation than ``gen`` (a rotation lost
+  in a failover) is ``unknown`` too.
+- *Nothing usable is stored.* Redis holds the SHA-256 of the current token, MACs are not
+  stored at all, and ``K`` is stored only encrypted under the KEK. Someone who steals
+  ``K`` can forge *old* generations -- i.e. revoke sessions whose ids they know -- but not
+  the current token, whose 256 random bits are checked against ``cur``.
+- *v1 families* (before v2) keep their ``u:<hash>`` fields, the old evidence; their current
+  v1 token rotates into generation 1 and is itself recorded as used once. They stop
+  growing; new families never have such fields.
+
+**Grace window.** A rotation with the window on also stores ``g`` = its time, 128 bits of
+the presented token's hash and the successor's random part sealed under a key derived from
+the presented token (:meth:`tokensvc.tokens.RefreshTokens.seal`). Re-presenting that token
+within the window, while ``last`` still equals that time (no later rotation happened),
+returns the sealed successor (``replayed``): the same one, whoever asks how often. Anyone
+else meets reuse or ``unknown`` as in strict mode.
+
+Refresh and the refresh-token Introspect are one script each, one round trip.
 """
 
 from __future__ import annotations
@@ -80,11 +111,13 @@ class Presented:
 
 @dataclass(frozen=True, slots=True)
 class Successor:
-    """The token a rotation makes current: hash, generation, and (grace window on) the
-    sealed random part a replay hands back (``b""`` in strict mode)."""
+    """The token a rotation makes current: hash, generation, the family end it carries
+    (UNIX s), and (grace window on) the sealed random part a replay hands back (``b""`` in
+    strict mode)."""
 
     token_hash: str
     generation: int
+    ends_at: int
     sealed: bytes = b""
 
 
@@ -208,6 +241,7 @@ class FamilyOps(StoreCore):
                 minid,
                 exp,
                 sid,
+                successor.ends_at,
             ],
         )
         status = RefreshStatus(text(reply[0]))
@@ -233,7 +267,7 @@ class FamilyOps(StoreCore):
                 generation=int(reply[6]) if status is RefreshStatus.REPLAYED else 0,
             )
         if status is RefreshStatus.REGEN:
-            return Rotation(status, generation=int(reply[1]))
+            return Rotation(status, generation=int(reply[1]), family_expires_ms=int(reply[2]))
         if status in (RefreshStatus.REUSE, RefreshStatus.REVOKED):
             # (Cluster) a revoked family is announced again: a retry after a lost append
             await self._append([("session", sid, exp, 0)], now_ms)

@@ -3,9 +3,12 @@
 Key layout (``T`` = the subject's 128-bit tag, see :mod:`tokensvc.tokens`; the braces are
 the Redis Cluster hash tag, so all keys of one subject share one slot)::
 
-    ts:{T}:fam:<sid>   hash   one refresh family: state, current token hash (cur), its
-                              expiry, creation, absolute expiry, subject, client_id, label,
-                              claims JSON, and one ``u:<hash>`` field per rotated token
+    ts:{T}:fam:<sid>   hash   one refresh family: state, current token hash (cur) and
+                              generation (gen), its expiry, creation, last rotation,
+                              absolute expiry, claims JSON (subject, client_id, ...), label
+                              and cnf if set, the grace record (g) with a grace window;
+                              v1 families also hold sub, cid and ``u:<hash>`` per used
+                              token (see tokensvc.store.families)
     ts:{T}:sessions    zset   the subject's session ids, scored by absolute expiry
     ts:{T}:subject     hash   revoked_before (ms watermark)
     ts:{T}:jti:<jti>   string a revoked access token, expiring with the token
