@@ -11,7 +11,7 @@ import grpc
 import pytest
 import redis
 
-from bench.family_rows import family_bytes
+from bench.rows_family import family_bytes
 from tests.legacy import old_issue, old_refresh
 from tokensvc.audit import AUDIT_STREAM
 from tokensvc.config import Rate
