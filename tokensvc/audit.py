@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
+from tokensvc import metrics
 from tokensvc.redisconn import RedisClient
 from tokensvc.store import guarded, text
 from tokensvc.store.calls import script_source
@@ -144,6 +145,8 @@ class AuditTrail:
         self._last_drop_warning = float("-inf")
         self._last_error_warning = float("-inf")
         self._write_failures = 0
+        #: counts each record as a metric (the server sets it when metrics are exported)
+        self.metrics: metrics.ServerMetrics = metrics.DISABLED
 
     @property
     def pending(self) -> int:
@@ -191,6 +194,7 @@ class AuditTrail:
             if self.log_routine or event not in ROUTINE_EVENTS:
                 level = logging.WARNING if event in WARNING_EVENTS else logging.INFO
                 log.log(level, "audit %s", fields.get("event", ""), extra=fields)
+            self.metrics.audit_event(event, fields)
             self._enqueue({**fields, "ts": str(time.time_ns() // 1_000_000)})
         except Exception:  # the request path must not fail because of auditing
             with contextlib.suppress(Exception):

@@ -83,6 +83,8 @@ class Settings:
     rate_auth_failures: Rate = Rate(20, 60)
     rate_auth_failures_relay: Rate = Rate(1000, 60)
     http_listen: str | None = None
+    metrics_listen: str | None = None
+    metrics_client_ids: bool = False
     key_rotation_interval: int = 30 * 86400
     previous_kek_file: Path | None = None
     redis_wait_replicas: int = 0
@@ -151,11 +153,14 @@ class Settings:
                 raise ConfigError(f"file not found: {path}")
         if self.redis_url is not None and not self.redis_url.startswith(REDIS_SCHEMES):
             raise ConfigError(f"--redis-url must start with one of {', '.join(REDIS_SCHEMES)}")
-        if self.http_listen is not None:
-            h_host, h_sep, h_port = self.http_listen.rpartition(":")
+        listeners = (("http-listen", self.http_listen), ("metrics-listen", self.metrics_listen))
+        for flag, address in listeners:
+            if address is None:
+                continue
+            h_host, h_sep, h_port = address.rpartition(":")
             if not h_sep or not h_host or not h_port.isdigit() or not 0 <= int(h_port) < 65536:
-                raise ConfigError(f"--http-listen must be HOST:PORT, got {self.http_listen!r}")
-            if self.insecure and not _is_loopback(h_host.strip("[]")):
+                raise ConfigError(f"--{flag} must be HOST:PORT, got {address!r}")
+            if flag == "http-listen" and self.insecure and not _is_loopback(h_host.strip("[]")):
                 raise ConfigError("--insecure serves plain HTTP JWKS on loopback only")
         if self.key_rotation_interval < 2 * (self.jwks_max_age + self.access_ttl + self.leeway):
             raise ConfigError(
@@ -233,6 +238,7 @@ _OPTIONS: dict[str, tuple[str, type]] = {
         Rate,
     ),
     "http_listen": ("HOST:PORT for the HTTP JWKS/discovery listener; off unless set", str),
+    "metrics_listen": ("HOST:PORT for plain-HTTP /metrics alone (also on --http-listen)", str),
     "key_rotation_interval": ("seconds between automatic signing-key rotations", int),
     "previous_kek_file": ("the KEK being replaced, still accepted for decryption", Path),
     "redis_wait_replicas": ("replicas that must acknowledge revocations (Redis WAIT)", int),
@@ -247,7 +253,13 @@ _OPTIONS: dict[str, tuple[str, type]] = {
         int,
     ),
 }
-_FLAGS = ("insecure", "allow_long_access_ttl", "allow_cn_identities", "audit_log_all")
+_FLAGS = (
+    "insecure",
+    "allow_long_access_ttl",
+    "allow_cn_identities",
+    "audit_log_all",
+    "metrics_client_ids",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -291,6 +303,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="also log the routine audit events issued and refreshed (one per Issue and "
         "Refresh; the audit stream always has them) [env TOKENSVC_AUDIT_LOG_ALL]",
+    )
+    parser.add_argument(
+        "--metrics-client-ids",
+        action="store_true",
+        default=None,
+        help="label the tokens-issued metric by client_id (one series per client) "
+        "[env TOKENSVC_METRICS_CLIENT_IDS]",
     )
 
 

@@ -113,6 +113,12 @@ class RevocationHub:
         self._floor: tuple[int, int] | None = None
         self._pruned_at = 0.0
         self._reading = True  # False while the reader fails: new watchers are refused
+        self.sent = 0  # live events put to watchers' queues (a metric)
+
+    @property
+    def watcher_count(self) -> int:
+        """Open WatchRevocations streams (a metric)."""
+        return len(self._watchers)
 
     async def prime(self) -> None:
         """Read the stream as it is now and fix the reader's starting point after its
@@ -193,6 +199,7 @@ class RevocationHub:
         raise asyncio.CancelledError
 
     def _publish(self, event: pb.RevocationEvent) -> None:
+        self.sent += len(self._watchers)
         for queue in list(self._watchers):
             try:
                 queue.put_nowait(event)

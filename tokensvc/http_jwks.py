@@ -174,7 +174,7 @@ class HttpJwks:
     """A started listener; ``port`` is the bound port (useful with ``HOST:0``)."""
 
     settings: Settings
-    keys: KeySource
+    keys: KeySource | None  # None: no JWKS/discovery (the plain --metrics-listen)
     documents: dict[str, Document] = field(default_factory=dict)
     scheme: str = "https"
     gate: http_gate.Gate | None = None
@@ -209,9 +209,9 @@ class HttpJwks:
     def _respond(self, request: web.BaseRequest) -> web.StreamResponse:
         path = request.rel_url.raw_path
         document = self.documents.get(path)
-        if path == JWKS_PATH:
-            body, etag = self._jwks()
-        elif path == DISCOVERY_PATH:
+        if path == JWKS_PATH and self.keys is not None:
+            body, etag = self._jwks(self.keys)
+        elif path == DISCOVERY_PATH and self.keys is not None:
             body, etag = self._discovery, etag_of(self._discovery)
         elif document is None:
             return _error(404, "not found")
@@ -227,9 +227,9 @@ class HttpJwks:
             return web.Response(status=304, headers=headers)
         return web.Response(body=body, headers=headers, content_type="application/json")
 
-    def _jwks(self) -> tuple[bytes, str]:
+    def _jwks(self, keys: KeySource) -> tuple[bytes, str]:
         """The live JWK Set and its ETag (recomputed only when the ring changed)."""
-        text = self.keys.jwks_json
+        text = keys.jwks_json
         if text is not self._cached[0]:
             body = text.encode()
             self._cached = (text, body, etag_of(body))
@@ -254,12 +254,13 @@ def server_ssl_context(settings: Settings) -> ssl.SSLContext:
 
 async def start_http(
     settings: Settings,
-    keys: KeySource,
+    keys: KeySource | None,
     documents: dict[str, Document] | None = None,
     listen: str | None = None,
 ) -> HttpJwks:
     """Start the listener on ``listen`` (default ``settings.http_listen``); HTTPS unless
-    ``settings.insecure``. ``documents`` adds resources (e.g. ``/metrics``).
+    ``settings.insecure`` or ``keys`` is None (a plain-HTTP listener of ``documents`` only,
+    e.g. ``/metrics`` on ``--metrics-listen``). ``documents`` adds resources.
 
     Raises:
         ConfigError: no address, or unusable TLS files.
@@ -269,7 +270,7 @@ async def start_http(
     if address is None:
         raise ConfigError("--http-listen is not set")
     # plaintext only in --insecure mode, which Settings.validate confines to loopback
-    context = None if settings.insecure else server_ssl_context(settings)
+    context = None if settings.insecure or keys is None else server_ssl_context(settings)
     http = HttpJwks(settings, keys, dict(documents or {}))
     http.scheme = "http" if context is None else "https"
     server = _Server(
@@ -291,6 +292,6 @@ async def start_http(
         "HTTP listener (%s) on %s (%s)",
         http.scheme.upper(),
         address.rpartition(":")[0] + f":{http.port}",
-        ", ".join([JWKS_PATH, DISCOVERY_PATH, *http.documents]),
+        ", ".join([*([JWKS_PATH, DISCOVERY_PATH] if keys else []), *http.documents]),
     )
     return http

@@ -21,17 +21,18 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 
-from tokensvc import redisconn, telemetry
+from tokensvc import metrics, metrics_rpc, redisconn, telemetry
 from tokensvc.audit import AuditTrail
 from tokensvc.config import Settings
 from tokensvc.embedded import RedisProcess
 from tokensvc.feed import RevocationHub
-from tokensvc.http_jwks import HttpJwks, start_http
+from tokensvc.http_jwks import Document, HttpJwks, start_http
 from tokensvc.keyring import KeyRing, Lifecycle, load_kek
 from tokensvc.policy import CallerPolicy
 from tokensvc.redisconn import RedisClient
 from tokensvc.service import TokenService
 from tokensvc.store import FamilyStore, StoreUnavailable
+from tokensvc.store.calls import UNAVAILABLE
 from tokensvc.tasks import cancelled_since, cancelling_count
 from tokensvc_client.v1 import tokensvc_pb2, tokensvc_pb2_grpc
 
@@ -71,12 +72,15 @@ class Running:
     http: HttpJwks | None = None  # the --http-listen JWKS listener, if any
     tracer_provider: TracerProvider | None = None  # None: no spans, no instrumentation
     watching: asyncio.Task[None] | None = None  # the Redis watchdog: stops last
+    metrics_http: HttpJwks | None = None  # the --metrics-listen listener, if any
+    metrics: metrics.ServerMetrics = metrics.DISABLED
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking calls, finish in-flight ones within ``grace``, release Redis."""
         await self.health.enter_graceful_shutdown()
-        if self.http is not None:
-            await self.http.stop()
+        for listener in (self.http, self.metrics_http):
+            if listener is not None:
+                await listener.stop()
         # in-flight calls still audit: the audit writer (last task) stops after the server
         for task in self.tasks[:-1]:
             task.cancel()
@@ -87,6 +91,7 @@ class Running:
             self.watching.cancel()
             await _finish([self.watching])
         await self.redis.aclose()
+        await asyncio.to_thread(metrics.shutdown, self.metrics)
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
 
@@ -175,9 +180,13 @@ async def start(
             embedded.stop()
         raise
     provider = telemetry.setup_tracing(tracer_provider)
+    meters = metrics.setup(
+        prometheus=bool(settings.http_listen or settings.metrics_listen),
+        client_ids=settings.metrics_client_ids,
+    )
 
     server = grpc.aio.server(
-        interceptors=telemetry.server_interceptors(provider),
+        interceptors=[*metrics_rpc.interceptors(meters), *telemetry.server_interceptors(provider)],
         # several worker processes bind the same port; the kernel spreads connections
         options=[
             ("grpc.so_reuseport", 1),
@@ -188,6 +197,8 @@ async def start(
         ],
     )
     audit = AuditTrail(redis, log_routine=settings.audit_log_all)
+    audit.metrics = meters
+    meters.observe(metrics.State(keyring, settings.key_rotation_interval, hub, audit, UNAVAILABLE))
     tokensvc_pb2_grpc.add_TokenServiceServicer_to_server(
         TokenService(settings, store, keyring, audit, policy, hub, clock=clock), server
     )
@@ -213,10 +224,19 @@ async def start(
     else:
         port = server.add_secure_port(settings.listen, _server_credentials(settings))
     await server.start()
+    documents = {}
+    if meters.render is not None:
+        documents[metrics.METRICS_PATH] = Document(meters.render)
+    http = metrics_http = None
     try:
-        http = await start_http(settings, keyring) if settings.http_listen else None
+        if settings.http_listen:
+            http = await start_http(settings, keyring, documents)
+        if settings.metrics_listen:
+            metrics_http = await start_http(settings, None, documents, settings.metrics_listen)
     except BaseException:
         watching.cancel()
+        if http is not None:
+            await http.stop()
         await server.stop(None)
         await redis.aclose()
         if embedded is not None:
@@ -226,6 +246,7 @@ async def start(
     running.watching = watching
     running.http = http
     running.tracer_provider = provider
+    running.http, running.metrics_http, running.metrics = http, metrics_http, meters
     lifecycle = Lifecycle.from_settings(settings)
     for job in (_maintain(keyring, lifecycle, health), hub.run(), audit.run()):  # audit last
         running.tasks.append(asyncio.create_task(job, context=telemetry.untraced()))

@@ -209,7 +209,12 @@ class TokenService(AdminRpcs, SessionRpcs, pb_grpc.TokenServiceServicer):
         # signed only once stored (a refused Issue costs no signature), dated by Redis
         access, access_exp = self._mint(base, sid, outcome.created_ms // 1000, family_exp_ms)
         self.audit.record(
-            "issued", peer=caller.name, subject=subject, session_id=sid, bound=int(bool(cnf))
+            "issued",
+            peer=caller.name,
+            subject=subject,
+            session_id=sid,
+            bound=int(bool(cnf)),
+            client_id=base["client_id"],
         )
         context.set_trailing_metadata(self._grace_md)
         return pb.IssueResponse(tokens=self._pair(access, access_exp, refresh, refresh_exp_ms, sid))

@@ -39,9 +39,7 @@ def _exporter_processor(name: str) -> SpanProcessor | None:
         return BatchSpanProcessor(ConsoleSpanExporter())
     if name == "otlp":
         try:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # type: ignore[import-not-found]
-                OTLPSpanExporter,
-            )
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         except ImportError:
             log.warning(
                 "OTEL_TRACES_EXPORTER=otlp needs opentelemetry-exporter-otlp; not exporting"

@@ -3,6 +3,7 @@ as text, and the sources of the Lua scripts."""
 
 from __future__ import annotations
 
+from collections import Counter
 from importlib import resources
 from typing import Any
 
@@ -21,6 +22,16 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 class StoreUnavailable(RuntimeError):
     """Redis is unreachable or timed out; nothing was (or can be known to be) written."""
+
+
+#: StoreUnavailable raised by :func:`guarded` in this process, by the Redis error's class
+#: name (a handful of kinds); the ``tokensvc_redis_unavailable_total`` metric reads it.
+UNAVAILABLE: Counter[str] = Counter()
+
+
+def _down(message: str, err: Exception) -> StoreUnavailable:
+    UNAVAILABLE[type(err).__name__] += 1
+    return StoreUnavailable(f"{message}: {type(err).__name__}")
 
 
 # replies of a server that cannot take the command now, also when they come wrapped in a
@@ -44,17 +55,17 @@ async def guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
     try:
         return await fn(*args, **kwargs)
     except (RedisConnectionError, RedisTimeoutError, OSError) as err:
-        raise StoreUnavailable(f"redis unavailable: {type(err).__name__}") from err
+        raise _down("redis unavailable", err) from err
     except (ClusterError, TryAgainError, AskError, ReadOnlyError, SlotNotCoveredError) as err:
         # ClusterError: CLUSTERDOWN, MASTERDOWN, redirections exhausted; AskError: also MOVED
-        raise StoreUnavailable(f"redis not ready: {type(err).__name__}") from err
+        raise _down("redis not ready", err) from err
     except RedisClusterException as err:
         if str(err).startswith(_CLUSTER_UNREACHABLE):
-            raise StoreUnavailable("redis cluster unreachable") from err
+            raise _down("redis cluster unreachable", err) from err
         raise
     except RedisError as err:
         if any(word in str(err) for word in _NOT_READY):
-            raise StoreUnavailable(f"redis not ready: {type(err).__name__}") from err
+            raise _down("redis not ready", err) from err
         raise
 
 
