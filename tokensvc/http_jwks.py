@@ -219,8 +219,8 @@ class HttpJwks:
             return _error(405, "only GET and HEAD", Allow="GET, HEAD")
         if document is not None:
             body, content_type = document.render()
-            headers = {**_COMMON_HEADERS, "Cache-Control": "no-store"}
-            return web.Response(body=body, headers=headers, content_type=content_type)
+            headers = {**_COMMON_HEADERS, "Cache-Control": "no-store", "Content-Type": content_type}
+            return web.Response(body=body, headers=headers)
         cache = f"public, max-age={self.settings.jwks_max_age}"
         headers = {**_COMMON_HEADERS, "ETag": etag, "Cache-Control": cache}
         if _none_match(request.headers.getall("If-None-Match", []), etag):

@@ -48,6 +48,8 @@ from opentelemetry.sdk.resources import Resource
 log = logging.getLogger("tokensvc.metrics")
 
 METRICS_PATH = "/metrics"
+#: The text format every Prometheus version reads (what generate_latest writes)
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 SCOPE = "tokensvc"
 _LABEL = re.compile(r"[A-Za-z0-9_.\- ]{1,48}")
 
@@ -74,6 +76,19 @@ def _reason_of(text: str) -> tuple[str, str]:
     if not sep:
         return "", label(text)
     return label(rpc), label(rest.split(" (", 1)[0])
+
+
+_IDENTITY_REASONS = (
+    ("URI SANs", "several_uri_sans"),
+    ("not a valid SPIFFE ID", "invalid_spiffe_id"),
+    ("is a CA", "ca_certificate"),
+    ("unreadable", "unreadable"),
+)
+
+
+def _identity_reason(text: str) -> str:
+    """The code of a certificate refusal (its text names the certificate)."""
+    return next((code for words, code in _IDENTITY_REASONS if words in text), "other")
 
 
 class ServerMetrics:
@@ -130,7 +145,7 @@ class ServerMetrics:
         )
         self.rotations = counter("keys.rotations", "{rotation}", "Key rotations by kind")
         self.retirements = counter("keys.retirements", "{key}", "Pending keys retired")
-        self._events: dict[str, Callable[[Mapping[str, str]], None]] = {
+        self.events: dict[str, Callable[[Mapping[str, str]], None]] = {
             "issued": self._on_issued,
             "refreshed": lambda f: self.refreshed.add(1),
             "refresh_replayed": lambda f: self.replays.add(1),
@@ -144,19 +159,22 @@ class ServerMetrics:
             "locked": lambda f: self.locks.add(1),
             "unlocked": lambda f: self.unlocks.add(1),
             "identity_refused": lambda f: self.identity_refusals.add(
-                1, {"reason": label(f.get("reason", ""))}
+                1, {"reason": _identity_reason(f.get("reason", ""))}
             ),
             "keys_rotated": lambda f: self.rotations.add(1, {"kind": label(f.get("reason", ""))}),
             "key_retired": lambda f: self.retirements.add(1),
         }
         self._meter = meter
+        if enabled:  # counters without attributes start at 0: the first event is an increase
+            for instrument in (self.refreshed, self.replays, self.reuse, self.locks):
+                instrument.add(0)
 
     # -- events --------------------------------------------------------------------------
 
     def audit_event(self, event: str, fields: Mapping[str, str]) -> None:
         """Count one audit record (called by :meth:`tokensvc.audit.AuditTrail.record`)."""
         if self.enabled:
-            handler = self._events.get(event)
+            handler = self.events.get(event)
             if handler is not None:
                 handler(fields)
 
@@ -304,13 +322,12 @@ def setup(*, prometheus: bool, client_ids: bool = False) -> ServerMetrics:
     if prometheus:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
         from prometheus_client import CollectorRegistry, generate_latest
-        from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
         registry = CollectorRegistry()
         readers.append(PrometheusMetricReader(scope_info_enabled=False, registry=registry))
 
         def render() -> tuple[bytes, str]:
-            return generate_latest(registry), CONTENT_TYPE_LATEST
+            return generate_latest(registry), PROMETHEUS_TEXT
 
     if not readers:
         return DISABLED

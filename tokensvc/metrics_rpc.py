@@ -36,7 +36,7 @@ def _status(context: grpc.aio.ServicerContext[Any, Any], failed: BaseException |
     return _BY_VALUE.get(int(code), "UNKNOWN")
 
 
-class RpcTimer(grpc.aio.ServerInterceptor[Any, Any]):
+class RpcTimer(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Times every unary and server-streaming call into ``metrics.rpc_duration``."""
 
     def __init__(self, metrics: ServerMetrics) -> None:
@@ -95,6 +95,6 @@ class RpcTimer(grpc.aio.ServerInterceptor[Any, Any]):
         return timed
 
 
-def interceptors(metrics: ServerMetrics) -> list[grpc.aio.ServerInterceptor[Any, Any]]:
+def interceptors(metrics: ServerMetrics) -> list[Any]:
     """The interceptor to install, or none when metrics are off (no cost per call)."""
     return [RpcTimer(metrics)] if metrics.enabled else []
