@@ -371,6 +371,7 @@ def test_ports_agree_with_the_dockerfile_settings_and_service():
     env = _config_env() | _literal_env()
     assert ports["grpc"] == port == _port(env["TOKENSVC_LISTEN"])
     assert ports["https-jwks"] == _port(env["TOKENSVC_HTTP_LISTEN"])
+    assert ports["metrics"] == _port(env["TOKENSVC_METRICS_LISTEN"])
     assert len(set(ports.values())) == len(ports)
 
     service = _kind("Service")
@@ -628,7 +629,7 @@ def test_networkpolicy_selects_the_pods_and_opens_only_what_is_needed():
     assert _selects_pods(spec["podSelector"])
     assert set(spec["policyTypes"]) == {"Ingress", "Egress"}
     ports = _container_ports()
-    assert _rule_ports(spec["ingress"]) == {ports["grpc"], ports["https-jwks"]}
+    assert _rule_ports(spec["ingress"]) == {ports["grpc"], ports["https-jwks"], ports["metrics"]}
     for rule in spec["ingress"]:
         assert rule.get("from") and rule.get("ports"), "ingress open to everyone"
     egress = _rule_ports(spec["egress"])

@@ -14,6 +14,7 @@ the same kind with another behaviour).
 
 from __future__ import annotations
 
+import collections
 import functools
 import hmac
 import logging
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 
+from tokensvc_client import _metrics
 from tokensvc_client.errors import REASON_TRAILER, InvalidToken, Reason
 from tokensvc_client.jwks import CURRENT, KeyRequest
 from tokensvc_client.peer import peer_of
@@ -286,9 +288,24 @@ class Authenticator:
         table = StepUpTable(step_up or {})
         self.step_up = table if len(table) else None
         self.require_binding = bool(require_binding)
+        #: decisions, for metrics (tokensvc_client._metrics): allowed, refused by reason
+        self.allowed = 0
+        self.refused: collections.Counter[str] = collections.Counter()
+        _metrics.track("auth", self)
+
+    def _count(self, rejection: Rejection) -> None:
+        self.refused[reason_of(rejection)] += 1
 
     def decide(self, method: str, metadata: Metadata) -> Decision:
         """Decide one call; a generator that yields key requests (see the module doc)."""
+        outcome = yield from self._decide(method, metadata)
+        if isinstance(outcome, Rejection):
+            self._count(outcome)
+        elif not self.checks_binding(outcome):  # else check_binding counts it
+            self.allowed += 1
+        return outcome
+
+    def _decide(self, method: str, metadata: Metadata) -> Decision:
         try:
             token = bearer_token(metadata)
             keys = yield CURRENT
@@ -357,6 +374,7 @@ class Authenticator:
             if not self.require_binding:
                 return None
             log.info("rejected call to %s: %s", method, Reason.UNBOUND.value)
+            self._count(UNBOUND)
             return UNBOUND
         presented = peer_of(context).thumbprint
         # bytes: compare_digest refuses str with non-ASCII characters
@@ -369,7 +387,9 @@ class Authenticator:
                 claims.subject,
                 Reason.CERTIFICATE_MISMATCH.value,
             )
+            self._count(CERTIFICATE_MISMATCH)
             return CERTIFICATE_MISMATCH
+        self.allowed += 1
         return None
 
     def _revoked(self, claims: Claims) -> bool:
@@ -398,6 +418,16 @@ class Authenticator:
 
 class _HookFailed(Exception):
     """A hook raised; the call is refused (fail closed)."""
+
+
+def reason_of(rejection: Rejection) -> str:
+    """The stable reason code of a rejection (a metric attribute): ``invalid token: X``
+    gives X, else its ``tokensvc-reason`` trailer, else its status code's name."""
+    prefix = "invalid token: "
+    if rejection.message.startswith(prefix):
+        return rejection.message[len(prefix) :]
+    trailers = dict(rejection.trailing_metadata)
+    return trailers.get(REASON_TRAILER) or rejection.code.name.lower()
 
 
 def step(decision: Decision, reply: KeySet | None) -> Claims | Rejection | KeyRequest:

@@ -27,6 +27,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from tokensvc_client import _metrics
 from tokensvc_client.errors import KeysUnavailable
 from tokensvc_client.results import Jwks
 from tokensvc_client.verifier import KeySet
@@ -64,6 +65,9 @@ class _CacheState:
         self.stale_at = -math.inf
         self.last_attempt = -math.inf
         self.last_failed = False
+        self.fetches = 0  # for metrics (tokensvc_client._metrics)
+        self.failures = 0
+        _metrics.track("jwks", self)
 
     def needs_fetch(self, request: KeyRequest, now: float) -> bool:
         """Whether answering ``request`` at ``now`` calls for a fetch first."""
@@ -84,12 +88,14 @@ class _CacheState:
     def record(self, now: float, outcome: Jwks | Exception) -> Exception | None:
         """Take the outcome of a fetch started at ``now``; return the error, if any."""
         self.last_attempt = now
+        self.fetches += 1
         try:
             if isinstance(outcome, Exception):
                 raise outcome
             keys = outcome.key_set()
         except Exception as err:
             self.last_failed = True
+            self.failures += 1
             if self.keys is None:
                 log.warning("JWKS fetch failed and no key set is cached: %s", err)
             else:

@@ -51,6 +51,7 @@ from typing import Any, Final
 import grpc
 import grpc.aio
 
+from tokensvc_client import _metrics
 from tokensvc_client.errors import TokenServiceError
 from tokensvc_client.revocations import RevocationSet
 from tokensvc_client.v1 import tokensvc_pb2 as pb
@@ -159,6 +160,10 @@ class _FeedCore:
         self.events = 0
         self.streams = 0
         self.stale_checks = 0
+        #: monotonic times of the start and of the last event (the last-event-age metric)
+        self.started_at = time.monotonic()
+        self.last_event_at: float | None = None
+        _metrics.track("feed", self)
         self._open = False
         self._stream_started = 0.0
         self._stream_events = 0
@@ -207,6 +212,7 @@ class _FeedCore:
     def on_event(self, stream: int, event: pb.RevocationEvent) -> None:
         self.revocations.apply(event)
         self.events += 1
+        self.last_event_at = time.monotonic()
         self._stream_events += 1
         if event.id:
             self.last_event_id = event.id
