@@ -15,7 +15,6 @@ from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
-import grpc
 import yaml
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
@@ -24,10 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tokensvc import metrics
 from tokensvc_client import _metrics
-from tokensvc_client._auth import Authenticator, Rejection
-from tokensvc_client.jwks import _CacheState
 from tokensvc_client.revocation_feed import _FeedCore
-from tokensvc_client.verifier import Verifier
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "tokensvc.json"
@@ -79,21 +75,14 @@ def client_names() -> set[str]:
     registry = CollectorRegistry()
     provider = MeterProvider(metric_readers=[PrometheusMetricReader(registry=registry)])
     _metrics.register(provider.get_meter(_metrics.SCOPE))
-    # live sources of every kind (the library tracks each as it is created)
-    auth = Authenticator(Verifier("https://x", "mesh"))
-    auth.allowed += 1
-    auth._count(Rejection(grpc.StatusCode.UNAUTHENTICATED, "invalid token: expired"))
-    sources = (
-        auth,
-        _CacheState(1, 1),
-        _FeedCore(
-            max_staleness=1, fail_closed=False, backoff=(0.1, 1), clock=time.time, revocations=None
-        ),
+    # a live feed (its state gauges report only while one exists)
+    feed = _FeedCore(
+        max_staleness=1, fail_closed=False, backoff=(0.1, 1), clock=time.time, revocations=None
     )
     try:
         return _names(generate_latest(registry).decode())
     finally:
-        del sources
+        del feed
         provider.shutdown()
 
 

@@ -14,7 +14,6 @@ the same kind with another behaviour).
 
 from __future__ import annotations
 
-import collections
 import functools
 import hmac
 import logging
@@ -288,13 +287,10 @@ class Authenticator:
         table = StepUpTable(step_up or {})
         self.step_up = table if len(table) else None
         self.require_binding = bool(require_binding)
-        #: decisions, for metrics (tokensvc_client._metrics): allowed, refused by reason
-        self.allowed = 0
-        self.refused: collections.Counter[str] = collections.Counter()
-        _metrics.track("auth", self)
 
-    def _count(self, rejection: Rejection) -> None:
-        self.refused[reason_of(rejection)] += 1
+    @staticmethod
+    def _count(rejection: Rejection) -> None:
+        _metrics.TOTALS.refused[reason_of(rejection)] += 1
 
     def decide(self, method: str, metadata: Metadata) -> Decision:
         """Decide one call; a generator that yields key requests (see the module doc)."""
@@ -302,7 +298,7 @@ class Authenticator:
         if isinstance(outcome, Rejection):
             self._count(outcome)
         elif not self.checks_binding(outcome):  # else check_binding counts it
-            self.allowed += 1
+            _metrics.TOTALS.allowed += 1
         return outcome
 
     def _decide(self, method: str, metadata: Metadata) -> Decision:
@@ -389,7 +385,7 @@ class Authenticator:
             )
             self._count(CERTIFICATE_MISMATCH)
             return CERTIFICATE_MISMATCH
-        self.allowed += 1
+        _metrics.TOTALS.allowed += 1
         return None
 
     def _revoked(self, claims: Claims) -> bool:

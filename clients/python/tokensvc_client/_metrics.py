@@ -1,12 +1,13 @@
 """The client library's figures as OpenTelemetry metrics, when the host service has an
 OpenTelemetry SDK configured -- at no cost on the call path either way.
 
-The interceptors, the verifier's cache, the JWKS caches and the revocation feeds keep plain
-integer counters (an increment per call is all the call path pays). This module exposes them
-as *observable* instruments on the global meter provider (``opentelemetry.metrics``), so
-they are read only when the host's SDK collects. Without the SDK the API's provider never
-collects; without ``opentelemetry-api`` installed (it is not a dependency of the base
-client) nothing is registered at all.
+The interceptors, the verifier's cache, the JWKS caches and the revocation feeds add to the
+process-wide plain integers of :data:`TOTALS` (an increment per call is all the call path
+pays, and counters stay monotonic however many interceptors come and go). This module
+exposes them, and the feeds' state, as *observable* instruments on the global meter
+provider (``opentelemetry.metrics``), so they are read only when the host's SDK collects.
+Without the SDK the API's provider never collects; without ``opentelemetry-api`` installed
+(it is not a dependency of the base client) nothing is registered at all.
 
 Instruments (Prometheus names once exported through the SDK's Prometheus reader):
 
@@ -18,7 +19,7 @@ Instruments (Prometheus names once exported through the SDK's Prometheus reader)
   ``.last_event.age`` (seconds since the feed last heard an event, or since it started).
 
 Several interceptors or feeds in one process are summed (counters), or reported by their
-worst value (connected: the least, stale and age: the largest). Each source is held weakly.
+worst value (connected: the least, stale and age: the largest). Feeds are held weakly.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
+from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -36,36 +38,36 @@ except ImportError:  # the base client runs without OpenTelemetry
 
 SCOPE = "tokensvc_client"
 
+
+class Totals:
+    """Process-wide counts (read by the observable counters)."""
+
+    def __init__(self) -> None:
+        self.allowed = 0
+        self.refused: Counter[str] = Counter()  # by reason code
+        self.hits = 0  # verified-token cache
+        self.misses = 0
+        self.fetches = 0  # JWK Set
+        self.fetch_failures = 0
+        self.feed_events = 0
+        self.feed_reconnects = 0
+
+
+TOTALS = Totals()
 _lock = threading.Lock()
-_sources: dict[str, weakref.WeakSet[Any]] = {
-    "auth": weakref.WeakSet(),
-    "verifier": weakref.WeakSet(),
-    "jwks": weakref.WeakSet(),
-    "feed": weakref.WeakSet(),
-}
-_registered = False
+_feeds: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
-def track(kind: str, source: object) -> None:
-    """Report ``source``'s counters (``kind``: auth, verifier, jwks or feed)."""
-    if _otel is None:
-        return
+def track_feed(core: object) -> None:
+    """Report a revocation feed's state (held weakly)."""
+    if _otel is not None:
+        with _lock:
+            _feeds.add(core)
+
+
+def _live_feeds() -> list[Any]:
     with _lock:
-        _sources[kind].add(source)
-        _register_once()
-
-
-def _live(kind: str) -> list[Any]:
-    with _lock:
-        return list(_sources[kind])
-
-
-def _register_once() -> None:
-    global _registered
-    if _registered or _otel is None:
-        return
-    _registered = True
-    register(_otel.get_meter(SCOPE))
+        return list(_feeds)
 
 
 def register(meter: Any) -> None:
@@ -84,30 +86,18 @@ def register(meter: Any) -> None:
         )
 
     def calls() -> Iterable[Any]:
-        sources = _live("auth")
-        if not sources:
-            return
-        yield Observation(sum(a.allowed for a in sources), {"outcome": "allowed", "reason": ""})
-        refused: dict[str, int] = {}
-        for auth in sources:
-            for reason, n in list(auth.refused.items()):
-                refused[reason] = refused.get(reason, 0) + n
-        for reason, n in refused.items():
+        yield Observation(TOTALS.allowed, {"outcome": "allowed", "reason": ""})
+        for reason, n in list(TOTALS.refused.items()):
             yield Observation(n, {"outcome": "refused", "reason": reason})
 
-    def total(kind: str, attribute: str) -> Callable[[], Iterable[Any]]:
-        def read() -> Iterable[Any]:
-            sources = _live(kind)
-            if sources:
-                yield Observation(sum(getattr(s, attribute) for s in sources))
-
-        return read
+    def total(attribute: str) -> Callable[[], Iterable[Any]]:
+        return lambda: [Observation(getattr(TOTALS, attribute))]
 
     def feeds(
         read: Callable[[Any], float], pick: Callable[[list[float]], float]
     ) -> Callable[[], Iterable[Any]]:
         def observe() -> Iterable[Any]:
-            values = [read(core) for core in _live("feed")]
+            values = [read(core) for core in _live_feeds()]
             if values:
                 yield Observation(pick(values))
 
@@ -117,19 +107,14 @@ def register(meter: Any) -> None:
         return time.monotonic() - float(core.last_event_at or core.started_at)
 
     counter("calls", "{call}", "Interceptor decisions by outcome and reason", calls)
-    counter("token_cache.hits", "{token}", "Verified-token cache hits", total("verifier", "hits"))
+    counter("token_cache.hits", "{token}", "Verified-token cache hits", total("hits"))
+    counter("token_cache.misses", "{token}", "Verified-token cache misses", total("misses"))
+    counter("jwks.fetches", "{fetch}", "JWK Set fetches", total("fetches"))
+    counter("jwks.failures", "{fetch}", "Failed JWK Set fetches", total("fetch_failures"))
     counter(
-        "token_cache.misses", "{token}", "Verified-token cache misses", total("verifier", "misses")
+        "feed.reconnects", "{stream}", "Revocation feed reconnections", total("feed_reconnects")
     )
-    counter("jwks.fetches", "{fetch}", "JWK Set fetches", total("jwks", "fetches"))
-    counter("jwks.failures", "{fetch}", "Failed JWK Set fetches", total("jwks", "failures"))
-    counter(
-        "feed.reconnects",
-        "{stream}",
-        "Revocation feed reconnections",
-        feeds(lambda c: max(0, c.streams - 1), sum),
-    )
-    counter("feed.events", "{event}", "Revocation events received", total("feed", "events"))
+    counter("feed.events", "{event}", "Revocation events received", total("feed_events"))
     gauge(
         "feed.connected",
         "{state}",
@@ -148,3 +133,7 @@ def register(meter: Any) -> None:
         "Seconds since the revocation feed last heard an event",
         feeds(age, max),
     )
+
+
+if _otel is not None:
+    register(_otel.get_meter(SCOPE))

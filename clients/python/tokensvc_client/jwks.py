@@ -65,9 +65,6 @@ class _CacheState:
         self.stale_at = -math.inf
         self.last_attempt = -math.inf
         self.last_failed = False
-        self.fetches = 0  # for metrics (tokensvc_client._metrics)
-        self.failures = 0
-        _metrics.track("jwks", self)
 
     def needs_fetch(self, request: KeyRequest, now: float) -> bool:
         """Whether answering ``request`` at ``now`` calls for a fetch first."""
@@ -88,14 +85,14 @@ class _CacheState:
     def record(self, now: float, outcome: Jwks | Exception) -> Exception | None:
         """Take the outcome of a fetch started at ``now``; return the error, if any."""
         self.last_attempt = now
-        self.fetches += 1
+        _metrics.TOTALS.fetches += 1
         try:
             if isinstance(outcome, Exception):
                 raise outcome
             keys = outcome.key_set()
         except Exception as err:
             self.last_failed = True
-            self.failures += 1
+            _metrics.TOTALS.fetch_failures += 1
             if self.keys is None:
                 log.warning("JWKS fetch failed and no key set is cached: %s", err)
             else:

@@ -163,7 +163,7 @@ class _FeedCore:
         #: monotonic times of the start and of the last event (the last-event-age metric)
         self.started_at = time.monotonic()
         self.last_event_at: float | None = None
-        _metrics.track("feed", self)
+        _metrics.track_feed(self)
         self._open = False
         self._stream_started = 0.0
         self._stream_events = 0
@@ -177,6 +177,8 @@ class _FeedCore:
         """A new stream: its number, and its request (resuming from the last event id)."""
         with self._lock:
             self.streams += 1
+            if self.streams > 1:
+                _metrics.TOTALS.feed_reconnects += 1
             self._open = True
             self._stream_started = time.monotonic()
             self._stream_events = 0
@@ -212,6 +214,7 @@ class _FeedCore:
     def on_event(self, stream: int, event: pb.RevocationEvent) -> None:
         self.revocations.apply(event)
         self.events += 1
+        _metrics.TOTALS.feed_events += 1
         self.last_event_at = time.monotonic()
         self._stream_events += 1
         if event.id:

@@ -350,10 +350,6 @@ class Verifier:
         # not. Only tokens that passed every check are stored.
         self._cache_size = cache_size
         self._cache: dict[str, tuple[Claims, str, jwk.JWK | None]] = {}
-        self.hits = 0  # cache hits and misses, for metrics (tokensvc_client._metrics)
-        self.misses = 0
-        if cache_size:
-            _metrics.track("verifier", self)
 
     def verify(self, token: str, keys: KeySet) -> Claims:
         """Run every check of SPEC.md section 7 except revocation.
@@ -367,10 +363,10 @@ class Verifier:
             # the entry is only as good as its key (still published, same object) and its
             # lifetime; nbf/iat were in the past already when it was stored
             if keys.get(kid) is key and self.clock() < claims.expires_at:
-                self.hits += 1
+                _metrics.TOTALS.hits += 1
                 return claims
             self._cache.pop(token, None)
-        self.misses += 1
+        _metrics.TOTALS.misses += 1
         parsed = parse(token, self.max_token_bytes)
         self.check_signature(parsed, keys)
         claims = self.check_claims(parsed)
