@@ -100,6 +100,7 @@ def service(
             metrics_listen="127.0.0.1:0",
             rate_issue=Rate(1, 3600),  # per subject: a second Issue for one subject is refused
             rate_auth_failures=Rate(0, 1),
+            refresh_grace_seconds=30,  # so a replay in grace is seen too
         )
     )
 
@@ -144,6 +145,11 @@ def test_each_audit_event_moves_its_counter_by_exactly_one(service, pki):
     steps: list[tuple[str, Callable[[], object], dict[str, float]]] = [
         ("issued", issue, {"tokensvc_tokens_issued_total{bound=false}": 1}),
         ("refreshed", refresh, {"tokensvc_tokens_refreshed_total{}": 1}),
+        (
+            "refresh_replayed (a lost reply retried within the grace window)",
+            lambda: admin.Refresh(pb.RefreshRequest(refresh_token=state["old"])),
+            {"tokensvc_tokens_refresh_replays_total{}": 1},
+        ),
         (
             "revoked",
             lambda: admin.Revoke(pb.RevokeRequest(session_id=state["sid"])),
