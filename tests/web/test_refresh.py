@@ -142,3 +142,50 @@ def test_with_the_revocation_feed_a_revoked_session_ends_at_once(make_web, token
         assert response.status_code == 401 and CLEARED in response.headers.get_list("set-cookie")
     finally:
         feed.close()
+
+
+def _refresh_token_set(w, response) -> str:
+    """The refresh token inside the session cookie that ``response`` sets."""
+    [line] = [c for c in response.headers.get_list("set-cookie") if c.startswith(f"{SESSION}=")]
+    value = line.split(";", 1)[0].split("=", 1)[1]
+    return w.backend.cookies.session({SESSION: value}).tokens.refresh_token
+
+
+def _replicas(make_web, make_settings, start_server, grace: int):
+    """Two processes of one web backend (same cookie key, each its own single flight)."""
+    server = start_server(
+        make_settings(access_ttl=TTL, refresh_grace_seconds=grace, audit_log_all=True)
+    )
+    return make_web(server=server), make_web(server=server)
+
+
+def test_two_replicas_refreshing_one_session_converge_in_the_grace_window(
+    make_web, make_settings, start_server
+):
+    a, b = _replicas(make_web, make_settings, start_server, grace=5)
+    sid = a.login().json()["sid"]
+    cookie = a.session_cookie()
+    _wait_until_due(a)
+    # both replicas receive a request with the same due cookie: each refreshes it
+    first = a.client.get("/me", headers={"cookie": f"{SESSION}={cookie}"})
+    second = b.client.get("/me", headers={"cookie": f"{SESSION}={cookie}"})
+    assert first.status_code == second.status_code == 200
+    # the same successor refresh token (each with its own fresh access token): one lineage
+    assert _refresh_token_set(a, first) == _refresh_token_set(b, second)
+    assert a.audit.count("refresh_replayed") == 1
+    assert a.audit.count("reuse_detected") == 0
+    listed = a.server.stub().ListSessions(pb.ListSessionsRequest(subject="alice")).sessions
+    assert [s.session_id for s in listed if s.active] == [sid]
+
+
+def test_without_a_grace_window_the_second_replica_ends_the_session(
+    make_web, make_settings, start_server
+):
+    a, b = _replicas(make_web, make_settings, start_server, grace=0)
+    a.login()
+    cookie = a.session_cookie()
+    _wait_until_due(a)
+    assert a.client.get("/me", headers={"cookie": f"{SESSION}={cookie}"}).status_code == 200
+    lost = b.client.get("/me", headers={"cookie": f"{SESSION}={cookie}"})
+    assert lost.status_code == 401  # reuse: tokensvc revoked the family (strict mode)
+    assert a.audit.count("reuse_detected") == 1
