@@ -10,6 +10,8 @@ certificates are made on first start, as ``tokensvc certs`` does). Sign in as ``
 in this process behind ``AioAuthInterceptor``) with the session's access token; "Your
 devices" lists and revokes sessions.
 
+Outside this repository's .venv: ``pip install -r examples/web/requirements.txt``.
+
 Environment (all optional): ``TOKENSVC_TARGET`` (127.0.0.1:50051, plaintext loopback as
 ``make run`` serves), ``TOKENSVC_ISSUER`` (https://tokensvc.local), ``WEB_PORT`` (8443),
 ``WEB_CERTS`` (.tokensvc/certs), ``WEB_COOKIE_KEY`` (64 hex digits; random per start if
