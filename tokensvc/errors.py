@@ -18,6 +18,7 @@ import grpc
 import grpc.aio
 
 from tokensvc import telemetry
+from tokensvc.decoding import CHECKS_DECODING, NOT_DECODABLE, UNDECODABLE
 from tokensvc.store import StoreUnavailable
 
 log = logging.getLogger("tokensvc.rpc")
@@ -103,7 +104,8 @@ async def _statuses(
 
 def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
     """Decorate an async servicer method: the caller is admitted first (policy, limits);
-    domain errors -> status codes, no tracebacks out."""
+    a request that was not valid protobuf is refused (:mod:`tokensvc.decoding`); domain
+    errors -> status codes, no tracebacks out."""
     name = method.__name__
 
     @functools.wraps(method)
@@ -111,9 +113,12 @@ def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
         self: Guarded, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
     ) -> Resp:
         async with _statuses(self, name, context):
+            if request is UNDECODABLE:
+                raise BadRequest(NOT_DECODABLE)
             return await method(self, request, context)
         raise AssertionError("context.abort returned")  # pragma: no cover
 
+    setattr(wrapper, CHECKS_DECODING, True)
     return wrapper
 
 
@@ -126,7 +131,10 @@ def stream_rpc(method: StreamHandler[Req, Resp]) -> StreamHandler[Req, Resp]:
         self: Guarded, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
     ) -> AsyncIterator[Resp]:
         async with _statuses(self, name, context):
+            if request is UNDECODABLE:
+                raise BadRequest(NOT_DECODABLE)
             async for item in method(self, request, context):
                 yield item
 
+    setattr(wrapper, CHECKS_DECODING, True)
     return wrapper

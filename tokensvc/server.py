@@ -13,6 +13,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import grpc
 import grpc.aio
@@ -24,6 +25,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from tokensvc import metrics, metrics_rpc, redisconn, telemetry
 from tokensvc.audit import AuditTrail
 from tokensvc.config import Settings
+from tokensvc.decoding import DecodingGuard
 from tokensvc.embedded import RedisProcess
 from tokensvc.feed import RevocationHub
 from tokensvc.http_jwks import Document, HttpJwks, start_http
@@ -199,11 +201,13 @@ async def start(
     audit = AuditTrail(redis, log_routine=settings.audit_log_all)
     audit.metrics = meters
     meters.observe(metrics.State(keyring, settings.key_rotation_interval, hub, audit, UNAVAILABLE))
+    # registers every handler so that an undecodable request is INVALID_ARGUMENT
+    registrar = cast(grpc.aio.Server, DecodingGuard(server))
     tokensvc_pb2_grpc.add_TokenServiceServicer_to_server(
-        TokenService(settings, store, keyring, audit, policy, hub, clock=clock), server
+        TokenService(settings, store, keyring, audit, policy, hub, clock=clock), registrar
     )
     health = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, registrar)
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
@@ -212,7 +216,7 @@ async def start(
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),
-        server,
+        registrar,
     )
     if settings.insecure:
         log.warning(

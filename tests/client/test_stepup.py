@@ -7,6 +7,7 @@ requirements; a denied caller must learn from the status and trailers what to do
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import grpc
@@ -15,6 +16,7 @@ import pytest
 
 from tests.client.conftest import METHODS, SERVICE, bearer
 from tokensvc_client import (
+    DEFAULT_EXEMPT,
     AioAuthInterceptor,
     AsyncJwksCache,
     AuthInterceptor,
@@ -27,6 +29,7 @@ from tokensvc_client import (
     StepUp,
     from_rpc_error,
 )
+from tokensvc_client._auth import MethodFilter
 
 SERVERS = ["sync", "aio"]
 ROLE_DENIED = (grpc.StatusCode.PERMISSION_DENIED, "insufficient role")
@@ -250,6 +253,30 @@ def test_step_up_keys_must_be_method_names(client):
     ):
         with pytest.raises(ValueError):
             make({"tokensvc.test.Sample/": StepUp()})  # no leading "/"
+        # neither a full method name nor a prefix ending in "/": would protect nothing
+        for key in ("/shop.Admin", "/shop.", "/shop.Admin/Refund/", "/shop Admin/X", "//X"):
+            with pytest.raises(ValueError, match=re.escape(repr(key))):
+                make({key: StepUp(roles=["admin"])})
         with pytest.raises(TypeError):
             make({METHODS["unary_unary"]: {"roles": ["admin"]}})  # not a StepUp
         make({METHODS["unary_unary"]: StepUp(roles=["admin"])})
+        make({"/tokensvc.test.Sample/": StepUp(roles=["admin"]), "/": StepUp()})
+
+
+def test_exempt_entries_must_be_method_names(client):
+    for bad in ("/shop.Admin", "/grpc.reflection.", "shop.Admin/Get"):
+        with pytest.raises(ValueError, match=re.escape(repr(bad))):
+            AuthInterceptor(JwksCache(client.get_keys), issuer="i", audience="a", exempt=[bad])
+        with pytest.raises(ValueError, match=re.escape(repr(bad))):
+            AioAuthInterceptor(
+                AsyncJwksCache(client.get_keys), issuer="i", audience="a", exempt=[bad]
+            )
+    # the defaults name every method of health checking and both reflection versions
+    exempt = MethodFilter(DEFAULT_EXEMPT)
+    for method in (
+        "/grpc.health.v1.Health/Check",
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    ):
+        assert method in exempt
+    assert "/grpc.reflection.v1.Other/X" not in exempt

@@ -32,8 +32,36 @@ from tokensvc_client.verifier import Claims, KeySet, Verifier
 
 log = logging.getLogger("tokensvc_client.auth")
 
-#: gRPC health checking and server reflection need no token.
-DEFAULT_EXEMPT: tuple[str, ...] = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+#: gRPC health checking and server reflection (both versions) need no token.
+DEFAULT_EXEMPT: tuple[str, ...] = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1.ServerReflection/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+)
+#: A full method name ("/pkg.Service/Method"), or a prefix: one service ("/pkg.Service/")
+#: or every method ("/").
+_FULL_METHOD = re.compile(r"/[^/\s]+/[^/\s]+")
+_METHOD_PREFIX = re.compile(r"/(?:[^/\s]+/)?")
+
+
+def method_key(key: object, what: str) -> str:
+    """``key`` if it is a full method name or a prefix ending in "/", else ValueError.
+
+    A key like ``"/shop.Admin"`` (neither) would silently match nothing: a mistake that
+    protects or exempts nothing must fail where the interceptor is built.
+
+    Raises:
+        ValueError: naming the key and ``what`` it is (e.g. "step_up key").
+    """
+    if not isinstance(key, str) or not (
+        _FULL_METHOD.fullmatch(key) or _METHOD_PREFIX.fullmatch(key)
+    ):
+        raise ValueError(
+            f"{what} {key!r} is neither a full method name '/pkg.Service/Method' nor a "
+            "prefix ending in '/' ('/pkg.Service/')"
+        )
+    return key
+
 
 Metadata = Sequence[tuple[str, str | bytes]] | None
 
@@ -111,19 +139,17 @@ def bearer_token(metadata: Metadata) -> str:
 class MethodFilter:
     """A set of full method names ("/pkg.Service/Method") and prefixes.
 
-    An entry ending in "/" or "." is a prefix ("/grpc.health.v1.Health/" covers every
-    method of that service); any other entry matches only exactly, so exempting
-    "/pkg.Svc/Get" never exempts "/pkg.Svc/GetSecret".
+    An entry ending in "/" is a prefix ("/grpc.health.v1.Health/" covers every method of
+    that service); any other entry matches only exactly, so exempting "/pkg.Svc/Get"
+    never exempts "/pkg.Svc/GetSecret". Anything else is refused (:func:`method_key`).
     """
 
     def __init__(self, entries: Iterable[str]) -> None:
         if isinstance(entries, str):
             raise TypeError("pass a collection of method names, not one string")
-        entries = tuple(entries)
-        if not all(e.startswith("/") for e in entries):
-            raise ValueError("method names and prefixes must start with '/'")
-        self._exact = frozenset(e for e in entries if not e.endswith(("/", ".")))
-        self._prefixes = tuple(e for e in entries if e.endswith(("/", ".")))
+        entries = tuple(method_key(e, "exempt entry") for e in entries)
+        self._exact = frozenset(e for e in entries if not e.endswith("/"))
+        self._prefixes = tuple(e for e in entries if e.endswith("/"))
 
     def __contains__(self, method: object) -> bool:
         return isinstance(method, str) and (
@@ -211,21 +237,21 @@ _RECENT_AUTH = "More recent authentication is required"
 
 
 class StepUpTable:
-    """Step-up requirements by full method name, or by prefix (an entry ending in "/" or
-    ".", as in :class:`MethodFilter`). An exact entry wins over prefixes; of several
-    prefixes the longest wins."""
+    """Step-up requirements by full method name, or by prefix (an entry ending in "/", as
+    in :class:`MethodFilter`). An exact entry wins over prefixes; of several prefixes the
+    longest wins."""
 
     #: lookups remembered; gRPC only asks about registered methods, so few are ever seen
     _MEMO_MAX = 4096
 
     def __init__(self, entries: Mapping[str, StepUp]) -> None:
-        if not all(isinstance(k, str) and k.startswith("/") for k in entries):
-            raise ValueError("method names and prefixes must start with '/'")
+        for key in entries:
+            method_key(key, "step_up key")
         if not all(isinstance(v, StepUp) for v in entries.values()):
             raise TypeError("step-up requirements must be StepUp instances")
-        self._exact = {k: v for k, v in entries.items() if not k.endswith(("/", "."))}
+        self._exact = {k: v for k, v in entries.items() if not k.endswith("/")}
         self._prefixes = sorted(
-            ((k, v) for k, v in entries.items() if k.endswith(("/", "."))),
+            ((k, v) for k, v in entries.items() if k.endswith("/")),
             key=lambda item: len(item[0]),
             reverse=True,
         )

@@ -77,17 +77,18 @@ class AuthInterceptor(_ServerInterceptor):
         audience: this service's name; must be in a token's ``aud``.
         leeway: clock skew tolerated for ``nbf``/``iat``, seconds.
         clock: current UNIX time for claim checks; injectable for tests.
-        exempt: full method names and prefixes (ending in "/" or ".") served without a
-            token; by default gRPC health checking and reflection.
+        exempt: full method names and prefixes (ending in "/") served without a token; by
+            default gRPC health checking and reflection. Any other entry is a ValueError.
         revocation_check: ``claims -> bool``, True rejects with ``invalid token: revoked``.
             Runs for every call; must be fast.
         policy: ``(method, claims) -> Rejection | None`` per-method authorisation hook;
             a returned rejection's ``trailing_metadata`` is sent with it.
         step_up: ``{method or prefix: StepUp}``, RFC 9470 step-up requirements per method:
-            full method names ("/pkg.Svc/Method") or prefixes ending in "/" or "."; an exact
-            entry wins over prefixes. A token lacking a required role gets
-            PERMISSION_DENIED ``insufficient role`` (trailer ``tokensvc-reason:
-            insufficient_role``); one failing the ``acr`` or ``max_auth_age`` requirement
+            full method names ("/pkg.Svc/Method") or prefixes ending in "/" (any other key,
+            e.g. "/pkg.Svc", is a ValueError naming it); an exact entry wins over
+            prefixes. A token lacking a required role gets PERMISSION_DENIED
+            ``insufficient role`` (trailer ``tokensvc-reason: insufficient_role``); one
+            failing the ``acr`` or ``max_auth_age`` requirement
             PERMISSION_DENIED ``insufficient user authentication`` (trailers
             ``tokensvc-reason: insufficient_user_authentication`` and a
             ``www-authenticate`` challenge with ``acr_values``/``max_age``). Checked after
