@@ -81,9 +81,17 @@ def test_catch_up_stays_complete_across_the_reader_losing_redis(tokensvc, stub, 
     client = redis.Redis.from_url(redis_url)
 
     def revoke() -> str:
-        sid = stub.Issue(pb.IssueRequest(subject="alice")).tokens.session_id
-        stub.Revoke(pb.RevokeRequest(session_id=sid))
-        return sid
+        # after the kill, a pooled connection's first command may fail (UNAVAILABLE):
+        # the caller retries, as clients do
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                sid = stub.Issue(pb.IssueRequest(subject="alice")).tokens.session_id
+                stub.Revoke(pb.RevokeRequest(session_id=sid))
+                return sid
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    raise
 
     before = revoke()
     first = Watcher(stub)
