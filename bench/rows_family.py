@@ -12,7 +12,7 @@ import time
 from bench.run import Bench, Target
 from tokensvc.redisconn import redis_client
 from tokensvc.store import FamilyStore, NewFamily, Presented, Successor, family_key
-from tokensvc.tokens import RefreshTokens, new_session_id, refresh_hash
+from tokensvc.tokens import RefreshTokens, SubjectTags, new_session_id, refresh_hash
 
 ROWS = ("store.family_bytes",)
 TARGETS = [Target("store.family_bytes", "", "bytes", at_most=1024)]
@@ -25,7 +25,7 @@ async def family_bytes(redis_url: str, rotations: int, grace_ms: int = 30_000) -
     redis = redis_client(redis_url, 5.0)
     try:
         store, codec = FamilyStore(redis), RefreshTokens(b"\x01" * 32)
-        sid = new_session_id("bench-user")
+        sid = new_session_id(SubjectTags(b"\x02" * 32).of("bench-user"))
         now, day = int(time.time() * 1000), 86_400_000
         token = codec.new(sid, 1, (now + day) // 1000)
         family = NewFamily(

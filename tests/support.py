@@ -17,6 +17,9 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from tokensvc import server
 from tokensvc.config import Settings
+from tokensvc.keyring import KeyRing, load_kek
+from tokensvc.redisconn import redis_client
+from tokensvc.tokens import SubjectTags
 from tokensvc_client.v1 import tokensvc_pb2_grpc
 
 T = TypeVar("T")
@@ -58,6 +61,23 @@ class ServerThread:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(5)
             self.loop.close()
+
+
+def subject_tags(settings: Settings) -> SubjectTags:
+    """The subject tags of the deployment ``settings`` runs (its keyed secret, read from its
+    Redis under its KEK): tests compare the feed's and Redis's tags with them."""
+
+    async def load() -> SubjectTags:
+        assert settings.redis_url is not None
+        redis = redis_client(settings.redis_url, 5.0)
+        try:
+            ring = KeyRing(redis, load_kek(settings.kek_file, settings.data_dir))
+            await ring.load()
+            return SubjectTags(ring.secret("subject-tag"))
+        finally:
+            await redis.aclose()
+
+    return asyncio.run(load())
 
 
 def settings_for(default_redis_url: str, data_dir: Any, **overrides: Any) -> Settings:

@@ -12,7 +12,7 @@ import redis
 from tokensvc.config import Rate
 from tokensvc.guard import Caller, network_of
 from tokensvc.store import subject_key
-from tokensvc.tokens import subject_tag
+from tokensvc.tokens import tag_of
 from tokensvc_client.peer import ANONYMOUS
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 
@@ -166,7 +166,7 @@ def test_lock_revokes_everything_and_refuses_issue_until_unlocked(mtls_service, 
     assert "locked" in (err.details() or "")
     assert login.Issue(pb.IssueRequest(subject="bob")).tokens  # only alice
     # a lock never expires on its own
-    assert redis.Redis.from_url(redis_url).pttl(subject_key(subject_tag("alice"))) == -1
+    assert redis.Redis.from_url(redis_url).pttl(subject_key(tag_of(pairs[0].session_id))) == -1
 
     assert admin.UnlockSubject(pb.UnlockSubjectRequest(subject="alice")).was_locked
     assert not admin.UnlockSubject(pb.UnlockSubjectRequest(subject="alice")).was_locked

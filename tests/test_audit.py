@@ -247,7 +247,7 @@ def test_trace_id_of_the_current_span_in_log_and_record(caplog):
 
 def test_no_secrets_long_values_cut_reserved_names_renamed(redis_url, caplog):
     caplog.set_level(logging.INFO, logger="tokensvc.audit")
-    refresh = RefreshTokens(bytes(32)).new(new_session_id("alice"), 1, 2_000_000_000)
+    refresh = RefreshTokens(bytes(32)).new(new_session_id("0" * 32), 1, 2_000_000_000)
     jws = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl"
 
     async def main() -> None:

@@ -9,6 +9,7 @@ import threading
 import grpc
 import pytest
 
+from tests.support import subject_tags
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 
 Kind = pb.RevocationEvent
@@ -38,6 +39,12 @@ class Watcher:
 
     def close(self) -> None:
         self.call.cancel()
+
+
+@pytest.fixture
+def tag(tokensvc):
+    """A subject's tag in this deployment: the feed names subjects only by it."""
+    return subject_tags(tokensvc.settings).of
 
 
 @pytest.fixture
@@ -77,7 +84,8 @@ def test_every_revocation_kind_reaches_the_feed(stub, watch):
 
     stub.Revoke(pb.RevokeRequest(subject="alice"))  # a is still active: one session + subject
     events = watcher.take(2)
-    assert _kinds(events) == [(Kind.SESSION, a.session_id), (Kind.SUBJECT, "alice")]
+    # the subject is named by its tag (the start of its session ids), never in clear
+    assert _kinds(events) == [(Kind.SESSION, a.session_id), (Kind.SUBJECT, a.session_id[:32])]
     assert events[1].revoked_before.ToMilliseconds() > 0
 
     rotated = stub.Refresh(pb.RefreshRequest(refresh_token=c.refresh_token)).tokens
@@ -86,7 +94,10 @@ def test_every_revocation_kind_reaches_the_feed(stub, watch):
     assert _kinds([watcher.next()]) == [(Kind.SESSION, rotated.session_id)]
 
     stub.LockSubject(pb.LockSubjectRequest(subject="carol"))
-    assert _kinds(watcher.take(2)) == [(Kind.SESSION, d.session_id), (Kind.SUBJECT, "carol")]
+    assert _kinds(watcher.take(2)) == [
+        (Kind.SESSION, d.session_id),
+        (Kind.SUBJECT, d.session_id[:32]),
+    ]
 
     old_kid = stub.ListKeys(pb.ListKeysRequest()).keys[0].kid
     stub.RotateKeys(pb.RotateKeysRequest(now=True, revoke_old=True))
@@ -99,17 +110,17 @@ def test_every_revocation_kind_reaches_the_feed(stub, watch):
         watcher.next(timeout=0.5)
 
 
-def test_a_new_watcher_gets_reset_then_what_is_in_force(stub, watch):
+def test_a_new_watcher_gets_reset_then_what_is_in_force(stub, watch, tag):
     a = stub.Issue(pb.IssueRequest(subject="alice")).tokens
     stub.Revoke(pb.RevokeRequest(session_id=a.session_id))
     stub.Revoke(pb.RevokeRequest(subject="bob"))
     watcher = watch()
     events = watcher.take(3)
     assert events[0].kind == Kind.RESET
-    assert _kinds(events[1:]) == [(Kind.SESSION, a.session_id), (Kind.SUBJECT, "bob")]
+    assert _kinds(events[1:]) == [(Kind.SESSION, a.session_id), (Kind.SUBJECT, tag("bob"))]
 
 
-def test_a_returning_watcher_resumes_without_losing_anything(stub, watch):
+def test_a_returning_watcher_resumes_without_losing_anything(stub, watch, tag):
     first = watch()
     assert first.next().kind == Kind.RESET
     stub.Revoke(pb.RevokeRequest(subject="one"))
@@ -118,16 +129,16 @@ def test_a_returning_watcher_resumes_without_losing_anything(stub, watch):
     stub.Revoke(pb.RevokeRequest(subject="two"))  # while disconnected
     stub.Revoke(pb.RevokeRequest(subject="three"))
     again = watch(resume_from=last_seen)
-    assert _kinds(again.take(2)) == [(Kind.SUBJECT, "two"), (Kind.SUBJECT, "three")]
+    assert _kinds(again.take(2)) == [(Kind.SUBJECT, tag("two")), (Kind.SUBJECT, tag("three"))]
     stub.Revoke(pb.RevokeRequest(subject="four"))  # and live after the catch-up
-    assert _kinds([again.next()]) == [(Kind.SUBJECT, "four")]
+    assert _kinds([again.next()]) == [(Kind.SUBJECT, tag("four"))]
 
 
-def test_resume_from_an_id_the_stream_no_longer_holds_starts_over(stub, watch):
+def test_resume_from_an_id_the_stream_no_longer_holds_starts_over(stub, watch, tag):
     stub.Revoke(pb.RevokeRequest(subject="one"))
     watcher = watch(resume_from="1-0")  # older than anything held: events may be lost
     assert watcher.next().kind == Kind.RESET
-    assert _kinds([watcher.next()]) == [(Kind.SUBJECT, "one")]
+    assert _kinds([watcher.next()]) == [(Kind.SUBJECT, tag("one"))]
 
 
 def test_resume_from_must_be_an_event_id(stub):

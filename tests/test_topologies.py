@@ -41,7 +41,7 @@ from tokensvc.redisconn import (
     redis_client,
 )
 from tokensvc.store import REVOCATIONS, family_key, subject_key
-from tokensvc.tokens import subject_tag
+from tokensvc.tokens import tag_of
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 from tokensvc_client.v1 import tokensvc_pb2_grpc
 
@@ -279,13 +279,17 @@ def test_cluster_revocation_feed_and_a_retry_after_a_lost_event(
     )
 
 
-def _subject_on(cluster: Cluster, master: RedisProcess, other: bool = False) -> str:
-    """A subject whose keys live on ``master`` (or, with ``other``, on another master)."""
+def _subject_on(
+    stub: Stub, cluster: Cluster, master: RedisProcess, other: bool = False
+) -> tuple[str, pb.TokenPair]:
+    """A subject whose keys live on ``master`` (or, with ``other``, on another master), and
+    the session issued to find out (tags are keyed: only the server can compute them)."""
     for i in range(1000):
-        subject = f"subject-{i}"
-        on_master = cluster.master_of(subject_key(subject_tag(subject))) is master
+        subject = f"{'other' if other else 'subject'}-{i}"
+        pair = _issue(stub, subject)
+        on_master = cluster.master_of(subject_key(tag_of(pair.session_id))) is master
         if on_master != other:
-            return subject
+            return subject, pair
     raise AssertionError("no such subject")
 
 
@@ -300,9 +304,9 @@ def test_cluster_wait_goes_to_the_primary_of_the_revoked_slot(
     none, so revocations there are UNAVAILABLE (though in force on their primary)."""
     settings = make_settings(redis_url=cluster_url, redis_wait_replicas=1, redis_wait_timeout=0.2)
     stub = start_server(settings).stub()
-    subject = _subject_on(cluster, cluster.masters[0])
-    replicated, sibling = _issue(stub, subject), _issue(stub, subject)
-    lonely = _issue(stub, _subject_on(cluster, cluster.masters[0], other=True))
+    subject, replicated = _subject_on(stub, cluster, cluster.masters[0])
+    sibling = _issue(stub, subject)
+    _, lonely = _subject_on(stub, cluster, cluster.masters[0], other=True)
 
     # every kind of revocation (session, jti, subject) waits on the first master
     assert stub.Revoke(pb.RevokeRequest(session_id=replicated.session_id)).revoked_sessions == 1

@@ -28,6 +28,7 @@ class AdminRpcs:
     audit: AuditTrail
     lifecycle: Lifecycle
     subject_ttl_ms: int
+    subject_tags: tokens.SubjectTags
     clock: Any
 
     @rpc
@@ -37,7 +38,8 @@ class AdminRpcs:
         subject = limits.text("subject", request.subject, required=True)
         reason = limits.text("reason", request.reason, limit=limits.MAX_REASON) or "locked"
         count = await self.store.revoke_subject(
-            subject,
+            self.subject_tags.of(subject),
+            tokens.SubjectTags.legacy(subject),
             int(self.clock() * 1000),
             reason,
             self.subject_ttl_ms,
@@ -54,7 +56,7 @@ class AdminRpcs:
     ) -> pb.UnlockSubjectResponse:
         subject = limits.text("subject", request.subject, required=True)
         was_locked = await self.store.unlock_subject(
-            tokens.subject_tag(subject), self.subject_ttl_ms
+            self.subject_tags.of(subject), tokens.SubjectTags.legacy(subject), self.subject_ttl_ms
         )
         self.audit.record(
             "unlocked", peer=current_caller().name, subject=subject, was_locked=int(was_locked)

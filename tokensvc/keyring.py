@@ -25,7 +25,7 @@ random bits each, created once by the first replica (HSETNX) and stored in
 ``ts:{keyring}:secrets`` only as a JWE under the KEK, like the private keys (``rewrap``
 re-encrypts them too). They must outlive KEK rotations, so they are not derived from the
 KEK: the refresh-token MAC key (:mod:`tokensvc.tokens`) recognises tokens issued years
-of rotations ago.
+of rotations ago, and the subject-tag key decides which hash slot a subject lives in.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ ACTIVE_KEY: Final = "ts:{keyring}:active"
 VERSION_KEY: Final = "ts:{keyring}:version"
 SECRETS_KEY: Final = "ts:{keyring}:secrets"
 #: the deployment secrets every replica loads at start (see KeyRing.secret)
-SECRET_NAMES: Final = ("refresh-mac",)
+SECRET_NAMES: Final = ("refresh-mac", "subject-tag")
 PUBLISHED_STATES: Final = frozenset({"pending", "active", "retired"})
 
 _REPLACE_IF_UNCHANGED = """

@@ -168,6 +168,7 @@ async def start(
             wait_timeout=settings.redis_wait_timeout,
         )
         await store.load_scripts()
+        store.legacy_locks = await store.find_legacy_locks()
         # the feed reader blocks at most half the socket timeout, so it never times out
         hub = RevocationHub(
             redis,

@@ -83,6 +83,7 @@ class TokenService(AdminRpcs, SessionRpcs, pb_grpc.TokenServiceServicer):
         self.subject_ttl_ms = (settings.family_max_age + settings.leeway) * 1000
         self.lifecycle = Lifecycle.from_settings(settings)
         self.refresh_tokens = tokens.RefreshTokens(keyring.secret("refresh-mac"))
+        self.subject_tags = tokens.SubjectTags(keyring.secret("subject-tag"))
         self.grace_ms = settings.refresh_grace_seconds * 1000
         # every Refresh/Issue/GetKeys answer announces the window: clients retry a
         # Refresh whose reply was lost only when the server will answer it idempotently
@@ -177,7 +178,7 @@ class TokenService(AdminRpcs, SessionRpcs, pb_grpc.TokenServiceServicer):
 
         now_f = self.clock()
         now, now_ms = int(now_f), int(now_f * 1000)
-        sid = tokens.new_session_id(subject)
+        sid = tokens.new_session_id(self.subject_tags.of(subject))
         family_exp_ms = now_ms + self.settings.family_max_age * 1000
         refresh = self.refresh_tokens.new(sid, 1, family_exp_ms // 1000)
         refresh_exp_ms = min(now_ms + self.settings.refresh_idle_ttl * 1000, family_exp_ms)
@@ -199,7 +200,9 @@ class TokenService(AdminRpcs, SessionRpcs, pb_grpc.TokenServiceServicer):
             family_exp_ms,
             cnf,
         )
-        outcome = await self.store.create(family, self.issue_limit)
+        outcome = await self.store.create(
+            family, self.issue_limit, tokens.SubjectTags.legacy(subject)
+        )
         if outcome.status is IssueStatus.LOCKED:
             self.audit.record("denied", peer=caller.name, subject=subject, reason="locked")
             raise SubjectLocked("subject is locked")
@@ -325,7 +328,13 @@ class TokenService(AdminRpcs, SessionRpcs, pb_grpc.TokenServiceServicer):
             audit["session_id"] = sid
         elif target == "subject":
             subject = limits.text("subject", request.subject, required=True)
-            count = await self.store.revoke_subject(subject, now_ms, reason, self.subject_ttl_ms)
+            count = await self.store.revoke_subject(
+                self.subject_tags.of(subject),
+                tokens.SubjectTags.legacy(subject),
+                now_ms,
+                reason,
+                self.subject_ttl_ms,
+            )
             audit["subject"] = subject
         else:
             raise BadRequest("target is required: token, session_id or subject")

@@ -35,6 +35,7 @@ class SessionRpcs:
     guard: Guard
     hub: RevocationHub
     clock: Any
+    subject_tags: tokens.SubjectTags
 
     own_verifier: Verifier
     _verify: Callable[[str, Verifier], Awaitable[Claims]]  # TokenService's
@@ -49,7 +50,8 @@ class SessionRpcs:
         ):
             await self._require_own_token(subject, context)
         now_ms = int(self.clock() * 1000)
-        families = await self.store.list_sessions(tokens.subject_tag(subject), now_ms)
+        tags = (self.subject_tags.of(subject), tokens.SubjectTags.legacy(subject))
+        families = await self.store.list_sessions(tags, now_ms)
         return pb.ListSessionsResponse(
             sessions=[
                 pb.Session(
@@ -67,7 +69,7 @@ class SessionRpcs:
 
     async def _require_own_token(self, subject: str, context: Ctx) -> None:
         """The call must carry a valid, unrevoked access token of ``subject``."""
-        self.guard.presenting(f"subject:{tokens.subject_tag(subject)}")  # maybe relayed
+        self.guard.presenting(f"subject:{self.subject_tags.of(subject)}")  # maybe relayed
         try:
             token = bearer_token(context.invocation_metadata())
         except InvalidToken:

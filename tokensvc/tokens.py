@@ -1,6 +1,6 @@
 """Token formats: minting ES256 access tokens and opaque refresh tokens.
 
-Session ids carry a hash tag of their subject (``subject_tag``): every Redis key of a
+Session ids carry a hash tag of their subject (:class:`SubjectTags`): every Redis key of a
 subject -- its families, its session index, its revocation watermark, its revoked jtis --
 lands in one Redis Cluster hash slot, so Refresh and Introspect are single atomic steps
 and revoke-by-subject's watermark is one atomic O(1) write. A refresh token carries its
@@ -61,14 +61,35 @@ _REFRESH_V2 = re.compile(
 _SEAL_INFO: Final = b"tokensvc refresh grace seal v1"
 
 
-def subject_tag(subject: str) -> str:
-    """128-bit hex tag of a subject: the Redis hash tag of everything of that subject."""
-    return hashlib.sha256(subject.encode("utf-8")).hexdigest()[:_TAG_HEX]
+class SubjectTags:
+    """A subject's tag: the Redis hash tag of everything of that subject and the first half
+    of its session ids, HMAC-SHA256 of the subject under the deployment's ``subject-tag``
+    secret (:meth:`tokensvc.keyring.KeyRing.secret`), 128 bits. Session ids, tokens and
+    the revocation feed carry only tags, so nobody who sees them can test guesses of the
+    subject without that secret.
+
+    Sessions from before keyed tags start with the :meth:`legacy` tag, an unsalted
+    SHA-256 of the subject: they keep working and every per-subject operation also covers
+    them (the store's ``revoke_subject``, ``unlock_subject``, ``list_sessions``).
+    """
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) < 32:
+            raise ValueError("the subject-tag key must have 256 bits")
+        self._key = key
+
+    def of(self, subject: str) -> str:
+        return hmac.new(self._key, subject.encode("utf-8"), hashlib.sha256).hexdigest()[:_TAG_HEX]
+
+    @staticmethod
+    def legacy(subject: str) -> str:
+        """The tag the service used before keyed tags."""
+        return hashlib.sha256(subject.encode("utf-8")).hexdigest()[:_TAG_HEX]
 
 
-def new_session_id(subject: str) -> str:
+def new_session_id(tag: str) -> str:
     """A fresh session id: the subject's tag followed by 128 random bits."""
-    return subject_tag(subject) + secrets.token_hex(16)
+    return tag + secrets.token_hex(16)
 
 
 def is_session_id(value: str) -> bool:

@@ -1,6 +1,7 @@
 -- Start a refresh family. One atomic step.
 -- KEYS[1] family hash   KEYS[2] subject's session index (zset sid -> expiry ms)
 -- KEYS[3] subject hash (lock flag)   KEYS[4] subject's Issue rate limiter
+-- (KEYS[3] also refuses: a lock found on the subject's legacy tag, see FamilyOps.create)
 -- ARGV: sid, token hash, now ms, token expiry ms, family expiry ms, subject, client_id
 --       (both unused: they are in the claims),
 --       label, claims (JSON carried to every access token of the family),

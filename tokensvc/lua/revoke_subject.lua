@@ -5,14 +5,17 @@
 -- reading the index and this script is covered too; marking the listed families only
 -- makes session listings exact. ARGV: now ms (caller's clock, for the families'
 -- revoked_at), reason, watermark ttl ms, '1' to lock (Issue refuses a locked subject),
--- '1' if the last KEY is the revocation stream, stream MINID, event expiry ms, subject.
+-- '1' if the last KEY is the revocation stream, stream MINID, event expiry ms, the
+-- subject's tag, '1' to announce the SUBJECT event (not for a legacy, unsalted tag: the
+-- feed must not carry it; its sessions are announced one by one).
 -- Returns {watermark ms, session ids revoked...}. (feed.lua is prepended.)
+-- 'k' marks a subject hash written by this version (a lock without it is an older one's).
 -- The watermark itself is Redis's clock, as is each family's 'created' (issue.lua), so
 -- replicas' clock skew cannot misorder them. A locked subject's hash never expires.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local old = tonumber(redis.call('HGET', KEYS[1], 'revoked_before') or '0')
-redis.call('HSET', KEYS[1], 'revoked_before', math.max(old, now))
+redis.call('HSET', KEYS[1], 'revoked_before', math.max(old, now), 'k', 1)
 if ARGV[4] == '1' then
   redis.call('HSET', KEYS[1], 'locked', now, 'lock_reason', ARGV[2])
 end
@@ -32,6 +35,6 @@ for i = 3, stream and #KEYS - 1 or #KEYS do
     emit(stream, ARGV[6], 'session', sid, ARGV[7])
   end
 end
-emit(stream, ARGV[6], 'subject', ARGV[8], ARGV[7], out[1])
+if ARGV[9] == '1' then emit(stream, ARGV[6], 'subject', ARGV[8], ARGV[7], out[1]) end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 return out

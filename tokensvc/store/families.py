@@ -180,8 +180,17 @@ class FamilyOps(StoreCore):
         self._refresh = self._register("refresh.lua", feed=True)
         self._read_state = self._register("state.lua")
 
-    async def create(self, family: NewFamily, limit: Limit = NO_LIMIT) -> IssueOutcome:
-        """Store a new family unless the subject is locked or over its Issue limit."""
+    #: some subject is locked under its legacy tag (see RevocationOps.find_legacy_locks)
+    legacy_locks = False
+
+    async def create(
+        self, family: NewFamily, limit: Limit = NO_LIMIT, legacy_tag: str = ""
+    ) -> IssueOutcome:
+        """Store a new family unless the subject is locked (also under ``legacy_tag``,
+        when an older version left locks) or over its Issue limit."""
+        legacy = subject_key(legacy_tag)
+        if self.legacy_locks and legacy_tag and await guarded(self.redis.hexists, legacy, "locked"):
+            return IssueOutcome(IssueStatus.LOCKED)
         tag = tag_of(family.session_id)
         reply = await guarded(
             self._issue,
@@ -314,8 +323,16 @@ class FamilyOps(StoreCore):
             return AccessState(False, "subject_revoked")
         return AccessState(True)
 
-    async def list_sessions(self, tag: str, now_ms: int, limit: int = 500) -> list[SessionInfo]:
-        """The subject's sessions (newest ``limit``), pruning expired ones from its index."""
+    async def list_sessions(
+        self, tags: tuple[str, ...], now_ms: int, limit: int = 500
+    ) -> list[SessionInfo]:
+        """The subject's sessions under each of its ``tags`` (keyed, legacy), newest
+        ``limit`` first."""
+        found = [s for tag in tags for s in await self._list_tag(tag, now_ms, limit)]
+        return sorted(found, key=lambda s: s.created_ms, reverse=True)[:limit]
+
+    async def _list_tag(self, tag: str, now_ms: int, limit: int) -> list[SessionInfo]:
+        """The sessions of one tag (newest ``limit``), pruning expired ones from its index."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.zremrangebyscore(sessions_key(tag), "-inf", now_ms)
         pipe.zrange(sessions_key(tag), -limit, -1)
@@ -351,4 +368,4 @@ class FamilyOps(StoreCore):
                     active,
                 )
             )
-        return sorted(out, key=lambda s: s.created_ms, reverse=True)
+        return out

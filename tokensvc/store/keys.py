@@ -16,7 +16,11 @@ the Redis Cluster hash tag, so all keys of one subject share one slot)::
     ts:{T}:fence       string short-lived write that Redis WAIT confirms (see settle())
     ts:rl:<what>:<h>   string GCRA state of a per-peer limit (h: hash of the peer identity)
     ts:revocations     stream the revocation feed (tokensvc.feed): one entry per revoked
-                              jti, session, subject watermark, key; trimmed by age
+                              jti, session, subject watermark (by tag), key; trimmed by age
+    ts:legacy-locks    string "0" once no subject is locked under a legacy tag
+
+``T`` is keyed (:class:`tokensvc.tokens.SubjectTags`); sessions from before keyed tags
+live under their subject's legacy tag, an unsalted hash.
 
 The subject hash also holds ``locked`` while the subject is locked (LockSubject).
 """
@@ -29,6 +33,8 @@ from typing import Final
 from tokensvc.tokens import tag_of
 
 REVOCATIONS: Final = "ts:revocations"
+#: "0" once no subject is locked under a legacy tag (see RevocationOps.find_legacy_locks)
+LEGACY_LOCKS: Final = "ts:legacy-locks"
 
 
 def family_key(sid: str) -> str:

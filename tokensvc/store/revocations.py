@@ -9,8 +9,14 @@ from redis.commands.core import AsyncScript
 
 from tokensvc.store.calls import guarded, text
 from tokensvc.store.core import StoreCore
-from tokensvc.store.keys import REVOCATIONS, family_key, jti_key, sessions_key, subject_key
-from tokensvc.tokens import subject_tag
+from tokensvc.store.keys import (
+    LEGACY_LOCKS,
+    REVOCATIONS,
+    family_key,
+    jti_key,
+    sessions_key,
+    subject_key,
+)
 
 
 class RevocationOps(StoreCore):
@@ -63,25 +69,37 @@ class RevocationOps(StoreCore):
 
     async def revoke_subject(
         self,
-        subject: str,
+        tag: str,
+        legacy_tag: str,
         now_ms: int,
         reason: str,
         watermark_ttl_ms: int,
         *,
         lock: bool = False,
     ) -> int:
-        """Revoke every session of a subject (and lock it); returns sessions revoked."""
-        tag = subject_tag(subject)
+        """Revoke every session of a subject (and lock it), under its tag and its legacy
+        tag (sessions from before keyed tags); returns sessions revoked. Only the keyed
+        tag is announced as a SUBJECT event; legacy sessions as SESSION events."""
+        count = await self._revoke_tag(tag, now_ms, reason, watermark_ttl_ms, lock, True)
+        return count + await self._revoke_tag(
+            legacy_tag, now_ms, reason, watermark_ttl_ms, lock, False
+        )
+
+    async def _revoke_tag(
+        self, tag: str, now_ms: int, reason: str, ttl_ms: int, lock: bool, announce: bool
+    ) -> int:
         sids = await guarded(self.redis.zrangebyscore, sessions_key(tag), now_ms, "+inf")
         minid, exp = self._feed_window(now_ms)
         keys = [subject_key(tag), sessions_key(tag)] + [family_key(text(s)) for s in sids]
-        args = [now_ms, reason, watermark_ttl_ms, int(lock), int(self._inline_feed), minid, exp]
+        args = [now_ms, reason, ttl_ms, int(lock), int(self._inline_feed), minid, exp]
         reply = await guarded(
-            self._revoke_subject, keys=keys + self._stream(), args=[*args, subject]
+            self._revoke_subject, keys=keys + self._stream(), args=[*args, tag, int(announce)]
         )
         watermark, revoked = int(reply[0]), [text(sid) for sid in reply[1:]]
         events = [("session", sid, exp, 0) for sid in revoked]
-        await self._append([*events, ("subject", subject, exp, watermark)], now_ms)
+        if announce:
+            events.append(("subject", tag, exp, watermark))
+        await self._append(events, now_ms)
         await self._announce_late_families(tag, {text(s) for s in sids}, watermark, now_ms)
         await self.settle(subject_key(tag))
         return len(revoked)
@@ -114,7 +132,38 @@ class RevocationOps(StoreCore):
             pipe.xadd(REVOCATIONS, fields, minid=minid, approximate=True)  # type: ignore[arg-type]
         await guarded(pipe.execute)
 
-    async def unlock_subject(self, tag: str, watermark_ttl_ms: int) -> bool:
-        """Let Issue serve the subject again; True if it was locked."""
-        reply = await guarded(self._unlock, keys=[subject_key(tag)], args=[watermark_ttl_ms])
-        return bool(int(reply))
+    async def unlock_subject(self, tag: str, legacy_tag: str, watermark_ttl_ms: int) -> bool:
+        """Let Issue serve the subject again (under both its tags); True if it was locked."""
+        was_locked = False
+        for key in (subject_key(tag), subject_key(legacy_tag)):
+            reply = await guarded(self._unlock, keys=[key], args=[watermark_ttl_ms])
+            was_locked = bool(int(reply)) or was_locked
+        return was_locked
+
+    async def find_legacy_locks(self) -> bool:
+        """Whether some subject is locked under its legacy tag by an older version (a lock
+        without the ``k`` mark): then Issue also checks the legacy tag (one more round
+        trip). Scans the subject hashes once; the answer "none" is remembered in Redis
+        (this version never writes such a lock), so later starts skip the scan."""
+        if text(await guarded(self.redis.get, LEGACY_LOCKS)) == "0":
+            return False
+        found, batch = False, []
+        async for key in self.redis.scan_iter(match="ts:{*}:subject", count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                found = await self._any_legacy_lock(batch)
+                batch = []
+                if found:
+                    break
+        found = found or await self._any_legacy_lock(batch)
+        await guarded(self.redis.set, LEGACY_LOCKS, "1" if found else "0")
+        return found
+
+    async def _any_legacy_lock(self, keys: list[Any]) -> bool:
+        if not keys:
+            return False
+        pipe = self.redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.hmget(key, ["locked", "k"])
+        rows = await guarded(pipe.execute)
+        return any(locked is not None and mark is None for locked, mark in rows)

@@ -1,7 +1,8 @@
 """What an interceptor knows is revoked: :class:`RevocationSet`, filled by the revocation
 feed (:mod:`tokensvc_client.revocation_feed`) and checked on every call.
 
-What a check costs: at most four dict lookups (jti, session id, subject watermark, key id)
+What a check costs: at most five dict lookups (jti, session id, subject watermark by the
+session's subject tag or by name, key id)
 and a bounded amount of expiry work -- independent of how many revocations are held. It
 never blocks and never does I/O, so it is safe on gRPC's polling thread and on an event
 loop.
@@ -46,6 +47,10 @@ _TABLES: Final = (
     (_KEY, "_keys"),
 )
 
+#: A SUBJECT event's value: the subject's tag, this many leading characters of its session
+#: ids (see tokensvc.tokens.SubjectTags).
+SUBJECT_TAG_LENGTH: Final = 32
+_TAG: Final = SUBJECT_TAG_LENGTH
 #: How long an entry is kept when its event carries no ``expires_at`` (the server always
 #: sends one; this only bounds memory should one be missing). Above any access TTL.
 FALLBACK_TTL_SECONDS: Final = 86_400.0
@@ -59,14 +64,15 @@ def _seconds(ts: Timestamp) -> float:
 class RevocationSet:
     """The revocations in force, in memory; no I/O (the feeds drive it).
 
-    Four tables -- revoked jti, session ids, subject watermarks (tokens with ``iat`` before
-    ``revoked_before``) and key ids -- each entry with the expiry after which it covers no
-    unexpired token, plus one min-heap of ``(expiry, kind, key)`` that finds expired
-    entries without scanning. Every :meth:`apply` and :meth:`is_revoked` first drops at
-    most :attr:`PRUNE_BATCH` expired heap entries; since every insertion pushes at most
-    one heap entry, pruning keeps up with insertion (amortised O(1)) while no call does
-    more than a constant amount of it. A table that shrank below a quarter of its peak is
-    copied, so Python's dicts -- which never shrink by deletion -- give the memory back.
+    Four tables -- revoked jti, session ids, subject watermarks (by subject tag: tokens of
+    sessions with that tag and ``iat`` before ``revoked_before``) and key ids -- each entry
+    with the expiry after which it covers no unexpired token, plus one min-heap of
+    ``(expiry, kind, key)`` that finds expired entries without scanning. Every :meth:`apply`
+    and :meth:`is_revoked` first drops at most :attr:`PRUNE_BATCH` expired heap entries;
+    since every insertion pushes at most one heap entry, pruning keeps up with insertion
+    (amortised O(1)) while no call does more than a constant amount of it. A table that
+    shrank below a quarter of its peak is copied, so Python's dicts -- which never shrink by
+    deletion -- give the memory back.
 
     Threads: one writer at a time (the lock guards :meth:`apply` and pruning) and any
     number of readers without a lock: lookups are single ``dict`` operations, atomic
@@ -119,8 +125,11 @@ class RevocationSet:
             self._prune_nowait()
         if claims.token_id in self._tokens or claims.session_id in self._sessions:
             return True
-        watermark = self._subjects.get(claims.subject)
-        if watermark is not None and claims.issued_at < watermark[0]:
+        # SUBJECT events name the subject's tag, the first half of its session ids (a
+        # keyed hash: the feed never names a subject); servers before keyed tags sent the
+        # subject itself. (One line each: a lookup's cost is measured in lines.)
+        mark = self._subjects.get(claims.session_id[:_TAG]) or self._subjects.get(claims.subject)
+        if mark is not None and claims.issued_at < mark[0]:
             return True
         return claims.key_id in self._keys
 

@@ -644,7 +644,10 @@ class RevocationEvent(_message.Message):
         SESSION: RevocationEvent._Kind.ValueType  # 3
         """value: a session id. Every access token of that session is revoked."""
         SUBJECT: RevocationEvent._Kind.ValueType  # 4
-        """value: a subject. Its access tokens issued before revoked_before are revoked."""
+        """value: a subject's tag (a keyed hash, never the subject): the first 32 characters of
+        its session ids. Access tokens of those sessions issued before revoked_before are
+        revoked. (Servers before keyed tags sent the subject itself.)
+        """
         KEY: RevocationEvent._Kind.ValueType  # 5
         """value: a kid. Tokens signed by that key are no longer valid."""
 
@@ -657,7 +660,10 @@ class RevocationEvent(_message.Message):
     SESSION: RevocationEvent.Kind.ValueType  # 3
     """value: a session id. Every access token of that session is revoked."""
     SUBJECT: RevocationEvent.Kind.ValueType  # 4
-    """value: a subject. Its access tokens issued before revoked_before are revoked."""
+    """value: a subject's tag (a keyed hash, never the subject): the first 32 characters of
+    its session ids. Access tokens of those sessions issued before revoked_before are
+    revoked. (Servers before keyed tags sent the subject itself.)
+    """
     KEY: RevocationEvent.Kind.ValueType  # 5
     """value: a kid. Tokens signed by that key are no longer valid."""
 
