@@ -82,3 +82,23 @@ def old_refresh(redis_url: str, token: str) -> str:
     )
     assert reply[0] == b"ok", reply
     return successor
+
+
+def old_lock(redis_url: str, subject: str) -> None:
+    """LockSubject as the old revoke_subject.lua did it (under the unsalted tag)."""
+    tag = old_subject_tag(subject)
+    now = int(time.time() * 1000)
+    redis.Redis.from_url(redis_url).eval(
+        _script("revoke_subject", "feed"),
+        2,
+        subject_key(tag),
+        sessions_key(tag),
+        now,
+        "phished",
+        3_600_000,
+        "1",
+        "0",
+        0,
+        now + 60_000,
+        subject,
+    )

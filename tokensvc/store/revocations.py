@@ -80,10 +80,8 @@ class RevocationOps(StoreCore):
         """Revoke every session of a subject (and lock it), under its tag and its legacy
         tag (sessions from before keyed tags); returns sessions revoked. Only the keyed
         tag is announced as a SUBJECT event; legacy sessions as SESSION events."""
-        count = await self._revoke_tag(tag, now_ms, reason, watermark_ttl_ms, lock, True)
-        return count + await self._revoke_tag(
-            legacy_tag, now_ms, reason, watermark_ttl_ms, lock, False
-        )
+        count = await self._revoke_tag(legacy_tag, now_ms, reason, watermark_ttl_ms, lock, False)
+        return count + await self._revoke_tag(tag, now_ms, reason, watermark_ttl_ms, lock, True)
 
     async def _revoke_tag(
         self, tag: str, now_ms: int, reason: str, ttl_ms: int, lock: bool, announce: bool
