@@ -78,8 +78,9 @@ class RevocationOps(StoreCore):
         lock: bool = False,
     ) -> int:
         """Revoke every session of a subject (and lock it), under its tag and its legacy
-        tag (sessions from before keyed tags); returns sessions revoked. Only the keyed
-        tag is announced as a SUBJECT event; legacy sessions as SESSION events."""
+        tag (sessions from before keyed tags; skipped when none is left); returns sessions
+        revoked. Only the keyed tag is announced as a SUBJECT event; legacy sessions as
+        SESSION events."""
         count = await self._revoke_tag(legacy_tag, now_ms, reason, watermark_ttl_ms, lock, False)
         return count + await self._revoke_tag(tag, now_ms, reason, watermark_ttl_ms, lock, True)
 
@@ -87,6 +88,8 @@ class RevocationOps(StoreCore):
         self, tag: str, now_ms: int, reason: str, ttl_ms: int, lock: bool, announce: bool
     ) -> int:
         sids = await guarded(self.redis.zrangebyscore, sessions_key(tag), now_ms, "+inf")
+        if not sids and not announce:
+            return 0  # no session left under the legacy tag: nothing to write there
         minid, exp = self._feed_window(now_ms)
         keys = [subject_key(tag), sessions_key(tag)] + [family_key(text(s)) for s in sids]
         args = [now_ms, reason, ttl_ms, int(lock), int(self._inline_feed), minid, exp]
