@@ -438,6 +438,14 @@ class Authenticator:
         return claims
 
 
+def follow_key_events(revocation_check: RevocationCheck | None, keys: object) -> None:
+    """If ``revocation_check`` is a revocation feed, have it tell the JWKS cache ``keys`` of
+    key revocations (see :meth:`tokensvc_client.RevocationFeed.follow_keys`)."""
+    follow = getattr(revocation_check, "follow_keys", None)
+    if callable(follow):
+        follow(keys)
+
+
 class _HookFailed(Exception):
     """A hook raised; the call is refused (fail closed)."""
 

@@ -39,6 +39,7 @@ from tokensvc_client._auth import (
     RevocationCheck,
     StepUp,
     behaviour_of,
+    follow_key_events,
     handler_of_kind,
     kind_of,
     step,
@@ -93,6 +94,7 @@ class AioAuthInterceptor(_ServerInterceptor):
             step_up=step_up,
             require_binding=require_binding,
         )
+        follow_key_events(revocation_check, keys)  # new keys verify within a second
 
     async def intercept_service(
         self,

@@ -41,6 +41,7 @@ from tokensvc_client._auth import (
     RevocationCheck,
     StepUp,
     behaviour_of,
+    follow_key_events,
     handler_of_kind,
     kind_of,
     step,
@@ -128,6 +129,7 @@ class AuthInterceptor(_ServerInterceptor):
             step_up=step_up,
             require_binding=require_binding,
         )
+        follow_key_events(revocation_check, keys)  # new keys verify within a second
 
     def intercept_service(
         self,

@@ -15,6 +15,11 @@ Rules (SPEC.md section 6):
 * A failed fetch is logged and the last good key set keeps being served; the next attempt
   waits ``retry_interval``. Only when no key set was ever fetched do verifications fail
   (the interceptor answers UNAVAILABLE).
+* A key event of the revocation feed (an emergency rotation removed a key,
+  :meth:`_CacheFront.key_event`; the interceptors wire it up) makes the set stale at once,
+  and for :data:`KEY_EVENT_WINDOW` seconds an unknown ``kid`` may refetch every
+  :data:`KEY_EVENT_INTERVAL` seconds: tokens of the new key verify within a second. A
+  flood of events still costs at most one fetch per :data:`KEY_EVENT_INTERVAL`.
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ log = logging.getLogger("tokensvc_client.jwks")
 
 DEFAULT_MIN_REFETCH_INTERVAL = 30.0
 DEFAULT_RETRY_INTERVAL = 5.0
+#: After a key event, fetches are allowed this often (seconds) ...
+KEY_EVENT_INTERVAL = 0.25
+#: ... for this long: replicas of the token service may learn of the new key a little later.
+KEY_EVENT_WINDOW = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +74,7 @@ class _CacheState:
         self.stale_at = -math.inf
         self.last_attempt = -math.inf
         self.last_failed = False
+        self.last_event = -math.inf  # the last key event that made the set stale
 
     def needs_fetch(self, request: KeyRequest, now: float) -> bool:
         """Whether answering ``request`` at ``now`` calls for a fetch first."""
@@ -74,7 +84,17 @@ class _CacheState:
             return not (self.last_failed and now < self.last_attempt + self.retry_interval)
         if self.keys is not request.lacking:
             return False  # a newer set arrived meanwhile: try that one, no fetch
-        return now >= self.last_attempt + self.min_refetch_interval
+        interval = self.min_refetch_interval
+        if now < self.last_event + KEY_EVENT_WINDOW:
+            interval = min(interval, KEY_EVENT_INTERVAL)
+        return now >= self.last_attempt + interval
+
+    def key_event(self, now: float) -> None:
+        """The key set changed (a key was revoked): fetch again soon, within bounds."""
+        if now < self.last_event + KEY_EVENT_INTERVAL:
+            return  # a flood of events: one fetch per interval at most
+        self.last_event = now
+        self.stale_at = min(self.stale_at, max(now, self.last_attempt + KEY_EVENT_INTERVAL))
 
     def answer(self, request: KeyRequest) -> KeySet | None:
         """The key set to verify with; ``None`` if there is none (or none newer)."""
@@ -100,6 +120,8 @@ class _CacheState:
             return err
         self.keys = keys
         self.stale_at = now + max(1, outcome.max_age_seconds)
+        if self.last_event > now:  # an event arrived while this fetch was under way
+            self.stale_at = self.last_event + KEY_EVENT_INTERVAL
         self.last_failed = False
         log.debug("JWKS fetched: %d keys, max age %d s", len(keys), outcome.max_age_seconds)
         return None
@@ -127,6 +149,11 @@ class _CacheFront:
     def cached(self, request: KeyRequest = CURRENT) -> KeySet | None:
         """Answer from the cache only, never fetching."""
         return self._state.answer(request)
+
+    def key_event(self) -> None:
+        """A signing key was revoked (the revocation feed's KEY event): the set is stale
+        and tokens of a new key may refetch soon (see the module doc). Never blocks."""
+        self._state.key_event(self._clock())
 
 
 class JwksCache(_CacheFront):

@@ -32,6 +32,13 @@ check raises :class:`FeedStale`, which the interceptors answer with UNAVAILABLE
 ``authorization check failed``.
 
 What is held and what a check costs: :mod:`tokensvc_client.revocations`.
+
+Key events: given a feed, an interceptor has it tell its JWKS cache of every key
+revocation (:meth:`RevocationFeed.follow_keys`): after an emergency rotation
+(``RotateKeys(now, revoke_old)``) the cache fetches the new key at once, so tokens it
+signs verify within a second rather than after the unknown-``kid`` refetch interval
+(30 s by default), and a flood of events costs at most four fetches a second
+(:mod:`tokensvc_client.jwks`).
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import grpc
 import grpc.aio
@@ -170,6 +177,8 @@ class _FeedCore:
         self._last_warning = -math.inf
         self._lock = threading.Lock()
         self.ready = threading.Event()
+        #: called on every KEY event (a signing key revoked): the JWKS caches to refresh
+        self.key_listeners: list[Callable[[], None]] = []
 
     # -- driver side ----------------------------------------------------------------------
 
@@ -213,6 +222,9 @@ class _FeedCore:
 
     def on_event(self, stream: int, event: pb.RevocationEvent) -> None:
         self.revocations.apply(event)
+        if event.kind == pb.RevocationEvent.KEY:
+            for listener in self.key_listeners:
+                listener()
         self.events += 1
         _metrics.TOTALS.feed_events += 1
         self.last_event_at = time.monotonic()
@@ -304,6 +316,12 @@ def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
+class _KeyEvents(Protocol):
+    """What :meth:`_FeedBase.follow_keys` needs of a JWKS cache."""
+
+    def key_event(self) -> None: ...
+
+
 class _FeedBase:
     """Properties, counters and the check both feeds offer."""
 
@@ -316,6 +334,13 @@ class _FeedBase:
             FeedStale: the feed fails closed and has been down too long.
         """
         return self._core.check(claims)
+
+    def follow_keys(self, keys: _KeyEvents) -> None:
+        """Tell ``keys`` (a JWKS cache) of every key revocation, so that after an emergency
+        rotation it fetches the new key within a second instead of its refetch interval.
+        The interceptors call this for the feed they are given."""
+        if keys.key_event not in self._core.key_listeners:
+            self._core.key_listeners.append(keys.key_event)
 
     @property
     def revocations(self) -> RevocationSet:

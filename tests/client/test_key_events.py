@@ -1,0 +1,67 @@
+"""Emergency rotation at the interceptor: with the revocation feed, tokens of the new key
+verify within a second of ``RotateKeys(now, revoke_old)`` (the feed's KEY event makes the
+JWKS cache refetch), while a flood of key events cannot make it hammer GetKeys."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+
+from tests.client.conftest import Protected, bearer
+from tests.client.test_revocation_feed import PROPAGATION_BOUND, Feed, make_feed, refusal
+from tests.support import ServerThread
+from tokensvc_client import Jwks, JwksCache, TokenClient
+from tokensvc_client.jwks import KEY_EVENT_INTERVAL, KeyRequest
+from tokensvc_client.v1 import tokensvc_pb2 as pb
+
+__all__ = ["make_feed"]  # the fixture, used here
+
+
+@pytest.mark.parametrize("kind", ["sync", "aio"])
+def test_tokens_of_the_new_key_verify_within_a_second_of_an_emergency_rotation(
+    kind: str,
+    tokensvc: ServerThread,
+    make_protected: Callable[..., Protected],
+    make_feed: Callable[..., Feed],
+    client: TokenClient,
+) -> None:
+    feed = make_feed(tokensvc.target, kind)
+    assert feed.wait_connected()
+    # the default unknown-kid refetch interval (30 s) is what would lock out the new key
+    protected = make_protected(tokensvc, kind, revocation_check=feed.feed)
+    assert refusal(protected, client.issue("gina").access_token) is None  # keys cached
+    fetches = len(protected.fetches)
+    tokensvc.stub().RotateKeys(pb.RotateKeysRequest(now=True, revoke_old=True))
+    rotated = time.monotonic()
+    fresh = client.issue("gina").access_token  # signed by the new key
+    while (err := refusal(protected, fresh)) is not None:
+        assert err.details() == "invalid token: unknown_key"
+        assert time.monotonic() - rotated < PROPAGATION_BOUND, "new key still refused"
+        time.sleep(0.02)
+    took = time.monotonic() - rotated
+    print(f"\n[{kind}] emergency rotation -> new key accepted in {took * 1000:.0f} ms")
+    assert len(protected.fetches) - fetches <= 3  # a refetch or two, not one per call
+    assert protected.call("unary_unary", bearer(fresh))[0]["sub"] == "gina"
+
+
+def test_a_flood_of_key_events_costs_at_most_four_fetches_a_second(client: TokenClient) -> None:
+    now = [1000.0]
+    fetched: list[float] = []
+
+    def fetch() -> Jwks:
+        fetched.append(now[0])
+        return client.get_keys()
+
+    cache = JwksCache(fetch, clock=lambda: now[0])
+    keys = cache.load()
+    for _ in range(2000):  # 2 s of events, one every millisecond, each followed by calls
+        now[0] += 0.001
+        cache.key_event()
+        cache.answer()
+        cache.answer(KeyRequest(lacking=cache.cached()))  # a token with an unknown kid
+    assert cache.cached() is not None and len(keys) >= 1
+    assert 2 <= len(fetched) - 1 <= 2 / KEY_EVENT_INTERVAL + 1
+    gaps = [b - a for a, b in zip(fetched[1:], fetched[2:], strict=False)]
+    assert all(gap >= KEY_EVENT_INTERVAL - 1e-9 for gap in gaps)
