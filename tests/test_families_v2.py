@@ -106,7 +106,12 @@ def test_fifty_concurrent_refreshes_in_grace_mode_make_one_successor(
     assert len({a.access_token for a in answers}) == 50
     assert _active(stub, answers[0].refresh_token)
     client = redis.Redis.from_url(redis_url)
-    assert client.hget(family_key(pair.session_id), "gen") == b"2"
+    family = client.hgetall(family_key(pair.session_id))
+    assert family[b"gen"] == b"2"
+    # the successor is stored only sealed: neither it nor its random part is readable
+    secret = answers[0].refresh_token.split("_")[-2]
+    stored = b"".join(family.values())
+    assert secret.encode() not in stored and bytes.fromhex(secret) not in stored
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         events = [e[b"event"] for _, e in client.xrange(AUDIT_STREAM)]

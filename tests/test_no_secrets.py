@@ -9,6 +9,7 @@ are searched for each secret.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import logging
@@ -22,7 +23,7 @@ import redis.asyncio as aioredis
 from tokensvc.audit import AUDIT_STREAM
 from tokensvc.cli import JsonFormatter
 from tokensvc.embedded import RedisProcess
-from tokensvc.keyring import KeyRing, load_kek
+from tokensvc.keyring import SECRET_NAMES, KeyRing, load_kek
 from tokensvc.store import family_key
 from tokensvc_client._auth import Authenticator, step
 from tokensvc_client.v1 import tokensvc_pb2 as pb
@@ -30,14 +31,20 @@ from tokensvc_client.verifier import KeySet, Verifier
 
 
 def _secrets_of(pair: pb.TokenPair) -> list[str]:
-    """The token, its signature, the refresh secret and the stored refresh hash."""
+    """The token, its signature, the refresh token, its random part and MAC, and the
+    stored refresh hash."""
     return [
         pair.access_token,
         pair.access_token.split(".")[2],
         pair.refresh_token,
+        pair.refresh_token.split("_")[-2],
         pair.refresh_token.rsplit("_", 1)[1],
         hashlib.sha256(pair.refresh_token.encode()).hexdigest(),
     ]
+
+
+def _b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
 def _key_secrets(settings) -> list[str]:
@@ -48,11 +55,14 @@ def _key_secrets(settings) -> list[str]:
         try:
             ring = KeyRing(client, kek)
             await ring.load()
-            return str(ring.signing.key.export_private(as_dict=True)["d"])
+            deployment = [ring.secret(name) for name in SECRET_NAMES]
+            return [str(ring.signing.key.export_private(as_dict=True)["d"])] + [
+                form for key in deployment for form in (key.hex(), _b64url(key))
+            ]
         finally:
             await client.aclose()
 
-    return [str(kek.export(as_dict=True)["k"]), asyncio.run(private_d())]
+    return [str(kek.export(as_dict=True)["k"]), *asyncio.run(private_d())]
 
 
 def _denied(call) -> None:
@@ -87,6 +97,14 @@ def test_no_secret_in_logs_or_audit(make_settings, start_server, redis_url, capl
     stub.Revoke(pb.RevokeRequest(token=other.refresh_token))
     _denied(lambda: stub.Refresh(pb.RefreshRequest(refresh_token=other.refresh_token)))
     stub.Revoke(pb.RevokeRequest(subject="alice"))
+
+    # a grace-window replay: the same successor again
+    graceful = start_server(make_settings(refresh_grace_seconds=5)).stub()
+    g1 = graceful.Issue(pb.IssueRequest(subject="erin")).tokens
+    g2 = graceful.Refresh(pb.RefreshRequest(refresh_token=g1.refresh_token)).tokens
+    g3 = graceful.Refresh(pb.RefreshRequest(refresh_token=g1.refresh_token)).tokens
+    assert g3.refresh_token == g2.refresh_token
+    secrets += _secrets_of(g1) + _secrets_of(g2) + _secrets_of(g3)
 
     # an unexpected internal error: a family whose stored claims are corrupt
     third = stub.Issue(pb.IssueRequest(subject="carol")).tokens
@@ -126,7 +144,7 @@ def test_no_secret_in_logs_or_audit(make_settings, start_server, redis_url, capl
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         events = {f.get(b"event") for _id, f in raw.xrange(AUDIT_STREAM)}
-        if b"revoked" in events and b"reuse_detected" in events:
+        if {b"revoked", b"reuse_detected", b"refresh_replayed"} <= events:
             break
         time.sleep(0.05)
     audit = json.dumps(
@@ -135,7 +153,8 @@ def test_no_secret_in_logs_or_audit(make_settings, start_server, redis_url, capl
     formatter = JsonFormatter()
     logged = "\n".join(formatter.format(record) for record in caplog.records)
     assert "correlation_id" in logged and "reuse" in logged  # the paths did log
-    assert len(secrets) == 28  # KEK, private key, 5 per pair (5 pairs), the forgery
+    # KEK, private key, 2 deployment secrets in 2 spellings, 6 per pair (8 pairs), a forgery
+    assert len(secrets) == 55
     for secret in secrets:
         assert secret not in logged, f"secret in logs: {secret[:12]}..."
         assert secret not in audit, f"secret in audit trail: {secret[:12]}..."
