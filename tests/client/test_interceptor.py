@@ -307,3 +307,27 @@ def test_cache_waits_between_failed_fetches_when_it_has_nothing():
     clock.now += 5
     assert cache.answer() is None
     assert attempts == [1000.0, 1005.0]
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_remembered_decisions_keep_each_tokens_claims_and_every_per_call_check(
+    tokensvc, client, make_protected, server
+):
+    """Warm calls reuse the decision for an exact authorization value (and the handler
+    wrapped for its claims), yet two tokens alternating each reach the handler with their
+    own claims, a revocation is seen on the next call, and a second authorization header
+    beside a remembered one is still malformed."""
+    revoked: set[str] = set()
+    protected = make_protected(tokensvc, server, revocation_check=lambda c: c.session_id in revoked)
+    alice, bob = client.issue("alice"), client.issue("bob")
+    for _ in range(3):
+        for pair, subject in ((alice, "alice"), (bob, "bob")):
+            seen = protected.call("unary_unary", bearer(pair.access_token))
+            assert [s["sub"] for s in seen] == [subject]
+    revoked.add(alice.session_id)
+    err = _rejected(protected.call, "unary_unary", bearer(alice.access_token))
+    assert err.details() == "invalid token: revoked"
+    assert protected.call("unary_unary", bearer(bob.access_token))
+    twice = bearer(bob.access_token) + bearer(bob.access_token)
+    err = _rejected(protected.call, "unary_unary", twice)
+    assert err.details() == "invalid token: malformed"

@@ -14,13 +14,14 @@ the same kind with another behaviour).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hmac
 import logging
 import re
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import grpc
 
@@ -134,6 +135,44 @@ def bearer_token(metadata: Metadata) -> str:
     if token.split() != [token]:  # empty, or whitespace inside (str.split runs in C)
         raise InvalidToken(Reason.MALFORMED, "bearer value is not one token")
     return token
+
+
+class Memo:
+    """A bounded map (oldest entry dropped first: O(1), no lock; a racing thread at worst
+    drops one entry more) for what is worth remembering per exact input."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: dict[Any, Any] = {}
+
+    def get(self, key: Any) -> Any:
+        return self._entries.get(key)
+
+    def put(self, key: Any, value: Any) -> None:
+        if self.size <= 0:
+            return
+        if len(self._entries) >= self.size:
+            with contextlib.suppress(RuntimeError, StopIteration, KeyError):
+                del self._entries[next(iter(self._entries))]
+        self._entries[key] = value
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class HandlerMemo(Memo):
+    """Handlers already wrapped for a verified token's claims: a warm call reuses the
+    wrapper instead of building one (the same claims object comes back from the
+    verifier's cache while the token stays valid)."""
+
+    def wrapped(self, handler: Handler, claims: Claims, build: Callable[[], Handler]) -> Handler:
+        key = (id(handler), id(claims))
+        hit = self.get(key)
+        if hit is not None and hit[0] is handler and hit[1] is claims:  # ids not reused
+            return cast("Handler", hit[2])
+        made = build()
+        self.put(key, (handler, claims, made))  # holding both keeps their ids unique
+        return made
 
 
 class MethodFilter:
@@ -313,6 +352,21 @@ class Authenticator:
         table = StepUpTable(step_up or {})
         self.step_up = table if len(table) else None
         self.require_binding = bool(require_binding)
+        # the decision for an exact authorization value: value -> token here, token ->
+        # claims in the verifier's cache (which re-checks exp and the key on every hit);
+        # revocation, step-up and policy are decided on every call
+        self._tokens = Memo(verifier.cache_size)
+
+    def _token(self, metadata: Metadata) -> str:
+        """:func:`bearer_token`, remembered per exact value of a lone header."""
+        values = [value for key, value in metadata or () if key.lower() == "authorization"]
+        if len(values) != 1 or not isinstance(values[0], str):
+            return bearer_token(metadata)  # raises the right reason
+        token: str | None = self._tokens.get(values[0])
+        if token is None:
+            token = bearer_token(metadata)
+            self._tokens.put(values[0], token)
+        return token
 
     @staticmethod
     def _count(rejection: Rejection) -> None:
@@ -329,7 +383,7 @@ class Authenticator:
 
     def _decide(self, method: str, metadata: Metadata) -> Decision:
         try:
-            token = bearer_token(metadata)
+            token = self._token(metadata)
             keys = yield CURRENT
             if keys is None:
                 log.warning("rejected call to %s: no JWK Set available", method)

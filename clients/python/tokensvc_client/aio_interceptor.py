@@ -33,6 +33,7 @@ from tokensvc_client._auth import (
     DEFAULT_EXEMPT,
     Authenticator,
     Handler,
+    HandlerMemo,
     Kind,
     MethodPolicy,
     Rejection,
@@ -57,6 +58,8 @@ else:
 
 __all__ = ["AioAuthInterceptor"]
 
+#: Handlers wrapped for the claims of recent tokens (see HandlerMemo).
+_WRAPPED_MAX = 1024
 #: The certificate-binding check of a call: its context -> a rejection or None to accept.
 _BindingCheck = Callable[[_Context], Rejection | None]
 
@@ -95,6 +98,7 @@ class AioAuthInterceptor(_ServerInterceptor):
             require_binding=require_binding,
         )
         follow_key_events(revocation_check, keys)  # new keys verify within a second
+        self._wrapped = HandlerMemo(_WRAPPED_MAX)
 
     async def intercept_service(
         self,
@@ -111,10 +115,11 @@ class AioAuthInterceptor(_ServerInterceptor):
             outcome = step(decision, await self._keys.answer(outcome))
         if isinstance(outcome, Rejection):
             return _aborting_handler(outcome, kind_of(handler))
-        check: _BindingCheck | None = None
         if self._auth.checks_binding(outcome):  # never for unbound tokens by default
             check = functools.partial(self._auth.check_binding, method, outcome)
-        return _with_claims(handler, outcome, check)
+            return _with_claims(handler, outcome, check)
+        claims = outcome
+        return self._wrapped.wrapped(handler, claims, lambda: _with_claims(handler, claims, None))
 
 
 @functools.lru_cache(maxsize=256)

@@ -35,6 +35,7 @@ from tokensvc_client._auth import (
     Authenticator,
     Decision,
     Handler,
+    HandlerMemo,
     Kind,
     MethodPolicy,
     Rejection,
@@ -66,6 +67,9 @@ __all__ = [
 
 #: Produces the claims inside the handler's thread, or aborts the call through its context.
 _Resolve = Callable[[grpc.ServicerContext], Claims]
+
+#: Handlers wrapped for the claims of recent tokens (see HandlerMemo).
+_WRAPPED_MAX = 1024
 
 
 class AuthInterceptor(_ServerInterceptor):
@@ -130,6 +134,7 @@ class AuthInterceptor(_ServerInterceptor):
             require_binding=require_binding,
         )
         follow_key_events(revocation_check, keys)  # new keys verify within a second
+        self._wrapped = HandlerMemo(_WRAPPED_MAX)
 
     def intercept_service(
         self,
@@ -147,7 +152,9 @@ class AuthInterceptor(_ServerInterceptor):
         if isinstance(outcome, Claims):
             claims = outcome
             if not self._auth.checks_binding(claims):  # the warm path of unbound tokens
-                return _with_claims(handler, lambda _context: claims)
+                return self._wrapped.wrapped(
+                    handler, claims, lambda: _with_claims(handler, lambda _context: claims)
+                )
             return _with_claims(handler, lambda context: self._bound(method, claims, context))
         pending = outcome
 

@@ -351,6 +351,11 @@ class Verifier:
         self._cache_size = cache_size
         self._cache: dict[str, tuple[Claims, str, jwk.JWK | None]] = {}
 
+    @property
+    def cache_size(self) -> int:
+        """How many verified tokens are remembered (0: none)."""
+        return self._cache_size
+
     def verify(self, token: str, keys: KeySet) -> Claims:
         """Run every check of SPEC.md section 7 except revocation.
 
