@@ -96,12 +96,14 @@ def run(b: Bench) -> None:
         b.progress("interceptor.cold / interceptor.warm")
         tokens = [client.issue("bench-user", roles=["reader"]).access_token for _ in range(count)]
         keys = client.get_keys().key_set()
-        auth = Authenticator(Verifier(ISSUER, AUDIENCE, cache_size=count * 2))
         headers = [(("authorization", f"Bearer {t}"),) for t in tokens]
-        start = time.perf_counter()
-        for md in headers:
-            _decide(auth, md, keys)
-        cold = (time.perf_counter() - start) / count * 1e6
+        cold = float("inf")
+        for _ in range(3):  # best of three, each with empty caches: every token new
+            auth = Authenticator(Verifier(ISSUER, AUDIENCE, cache_size=count * 2))
+            start = time.perf_counter()
+            for md in headers:
+                _decide(auth, md, keys)
+            cold = min(cold, (time.perf_counter() - start) / count * 1e6)
         b.rows["interceptor.cold"] = {"us_per_op": round(cold, 2), "rps": round(1e6 / cold, 1)}
         b.record_op("interceptor.warm", lambda: _decide(auth, headers[0], keys), b.n(20000))
 
