@@ -9,18 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench import service_rows
 from bench.run import modules
 
 ROOT = Path(__file__).resolve().parents[1]
 #: rows measured against a server process: they carry its CPU per request
 WITH_SERVER_CPU = [
     "limit.grpc_noop",
-    "rpc.getkeys",
-    "rpc.issue",
-    "rpc.refresh",
-    "rpc.introspect",
-    "rpc.issue.workers_1",
-    "rpc.issue.workers_2",
+    *service_rows.ROWS,
     "rpc.protected_noop",
     "rpc.unprotected_noop",
 ]

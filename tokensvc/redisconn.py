@@ -74,6 +74,7 @@ from redis.asyncio.connection import AbstractConnection, Connection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+from redis.maint_notifications import MaintNotificationsConfig
 
 from tokensvc.config import ConfigError
 
@@ -115,6 +116,13 @@ class ClusterTarget:
 
 def _no_retry() -> Retry:
     return Retry(NoBackoff(), 0)
+
+
+def _no_maint() -> MaintNotificationsConfig:
+    """Redis Enterprise's maintenance notifications off: with them on ("auto", the default)
+    redis-py's pool no longer checks that a pooled connection is still open before handing
+    it out, so after a Redis restart each stale connection would fail one call."""
+    return MaintNotificationsConfig(enabled=False)
 
 
 _Conn = TypeVar("_Conn", bound=AbstractConnection)
@@ -222,6 +230,7 @@ def redis_client(url: str, timeout: float, watchdog: Watchdog | None = None) -> 
             socket_connect_timeout=timeout,
             retry=_no_retry(),
             retry_on_timeout=False,
+            maint_notifications_config=_no_maint(),
         )
         _watch_pool(client, watchdog)
         return client
@@ -269,6 +278,7 @@ def _sentinel_client(
         socket_connect_timeout=timeout,
         retry=_no_retry(),
         retry_on_timeout=False,
+        maint_notifications_config=_no_maint(),
         username=target.username,
         password=target.password,
         db=target.db,
@@ -292,6 +302,7 @@ def _cluster_client(
         # the slot map first) unless told otherwise; redirections are followed regardless
         retry=_no_retry(),
         require_full_coverage=True,
+        maint_notifications_config=_no_maint(),
     )
     if watchdog is not None:  # RedisCluster takes no connection class: set it on the nodes
         watched = watchdog.connection_class(Connection)
