@@ -100,18 +100,6 @@ def tag_of(session_id: str) -> str:
     return session_id[:_TAG_HEX]
 
 
-def new_legacy_refresh_token(session_id: str) -> str:
-    """A v1 refresh token, as the service made them before families v2 (tests of the
-    upgrade path use it)."""
-    return f"{REFRESH_TOKEN_PREFIX}{session_id}_{secrets.token_hex(32)}"
-
-
-def refresh_session_id(token: str) -> str | None:
-    """The session id inside a well-formed (v1 or v2) refresh token, else ``None``."""
-    match = _REFRESH_TOKEN.fullmatch(token) or _REFRESH_V2.fullmatch(token)
-    return match.group(1) if match else None
-
-
 @dataclass(frozen=True, slots=True)
 class PresentedRefresh:
     """A refresh token as presented: its session, generation (0: a v1 token), its
