@@ -14,8 +14,10 @@ use those for plaintext development servers; see :mod:`tokensvc_client.channels`
 ``grpc.insecure_channel`` the credentials are silently not sent.
 
 Refresh rotates the refresh token, so keep the new pair (``on_refresh``) if the session
-must survive a restart. The plugin runs on gRPC's threads and refreshes with a blocking
-call, for blocking and asyncio channels alike.
+must survive a restart. With ``TokenClient.refresh`` as ``refresh``, a Refresh whose reply
+is lost is sent once more when the server announces a grace window, never otherwise (see
+:meth:`tokensvc_client.client.TokenClient.refresh`). The plugin runs on gRPC's threads
+and refreshes with a blocking call, for blocking and asyncio channels alike.
 """
 
 from __future__ import annotations
