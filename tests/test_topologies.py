@@ -463,7 +463,11 @@ def _refresh_with_a_dropped_connection(stub: Stub, node: RedisProcess, token: st
         admin.execute_command("CLIENT", "PAUSE", 20_000, "WRITE")
         try:
             call = pool.submit(stub.Refresh, pb.RefreshRequest(refresh_token=token), timeout=10)
-            waiting = wait_for("the Refresh to wait in Redis", lambda: _paused_scripts(admin))
+            wait_for("a script to wait in Redis", lambda: _paused_scripts(admin))
+            # the Refresh was sent first, but an audit flush or key ring tick may wait there
+            # before it: give it time to arrive, so the set below surely holds it
+            time.sleep(0.5)
+            waiting = _paused_scripts(admin)
             for client_id in waiting:  # also a key ring tick waiting there, if any
                 admin.execute_command("CLIENT", "KILL", "ID", client_id)
             # a retrying client sends the script again: it would wait here too
