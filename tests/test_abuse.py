@@ -213,3 +213,30 @@ def test_a_blocked_peer_keeps_issue_and_revoke_and_revoked_tokens_do_not_count(m
     assert _refused(lambda: login.Refresh(bogus)).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     fresh = login.Issue(pb.IssueRequest(subject="bob")).tokens  # still issuing
     assert login.Revoke(pb.RevokeRequest(session_id=fresh.session_id)).revoked_sessions == 1
+
+
+def test_refused_issue_calls_cost_no_signature(mtls_service, monkeypatch):
+    # checked first, signed after: a locked or rate-limited subject costs its caller
+    # nothing but the one Redis round trip (the real signer, counted)
+    from tokensvc import tokens
+
+    signed: list[str] = []
+    sign = tokens.sign_access_token
+
+    def counting(key, kid, claims):
+        signed.append(claims["sub"])
+        return sign(key, kid, claims)
+
+    monkeypatch.setattr(tokens, "sign_access_token", counting)
+    svc = mtls_service(POLICY, rate_issue=Rate(2, 60))
+    login, admin = svc.stub("login"), svc.stub("admin")
+    for _ in range(2):
+        login.Issue(pb.IssueRequest(subject="alice"))
+    for _ in range(3):
+        err = _refused(lambda: login.Issue(pb.IssueRequest(subject="alice")))
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    admin.LockSubject(pb.LockSubjectRequest(subject="bob"))
+    for _ in range(3):
+        err = _refused(lambda: login.Issue(pb.IssueRequest(subject="bob")))
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert signed == ["alice", "alice"]
