@@ -5,7 +5,6 @@
   ``--allow-cn-identities``. A certificate refused as ambiguous or invalid makes its
   caller anonymous; the refusal is logged and audited (``identity_refused``, once per
   certificate and process) and every denied call of that caller carries the reason.
-  Anonymous callers' limits are keyed by their network address.
 - **Caller policy** (:mod:`tokensvc.policy`) decides per RPC. In plaintext development mode
   (``--insecure``, loopback only) there are no identities and the policy is not enforced;
   the server logs that loudly at start.
