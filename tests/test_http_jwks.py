@@ -450,3 +450,12 @@ def test_half_open_tls_connections_from_one_client_do_not_starve_others(
     finally:
         for sock in hostile:
             sock.close()
+
+
+def test_refused_requests_never_log_what_they_carried(port, caplog):
+    secret = "eyJhbGciOiJFUzI1NiJ9." + "s" * 9000  # a token-like header past the line limit
+    with caplog.at_level("DEBUG"):
+        assert request(port, headers=(f"Authorization: Bearer {secret}",)).status == 431
+        assert parse(exchange(port, f"GET /{secret[:40]} HTTP/3.0\r\n\r\n".encode())).status == 400
+        assert request(port).status == 200
+    assert "eyJhbGci" not in caplog.text

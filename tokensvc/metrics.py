@@ -242,40 +242,23 @@ class ServerMetrics:
                 "Seconds until the next scheduled rotation (negative: overdue)",
                 lambda: active(True),
             )
-        if state.hub is not None:
-            hub = state.hub
-            gauge(
-                "feed.watchers",
-                "{stream}",
-                "Open WatchRevocations streams",
-                lambda: [Observation(hub.watcher_count)],
-            )
-            total(
-                "feed.events.sent",
-                "{event}",
-                "Revocation events sent to watchers",
-                lambda: [Observation(hub.sent)],
-            )
-        if state.audit is not None:
-            audit = state.audit
-            gauge(
-                "audit.queue.depth",
-                "{record}",
-                "Audit records waiting for Redis",
-                lambda: [Observation(audit.pending)],
-            )
-            total(
-                "audit.dropped",
-                "{record}",
-                "Audit records dropped (queue full)",
-                lambda: [Observation(audit.dropped)],
-            )
-            total(
-                "audit.write_failures",
-                "{batch}",
-                "Failed audit stream writes",
-                lambda: [Observation(audit.write_failures)],
-            )
+
+        def value(read: Callable[[], float]) -> Callable[[], Iterable[Observation]]:
+            return lambda: [Observation(read())]
+
+        hub, audit = state.hub, state.audit
+        if hub is not None:
+            gauge("feed.watchers", "{stream}", "Open WatchRevocations streams",
+                  value(lambda: hub.watcher_count))  # fmt: skip
+            total("feed.events.sent", "{event}", "Revocation events sent to watchers",
+                  value(lambda: hub.sent))  # fmt: skip
+        if audit is not None:
+            gauge("audit.queue.depth", "{record}", "Audit records waiting for Redis",
+                  value(lambda: audit.pending))  # fmt: skip
+            total("audit.dropped", "{record}", "Audit records dropped (queue full)",
+                  value(lambda: audit.dropped))  # fmt: skip
+            total("audit.write_failures", "{batch}", "Failed audit stream writes",
+                  value(lambda: audit.write_failures))  # fmt: skip
         errors = state.redis_errors
         total(
             "redis.unavailable",
