@@ -62,7 +62,7 @@ def server_names() -> set[str]:
         meters.audit_event(event, {"reason": "Issue: x", "target": "subject", "bound": "0"})
     meters.rpc_duration.record(0.001, {"rpc.method": "x/y", "rpc.response.status_code": "OK"})
     ring = SimpleNamespace(records={"k": {"state": "active", "activated_ms": time.time() * 1000}})
-    hub = SimpleNamespace(watcher_count=0, sent=0)
+    hub = SimpleNamespace(watcher_count=0, sent=0, held=0)
     audit = SimpleNamespace(pending=0, dropped=0, write_failures=0)
     meters.observe(metrics.State(ring, 100, hub, audit, Counter({"ConnectionError": 1})))
     try:

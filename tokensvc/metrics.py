@@ -252,6 +252,8 @@ class ServerMetrics:
                   value(lambda: hub.watcher_count))  # fmt: skip
             total("feed.events.sent", "{event}", "Revocation events sent to watchers",
                   value(lambda: hub.sent))  # fmt: skip
+            gauge("feed.events.held", "{event}", "Revocations in force held for new watchers",
+                  value(lambda: hub.held))  # fmt: skip
         if audit is not None:
             gauge("audit.queue.depth", "{record}", "Audit records waiting for Redis",
                   value(lambda: audit.pending))  # fmt: skip
