@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PROTO  := protos/tokensvc_client/v1/tokensvc.proto
 GEN    := clients/python
 
-.PHONY: setup run test tools check-protos protos lint bench certs clean
+.PHONY: setup run test tools check-protos check-contract protos lint bench certs clean
 
 setup: $(STAMP)
 
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 run: setup
 	$(BIN)/tokensvc serve --insecure --listen 127.0.0.1:50051
 
-test: setup tools check-protos lint
+test: setup tools check-protos check-contract lint
 	$(BIN)/python -m pytest
 
 # System tools the tests use (promtool, chromium, ...): installed only when missing.
@@ -40,6 +40,14 @@ check-protos: setup
 	  cmp -s $$tmp/tokensvc_client/v1/$$f $(GEN)/tokensvc_client/v1/$$f || \
 	  { echo "stale generated code: $$f (run make protos)"; rm -rf $$tmp; exit 1; }; \
 	done; rm -rf $$tmp; echo "generated stubs are up to date"
+
+# The contract for every language: buf lint, buf format, and no breaking change against
+# the last released contract (buf.yaml says which rules we deviate from and why).
+BUF := .tools/buf/node_modules/.bin/buf
+check-contract: tools
+	$(BUF) lint
+	$(BUF) format --diff --exit-code
+	$(BUF) breaking --against protos/released/tokensvc-v1.binpb
 
 lint: setup
 	$(BIN)/ruff check tokensvc clients/python tests bench
