@@ -141,8 +141,13 @@ def test_resume_from_an_id_the_stream_no_longer_holds_starts_over(stub, watch, t
     assert _kinds([watcher.next()]) == [(Kind.SUBJECT, tag("one"))]
 
 
-def test_resume_from_must_be_an_event_id(stub):
-    call = stub.WatchRevocations(pb.WatchRevocationsRequest(resume_from="../etc"))
+@pytest.mark.parametrize(
+    "resume_from",
+    ["../etc", "18446744073709551616-0", "1-18446744073709551616", "99999999999999999999-0"],
+)
+def test_resume_from_must_be_an_event_id(stub, resume_from):
+    """Both parts of a stream id are unsigned 64-bit: 2**64 and above are not ids."""
+    call = stub.WatchRevocations(pb.WatchRevocationsRequest(resume_from=resume_from))
     with pytest.raises(grpc.RpcError) as err:
         next(iter(call))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -39,6 +39,7 @@ from tokensvc_client.v1 import tokensvc_pb2 as pb
 
 log = logging.getLogger("tokensvc.feed")
 _ID = re.compile(r"(\d{1,20})-(\d{1,20})")
+_U64 = 1 << 64
 _KINDS: Final = {
     "token": pb.RevocationEvent.TOKEN,
     "session": pb.RevocationEvent.SESSION,
@@ -57,10 +58,15 @@ class FeedClosed(StoreUnavailable):
 
 
 def _id(value: str) -> tuple[int, int]:
+    """A Redis stream id ``MS-SEQ`` as a pair; both parts are unsigned 64-bit numbers,
+    so anything larger is not an id (Redis would refuse it with an error)."""
     match = _ID.fullmatch(value)
     if match is None:
         raise ValueError(value)
-    return int(match.group(1)), int(match.group(2))
+    ms, seq = int(match.group(1)), int(match.group(2))
+    if ms >= _U64 or seq >= _U64:
+        raise ValueError(value)
+    return ms, seq
 
 
 def to_event(entry_id: Any, fields: dict[Any, Any]) -> pb.RevocationEvent | None:
