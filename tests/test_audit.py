@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from tokensvc import cli
+from tokensvc import cli, logs
 from tokensvc.audit import (
     AUDIT_STREAM,
     BATCH_MAX,
@@ -173,7 +173,7 @@ def test_log_event_carries_the_structured_fields(caplog):
     assert not hasattr(rec, "peer") and not hasattr(rec, "reason")  # empty: left out
     assert not hasattr(rec, "trace_id")  # outside a span
 
-    line = json.loads(cli.JsonFormatter().format(rec))
+    line = json.loads(logs.JsonFormatter().format(rec))
     assert line["level"] == "INFO"
     assert line["logger"] == "tokensvc.audit"
     assert line["msg"] == "audit issued"
@@ -241,7 +241,7 @@ def test_trace_id_of_the_current_span_in_log_and_record(caplog):
     (rec,) = [r for r in caplog.records if r.name == "tokensvc.audit"]
     assert rec.trace_id == trace_id
     # formatted outside the span: the record's own trace id is kept
-    assert json.loads(cli.JsonFormatter().format(rec))["trace_id"] == trace_id
+    assert json.loads(logs.JsonFormatter().format(rec))["trace_id"] == trace_id
     assert trail._queue[0]["trace_id"] == trace_id
 
 
@@ -274,7 +274,7 @@ def test_no_secrets_long_values_cut_reserved_names_renamed(redis_url, caplog):
     assert (entry["x_name"], entry["x_ts"], entry["x_id"], entry["x_msg"]) == ("n", "5", "i", "m")
     assert int(entry["ts"]) > 1_600_000_000_000  # the real timestamp, not the caller's
     (rec,) = [r for r in caplog.records if r.name == "tokensvc.audit"]
-    formatted = cli.JsonFormatter().format(rec)
+    formatted = logs.JsonFormatter().format(rec)
     assert refresh not in formatted and jws not in formatted
     assert json.loads(formatted)["reason"] == "x" * MAX_VALUE_CHARS
     assert rec.name == "tokensvc.audit" and rec.x_name == "n"

@@ -10,7 +10,7 @@ import stat
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from tokensvc import cli, config
+from tokensvc import cli, config, logs
 from tokensvc.devcerts import DEFAULT_WORKLOADS
 
 KEYS = ("server", *DEFAULT_WORKLOADS)
@@ -92,7 +92,7 @@ def test_json_formatter_renders_extra_fields_as_keys():
     record.__dict__.update(
         {"session_id": "s1", "count": 3, "ok": True, "obj": object(), "level": "spoofed"}
     )
-    line = json.loads(cli.JsonFormatter().format(record))
+    line = json.loads(logs.JsonFormatter().format(record))
     assert line["msg"] == "hello w"
     assert (line["session_id"], line["count"], line["ok"]) == ("s1", 3, True)
     assert line["obj"].startswith("<object object")  # not JSON: rendered as text
@@ -103,5 +103,5 @@ def test_json_formatter_renders_extra_fields_as_keys():
 
 def test_json_formatter_without_extras_is_unchanged():
     record = logging.LogRecord("tokensvc.x", logging.WARNING, __file__, 1, "plain", (), None)
-    line = json.loads(cli.JsonFormatter().format(record))
+    line = json.loads(logs.JsonFormatter().format(record))
     assert set(line) == {"ts", "level", "logger", "msg"}

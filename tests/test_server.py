@@ -71,7 +71,7 @@ def test_serve_with_embedded_redis_health_reflection_and_graceful_sigterm(tmp_pa
         if proc.poll() is None:
             proc.kill()
     stderr = proc.stderr.read() if proc.stderr else ""
-    assert "Traceback" not in stderr
+    assert "Traceback" not in stderr, stderr[stderr.find("Traceback") - 300 :]
     assert pair.access_token not in stderr and pair.refresh_token not in stderr
     # the embedded redis-server stopped with the service
     time.sleep(0.2)

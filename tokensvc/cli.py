@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import logging
 import os
 import shlex
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,55 +21,28 @@ from redis.exceptions import RedisError
 from tokensvc import cli_admin, config
 from tokensvc.keyring import KeyRingError
 from tokensvc.store import StoreUnavailable
-from tokensvc.telemetry import current_trace_id
-
-# attributes every LogRecord has; anything else on a record came from `extra=`
-_RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, the record's ``extra``
-    fields as keys of their own (e.g. the audit events' event, subject, session_id, jti),
-    trace id. Never a token: the code logs session ids and jtis only."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, object] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname,
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        for key, value in vars(record).items():
-            if key in _RECORD_ATTRS or key in entry or key.startswith("_"):
-                continue
-            scalar = value is None or isinstance(value, str | int | float | bool)
-            entry[key] = value if scalar else str(value)
-        trace_id = entry.get("trace_id") or current_trace_id()
-        if trace_id:
-            entry["trace_id"] = trace_id
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from tokensvc import server  # imported here: `tokensvc health` stays light
+    # imported here: `tokensvc health` stays light
+    from tokensvc import server, workers
+    from tokensvc.logs import setup_logging
+    from tokensvc.processes import claim_address
 
     settings = config.load(args)
     setup_logging(settings.log_level)
     try:
-        if settings.workers > 1:
-            return server.serve_workers(settings)
-        asyncio.run(server.serve(settings))
+        claim = claim_address(settings.listen)  # held (open) while serving
+        try:
+            if settings.workers > 1:
+                return workers.serve_workers(settings)
+            asyncio.run(server.serve(settings))
+        finally:
+            if claim is not None:
+                claim.close()
     except (KeyRingError, StoreUnavailable, RuntimeError, OSError) as err:
-        # start-up failures (bad KEK, unreachable Redis, unreadable certificate) are one line
+        # start-up failures (bad KEK, unreachable Redis, port in use, unreadable
+        # certificate) are one line; StartupError is a RuntimeError
         print(f"tokensvc: cannot start: {err}", file=sys.stderr)
         return 2
     return 0

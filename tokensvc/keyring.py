@@ -30,9 +30,11 @@ of rotations ago, and the subject-tag key decides which hash slot a subject live
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -106,12 +108,15 @@ def load_kek(path: Path | None, data_dir: Path) -> jwk.JWK:
     if path is None:
         path = data_dir / "dev-kek.json"
         if not path.exists():
-            data_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as out:
-                out.write(jwk.JWK.generate(kty="oct", size=256).export())
+            _create_dev_kek(path)
         log.warning(
             "using a development key-encryption key from %s; set --kek-file in production", path
+        )
+    elif path.stat().st_mode & 0o077:
+        log.warning(
+            "key-encryption key %s is readable by group or others (mode %o): chmod 600 it",
+            path,
+            path.stat().st_mode & 0o777,
         )
     try:
         kek = jwk.JWK.from_json(path.read_text())
@@ -120,6 +125,22 @@ def load_kek(path: Path | None, data_dir: Path) -> jwk.JWK:
     except Exception as err:
         raise KeyRingError(f"key-encryption key {path} must be a 256-bit oct JWK: {err}") from None
     return kek
+
+
+def _create_dev_kek(path: Path) -> None:
+    """Write a new 256-bit KEK to ``path`` (mode 0600) unless another process already has:
+    the key is written to a private temporary file that is then hard-linked into place,
+    so concurrent starts (workers, replicas on one data directory) all read one complete
+    key."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".dev-kek-")  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(jwk.JWK.generate(kty="oct", size=256).export())
+        with contextlib.suppress(FileExistsError):  # another start won: use its key
+            os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
 
 
 @dataclass(frozen=True, slots=True)

@@ -76,7 +76,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
 
-from tokensvc.config import ConfigError
+from tokensvc.config_error import ConfigError
 
 #: What :func:`redis_client` returns: one server or Sentinel primary, or a cluster.
 RedisClient: TypeAlias = aioredis.Redis | RedisCluster

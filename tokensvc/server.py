@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -26,6 +24,7 @@ from tokensvc import metrics, metrics_rpc, redisconn, telemetry
 from tokensvc.audit import AuditTrail
 from tokensvc.config import Settings
 from tokensvc.decoding import DecodingGuard
+from tokensvc.draining import Drain
 from tokensvc.embedded import RedisProcess
 from tokensvc.feed import RevocationHub
 from tokensvc.http_jwks import Document, HttpJwks, start_http
@@ -33,6 +32,7 @@ from tokensvc.keyring import KeyRing, Lifecycle, load_kek
 from tokensvc.policy import CallerPolicy
 from tokensvc.redisconn import RedisClient
 from tokensvc.service import TokenService
+from tokensvc.startup import check_redis, unavailable
 from tokensvc.store import FamilyStore, StoreUnavailable
 from tokensvc.store.calls import UNAVAILABLE
 from tokensvc.tasks import cancelled_since, cancelling_count
@@ -41,6 +41,9 @@ from tokensvc_client.v1 import tokensvc_pb2, tokensvc_pb2_grpc
 log = logging.getLogger("tokensvc.server")
 SERVICE_NAME = tokensvc_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name
 _MAINTENANCE_INTERVAL = 1.0
+_QUIET = 0.05  # no new call for this long: none is queued inside gRPC (see Running.stop)
+_GOAWAY_DELAY = 0.2  # seconds for the GOAWAY to reach the clients (a round trip)
+_STOP_GRACE = 1.0  # for the refused calls (held until the GOAWAY delay is over)
 _MAX_MESSAGE = 64 * 1024
 _MAX_METADATA = 16 * 1024
 
@@ -76,17 +79,36 @@ class Running:
     watching: asyncio.Task[None] | None = None  # the Redis watchdog: stops last
     metrics_http: HttpJwks | None = None  # the --metrics-listen listener, if any
     metrics: metrics.ServerMetrics = metrics.DISABLED
+    drain: Drain = field(default_factory=Drain)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stop taking calls, finish in-flight ones within ``grace``, release Redis."""
+        """Stop taking calls, finish in-flight ones within ``grace``, release Redis.
+
+        New calls get UNAVAILABLE while the ones in flight finish, and nothing is ended
+        CANCELLED (see :mod:`tokensvc.draining`); revocation feed streams end at once
+        (UNAVAILABLE: the watchers resume from their last id elsewhere)."""
+        grace = self.settings.grace_seconds if grace is None else grace
+        self.drain.start()
         await self.health.enter_graceful_shutdown()
         for listener in (self.http, self.metrics_http):
             if listener is not None:
                 await listener.stop()
         # in-flight calls still audit: the audit writer (last task) stops after the server
-        for task in self.tasks[:-1]:
-            task.cancel()
-        await self.server.stop(self.settings.grace_seconds if grace is None else grace)
+        maintain, hub = self.tasks[0], self.tasks[1]
+        hub.cancel()  # ends the feed streams
+        if not await self.drain.wait_idle(grace):
+            log.warning("calls still in flight after %.1f s of grace: cancelling them", grace)
+        # calls still queued inside gRPC would be CANCELLED by the stop: wait for a quiet
+        # moment; the refused calls wait until gRPC has sent every client its GOAWAY, so a
+        # client retrying at once opens a new connection (refused: UNAVAILABLE) instead of
+        # sending a call into the closing one
+        await self.drain.wait_quiet(_QUIET, timeout=grace)
+        stopping = asyncio.create_task(self.server.stop(_STOP_GRACE))
+        if self.drain.held:
+            await asyncio.sleep(_GOAWAY_DELAY)
+        self.drain.release()
+        await stopping
+        maintain.cancel()
         self.tasks[-1].cancel()  # AuditTrail.run writes what is queued when cancelled
         await _finish(self.tasks)
         if self.watching is not None:
@@ -139,8 +161,14 @@ async def start(
     *,
     clock: Callable[[], float] = time.time,
 ) -> Running:
-    """Start everything; raises on a configuration that cannot work (bad KEK, no Redis).
-    ``clock``: the servicer's UNIX time (tests give a replica a skewed one)."""
+    """Start everything; nothing is left running when it raises.
+    ``clock``: the servicer's UNIX time (tests give a replica a skewed one).
+
+    Raises:
+        StartupError: a configuration that cannot work (no Redis, too few replicas).
+        KeyRingError: a bad key-encryption key.
+        ConfigError: unusable TLS files or policy.
+    """
     embedded = None
     url = settings.redis_url
     if url is None:
@@ -152,6 +180,8 @@ async def start(
     watchdog = redisconn.Watchdog(settings.redis_timeout)
     watching = asyncio.create_task(watchdog.run(), context=telemetry.untraced())
     redis = redis_client(url, settings.redis_timeout, watchdog)
+    server: grpc.aio.Server | None = None
+    http = metrics_http = None
     try:
         policy = CallerPolicy.for_settings(settings)
         previous = (
@@ -160,6 +190,7 @@ async def start(
             else []
         )
         keyring = KeyRing(redis, load_kek(settings.kek_file, settings.data_dir), previous)
+        await check_redis(redis, settings, url)
         await keyring.load()
         store = FamilyStore(
             redis,
@@ -176,78 +207,83 @@ async def start(
             max_per_client=settings.max_watchers_per_client,
         )
         await hub.prime()  # before any watcher can connect (see RevocationHub.prime)
-    except Exception:
-        watching.cancel()
-        await redis.aclose()
-        if embedded is not None:
-            embedded.stop()
-        raise
-    provider = telemetry.setup_tracing(tracer_provider)
-    meters = metrics.setup(
-        prometheus=bool(settings.http_listen or settings.metrics_listen),
-        client_ids=settings.metrics_client_ids,
-    )
-
-    server = grpc.aio.server(
-        interceptors=[*metrics_rpc.interceptors(meters), *telemetry.server_interceptors(provider)],
-        # several worker processes bind the same port; the kernel spreads connections
-        options=[
-            ("grpc.so_reuseport", 1),
-            # transport caps below every field limit's sum (tokensvc.limits): oversized
-            # messages or metadata are refused by gRPC before any of our code runs
-            ("grpc.max_receive_message_length", _MAX_MESSAGE),
-            ("grpc.max_metadata_size", _MAX_METADATA),
-        ],
-    )
-    audit = AuditTrail(redis, log_routine=settings.audit_log_all)
-    audit.metrics = meters
-    meters.observe(metrics.State(keyring, settings.key_rotation_interval, hub, audit, UNAVAILABLE))
-    # registers every handler so that an undecodable request is INVALID_ARGUMENT
-    registrar = cast(grpc.aio.Server, DecodingGuard(server))
-    tokensvc_pb2_grpc.add_TokenServiceServicer_to_server(
-        TokenService(settings, store, keyring, audit, policy, hub, clock=clock), registrar
-    )
-    health = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, registrar)
-    for name in ("", SERVICE_NAME):
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (
-            SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        registrar,
-    )
-    if settings.insecure:
-        log.warning(
-            "INSECURE development mode: serving PLAINTEXT on %s (loopback only); there are no "
-            "caller identities, so the caller policy is NOT enforced",
-            settings.listen,
+        provider = telemetry.setup_tracing(tracer_provider)
+        meters = metrics.setup(
+            prometheus=bool(settings.http_listen or settings.metrics_listen),
+            client_ids=settings.metrics_client_ids,
         )
-        port = server.add_insecure_port(settings.listen)
-    else:
-        port = server.add_secure_port(settings.listen, _server_credentials(settings))
-    await server.start()
-    documents = {}
-    if meters.render is not None:
-        documents[metrics.METRICS_PATH] = Document(meters.render)
-    http = metrics_http = None
-    try:
+
+        drain = Drain()
+        server = grpc.aio.server(
+            # the drain first: a call refused during shutdown costs nothing else
+            interceptors=[
+                drain,
+                *metrics_rpc.interceptors(meters),
+                *telemetry.server_interceptors(provider),
+            ],
+            options=[
+                # only the workers of one `serve` share a port (tokensvc.processes makes
+                # sure no other process serves it); a single process does not share it
+                ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
+                # transport caps below every field limit's sum (tokensvc.limits): oversized
+                # messages or metadata are refused by gRPC before any of our code runs
+                ("grpc.max_receive_message_length", _MAX_MESSAGE),
+                ("grpc.max_metadata_size", _MAX_METADATA),
+            ],
+        )
+        audit = AuditTrail(redis, log_routine=settings.audit_log_all)
+        audit.metrics = meters
+        meters.observe(
+            metrics.State(keyring, settings.key_rotation_interval, hub, audit, UNAVAILABLE)
+        )
+        # registers every handler so that an undecodable request is INVALID_ARGUMENT
+        registrar = cast(grpc.aio.Server, DecodingGuard(server))
+        tokensvc_pb2_grpc.add_TokenServiceServicer_to_server(
+            TokenService(settings, store, keyring, audit, policy, hub, clock=clock), registrar
+        )
+        health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, registrar)
+        for name in ("", SERVICE_NAME):
+            await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            registrar,
+        )
+        if settings.insecure:
+            log.warning(
+                "INSECURE development mode: serving PLAINTEXT on %s (loopback only); there are no "
+                "caller identities, so the caller policy is NOT enforced",
+                settings.listen,
+            )
+            port = server.add_insecure_port(settings.listen)
+        else:
+            port = server.add_secure_port(settings.listen, _server_credentials(settings))
+        await server.start()
+        documents = {}
+        if meters.render is not None:
+            documents[metrics.METRICS_PATH] = Document(meters.render)
         if settings.http_listen:
             http = await start_http(settings, keyring, documents)
         if settings.metrics_listen:
             metrics_http = await start_http(settings, None, documents, settings.metrics_listen)
-    except BaseException:
+    except BaseException as err:
         watching.cancel()
         if http is not None:
             await http.stop()
-        await server.stop(None)
+        if server is not None:
+            await server.stop(None)
         await redis.aclose()
         if embedded is not None:
             await asyncio.to_thread(embedded.stop)
+        if isinstance(err, StoreUnavailable):
+            raise unavailable(err, url) from err
         raise
     running = Running(settings, server, port, redis, health, audit, embedded)
+    running.drain = drain
     running.watching = watching
     running.http = http
     running.tracer_provider = provider
@@ -259,60 +295,22 @@ async def start(
     return running
 
 
-async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+async def serve(settings: Settings, *, parent_sentinel: int | None = None) -> None:
+    """Run until SIGTERM or SIGINT (a worker also until its parent has exited, which makes
+    ``parent_sentinel`` readable), then shut down gracefully.
+
+    Raises:
+        StartupError, KeyRingError, ConfigError: the service could not start.
+    """
     running = await start(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    if parent_sentinel is not None:
+        loop.add_reader(parent_sentinel, stop.set)
     print(f"tokensvc listening on {settings.host}:{running.port}", flush=True)
     await stop.wait()
     log.info("shutting down: finishing in-flight calls")
     await running.stop()
-
-
-def _worker_main(settings: Settings) -> None:
-    """Entry point of one worker process (multiprocessing, spawn)."""
-    from tokensvc.cli import setup_logging
-
-    setup_logging(settings.log_level)
-    asyncio.run(serve(settings))
-
-
-def serve_workers(settings: Settings) -> int:
-    """Run ``settings.workers`` server processes on one port; forward SIGTERM/SIGINT.
-
-    An embedded Redis, if any, is started once here and shared by the workers. Returns the
-    worst exit code of the workers.
-    """
-    import multiprocessing
-
-    embedded = None
-    if settings.redis_url is None:
-        embedded = RedisProcess(settings.data_dir / "redis", unix_socket=True, prefer_system=False)
-        embedded.start()
-        settings = dataclasses.replace(settings, redis_url=embedded.url)
-    ctx = multiprocessing.get_context("spawn")
-    procs = [
-        ctx.Process(target=_worker_main, args=(settings,), daemon=False)
-        for _ in range(settings.workers)
-    ]
-    for proc in procs:
-        proc.start()
-
-    def forward(signum: int, _frame: object) -> None:
-        for proc in procs:
-            if proc.pid is not None and proc.is_alive():
-                os.kill(proc.pid, signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    codes = []
-    for proc in procs:
-        proc.join()
-        codes.append(proc.exitcode or 0)
-    if embedded is not None:
-        embedded.stop()
-    return max(codes)

@@ -127,7 +127,9 @@ class RateLimited(RpcFailed):
 
 
 class Unavailable(RpcFailed):
-    """The service (or its Redis) is unreachable, or the deadline passed. Safe to retry."""
+    """The service (or its Redis) is unreachable, or the deadline passed, or the call was
+    CANCELLED by the server or connection (a server stopping: tokensvc itself drains
+    without cancelling, but a proxy or an older replica may not). Safe to retry."""
 
     code = grpc.StatusCode.UNAVAILABLE
 
@@ -137,6 +139,9 @@ _BY_CODE: dict[grpc.StatusCode, type[RpcFailed]] = {
 }
 _BY_CODE[grpc.StatusCode.UNAVAILABLE] = Unavailable
 _BY_CODE[grpc.StatusCode.DEADLINE_EXCEEDED] = Unavailable
+# a caller that cancels its own call gets no RpcError to convert (asyncio raises
+# CancelledError, a cancelled future never reports one): CANCELLED came from the far side
+_BY_CODE[grpc.StatusCode.CANCELLED] = Unavailable
 
 
 def from_rpc_error(err: grpc.RpcError) -> RpcFailed:

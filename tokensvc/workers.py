@@ -1,0 +1,103 @@
+"""``tokensvc serve --workers N``: N server processes sharing one port (``SO_REUSEPORT``)
+under one parent, which owns the address and the embedded Redis.
+
+The parent checks the configuration once (:func:`tokensvc.server.check`: TLS files, KEK,
+Redis, replicas; it also creates the development KEK and the first signing key, so the
+workers never race for them), then starts the workers and forwards SIGTERM/SIGINT to them.
+Workers never outlive it: the kernel signals them when it dies (Linux
+``PR_SET_PDEATHSIG``), and each also watches its parent's sentinel pipe. If a worker fails
+to start, the others are stopped and ``serve`` exits 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import sys
+
+from tokensvc import server
+from tokensvc.config import Settings
+from tokensvc.config_error import ConfigError
+from tokensvc.embedded import RedisProcess
+from tokensvc.keyring import KeyRingError
+from tokensvc.logs import setup_logging
+from tokensvc.processes import StartupError, die_with_parent
+
+log = logging.getLogger("tokensvc.workers")
+#: exit code of a worker (and of ``serve``) that could not start
+START_FAILED = 2
+
+
+def _worker_main(settings: Settings, number: int) -> None:
+    """Entry point of worker ``number`` (multiprocessing, spawn)."""
+    die_with_parent()
+    setup_logging(settings.log_level, worker=number)
+    parent = multiprocessing.parent_process()
+    sentinel = parent.sentinel if parent is not None else None
+    try:
+        asyncio.run(server.serve(settings, parent_sentinel=sentinel))
+    except (StartupError, ConfigError, KeyRingError) as err:
+        print(f"tokensvc: cannot start: {err} (worker {number})", file=sys.stderr, flush=True)
+        sys.exit(START_FAILED)
+    except KeyboardInterrupt:
+        pass
+
+
+def serve_workers(settings: Settings) -> int:
+    """Run ``settings.workers`` server processes on one port until they have all exited.
+
+    Returns the exit code for ``serve``: 0 after a clean shutdown, 2 when a worker could
+    not start.
+
+    Raises:
+        StartupError, ConfigError: the checks before any worker started failed.
+    """
+    embedded = None
+    if settings.redis_url is None:
+        embedded = RedisProcess(settings.data_dir / "redis", unix_socket=True, prefer_system=False)
+        embedded.start()
+        log.info("embedded redis-server started, data in %s", embedded.data_dir)
+        settings = dataclasses.replace(settings, redis_url=embedded.url)
+    try:
+        asyncio.run(server.check(settings))
+        return _supervise(settings)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def _supervise(settings: Settings) -> int:
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=_worker_main, args=(settings, number), daemon=False)
+        for number in range(1, settings.workers + 1)
+    ]
+    stopping = False
+
+    def stop_all(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for proc in procs:
+            if proc.pid is not None and proc.is_alive():
+                os.kill(proc.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop_all)
+    signal.signal(signal.SIGINT, stop_all)
+    for proc in procs:
+        proc.start()
+    running = {proc.sentinel: proc for proc in procs}
+    code = 0
+    while running:
+        for sentinel in multiprocessing.connection.wait(list(running)):
+            proc = running.pop(int(sentinel))  # type: ignore[arg-type]
+            proc.join()
+            if proc.exitcode and not stopping:
+                # a worker that could not start (or crashed): stop the others
+                code = START_FAILED if proc.exitcode == START_FAILED else 1
+                stop_all()
+    return code
