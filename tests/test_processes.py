@@ -207,9 +207,6 @@ def test_start_up_errors_are_one_line_and_exit_2(tmp_path, redis_url, dev_pki):
     line = _failed_start(*base, "--redis-url", f"redis://127.0.0.1:{closed}/0")
     assert f"127.0.0.1:{closed}" in line and ("refused" in line or "failed" in line)
 
-    line = _failed_start(*base, "--redis-url", redis_url, "--redis-wait-replicas", "1")
-    assert "--redis-wait-replicas 1" in line and "0 connected replica" in line
-
     # the default multi-worker TLS mode with a key of another certificate: one line, and
     # the embedded Redis the parent started is gone again
     data = tmp_path / "tls"
@@ -264,3 +261,20 @@ def test_a_kek_file_readable_by_others_is_warned_about(tmp_path, caplog, mode):
     with caplog.at_level("WARNING", logger="tokensvc.keyring"):
         load_kek(kek, tmp_path)
     assert any("readable by" in r.getMessage() for r in caplog.records)
+
+
+def test_too_few_replicas_for_redis_wait_replicas_is_a_loud_warning(
+    make_settings, start_server, caplog
+):
+    """A single Redis has no replica to WAIT for: every Revoke would fail, so the start-up
+    says so (and keeps serving: Revokes work again once replicas connect)."""
+    with caplog.at_level("ERROR", logger="tokensvc.startup"):
+        server = start_server(make_settings(redis_wait_replicas=1, redis_wait_timeout=0.1))
+    (record,) = [r for r in caplog.records if r.name == "tokensvc.startup"]
+    assert "--redis-wait-replicas 1" in record.getMessage()
+    assert "0 connected replica" in record.getMessage()
+    stub = server.stub()
+    pair = stub.Issue(pb.IssueRequest(subject="alice")).tokens
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Revoke(pb.RevokeRequest(session_id=pair.session_id))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -12,6 +12,7 @@ server stop.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -114,8 +115,16 @@ class Drain(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     def _counted(self, handler: Handler) -> Handler:
         request, response = handler.request_deserializer, handler.response_serializer
+        behaviour = (
+            handler.stream_stream
+            or handler.unary_stream
+            or handler.stream_unary
+            or handler.unary_unary
+        )
+        if not (inspect.iscoroutinefunction(behaviour) or inspect.isasyncgenfunction(behaviour)):
+            return handler  # a sync handler (gRPC runs it on a thread): not counted
         if handler.response_streaming:
-            inner_stream: Any = handler.stream_stream or handler.unary_stream
+            inner_stream: Any = behaviour
 
             async def stream(req: Any, context: Any) -> AsyncIterator[Any]:
                 self._enter()
@@ -128,7 +137,7 @@ class Drain(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             if handler.request_streaming:
                 return grpc.stream_stream_rpc_method_handler(stream, request, response)
             return grpc.unary_stream_rpc_method_handler(stream, request, response)
-        inner: Any = handler.stream_unary or handler.unary_unary
+        inner: Any = behaviour
 
         async def unary(req: Any, context: Any) -> Any:
             self._enter()

@@ -1,14 +1,16 @@
 """Start-up checks of ``tokensvc serve``: what must hold before a server listens, and the
 one line each failure is reported with (the CLI prints it and exits 2).
 
-:func:`check_redis` proves the Redis URL reaches a Redis (not just any listener) with the
-replicas ``--redis-wait-replicas`` needs; :func:`unavailable` words an unreachable Redis
-with its address and redis-py's reason; :func:`check` runs every check without serving,
+:func:`check_redis` proves the Redis URL reaches a Redis (not just any listener) and warns
+loudly when it has fewer replicas than ``--redis-wait-replicas``; :func:`unavailable`
+words an unreachable Redis with its address and redis-py's reason; :func:`check` runs every check without serving,
 for the parent of ``--workers N`` (so a bad setting is reported once, and the development
 KEK and the first signing key are created once, before any worker starts).
 """
 
 from __future__ import annotations
+
+import logging
 
 from redis.exceptions import RedisError
 
@@ -17,6 +19,8 @@ from tokensvc.keyring import KeyRing, load_kek
 from tokensvc.processes import StartupError
 from tokensvc.redisconn import RedisClient, redis_client
 from tokensvc.store import StoreUnavailable, guarded
+
+log = logging.getLogger("tokensvc.startup")
 
 
 def where(url: str) -> str:
@@ -32,9 +36,13 @@ def unavailable(err: StoreUnavailable, url: str) -> StartupError:
 
 
 async def check_redis(redis: RedisClient, settings: Settings, url: str) -> None:
-    """Prove ``url`` is a reachable Redis with the replicas ``--redis-wait-replicas`` needs.
+    """Prove ``url`` is a reachable Redis; warn loudly when it has fewer replicas than
+    ``--redis-wait-replicas`` needs.
 
-    Without those replicas every Revoke would fail UNAVAILABLE, so that is refused here.
+    Without them every Revoke and LockSubject fails UNAVAILABLE (the revocation is in
+    force on the primary, but not confirmed). That is a warning, not a refusal to start:
+    a replica restarting during Redis maintenance must not turn into a tokensvc outage,
+    and Revokes succeed again as soon as the replicas are back.
 
     Raises:
         StartupError: naming the address and the reason.
@@ -54,10 +62,14 @@ async def check_redis(redis: RedisClient, settings: Settings, url: str) -> None:
     except RedisError as err:
         raise StartupError(f"{where(url)} does not answer as Redis: {err}") from err
     if have < wanted:
-        raise StartupError(
-            f"--redis-wait-replicas {wanted}, but the Redis primary at {where(url)} has "
-            f"{have} connected replica(s): every revocation would fail; set it to at most "
-            "the replicas you run (0 without replication)"
+        log.error(
+            "--redis-wait-replicas %d, but the Redis primary at %s has %d connected "
+            "replica(s): every Revoke and LockSubject fails UNAVAILABLE until enough "
+            "replicas are connected; set it to at most the replicas you run (0 without "
+            "replication)",
+            wanted,
+            where(url),
+            have,
         )
 
 

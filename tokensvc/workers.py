@@ -1,7 +1,7 @@
 """``tokensvc serve --workers N``: N server processes sharing one port (``SO_REUSEPORT``)
 under one parent, which owns the address and the embedded Redis.
 
-The parent checks the configuration once (:func:`tokensvc.server.check`: TLS files, KEK,
+The parent checks the configuration once (:func:`tokensvc.startup.check`: TLS files, KEK,
 Redis, replicas; it also creates the development KEK and the first signing key, so the
 workers never race for them), then starts the workers and forwards SIGTERM/SIGINT to them.
 Workers never outlive it: the kernel signals them when it dies (Linux
@@ -20,7 +20,7 @@ import os
 import signal
 import sys
 
-from tokensvc import server
+from tokensvc import server, startup
 from tokensvc.config import Settings
 from tokensvc.config_error import ConfigError
 from tokensvc.embedded import RedisProcess
@@ -64,7 +64,7 @@ def serve_workers(settings: Settings) -> int:
         log.info("embedded redis-server started, data in %s", embedded.data_dir)
         settings = dataclasses.replace(settings, redis_url=embedded.url)
     try:
-        asyncio.run(server.check(settings))
+        asyncio.run(startup.check(settings))
         return _supervise(settings)
     finally:
         if embedded is not None:
