@@ -4,8 +4,9 @@ one line each failure is reported with (the CLI prints it and exits 2).
 :func:`check_redis` proves the Redis URL reaches a Redis (not just any listener) and warns
 loudly when it has fewer replicas than ``--redis-wait-replicas``; :func:`unavailable`
 words an unreachable Redis with its address and redis-py's reason; :func:`check` runs
-every check without serving, for the parent of ``--workers N`` (so a bad setting is reported once, and the development
-KEK and the first signing key are created once, before any worker starts).
+every check without serving, for the parent of ``--workers N`` (so a bad setting is
+reported once, and the development KEK and the first signing key are created once, before
+any worker starts).
 """
 
 from __future__ import annotations
