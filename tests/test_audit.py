@@ -21,6 +21,7 @@ import redis
 import redis.asyncio as aioredis
 from opentelemetry.sdk.trace import TracerProvider
 from redis.backoff import NoBackoff
+from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
 
 from tokensvc import cli, logs
@@ -38,7 +39,8 @@ from tokensvc.tokens import RefreshTokens, new_session_id
 
 
 def client(url: str) -> aioredis.Redis:
-    """Like the server's client: short timeouts, no automatic retries."""
+    """Like the server's client: short timeouts, no automatic retries, pooled connections
+    checked before use (see tokensvc.redisconn)."""
     return aioredis.Redis.from_url(
         url,
         socket_timeout=2.0,
@@ -46,6 +48,7 @@ def client(url: str) -> aioredis.Redis:
         retry=Retry(NoBackoff(), 0),
         retry_on_timeout=False,
         decode_responses=True,
+        maint_notifications_config=MaintNotificationsConfig(enabled=False),
     )
 
 
