@@ -57,38 +57,36 @@ def _forged(session_id: str) -> pb.RefreshRequest:
     return pb.RefreshRequest(refresh_token=f"tsr1_{session_id}_{secrets.token_hex(32)}")
 
 
+def _mac_flipped(token: str) -> pb.RefreshRequest:
+    """A genuine v2 refresh token with its MAC altered: names the same session, forged."""
+    return pb.RefreshRequest(refresh_token=token[:-1] + ("1" if token[-1] == "0" else "0"))
+
+
 def test_one_users_failures_through_a_relay_never_refuse_another_users_refresh(mtls_service):
-    # "orders" relays its users' refreshes under one mTLS identity (a web backend)
+    # "orders" relays its users' refreshes under one mTLS identity (a web backend); one of
+    # its users sends garbage, some of it naming another user's session id (ids are not
+    # secrets: they are logged, audited and carried in every access token as sid)
     svc = mtls_service(POLICY, rate_auth_failures=Rate(3, 60))
     login, orders = svc.stub("login"), svc.stub("orders")
     alice = login.Issue(pb.IssueRequest(subject="alice")).tokens
     bob = login.Issue(pb.IssueRequest(subject="bob")).tokens
-    for _ in range(4):  # the 4th failure is over the burst of 3: alice's session is limited
-        err = _refused(lambda: orders.Refresh(_forged(alice.session_id)))
-        assert err.code() == grpc.StatusCode.UNAUTHENTICATED
-    err = _refused(lambda: orders.Refresh(_forged(alice.session_id)))
-    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert _retry_after(err) >= 1
-    # garbage naming other sessions, or none, is one user's too: it limits nobody else
-    for _ in range(10):
-        assert _refused(lambda: orders.Refresh(_forged(secrets.token_hex(32)))).code() == (
-            grpc.StatusCode.UNAUTHENTICATED
-        )
-        malformed = pb.RefreshRequest(refresh_token="tsr1_garbage")
-        assert _refused(lambda r=malformed: orders.Refresh(r)).code() == (
-            grpc.StatusCode.UNAUTHENTICATED
-        )
-    # every other user of the relay refreshes as usual
+    garbage = [
+        _forged(alice.session_id),  # v1 format: no MAC proves whose it is
+        _mac_flipped(alice.refresh_token),  # v2 format, forged MAC
+        _forged(secrets.token_hex(32)),
+        pb.RefreshRequest(refresh_token="tsr1_garbage"),
+    ]
+    for _ in range(5):  # well past the per-user burst of 3
+        for request in garbage:
+            assert _refused(lambda r=request: orders.Refresh(r)).code() == (
+                grpc.StatusCode.UNAUTHENTICATED
+            )
+    # every user of the relay refreshes as usual -- alice too: a token that does not prove
+    # which session it is counts against no session, only the relay's bulk limit
     bob_next = orders.Refresh(pb.RefreshRequest(refresh_token=bob.refresh_token)).tokens
     assert orders.Refresh(pb.RefreshRequest(refresh_token=bob_next.refresh_token)).tokens
-    # the limited session is refused whoever presents it, and the refusal spends nothing:
-    # its current token stays current (forged tokens revoke nothing)
-    good = pb.RefreshRequest(refresh_token=alice.refresh_token)
-    for stub in (orders, svc.stub("billing")):
-        assert _refused(lambda s=stub: s.Refresh(good)).code() == (
-            grpc.StatusCode.RESOURCE_EXHAUSTED
-        )
     assert orders.Introspect(pb.IntrospectRequest(token=alice.refresh_token)).active
+    assert orders.Refresh(pb.RefreshRequest(refresh_token=alice.refresh_token)).tokens
 
 
 def test_a_flood_far_beyond_one_user_limits_the_relaying_peer_and_only_it(mtls_service):
@@ -201,7 +199,9 @@ def test_a_blocked_peer_keeps_issue_and_revoke_and_revoked_tokens_do_not_count(m
     # a login service relays its users' refreshes: users' dead sessions must not cost it
     # its own Issue and Revoke, and only guessing-like failures count
     policy = POLICY + f'[rpc.Revoke]\nallow = ["{LOGIN}"]\n'
-    login = mtls_service(policy, rate_auth_failures=Rate(3, 60)).stub("login")
+    login = mtls_service(
+        policy, rate_auth_failures=Rate(3, 60), rate_auth_failures_relay=Rate(3, 60)
+    ).stub("login")
     dead = login.Issue(pb.IssueRequest(subject="alice")).tokens
     login.Revoke(pb.RevokeRequest(session_id=dead.session_id))
     for _ in range(6):  # revoked: refused, audited, not counted

@@ -15,7 +15,8 @@
   denials; not expired, revoked or reused ones) cost round trips only when a call fails.
   A credential a peer may be relaying for its end users -- a refresh token, a user's own
   token for ListSessions (see :meth:`Guard.presenting`) -- counts against that end
-  user's session (or subject) with ``--rate-auth-failures``, and against the peer only
+  user's session (or subject), when the credential proves whose it is, with
+  ``--rate-auth-failures``, and against the peer only
   with the much higher ``--rate-auth-failures-relay``: one user's garbage refuses that
   user's session, not every user behind the same login service or web backend. Other
   failures (policy denials) count against the peer with ``--rate-auth-failures``. Over a

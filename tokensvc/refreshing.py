@@ -44,8 +44,11 @@ class RefreshRpcs:
     async def Refresh(self, request: pb.RefreshRequest, context: Ctx) -> pb.RefreshResponse:
         context.set_trailing_metadata(self._grace_md)  # also on errors: clients learn it
         presented = self.refresh_tokens.parse(limits.token("refresh_token", request.refresh_token))
-        # the end user's credential
-        self.guard.presenting(f"session:{presented.session_id}" if presented else "")
+        # the end user's credential: its failures count against its session only when its
+        # MAC proves which session it is (a forged token naming someone else's session id
+        # must not lock that session out); anything else counts against the relay alone
+        proven = presented is not None and presented.genuine
+        self.guard.presenting(f"session:{presented.session_id}" if proven and presented else "")
         if presented is None:
             raise NotAuthenticated(Reason.MALFORMED.value)
         if presented.generation and not presented.genuine:
