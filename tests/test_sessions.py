@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from tokensvc.cli import main as cli_main
+from tokensvc.config import Rate
 from tokensvc.store import sessions_key
 from tokensvc.tokens import tag_of
 from tokensvc_client.v1 import tokensvc_pb2 as pb
@@ -176,3 +177,18 @@ def test_tokensvc_own_audience_is_configurable(mtls_service):
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     own = login.Issue(pb.IssueRequest(subject="bob", audience=["https://tokensvc.example"]))
     assert _sessions(orders, "bob", metadata=_bearer(own.tokens.access_token))
+
+
+def test_garbage_naming_a_subject_never_locks_it_out_of_its_own_sessions(mtls_service):
+    # the self-service path is open to every workload: failures count against the subject
+    # whose token the signature proves, never against a subject the caller merely names
+    svc = mtls_service(POLICY, rate_auth_failures=Rate(3, 60))
+    login, orders, billing = svc.stub("login"), svc.stub("orders"), svc.stub("billing")
+    alice = login.Issue(pb.IssueRequest(subject="alice", audience=["tokensvc"])).tokens
+    head, _, signature = alice.access_token.rpartition(".")
+    forged = f"{head}.{signature[:10]}{'B' if signature[10] == 'A' else 'A'}{signature[11:]}"
+    for token in ["garbage"] * 3 + [forged] * 3:  # well past the burst of 3
+        with pytest.raises(grpc.RpcError) as err:
+            _sessions(billing, "alice", metadata=_bearer(token))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert _sessions(orders, "alice", metadata=_bearer(alice.access_token))

@@ -69,7 +69,10 @@ class SessionRpcs:
 
     async def _require_own_token(self, subject: str, context: Ctx) -> None:
         """The call must carry a valid, unrevoked access token of ``subject``."""
-        self.guard.presenting(f"subject:{self.subject_tags.of(subject)}")  # maybe relayed
+        # maybe relayed: counted against the peer in bulk, and against a subject only
+        # once the token's signature proves whose it is (naming a subject proves nothing:
+        # anyone could otherwise lock a user out of their own devices page)
+        self.guard.presenting("")
         try:
             token = bearer_token(context.invocation_metadata())
         except InvalidToken:
@@ -78,6 +81,7 @@ class SessionRpcs:
             claims = await self._verify(token, self.own_verifier)
         except InvalidToken as err:
             raise NotAuthenticated(err.reason.value) from None
+        self.guard.presenting(f"subject:{self.subject_tags.of(claims.subject)}")
         state = await self.store.access_state(
             claims.session_id, claims.token_id, int(self.clock() * 1000)
         )
