@@ -90,3 +90,24 @@ def test_spent_tokens_are_forgotten_after_the_memory_time_and_bounded():
         assert all(refresher.newest(s) is s for s in sessions)
 
     asyncio.run(main())
+
+
+def test_a_stale_token_of_the_session_never_joins_its_refresh():
+    # an old cookie of the same session (its refresh token spent long ago -- stolen, say)
+    # must not ride along on the session's refresh and get its new pair: it goes to
+    # tokensvc on its own, which answers reuse and ends the session
+    async def main() -> None:
+        clock = [1000.0]
+        fake = FakeRefresh(clock)
+        refresher = _refresher(fake, clock)
+        current = StoredSession.of(_pair(5, 990), 990, 5)
+        stale = StoredSession.of(_pair(1, 900), 900, 5)
+        first = asyncio.ensure_future(refresher.refresh(current))
+        await asyncio.sleep(0)
+        second = asyncio.ensure_future(refresher.refresh(stale))
+        await asyncio.sleep(0)
+        fake.gate.set()
+        await asyncio.gather(first, second)
+        assert fake.spent == ["rt5@s1", "rt1@s1"]  # each spent by its own call
+
+    asyncio.run(main())

@@ -6,7 +6,9 @@ once. Spending it more than once would be *reuse*, which tokensvc answers by rev
 whole session. Inside one process of the web backend that never happens:
 
 * **Single flight.** The first request to find the session due starts the Refresh; every
-  other request of that session waits for the same call and gets the same new pair.
+  other request of that session presenting the same refresh token waits for the same call
+  and gets the same new pair. (A request with another of the session's refresh tokens --
+  an old cookie, maybe stolen -- never joins: it is spent at tokensvc, which answers reuse.)
 * **Spent-token memory.** Requests that started before the browser received the new
   cookie still carry the old one. For ``spent_token_memory`` seconds the refresh token
   just spent is remembered (as a hash) with the session's newest pair, and such requests
@@ -88,7 +90,8 @@ class Refresher:
         self._memory = memory
         self._clock = clock
         self._max = max_sessions
-        self._flights: dict[str, asyncio.Future[StoredSession]] = {}
+        #: digest of the refresh token being spent -> its refresh under way
+        self._flights: dict[bytes, asyncio.Future[StoredSession]] = {}
         #: digest of a spent refresh token -> (session id, forget at)
         self._spent: collections.OrderedDict[bytes, tuple[str, float]] = collections.OrderedDict()
         #: session id -> (its newest session, forget at)
@@ -108,18 +111,18 @@ class Refresher:
         return stored if latest is None else latest[0]
 
     async def refresh(self, stored: StoredSession) -> StoredSession:
-        """The session refreshed once: joins a refresh of the same session under way, or
-        starts one. A cancelled caller does not cancel the refresh others wait for.
+        """The session refreshed once: joins a refresh of the same refresh token under way,
+        or starts one. A cancelled caller does not cancel the refresh others wait for.
 
         Raises:
             TokenServiceError: the refresh failed (every waiter gets the same error).
         """
-        sid = stored.tokens.session_id
-        flight = self._flights.get(sid)
+        key = _digest(stored.tokens.refresh_token)
+        flight = self._flights.get(key)
         if flight is None:
             flight = asyncio.ensure_future(self._run(stored))
-            self._flights[sid] = flight
-            flight.add_done_callback(lambda done: self._landed(sid, done))
+            self._flights[key] = flight
+            flight.add_done_callback(lambda done: self._landed(key, done))
         return await asyncio.shield(flight)
 
     async def _run(self, stored: StoredSession) -> StoredSession:
@@ -134,9 +137,9 @@ class Refresher:
             self._bound()
         return fresh
 
-    def _landed(self, sid: str, done: asyncio.Future[StoredSession]) -> None:
-        if self._flights.get(sid) is done:
-            del self._flights[sid]
+    def _landed(self, key: bytes, done: asyncio.Future[StoredSession]) -> None:
+        if self._flights.get(key) is done:
+            del self._flights[key]
         if not done.cancelled():
             done.exception()  # retrieved: no "exception was never retrieved" warning
 
