@@ -11,12 +11,14 @@ import http.client
 import re
 import threading
 from collections.abc import Callable
+from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
 
 import grpc
 import pytest
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
 )
@@ -397,6 +399,38 @@ def test_otlp_export_uses_the_sdk_environment(monkeypatch):
     finally:
         receiver.shutdown()
         receiver.server_close()
+
+
+class _GrpcCollector(metrics_service_pb2_grpc.MetricsServiceServicer):
+    """An OTLP/gRPC receiver on loopback."""
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+
+    def Export(self, request, context):
+        for rm in request.resource_metrics:
+            for sm in rm.scope_metrics:
+                self.names |= {m.name for m in sm.metrics}
+        return metrics_service_pb2.ExportMetricsServiceResponse()
+
+
+def test_otlp_grpc_export(monkeypatch):
+    collector = _GrpcCollector()
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(collector, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        monkeypatch.setenv("OTEL_METRICS_EXPORTER", "otlp")
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+        meters = metrics.setup(prometheus=False)
+        meters.audit_event("locked", {})
+        metrics.shutdown(meters)
+        assert "tokensvc.subjects.locks" in collector.names
+    finally:
+        server.stop(None)
 
 
 @pytest.mark.parametrize(
