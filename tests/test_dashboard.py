@@ -65,6 +65,7 @@ def server_names() -> set[str]:
     hub = SimpleNamespace(watcher_count=0, sent=0, held=0)
     audit = SimpleNamespace(pending=0, dropped=0, write_failures=0)
     meters.observe(metrics.State(ring, 100, hub, audit, Counter({"ConnectionError": 1})))
+    metrics.observe_listeners(meters, [SimpleNamespace(connections=1, refused=0)])
     try:
         return _names(meters.render()[0].decode())
     finally:

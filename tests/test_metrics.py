@@ -307,6 +307,9 @@ def test_metrics_endpoint_shows_rpcs_and_state(service, pki):
     due = value("tokensvc_keys_rotation_due_seconds")
     assert 0 < due <= service.settings.key_rotation_interval
     assert value("tokensvc_feed_watchers") == 0
+    # the listener's own connection counts (this scrape holds one connection)
+    assert value("tokensvc_http_connections") >= 1
+    assert value("tokensvc_http_refused_total") == 0
     assert value("tokensvc_feed_events_held") >= 0
     for name in (
         "tokensvc_audit_queue_depth",

@@ -270,6 +270,27 @@ class ServerMetrics:
         )
 
 
+def observe_listeners(metrics: ServerMetrics, gates: Iterable[Any]) -> None:
+    """Connections the HTTP listeners hold and refuse (``tokensvc.http_gate.Gate``s): a
+    climbing refusal count means a client is at its connection cap."""
+    live = [gate for gate in gates if gate is not None]
+    if not metrics.enabled or not live:
+        return
+    meter = metrics._meter
+    meter.create_observable_gauge(
+        "tokensvc.http.connections",
+        [lambda _o: [Observation(sum(g.connections for g in live))]],
+        unit="{connection}",
+        description="Connections the HTTP listeners hold (handshaking or served)",
+    )
+    meter.create_observable_counter(
+        "tokensvc.http.refused",
+        [lambda _o: [Observation(sum(g.refused for g in live))]],
+        unit="{connection}",
+        description="Connections closed at accept: a client at its cap, or all slots taken",
+    )
+
+
 DISABLED = ServerMetrics(NoOpMeterProvider().get_meter(SCOPE), enabled=False)
 
 

@@ -288,6 +288,7 @@ async def start(
     running.http = http
     running.tracer_provider = provider
     running.http, running.metrics_http, running.metrics = http, metrics_http, meters
+    metrics.observe_listeners(meters, [h.gate for h in (http, metrics_http) if h is not None])
     lifecycle = Lifecycle.from_settings(settings)
     for job in (_maintain(keyring, lifecycle, health), hub.run(), audit.run()):  # audit last
         running.tasks.append(asyncio.create_task(job, context=telemetry.untraced()))
