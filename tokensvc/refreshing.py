@@ -37,12 +37,17 @@ class RefreshRpcs:
     grace_ms: int
     _grace_md: tuple[tuple[str, str], ...]
 
+    def _announce_grace(self, context: Ctx) -> None:
+        """Announce the grace window in the answer's trailing metadata (if there is one)."""
+        if self._grace_md:
+            context.set_trailing_metadata(self._grace_md)
+
     _mint: Callable[[dict[str, Any], str, int, int], tuple[str, int]]  # TokenService's
     _pair: Callable[[str, int, str, int, str], pb.TokenPair]
 
     @rpc
     async def Refresh(self, request: pb.RefreshRequest, context: Ctx) -> pb.RefreshResponse:
-        context.set_trailing_metadata(self._grace_md)  # also on errors: clients learn it
+        self._announce_grace(context)  # also on errors: clients learn it
         presented = self.refresh_tokens.parse(limits.token("refresh_token", request.refresh_token))
         # the end user's credential: its failures count against its session only when its
         # MAC proves which session it is (a forged token naming someone else's session id

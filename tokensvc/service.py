@@ -82,9 +82,11 @@ class TokenService(AdminRpcs, SessionRpcs, RefreshRpcs, pb_grpc.TokenServiceServ
         self.refresh_tokens = tokens.RefreshTokens(keyring.secret("refresh-mac"))
         self.subject_tags = tokens.SubjectTags(keyring.secret("subject-tag"))
         self.grace_ms = settings.refresh_grace_seconds * 1000
-        # every Refresh/Issue/GetKeys answer announces the window: clients retry a
+        # with a window, every Refresh/Issue/GetKeys answer announces it: clients retry a
         # Refresh whose reply was lost only when the server will answer it idempotently
-        self._grace_md = ((GRACE_HEADER, str(settings.refresh_grace_seconds)),)
+        # (strict mode sends nothing: no header means strict)
+        grace = settings.refresh_grace_seconds
+        self._grace_md = ((GRACE_HEADER, str(grace)),) if grace else ()
         self.verifier = Verifier(
             settings.issuer,
             None,
@@ -216,7 +218,7 @@ class TokenService(AdminRpcs, SessionRpcs, RefreshRpcs, pb_grpc.TokenServiceServ
             bound=int(bool(cnf)),
             client_id=base["client_id"],
         )
-        context.set_trailing_metadata(self._grace_md)
+        self._announce_grace(context)
         return pb.IssueResponse(tokens=self._pair(access, access_exp, refresh, refresh_exp_ms, sid))
 
     @staticmethod
@@ -383,7 +385,7 @@ class TokenService(AdminRpcs, SessionRpcs, RefreshRpcs, pb_grpc.TokenServiceServ
 
     @rpc
     async def GetKeys(self, request: pb.GetKeysRequest, context: Ctx) -> pb.GetKeysResponse:
-        context.set_trailing_metadata(self._grace_md)
+        self._announce_grace(context)
         return pb.GetKeysResponse(
             jwks=self.keyring.jwks_json, max_age_seconds=self.settings.jwks_max_age
         )

@@ -6,12 +6,13 @@ second attempt would present a spent token and revoke the session. A server star
 ``--refresh-grace-seconds N`` answers the immediately previous token, for N seconds, with
 the *same* successor again, so one retry is safe there and only there.
 
-Every Refresh, Issue and GetKeys answer carries the window in the trailing metadata
-``tokensvc-refresh-grace-seconds`` (``0``: strict). :class:`GraceWindow` remembers what the
-server last said; the clients (:mod:`tokensvc_client.client`, :mod:`tokensvc_client.aio`)
-retry a Refresh once on ``UNAVAILABLE``/``DEADLINE_EXCEEDED`` when it is above 0 and the
-first attempt began less than that long ago. Not knowing yet, they ask with one GetKeys
-call. Any other failure, or a strict server, is never retried.
+With a window, every Refresh, Issue and GetKeys answer carries it in the trailing metadata
+``tokensvc-refresh-grace-seconds``; a strict server sends no such header (a successful
+answer without it means strict). :class:`GraceWindow` remembers what the server last said;
+the clients (:mod:`tokensvc_client.client`, :mod:`tokensvc_client.aio`) retry a Refresh
+once on ``UNAVAILABLE``/``DEADLINE_EXCEEDED`` when it is above 0 and the first attempt
+began less than that long ago. Not knowing yet, they ask with one GetKeys call. Any other
+failure, or a strict server, is never retried.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ class GraceWindow:
     def __init__(self) -> None:
         self.seconds: float | None = None
 
-    def learn(self, metadata: Iterable[Any] | None) -> None:
-        """Take the announcement from an answer's trailing metadata, if it has one."""
+    def learn(self, metadata: Iterable[Any] | None, *, answered: bool = False) -> None:
+        """Take the announcement from an answer's trailing metadata. ``answered``: the
+        call succeeded, so a missing header means a strict server (a failed call may come
+        from a proxy or a lost connection: only a header there says anything)."""
         for key, value in metadata or ():
             if key == GRACE_HEADER:
                 try:
@@ -41,6 +44,8 @@ class GraceWindow:
                 except ValueError:
                     self.seconds = 0.0
                 return
+        if answered:
+            self.seconds = 0.0
 
     def worth_asking(self, err: grpc.RpcError) -> bool:
         """The failure could be retried, but the window is not known yet."""

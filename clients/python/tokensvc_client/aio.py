@@ -83,7 +83,7 @@ class AsyncTokenClient:
         except grpc.RpcError as err:
             self._grace.learn(trailing(err))
             raise
-        self._grace.learn(await rpc.trailing_metadata())
+        self._grace.learn(await rpc.trailing_metadata(), answered=True)
         return call.parse(response)
 
     async def issue(

@@ -85,7 +85,7 @@ class TokenClient:
         except grpc.RpcError as err:
             self._grace.learn(trailing(err))
             raise
-        self._grace.learn(rpc.trailing_metadata())
+        self._grace.learn(rpc.trailing_metadata(), answered=True)
         return call.parse(response)
 
     def issue(
