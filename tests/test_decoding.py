@@ -71,3 +71,16 @@ def _every_rpc(channel: grpc.Channel, caplog: pytest.LogCaptureFixture) -> None:
     assert len(refusals) == len(methods) + 1  # once per request
     assert all(r.levelno == logging.INFO and r.exc_info is None for r in refusals)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_the_refusal_log_carries_no_token(tokensvc, caplog):
+    stub_channel = tokensvc.channel()
+    secret = "tsr2_" + "a" * 120  # any token-like value in a request that does not parse
+    encoded = secret.encode()
+    body = bytes([0x0A, len(encoded)]) + encoded + b"\x0a\x02\xff\xfe"
+    caplog.set_level(logging.DEBUG)
+    err = _refusal(lambda: stub_channel.unary_unary("/tokensvc.v1.TokenService/Refresh")(body))
+    assert (err.code(), err.details()) == (grpc.StatusCode.INVALID_ARGUMENT, NOT_DECODABLE)
+    assert NOT_DECODABLE in caplog.text
+    assert secret not in caplog.text and "a" * 40 not in caplog.text
+    stub_channel.close()
