@@ -30,6 +30,7 @@ from tokensvc.feed import RevocationHub
 from tokensvc.http_jwks import Document, HttpJwks, start_http
 from tokensvc.keyring import KeyRing, Lifecycle, load_kek
 from tokensvc.policy import CallerPolicy
+from tokensvc.redis_watchdog import Watchdog
 from tokensvc.redisconn import RedisClient
 from tokensvc.service import TokenService
 from tokensvc.startup import check_redis, unavailable
@@ -48,9 +49,7 @@ _MAX_MESSAGE = 64 * 1024
 _MAX_METADATA = 16 * 1024
 
 
-def redis_client(
-    url: str, timeout: float, watchdog: redisconn.Watchdog | None = None
-) -> RedisClient:
+def redis_client(url: str, timeout: float, watchdog: Watchdog | None = None) -> RedisClient:
     """An asyncio client for any --redis-url topology (single server, Sentinel, Cluster)
     that never retries a command on its own (see tokensvc.redisconn)."""
     return redisconn.redis_client(url, timeout, watchdog)
@@ -177,7 +176,7 @@ async def start(
         url = embedded.url
         log.info("embedded redis-server started, data in %s", embedded.data_dir)
     # the Redis timeout is the watchdog's, per connection (no timer per command)
-    watchdog = redisconn.Watchdog(settings.redis_timeout)
+    watchdog = Watchdog(settings.redis_timeout)
     watching = asyncio.create_task(watchdog.run(), context=telemetry.untraced())
     redis = redis_client(url, settings.redis_timeout, watchdog)
     server: grpc.aio.Server | None = None
