@@ -8,6 +8,7 @@ import json
 import grpc
 import pytest
 
+from tokensvc.config import Rate
 from tokensvc_client.peer import certificate_thumbprint
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 from tokensvc_client.verifier import b64url_decode
@@ -108,3 +109,30 @@ def test_a_bound_refresh_token_is_inactive_for_every_other_caller(mtls_service, 
     assert svc.stub("orders").Introspect(pb.IntrospectRequest(token=pair.access_token)).active
     unbound = svc.stub("login").Issue(pb.IssueRequest(subject="carol")).tokens
     assert svc.stub("orders").Introspect(pb.IntrospectRequest(token=unbound.refresh_token)).active
+
+
+def test_a_thief_of_bound_tokens_is_limited_and_cannot_lock_their_holder_out(mtls_service):
+    # a certificate mismatch is the presenting workload's own failure: it counts against
+    # that peer, never against the session or subject the stolen token belongs to
+    svc = mtls_service(POLICY, rate_auth_failures=Rate(3, 60))
+    orders, billing, login = svc.stub("orders"), svc.stub("billing"), svc.stub("login")
+    request = pb.IssueRequest(
+        subject="orders-svc", bind_to_client_certificate=True, audience=["mesh", "tokensvc"]
+    )
+    pair = orders.Issue(request).tokens
+    stolen = pb.RefreshRequest(refresh_token=pair.refresh_token)
+    listing = pb.ListSessionsRequest(subject="orders-svc")
+    bearer = (("authorization", f"Bearer {pair.access_token}"),)
+    for _ in range(4):  # the 4th failure is over the burst of 3
+        assert _refused(lambda: billing.Refresh(stolen)).details() == "certificate_mismatch"
+        assert _refused(lambda: login.ListSessions(listing, metadata=bearer)).details() == (
+            "certificate_mismatch"
+        )
+    # the thieves are limited, as the peers they are
+    assert _refused(lambda: billing.Refresh(stolen)).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert _refused(lambda: login.ListSessions(listing, metadata=bearer)).code() == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED
+    )
+    # the holder lists and refreshes as usual
+    assert orders.ListSessions(listing, metadata=bearer).sessions
+    assert orders.Refresh(stolen).tokens

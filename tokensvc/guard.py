@@ -173,10 +173,12 @@ class Guard:
                 raise RateLimited(f"too many {rpc} calls; retry later", wait)
         return caller
 
-    def presenting(self, credential: str) -> None:
+    def presenting(self, credential: str | None) -> None:
         """Mark the current call as presenting an end user's credential on the peer's
         behalf, keyed ``credential`` (e.g. ``session:<sid>``; "" when the credential names
         no session): its failures count against that user first (see the module doc).
+        ``None``: the failure is the peer's own after all (it presented another certificate
+        than the one a bound token names), so it counts against the peer alone.
 
         Raises:
             RateLimited: that credential is over the failed-authentication limit.

@@ -77,6 +77,9 @@ class RefreshRpcs:
             )
             raise NotAuthenticated("reused")
         if rotation.status is RefreshStatus.MISMATCH:
+            # the presenting peer's failure (its certificate), never the session's: a thief
+            # of a bound token must not be able to lock its holder out
+            self.guard.presenting(None)
             raise NotAuthenticated("certificate_mismatch")
         if rotation.status is RefreshStatus.REPLAYED:
             replayed = self.refresh_tokens.unseal(

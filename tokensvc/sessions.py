@@ -90,6 +90,7 @@ class SessionRpcs:
         bound = claims.cnf_x5t_s256
         presented = current_caller().peer.thumbprint.encode()
         if bound and not hmac.compare_digest(bound.encode(), presented):
+            self.guard.presenting(None)  # the peer's failure, not the subject's (as Refresh)
             raise NotAuthenticated("certificate_mismatch")  # RFC 8705: a stolen bound token
         if claims.subject != subject:
             raise Denied("a subject may only list its own sessions")
