@@ -22,9 +22,17 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples/node"
 POLICY = f'[rpc.Issue]\nallow = ["{DEFAULT_WORKLOADS["login"]}"]\n'
 
 
-def _tls_target(svc: MtlsService) -> str:
-    """By name, as a real caller would (Node warns about an IP address as TLS server name)."""
-    return f"localhost:{svc.server.port}"
+def _run_as(svc: MtlsService, workload: str, subject: str) -> subprocess.CompletedProcess[str]:
+    """The example over mTLS with ``workload``'s certificate, the server named as a real
+    caller would name it (Node warns about an IP address as TLS server name)."""
+    mine = svc.pki[workload]
+    return _run(
+        f"localhost:{svc.server.port}",
+        subject,
+        TOKENSVC_CA=str(mine.ca),
+        TOKENSVC_CERT=str(mine.cert),
+        TOKENSVC_KEY=str(mine.key),
+    )
 
 
 def _run(target: str, subject: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -52,16 +60,7 @@ def _check(result: subprocess.CompletedProcess[str], subject: str) -> None:
 
 
 def test_node_example_over_mtls(mtls_service: Callable[..., MtlsService]) -> None:
-    svc = mtls_service(POLICY)
-    login = svc.pki["login"]
-    result = _run(
-        _tls_target(svc),
-        "alice",
-        TOKENSVC_CA=str(login.ca),
-        TOKENSVC_CERT=str(login.cert),
-        TOKENSVC_KEY=str(login.key),
-    )
-    _check(result, "alice")
+    _check(_run_as(mtls_service(POLICY), "login", "alice"), "alice")
 
 
 def test_node_example_plaintext_and_a_usage_error(tokensvc: ServerThread) -> None:
@@ -73,14 +72,6 @@ def test_node_example_plaintext_and_a_usage_error(tokensvc: ServerThread) -> Non
 def test_node_example_reports_the_status_of_a_refused_call(
     mtls_service: Callable[..., MtlsService],
 ) -> None:
-    svc = mtls_service(POLICY)
-    pair = svc.pki["orders"]  # not allowed to Issue
-    result = _run(
-        _tls_target(svc),
-        "alice",
-        TOKENSVC_CA=str(pair.ca),
-        TOKENSVC_CERT=str(pair.cert),
-        TOKENSVC_KEY=str(pair.key),
-    )
+    result = _run_as(mtls_service(POLICY), "orders", "alice")  # orders may not Issue
     assert result.returncode == 1
     assert result.stderr.startswith("tokensvc: PERMISSION_DENIED: ")
