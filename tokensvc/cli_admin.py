@@ -1,4 +1,5 @@
-"""Admin commands that talk to a running service: ``keys``, ``sessions``, ``revoke``.
+"""Admin commands that talk to a running service: ``keys``, ``sessions``, ``revoke``,
+``lock``, ``unlock``.
 
 - ``tokensvc keys list|rotate [--now [--revoke-old]]|retire KID`` (ListKeys, RotateKeys,
   RetireKey); ``tokensvc keys rewrap`` talks to Redis directly, because it needs the
@@ -6,81 +7,105 @@
 - ``tokensvc sessions list SUBJECT`` / ``sessions revoke SESSION_ID`` (ListSessions,
   Revoke by session).
 - ``tokensvc revoke --subject S | --session-id SID | --token T`` (Revoke).
+- ``tokensvc lock SUBJECT [--reason R]`` / ``unlock SUBJECT`` (LockSubject, UnlockSubject).
 
-The RPC commands take ``--target/--ca/--cert/--key`` (or ``--insecure`` on loopback); the
-caller policy applies, so use an admin identity's certificate. Output is JSON lines.
+The RPC commands take the transport flags of :mod:`tokensvc.cli_transport` (TLS, or
+``--insecure`` on loopback); the caller policy applies, so use an admin identity's
+certificate. Output follows :mod:`tokensvc.cli_output` (table, or ``--output json``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from tokensvc import config
+from tokensvc.cli_output import add_output_arg, emit, row
+from tokensvc.cli_transport import TransportError, add_transport_args, explain, open_channel
 
 
-def _connection_args(cmd: argparse.ArgumentParser) -> None:
-    env = os.environ.get
-    cmd.add_argument("--target", default=env("TOKENSVC_TARGET", "127.0.0.1:50051"))
-    cmd.add_argument("--ca", default=env("TOKENSVC_CA"), help="server CA (PEM)")
-    cmd.add_argument("--cert", default=env("TOKENSVC_CERT"), help="admin client certificate")
-    cmd.add_argument("--key", default=env("TOKENSVC_KEY"), help="admin client key")
-    cmd.add_argument("--insecure", action="store_true", help="plaintext (loopback dev mode)")
-    cmd.add_argument("--timeout", type=float, default=10.0)
+def _rpc_command(commands: Any, name: str, text: str, rpc: str) -> argparse.ArgumentParser:
+    cmd: argparse.ArgumentParser = commands.add_parser(name, help=text, description=text)
+    add_transport_args(cmd)
+    add_output_arg(cmd)
+    cmd.set_defaults(run=_cmd_rpc, rpc=rpc)
+    return cmd
 
 
 def add_commands(commands: Any) -> None:
-    """Add ``keys``, ``sessions`` and ``revoke`` to the CLI's sub-parsers."""
+    """Add ``keys``, ``sessions``, ``revoke``, ``lock`` and ``unlock`` to the CLI."""
     keys = commands.add_parser("keys", help="list, rotate, retire or re-wrap signing keys")
     sub = keys.add_subparsers(dest="keys_command", required=True)
-    for name, text in (
-        ("list", "show the key ring"),
-        ("rotate", "add a new key (pending, or active at once with --now)"),
-        ("retire", "abandon a pending key"),
-    ):
-        cmd = sub.add_parser(name, help=text)
-        _connection_args(cmd)
-        cmd.set_defaults(run=_cmd_rpc, rpc=f"keys {name}")
-        if name == "rotate":
-            cmd.add_argument("--now", action="store_true", help="sign with the new key at once")
-            cmd.add_argument(
-                "--revoke-old",
-                action="store_true",
-                help="with --now: remove every older key from the JWK Set (compromised key)",
-            )
-        if name == "retire":
-            cmd.add_argument("kid")
+    _rpc_command(sub, "list", "show the key ring", "keys list")
+    rotate = _rpc_command(
+        sub, "rotate", "add a new key (pending, or active at once with --now)", "keys rotate"
+    )
+    rotate.add_argument(
+        "--now", action="store_true", help="sign with the new key at once [default: off]"
+    )
+    rotate.add_argument(
+        "--revoke-old",
+        action="store_true",
+        help="with --now: remove every older key from the JWK Set (compromised key) [default: off]",
+    )
+    retire = _rpc_command(sub, "retire", "abandon a pending key", "keys retire")
+    retire.add_argument("kid", help="the pending key's id (see `tokensvc keys list`)")
     env = os.environ.get
     rewrap = sub.add_parser("rewrap", help="re-encrypt every private key under --kek-file")
-    rewrap.add_argument("--redis-url", default=env("TOKENSVC_REDIS_URL"), required=False)
-    rewrap.add_argument("--kek-file", type=Path, default=env("TOKENSVC_KEK_FILE"))
-    rewrap.add_argument("--previous-kek-file", type=Path, default=env("TOKENSVC_PREVIOUS_KEK_FILE"))
+    rewrap.add_argument(
+        "--redis-url",
+        default=env("TOKENSVC_REDIS_URL"),
+        help="Redis of the key ring [env TOKENSVC_REDIS_URL; default: none, required]",
+    )
+    rewrap.add_argument(
+        "--kek-file",
+        type=Path,
+        default=env("TOKENSVC_KEK_FILE"),
+        help="the new key-encryption key [env TOKENSVC_KEK_FILE; default: none, required]",
+    )
+    rewrap.add_argument(
+        "--previous-kek-file",
+        type=Path,
+        default=env("TOKENSVC_PREVIOUS_KEK_FILE"),
+        help="the KEK being replaced [env TOKENSVC_PREVIOUS_KEK_FILE; default: none]",
+    )
+    add_output_arg(rewrap)
     rewrap.set_defaults(run=_cmd_rewrap)
 
     sessions = commands.add_parser("sessions", help="list or revoke a subject's sessions")
     ssub = sessions.add_subparsers(dest="sessions_command", required=True)
-    listing = ssub.add_parser("list", help="a subject's sessions")
+    listing = _rpc_command(ssub, "list", "a subject's sessions", "sessions list")
     listing.add_argument("subject")
-    revoke_one = ssub.add_parser("revoke", help="revoke one session")
+    revoke_one = _rpc_command(ssub, "revoke", "revoke one session", "sessions revoke")
     revoke_one.add_argument("session_id")
-    revoke_one.add_argument("--reason", default="")
-    for cmd, rpc in ((listing, "sessions list"), (revoke_one, "sessions revoke")):
-        _connection_args(cmd)
-        cmd.set_defaults(run=_cmd_rpc, rpc=rpc)
+    _reason(revoke_one)
 
-    revoke = commands.add_parser("revoke", help="revoke a subject, a session or a token")
+    revoke = _rpc_command(commands, "revoke", "revoke a subject, a session or a token", "revoke")
     target = revoke.add_mutually_exclusive_group(required=True)
-    target.add_argument("--subject", help='every session of the subject ("log out everywhere")')
-    target.add_argument("--session-id")
-    target.add_argument("--token", help="an access or refresh token (careful: shell history)")
-    revoke.add_argument("--reason", default="")
-    _connection_args(revoke)
-    revoke.set_defaults(run=_cmd_rpc, rpc="revoke")
+    target.add_argument(
+        "--subject", help='every session of the subject ("log out everywhere") [default: none]'
+    )
+    target.add_argument("--session-id", help="one session [default: none]")
+    target.add_argument(
+        "--token", help="an access or refresh token (careful: shell history) [default: none]"
+    )
+    _reason(revoke)
+
+    lock = _rpc_command(
+        commands, "lock", "lock a subject: revoke its sessions, refuse Issue until unlocked", "lock"
+    )
+    lock.add_argument("subject")
+    _reason(lock)
+    unlock = _rpc_command(commands, "unlock", "let a locked subject log in again", "unlock")
+    unlock.add_argument("subject")
+
+
+def _reason(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--reason", default="", help="recorded in the audit trail [default: none]")
 
 
 def _call(stub: Any, args: argparse.Namespace) -> Any:
@@ -99,6 +124,11 @@ def _call(stub: Any, args: argparse.Namespace) -> Any:
     if rpc == "sessions revoke":
         one = pb.RevokeRequest(session_id=args.session_id, reason=args.reason)
         return stub.Revoke(one, timeout=timeout)
+    if rpc == "lock":
+        locking = pb.LockSubjectRequest(subject=args.subject, reason=args.reason)
+        return stub.LockSubject(locking, timeout=timeout)
+    if rpc == "unlock":
+        return stub.UnlockSubject(pb.UnlockSubjectRequest(subject=args.subject), timeout=timeout)
     request = pb.RevokeRequest(reason=args.reason)
     if args.subject is not None:
         request.subject = args.subject
@@ -110,43 +140,36 @@ def _call(stub: Any, args: argparse.Namespace) -> Any:
 
 
 def _rows(reply: Any) -> list[dict[str, Any]]:
-    """JSON-ready rows of a reply: its repeated messages, else the reply itself."""
-    from google.protobuf.json_format import MessageToDict
-
+    """Output rows of a reply: its repeated messages, else the reply itself."""
     items = next(
         (getattr(reply, name) for name in ("keys", "sessions") if hasattr(reply, name)), [reply]
     )
-    return [MessageToDict(item, always_print_fields_with_no_presence=True) for item in items]
+    return [row(item) for item in items]
 
 
 def _cmd_rpc(args: argparse.Namespace) -> int:
     import grpc
 
-    from tokensvc_client.channels import channel
-    from tokensvc_client.errors import from_rpc_error
     from tokensvc_client.v1 import tokensvc_pb2_grpc as pb_grpc
 
     try:
-        chan = channel(
-            args.target, ca=args.ca, cert=args.cert, key=args.key, insecure=args.insecure
-        )
-    except (ValueError, OSError) as err:
+        chan = open_channel(args)
+    except (TransportError, ValueError, OSError) as err:
         print(f"tokensvc {args.rpc}: {err}", file=sys.stderr)
         return 2
     with chan:
         try:
             reply = _call(pb_grpc.TokenServiceStub(chan), args)
         except grpc.RpcError as err:
-            print(f"tokensvc {args.rpc}: {from_rpc_error(err)}", file=sys.stderr)
+            print(f"tokensvc {args.rpc}: {explain(err, args)}", file=sys.stderr)
             return 1
-    for row in _rows(reply):
-        print(json.dumps(row))
+    emit(_rows(reply), args.output, sys.stdout)
     return 0
 
 
 def _cmd_rewrap(args: argparse.Namespace) -> int:
     from tokensvc.keyring import KeyRing, KeyRingError, load_kek
-    from tokensvc.server import redis_client
+    from tokensvc.redisconn import redis_client
     from tokensvc.store import StoreUnavailable
 
     if not args.redis_url or not args.kek_file:
@@ -165,9 +188,11 @@ def _cmd_rewrap(args: argparse.Namespace) -> int:
     try:
         if not args.redis_url.startswith(config.REDIS_SCHEMES):
             raise config.ConfigError(f"--redis-url must start with one of {config.REDIS_SCHEMES}")
+        # progress on stderr, so `--output json` stays one object per line on stdout
+        print(f"re-wrapping the key ring under {args.kek_file} ...", file=sys.stderr, flush=True)
         count = asyncio.run(run())
     except (config.ConfigError, KeyRingError, StoreUnavailable, OSError) as err:
         print(f"tokensvc keys rewrap: {err}", file=sys.stderr)
         return 2
-    print(f"re-wrapped {count} key(s) under the key-encryption key {args.kek_file}")
+    emit([{"rewrapped_keys": count, "kek_file": str(args.kek_file)}], args.output, sys.stdout)
     return 0

@@ -218,8 +218,7 @@ _OPTIONS: dict[str, tuple[str, type]] = {
     "redis_timeout": ("Redis socket timeout in seconds", float),
     "log_level": ("DEBUG, INFO, WARNING or ERROR", str),
     "workers": (
-        "server processes sharing the port (SO_REUSEPORT); default: one per CPU with TLS, "
-        "1 in --insecure development mode",
+        "server processes sharing the port (SO_REUSEPORT)",
         int,
     ),
     "policy_file": ("caller policy (TOML): which mTLS identities may call each RPC", Path),
@@ -270,6 +269,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             default = ",".join(default)
         if isinstance(default, Rate):
             default = str(default)
+        if name == "workers":  # see _default_workers
+            default = "one per CPU with TLS, 1 with --insecure or port 0"
         env = "TOKENSVC_" + name.upper()
         parser.add_argument(
             "--" + name.replace("_", "-"),
@@ -310,6 +311,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="label the tokens-issued metric by client_id (one series per client) "
         "[env TOKENSVC_METRICS_CLIENT_IDS]",
     )
+    for action in parser._actions:  # the on/off flags above are all off by default
+        if action.help and action.help.endswith("]") and "default" not in action.help:
+            action.help = action.help[:-1] + "; default off]"
 
 
 def load(args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None) -> Settings:
