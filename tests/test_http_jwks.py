@@ -115,13 +115,25 @@ def test_jwks_is_what_getkeys_returns_with_its_max_age(service, port):
     assert request(port, JWKS + "?x=1").body == reply.body
 
 
+def test_discovery_jwks_uri_keeps_a_port_the_issuer_names():
+    from tokensvc.http_jwks import discovery_document
+
+    assert discovery_document("https://id.example:443/t", 8443)["jwks_uri"] == (
+        "https://id.example:443/t/.well-known/jwks.json"
+    )
+    assert discovery_document("https://id.example", 443)["jwks_uri"] == (
+        "https://id.example/.well-known/jwks.json"
+    )
+
+
 def test_discovery_document(service, port):
     reply = request(port, DISCOVERY)
     assert reply.status == 200
     assert reply.headers["content-type"] == "application/json"
     assert json.loads(reply.body) == {
         "issuer": "https://tokensvc.test",
-        "jwks_uri": "https://tokensvc.test/.well-known/jwks.json",
+        # the port the JWKS is actually served on (the issuer names none)
+        "jwks_uri": f"https://tokensvc.test:{port}/.well-known/jwks.json",
         "id_token_signing_alg_values_supported": ["ES256"],
     }
     etag = reply.headers["etag"]

@@ -14,8 +14,9 @@ needs (:mod:`tokensvc.http_gate`) and the two documents:
     ``max_age_seconds``).
   - ``/.well-known/openid-configuration``: ``issuer``, ``jwks_uri`` and
     ``id_token_signing_alg_values_supported: ["ES256"]``. ``jwks_uri`` is
-    ``<issuer>/.well-known/jwks.json``: the issuer URL is taken to be where this listener
-    is reachable (directly or behind a proxy); there is no separate public-URL setting.
+    ``<issuer>/.well-known/jwks.json`` with the port this listener is bound to (unless the
+    issuer names a port itself: behind a proxy, put its port in ``--issuer``); there is no
+    separate public-URL setting.
     No ``token_endpoint``, ``authorization_endpoint`` etc.: the service has no OAuth HTTP
     endpoints (tokens are issued over gRPC only), so this is a key-discovery document for
     verifiers, not a complete OpenID Provider configuration. Same ``Cache-Control``.
@@ -47,6 +48,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
 from aiohttp.http_exceptions import LineTooLong
@@ -65,6 +67,7 @@ MAX_HEADERS = 32
 
 _ENTITY_TAG = re.compile(r'\s*(?:W/)?"([\x21\x23-\x7e\x80-\xff]*)"\s*(?:,|$)')
 _COMMON_HEADERS = {"X-Content-Type-Options": "nosniff", "Server": "tokensvc"}
+_DEFAULT_PORTS = {"https": 443, "http": 80}
 
 
 class KeySource(Protocol):
@@ -86,11 +89,20 @@ class _BadRequest(Exception):
     """The request cannot be served."""
 
 
-def discovery_document(issuer: str) -> dict[str, object]:
-    """The discovery document served at :data:`DISCOVERY_PATH` (see the module doc)."""
+def discovery_document(issuer: str, port: int = 0) -> dict[str, object]:
+    """The discovery document served at :data:`DISCOVERY_PATH` (see the module doc).
+
+    ``jwks_uri`` is the issuer URL with ``port``, the port the JWKS is served on, unless
+    the issuer names a port itself (a proxy in front) or ``port`` is the scheme's default.
+    """
+    parts = urlsplit(issuer)
+    netloc = parts.netloc
+    if port and parts.port is None and port != _DEFAULT_PORTS.get(parts.scheme):
+        netloc = f"{netloc}:{port}"
+    base = urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
     return {
         "issuer": issuer,
-        "jwks_uri": issuer.rstrip("/") + JWKS_PATH,
+        "jwks_uri": base + JWKS_PATH,
         "id_token_signing_alg_values_supported": ["ES256"],
     }
 
@@ -182,10 +194,12 @@ class HttpJwks:
     _discovery: bytes = b""
     _cached: tuple[str, bytes, str] = ("", b"", "")
 
-    def __post_init__(self) -> None:
-        self._discovery = json.dumps(
-            discovery_document(self.settings.issuer), separators=(",", ":")
-        ).encode()
+    def _discovery_body(self) -> bytes:
+        """Built on first use: it names the bound port, known once the listener runs."""
+        if not self._discovery:
+            document = discovery_document(self.settings.issuer, self.port)
+            self._discovery = json.dumps(document, separators=(",", ":")).encode()
+        return self._discovery
 
     @property
     def port(self) -> int:
@@ -213,7 +227,8 @@ class HttpJwks:
         if path == JWKS_PATH and self.keys is not None:
             body, etag = self._jwks(self.keys)
         elif path == DISCOVERY_PATH and self.keys is not None:
-            body, etag = self._discovery, etag_of(self._discovery)
+            body = self._discovery_body()
+            etag = etag_of(body)
         elif document is None:
             return _error(404, "not found")
         if request.method not in ("GET", "HEAD"):
