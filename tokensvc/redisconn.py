@@ -172,7 +172,7 @@ def _sentinel_client(
 ) -> SentinelPrimary:
     # asking sentinels (rare: at connect and after a failover) keeps a per-command timeout
     asking = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(  # type: ignore[no-untyped-call,unused-ignore]  # typed since redis 8.2
         list(target.sentinels),
         # asking sentinels is read-only, but several are listed: move on to the next one
         sentinel_kwargs={
