@@ -188,3 +188,15 @@ def test_over_mtls_the_backend_lists_with_the_users_own_token(make_web, mtls_ser
     assert w.client.delete(f"/api/sessions/{bob_sid}", headers=GOOD).status_code == 404
     assert w.client.delete(f"/api/sessions/{sid}", headers=GOOD).status_code == 204
     assert bob.client.get("/api/sessions").status_code == 200
+
+
+def test_the_page_with_revoke_buttons_cannot_be_framed(make_web):
+    # clickjacking: a page of another origin (a sibling subdomain is same-site, so the
+    # session cookie goes along even under SameSite=Strict) framing the devices page
+    # could trick the user into "Sign out everywhere"; browsers refuse to frame it
+    w = make_web()
+    w.login("alice", label="Laptop")
+    page = w.client.get("/devices")
+    assert page.status_code == 200
+    assert page.headers["x-frame-options"] == "DENY"
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]

@@ -106,6 +106,15 @@ def render_devices(sessions: Sequence[SessionInfo], current_sid: str, csrf: str)
 """
 
 
+#: The page's buttons revoke sessions: no other page may frame it (clickjacking -- a
+#: same-site page, e.g. a sibling subdomain, would get the session cookie sent along).
+_PAGE_HEADERS = {
+    "cache-control": "no-store",
+    "x-frame-options": "DENY",
+    "content-security-policy": "frame-ancestors 'none'",
+}
+
+
 def _as_json(session: SessionInfo, current_sid: str) -> dict[str, object]:
     return {
         "session_id": session.session_id,
@@ -131,7 +140,7 @@ def session_routes(backend: WebBackend) -> list[Route]:
         session = current_session()
         sessions = await backend.sessions()
         body = render_devices(sessions, session.session_id, csrf_token())
-        return HTMLResponse(body, headers={"cache-control": "no-store"})
+        return HTMLResponse(body, headers=_PAGE_HEADERS)
 
     async def revoke(request: Request) -> Response:
         current_session()
