@@ -1,11 +1,20 @@
-"""The README's first client example runs as written against a real server."""
+"""The README's examples run: the first client example as written against a real server;
+the interceptor, feed and call-credentials blocks are excerpts of
+examples/protected_service.py, which runs against a real server; the KEK recipe."""
 
 from __future__ import annotations
 
+import os
 import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+from tokensvc.keyring import load_kek
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 
 
 def test_readme_token_client_example_runs(tokensvc):
@@ -15,3 +24,46 @@ def test_readme_token_client_example_runs(tokensvc):
     exec(compile(example, "README.md", "exec"), namespace)
     info = namespace["info"]
     assert info.active and info.subject == "alice"
+
+
+EXCERPT = re.compile(r"<!-- excerpt: (\S+) -->\n```python\n(.*?)```", re.S)
+
+
+def test_readme_excerpts_are_in_their_programs():
+    """Each block marked as an excerpt appears, line by line and in order, in the program
+    it names (which test_protected_service_example_runs runs)."""
+    excerpts = EXCERPT.findall(README.read_text())
+    assert len(excerpts) >= 3
+    for path, block in excerpts:
+        program = [line.strip() for line in (ROOT / path).read_text().splitlines()]
+        at = 0
+        for line in (line.strip() for line in block.splitlines() if line.strip()):
+            assert line in program[at:], f"{path} lacks {line!r}"
+            at = program.index(line, at) + 1
+
+
+def test_protected_service_example_runs(tokensvc):
+    env = dict(os.environ, TOKENSVC=tokensvc.target, TOKENSVC_ISSUER="https://tokensvc.test")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "protected_service.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "order 42 of alice",
+        "UNAUTHENTICATED invalid token: revoked",
+    ]
+
+
+def test_readme_kek_recipe_writes_a_private_kek(tmp_path):
+    (recipe,) = [
+        b for b in re.findall(r"```sh\n(.*?)```", README.read_text(), re.S) if "kek.json" in b
+    ]
+    command = recipe.strip().replace(".venv/bin/python", shlex.quote(sys.executable))
+    subprocess.run(["sh", "-c", command], cwd=tmp_path, check=True, timeout=60)
+    kek = tmp_path / "kek.json"
+    assert kek.stat().st_mode & 0o777 == 0o600
+    assert load_kek(kek, tmp_path).get("kty") == "oct"

@@ -18,13 +18,14 @@ import os
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from opentelemetry.instrumentation.redis import RedisInstrumentor
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from tokensvc.quiet_spans import server_interceptor
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def server_interceptors(provider: TracerProvider | None) -> list[Any]:
     """gRPC aio server interceptors creating one span per RPC (none without a provider)."""
     if provider is None:
         return []
-    return [aio_server_interceptor(tracer_provider=provider)]  # type: ignore[no-untyped-call]
+    return [server_interceptor(provider)]  # refused calls: no exception events
 
 
 def serving(call: Any) -> None:
