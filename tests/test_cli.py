@@ -105,3 +105,16 @@ def test_json_formatter_without_extras_is_unchanged():
     record = logging.LogRecord("tokensvc.x", logging.WARNING, __file__, 1, "plain", (), None)
     line = json.loads(logs.JsonFormatter().format(record))
     assert set(line) == {"ts", "level", "logger", "msg"}
+
+
+def test_certs_twice_keeps_the_working_ca_unless_forced(tmp_path, capsys):
+    directory = tmp_path / "certs"
+    assert cli.main(["certs", str(directory)]) == 0
+    ca = (directory / "ca.pem").read_bytes()
+    capsys.readouterr()
+    assert cli.main(["certs", str(directory)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--force" in err
+    assert (directory / "ca.pem").read_bytes() == ca
+    assert cli.main(["certs", str(directory), "--force"]) == 0
+    assert (directory / "ca.pem").read_bytes() != ca

@@ -200,6 +200,15 @@ def _cmd_certs(args: argparse.Namespace) -> int:
 
     directory = Path(args.directory).expanduser()
     hosts = tuple(args.hosts) if args.hosts else ("localhost", "127.0.0.1", "::1")
+    if (directory / "ca.pem").exists() and not args.force:
+        # a new CA would make every server and client of the working set-up distrust the
+        # others: replacing it is a decision, not a side effect of running `make certs` twice
+        print(
+            f"tokensvc: {directory} already holds a CA (ca.pem); keeping it. Pass --force to "
+            "replace the whole PKI (servers and clients using the old one stop trusting it)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         issued = devcerts.write_dev_pki(directory, hosts=hosts)
     except (OSError, ValueError) as err:
@@ -304,6 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
         "certs", help="write a development PKI: CA, server and workload client certificates"
     )
     certs.add_argument("directory", help="where to write the PEM files (created if missing)")
+    certs.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing CA and every certificate [default: refuse]",
+    )
     certs.add_argument(
         "--host",
         action="append",
