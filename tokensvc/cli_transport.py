@@ -14,9 +14,10 @@ the output (``GRPC_VERBOSITY=NONE`` unless the user set it; see :func:`quiet_grp
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 from typing import Any
+
+from tokensvc.config import is_loopback
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -77,16 +78,6 @@ class TransportError(ValueError):
     """The transport flags cannot work (e.g. --insecure to a remote target)."""
 
 
-def _is_loopback(target: str) -> bool:
-    host = target.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def open_channel(args: argparse.Namespace) -> Any:
     """A channel to ``args.target`` by the rule above.
 
@@ -100,7 +91,7 @@ def open_channel(args: argparse.Namespace) -> Any:
     if args.insecure:
         if args.ca or args.cert or args.key:
             raise TransportError("--insecure (plaintext) and --ca/--cert/--key exclude each other")
-        if not _is_loopback(args.target):
+        if not is_loopback(args.target.rsplit(":", 1)[0].strip("[]")):
             raise TransportError(f"--insecure is only for loopback targets, not {args.target}")
         return channel(args.target, insecure=True)
     return channel(args.target, ca=args.ca, cert=args.cert, key=args.key)

@@ -138,7 +138,7 @@ class Settings:
         if not self.self_audience:
             raise ConfigError("--self-audience must not be empty")
         if self.insecure:
-            if not _is_loopback(host.strip("[]")):
+            if not is_loopback(host.strip("[]")):
                 raise ConfigError(f"--insecure is only allowed on a loopback address, not {host}")
         elif self.tls_cert is None or self.tls_key is None:
             raise ConfigError("TLS needs --tls-cert and --tls-key (or --insecure on loopback)")
@@ -161,7 +161,7 @@ class Settings:
             h_host, h_sep, h_port = address.rpartition(":")
             if not h_sep or not h_host or not h_port.isdigit() or not 0 <= int(h_port) < 65536:
                 raise ConfigError(f"--{flag} must be HOST:PORT, got {address!r}")
-            if flag == "http-listen" and self.insecure and not _is_loopback(h_host.strip("[]")):
+            if flag == "http-listen" and self.insecure and not is_loopback(h_host.strip("[]")):
                 raise ConfigError("--insecure serves plain HTTP JWKS on loopback only")
         if self.key_rotation_interval < 2 * (self.jwks_max_age + self.access_ttl + self.leeway):
             raise ConfigError(
@@ -186,7 +186,8 @@ class Settings:
         return self
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address, no brackets) is this machine's loopback."""
     if host == "localhost":
         return True
     try:
