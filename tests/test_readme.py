@@ -67,3 +67,21 @@ def test_readme_kek_recipe_writes_a_private_kek(tmp_path):
     kek = tmp_path / "kek.json"
     assert kek.stat().st_mode & 0o777 == 0o600
     assert load_kek(kek, tmp_path).get("kty") == "oct"
+
+
+def test_readme_mtls_client_blocks_run_with_the_example_policy(mtls_service, dev_pki):
+    """The TLS section's client (the login workload) and the certificate-bound Issue,
+    run in sequence as written, against `make certs` files and examples/policy.toml."""
+    svc = mtls_service((ROOT / "examples" / "policy.toml").read_text())
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    (client,) = [b for b in blocks if 'cert=".tokensvc/certs/login.pem"' in b]
+    (bound,) = [b for b in blocks if "certificate_thumbprint" in b]
+    certs = str(dev_pki["server"].ca.parent) + "/"
+    namespace: dict[str, object] = {}
+    for block in (client, bound):
+        code = block.replace(".tokensvc/certs/", certs).replace("127.0.0.1:50051", svc.target)
+        exec(compile(code, "README.md", "exec"), namespace)
+    pair = namespace["pair"]
+    info = namespace["login"].introspect(pair.access_token)  # type: ignore[attr-defined]
+    assert info.subject == "orders-svc" and info.cnf_x5t_s256
+    namespace["login"].close()  # type: ignore[attr-defined]
