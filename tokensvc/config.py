@@ -163,6 +163,11 @@ class Settings:
                 raise ConfigError(f"--{flag} must be HOST:PORT, got {address!r}")
             if flag == "http-listen" and self.insecure and not is_loopback(h_host.strip("[]")):
                 raise ConfigError("--insecure serves plain HTTP JWKS on loopback only")
+            if flag == "metrics-listen" and int(h_port) + self.workers - 1 > 65535:
+                raise ConfigError(
+                    f"--metrics-listen {address}: worker i serves port PORT+i, and "
+                    f"{int(h_port)}+{self.workers - 1} is above 65535"
+                )
         if self.key_rotation_interval < 2 * (self.jwks_max_age + self.access_ttl + self.leeway):
             raise ConfigError(
                 "--key-rotation-interval must be at least twice --jwks-max-age + --access-ttl "
@@ -237,7 +242,11 @@ _OPTIONS: dict[str, tuple[str, type]] = {
         Rate,
     ),
     "http_listen": ("HOST:PORT for the HTTP JWKS/discovery listener; off unless set", str),
-    "metrics_listen": ("HOST:PORT for plain-HTTP /metrics alone (also on --http-listen)", str),
+    "metrics_listen": (
+        "HOST:PORT for plain-HTTP /metrics alone (also on --http-listen with one worker); "
+        "worker i of --workers N serves PORT+i",
+        str,
+    ),
     "key_rotation_interval": ("seconds between automatic signing-key rotations", int),
     "previous_kek_file": ("the KEK being replaced, still accepted for decryption", Path),
     "redis_wait_replicas": ("replicas that must acknowledge revocations (Redis WAIT)", int),

@@ -273,10 +273,13 @@ async def start_http(
     keys: KeySource | None,
     documents: dict[str, Document] | None = None,
     listen: str | None = None,
+    *,
+    shared: bool | None = None,
 ) -> HttpJwks:
     """Start the listener on ``listen`` (default ``settings.http_listen``); HTTPS unless
     ``settings.insecure`` or ``keys`` is None (a plain-HTTP listener of ``documents`` only,
-    e.g. ``/metrics`` on ``--metrics-listen``). ``documents`` adds resources.
+    e.g. ``/metrics`` on ``--metrics-listen``). ``documents`` adds resources. ``shared``:
+    bind with ``SO_REUSEPORT`` (default: when there are several workers).
 
     Raises:
         ConfigError: no address, or unusable TLS files.
@@ -302,7 +305,7 @@ async def start_http(
         access_log=None,
     )
     http.gate = await http_gate.Gate.start(
-        server, address, context, reuse_port=settings.workers > 1
+        server, address, context, reuse_port=settings.workers > 1 if shared is None else shared
     )
     log.info(
         "HTTP listener (%s) on %s (%s)",

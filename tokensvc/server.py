@@ -208,7 +208,10 @@ async def start(
         await hub.prime()  # before any watcher can connect (see RevocationHub.prime)
         provider = telemetry.setup_tracing(tracer_provider)
         meters = metrics.setup(
-            prometheus=bool(settings.http_listen or settings.metrics_listen),
+            # /metrics on --http-listen only with one worker (see below)
+            prometheus=bool(
+                settings.metrics_listen or (settings.http_listen and settings.workers == 1)
+            ),
             client_ids=settings.metrics_client_ids,
         )
 
@@ -266,9 +269,22 @@ async def start(
         if meters.render is not None:
             documents[metrics.METRICS_PATH] = Document(meters.render)
         if settings.http_listen:
-            http = await start_http(settings, keyring, documents)
+            # a scrape of the port the workers share reaches a random worker: its counters
+            # would jump between the workers' values (see tokensvc.workers)
+            shared = documents if settings.workers == 1 else {}
+            if settings.workers > 1:
+                log.info(
+                    "%s is not served on --http-listen with %d workers: scrape each "
+                    "worker's --metrics-listen port (PORT+i)",
+                    metrics.METRICS_PATH,
+                    settings.workers,
+                )
+            http = await start_http(settings, keyring, shared)
         if settings.metrics_listen:
-            metrics_http = await start_http(settings, None, documents, settings.metrics_listen)
+            # each worker has a port of its own (tokensvc.workers.worker_settings)
+            metrics_http = await start_http(
+                settings, None, documents, settings.metrics_listen, shared=False
+            )
     except BaseException as err:
         watching.cancel()
         if http is not None:

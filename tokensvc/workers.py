@@ -7,6 +7,10 @@ workers never race for them), then starts the workers and forwards SIGTERM/SIGIN
 Workers never outlive it: the kernel signals them when it dies (Linux
 ``PR_SET_PDEATHSIG``), and each also watches its parent's sentinel pipe. If a worker fails
 to start, the others are stopped and ``serve`` exits 2.
+
+Metrics are per process: worker ``i`` (1..N) serves ``--metrics-listen HOST:PORT`` on
+PORT+i-1, a port of its own (not shared, so a second ``serve`` there fails to bind), and
+``/metrics`` is not served on the shared ``--http-listen`` port (see :func:`worker_settings`).
 """
 
 from __future__ import annotations
@@ -33,10 +37,25 @@ log = logging.getLogger("tokensvc.workers")
 START_FAILED = 2
 
 
+def worker_settings(settings: Settings, number: int) -> Settings:
+    """The settings of worker ``number`` (1..N): its ``--metrics-listen`` port is
+    PORT+number-1, so each worker is a scrape target of its own with steady counters (a
+    shared port would hand each scrape to a random worker). Port 0 stays 0 (any free port).
+    """
+    listen = settings.metrics_listen
+    if listen is None:
+        return settings
+    host, _, port = listen.rpartition(":")
+    if int(port) == 0:
+        return settings
+    return dataclasses.replace(settings, metrics_listen=f"{host}:{int(port) + number - 1}")
+
+
 def _worker_main(settings: Settings, number: int) -> None:
     """Entry point of worker ``number`` (multiprocessing, spawn)."""
     die_with_parent()
     setup_logging(settings.log_level, worker=number)
+    settings = worker_settings(settings, number)
     parent = multiprocessing.parent_process()
     sentinel = parent.sentinel if parent is not None else None
     try:
