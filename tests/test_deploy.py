@@ -480,14 +480,24 @@ def test_resources_and_workers_follow_the_cpu_limit():
     for part in ("requests", "limits"):
         assert {"cpu", "memory"} <= set(resources[part]), part
     assert _cpu(str(resources["requests"]["cpu"])) <= _cpu(str(resources["limits"]["cpu"]))
-    workers = next(e for e in _container()["env"] if e["name"] == "TOKENSVC_WORKERS")
-    if "value" in workers:
-        assert int(workers["value"]) == _cpu_limit()
-    else:
-        ref = workers["valueFrom"]["resourceFieldRef"]
-        assert ref["resource"] == "limits.cpu" and str(ref.get("divisor", "1")) == "1"
-        assert ref.get("containerName", _container()["name"]) == _container()["name"]
+    assert int(_workers()["value"]) == _cpu_limit()
     assert 1 <= _cpu_limit() <= 256
+
+
+def _workers() -> dict[str, Any]:
+    return next(e for e in _container()["env"] if e["name"] == "TOKENSVC_WORKERS")
+
+
+def test_the_podmonitor_scrapes_every_workers_metrics_port():
+    # worker i serves --metrics-listen PORT+i: each one must be a declared, scraped port,
+    # else Prometheus sees only some workers' counters
+    workers = int(_workers()["value"])
+    first = _port((_config_env() | _literal_env())["TOKENSVC_METRICS_LISTEN"])
+    by_number = {number: name for name, number in _container_ports().items()}
+    (monitor,) = _docs(K8S / "monitoring" / "podmonitor.yaml")
+    scraped = {endpoint["port"] for endpoint in monitor["spec"]["podMetricsEndpoints"]}
+    for number in range(first, first + workers):
+        assert by_number.get(number) in scraped, number
 
 
 def test_environment_names_are_real_settings():
