@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import http.client
 import socket
-import time
 
 import grpc
 
