@@ -20,9 +20,9 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from opentelemetry.sdk.trace import TracerProvider
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
-from redis.retry import Retry
 
 from tokensvc import cli, logs
 from tokensvc.audit import (
