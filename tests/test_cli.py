@@ -42,7 +42,14 @@ def test_certs_writes_the_development_pki(tmp_path, capsys):
         assert sans.get_values_for_type(x509.UniformResourceIdentifier) == [spiffe_id]
         usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
         assert list(usage) == [ExtendedKeyUsageOID.CLIENT_AUTH]
-        assert f"client {name}: {spiffe_id}" in out
+
+    # the default output is a table of the files: a header, then one row per file
+    lines = out.splitlines()
+    assert lines[0].split() == ["PATH", "KIND", "IDENTITY", "EXPIRES_AT"]
+    table = {line.split("  ")[0]: line for line in lines[1 : 2 + 2 * len(KEYS)]}
+    assert set(table) == {str(p) for p in directory.iterdir()}
+    assert "client_cert" in table[str(directory / "orders.pem")]
+    assert DEFAULT_WORKLOADS["orders"] in table[str(directory / "orders.key")]
 
     # the printed example is a valid `tokensvc serve` command line for these files
     (serve_line,) = [line for line in out.splitlines() if "tokensvc serve" in line]
@@ -60,6 +67,28 @@ def test_certs_writes_the_development_pki(tmp_path, capsys):
         "--key",
         str(directory / "admin.key"),
     ]
+
+
+def test_certs_json_is_one_object_per_file(tmp_path, capsys):
+    directory = tmp_path / "certs"
+    assert cli.main(["certs", str(directory), "--output", "json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]  # nothing else
+    assert {row["path"] for row in rows} == {str(p) for p in directory.iterdir()}
+    by_path = {row["path"]: row for row in rows}
+    ca = _cert(directory / "ca.pem")
+    assert by_path[str(directory / "ca.pem")] == {
+        "path": str(directory / "ca.pem"),
+        "kind": "ca_cert",
+        "identity": "tokensvc development CA",
+        "expires_at": int(ca.not_valid_after_utc.timestamp()),
+    }
+    assert by_path[str(directory / "server.key")]["kind"] == "server_key"
+    assert by_path[str(directory / "server.pem")]["identity"] == "localhost,127.0.0.1,::1"
+    for name, spiffe_id in DEFAULT_WORKLOADS.items():
+        for suffix, kind in ((".pem", "client_cert"), (".key", "client_key")):
+            row = by_path[str(directory / f"{name}{suffix}")]
+            assert (row["kind"], row["identity"]) == (kind, spiffe_id)
+            assert isinstance(row["expires_at"], int)
 
 
 def test_certs_for_other_hosts(tmp_path, capsys):

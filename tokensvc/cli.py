@@ -214,18 +214,15 @@ def _cmd_certs(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as err:
         print(f"tokensvc: cannot write certificates: {err}", file=sys.stderr)
         return 2
+    emit(devcerts.files_written(issued), args.output, sys.stdout)
+    if args.output == "json":  # scripts get the files; the hints below are for people
+        return 0
     server = issued["server"]
 
     def q(path: Path) -> str:
         return shlex.quote(str(path))
 
-    print(f"wrote a development PKI to {directory} (30 days, never for production):")
-    print(f"  {q(server.ca)}  CA certificate (trust anchor of servers and clients)")
-    print(f"  {q(server.cert)} {q(server.key)}  server, for {', '.join(hosts)}")
-    for name, pair in issued.items():
-        if name != "server":
-            spiffe_id = devcerts.DEFAULT_WORKLOADS.get(name, "")
-            print(f"  {q(pair.cert)} {q(pair.key)}  client {name}: {spiffe_id}")
+    print(f"\na development PKI for 30 days, never for production, in {directory}")
     loopback = all(host in ("localhost", "127.0.0.1", "::1") for host in hosts)
     listen = "127.0.0.1:50051" if loopback else "0.0.0.0:50051"
     print("serve with mTLS (client certificates signed by the CA):")
@@ -326,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="server certificate DNS name or IP (repeat for several) "
         "[default localhost, 127.0.0.1, ::1]",
     )
+    add_output_arg(certs)
     certs.set_defaults(run=_cmd_certs)
     cli_admin.add_commands(commands)
     return parser

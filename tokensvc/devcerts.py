@@ -151,3 +151,42 @@ def write_dev_pki(
     for name, spiffe_id in (DEFAULT_WORKLOADS if workloads is None else workloads).items():
         out[name] = ca.issue(name, spiffe_id=spiffe_id)
     return out
+
+
+def _describe(cert_path: Path) -> tuple[str, int]:
+    """The identity a certificate carries (URI SANs, else DNS/IP SANs, else its common
+    name) and its expiry in epoch seconds."""
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = sans.get_values_for_type(x509.UniformResourceIdentifier) or [
+            *sans.get_values_for_type(x509.DNSName),
+            *(str(ip) for ip in sans.get_values_for_type(x509.IPAddress)),
+        ]
+    except x509.ExtensionNotFound:
+        names = [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    return ",".join(names), int(cert.not_valid_after_utc.timestamp())
+
+
+def files_written(issued: dict[str, Issued]) -> list[dict[str, object]]:
+    """One row per file of :func:`write_dev_pki` (what ``tokensvc certs`` prints): path,
+    kind, identity (a client's SPIFFE ID, the server's names, the CA's name) and expiry in
+    epoch seconds."""
+    ca = issued["server"].ca
+    identity, expires_at = _describe(ca)
+    rows: list[dict[str, object]] = [
+        {"path": str(ca), "kind": "ca_cert", "identity": identity, "expires_at": expires_at}
+    ]
+    for name, pair in issued.items():
+        role = "server" if name == "server" else "client"
+        identity, expires_at = _describe(pair.cert)
+        for path, what in ((pair.cert, "cert"), (pair.key, "key")):
+            rows.append(
+                {
+                    "path": str(path),
+                    "kind": f"{role}_{what}",
+                    "identity": identity,
+                    "expires_at": expires_at,
+                }
+            )
+    return rows
