@@ -35,6 +35,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.support import ServerThread, settings_for
+from tests.topology import prefer_system
 from tokensvc.devcerts import write_dev_pki
 from tokensvc.embedded import RedisProcess, free_port
 from tokensvc_client import web
@@ -153,10 +154,20 @@ fetch("{target}/logout", {{method: "POST", credentials: "include", mode: "no-cor
 
 
 @pytest.fixture(scope="module")
-def example(tmp_path_factory, redis_server) -> Iterator[Example]:
-    app = Example(tmp_path_factory.mktemp("web-example"), redis_server)
+def example(tmp_path_factory) -> Iterator[Example]:
+    # its own Redis, not the session's: that one holds the deployment secrets of earlier
+    # tests wrapped under their KEKs (this tokensvc could not decrypt them) and is flushed
+    # by the function-scoped fixtures while this module-scoped server still runs
+    tmp = tmp_path_factory.mktemp("web-example")
+    redis = RedisProcess(tmp / "redis", prefer_system=prefer_system()).start()
+    try:
+        app = Example(tmp, redis)
+    except BaseException:
+        redis.stop()
+        raise
     yield app
     app.stop()
+    redis.stop()
 
 
 @pytest.fixture(scope="module")
