@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 
 import pytest
 import redis
@@ -59,6 +61,29 @@ def test_wrong_kek_fails_at_start_with_a_clear_error(make_settings, start_server
     other.write_text(jwk.JWK.generate(kty="oct", size=256).export())
     with pytest.raises(KeyRingError, match="wrong key-encryption key"):
         start_server(make_settings(kek_file=other))
+
+
+def test_serve_with_a_kek_that_cannot_decrypt_redis_is_one_line_exit_2(
+    make_settings, start_server, redis_url, tmp_path
+):
+    """What an operator sees: the flags to check, no traceback (a process, as deployed)."""
+    start_server(make_settings())  # the ring and secrets, under the dev KEK
+    other = tmp_path / "other-kek.json"
+    other.write_text(jwk.JWK.generate(kty="oct", size=256).export())
+    other.chmod(0o600)
+    argv = ["serve", "--insecure", "--listen", "127.0.0.1:0", "--redis-url", redis_url]
+    argv += ["--data-dir", str(tmp_path / "data"), "--kek-file", str(other)]
+    done = subprocess.run(
+        [sys.executable, "-m", "tokensvc", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("tokensvc: cannot start: cannot decrypt ")
+    assert "--kek-file" in line and "--previous-kek-file" in line
 
 
 @pytest.mark.parametrize(

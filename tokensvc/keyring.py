@@ -331,9 +331,7 @@ class KeyRing:
             token.deserialize(stored, key=self._keks.get(_jwe_kid(stored), self._kek))
             value = bytes(token.payload)
         except Exception:
-            raise KeyRingError(
-                f"cannot decrypt deployment secret {name}: wrong key-encryption key?"
-            ) from None
+            raise _undecryptable(f"deployment secret {name}") from None
         if len(value) != 32:
             raise KeyRingError(f"deployment secret {name} is not 256 bits")
         return value
@@ -345,10 +343,18 @@ class KeyRing:
             token.deserialize(record["private"], key=kek)
             key = jwk.JWK.from_json(token.payload.decode("utf-8"))
         except Exception:
-            raise KeyRingError(
-                f"cannot decrypt signing key {record.get('kid')}: wrong key-encryption key?"
-            ) from None
+            raise _undecryptable(f"signing key {record.get('kid')}") from None
         return key
+
+
+def _undecryptable(what: str) -> KeyRingError:
+    """The start-up error for state in Redis that no KEK of this process decrypts: the
+    operator's fix is a flag, so name the flags."""
+    return KeyRingError(
+        f"cannot decrypt {what} stored in Redis: wrong key-encryption key? It was encrypted "
+        "under another KEK: check --kek-file (without it, the development KEK of --data-dir "
+        "is used), or, during a KEK rotation, pass the old KEK with --previous-kek-file"
+    )
 
 
 def _jwe_kid(compact: str) -> str:
