@@ -106,13 +106,27 @@ def render_devices(sessions: Sequence[SessionInfo], current_sid: str, csrf: str)
 """
 
 
-#: The page's buttons revoke sessions: no other page may frame it (clickjacking -- a
-#: same-site page, e.g. a sibling subdomain, would get the session cookie sent along).
-_PAGE_HEADERS = {
-    "cache-control": "no-store",
-    "x-frame-options": "DENY",
-    "content-security-policy": "frame-ancestors 'none'",
-}
+#: Every answer: a browser never guesses another type for it (``text/html`` from JSON).
+_API_HEADERS = {"cache-control": "no-store", "x-content-type-options": "nosniff"}
+
+
+def _page_headers(origins: Sequence[str]) -> dict[str, str]:
+    """Headers of the devices page. Its buttons revoke sessions: no other page may frame
+    it (clickjacking -- a same-site page, e.g. a sibling subdomain, would get the session
+    cookie sent along). The policy allows what the page uses, its inline style and forms
+    posting to this backend (and the redirect after, possibly to another own origin);
+    nothing else loads or runs. ``same-origin`` referrers: ``no-referrer`` would make
+    browsers send ``Origin: null`` with the form posts, which the CSRF check refuses."""
+    policy = (
+        "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; "
+        f"form-action 'self' {' '.join(origins)}; frame-ancestors 'none'"
+    )
+    return {
+        **_API_HEADERS,
+        "x-frame-options": "DENY",
+        "content-security-policy": policy,
+        "referrer-policy": "same-origin",
+    }
 
 
 def _as_json(session: SessionInfo, current_sid: str) -> dict[str, object]:
@@ -130,6 +144,7 @@ def _as_json(session: SessionInfo, current_sid: str) -> dict[str, object]:
 def session_routes(backend: WebBackend) -> list[Route]:
     """The devices page, its JSON endpoints and logout, for ``backend``."""
     after_logout = backend.settings.login_url or "/"
+    page_headers = _page_headers(backend.settings.origins)
 
     def back(to_page: bool) -> Response:
         # still signed in: back to the page; else wherever signed-out users go
@@ -140,7 +155,7 @@ def session_routes(backend: WebBackend) -> list[Route]:
         session = current_session()
         sessions = await backend.sessions()
         body = render_devices(sessions, session.session_id, csrf_token())
-        return HTMLResponse(body, headers=_PAGE_HEADERS)
+        return HTMLResponse(body, headers=page_headers)
 
     async def revoke(request: Request) -> Response:
         current_session()
@@ -161,16 +176,16 @@ def session_routes(backend: WebBackend) -> list[Route]:
         session = current_session()
         sessions = await backend.sessions()
         listed = [_as_json(s, session.session_id) for s in sessions if s.active]
-        return JSONResponse({"sessions": listed}, headers={"cache-control": "no-store"})
+        return JSONResponse({"sessions": listed}, headers=_API_HEADERS)
 
     async def api_revoke(request: Request) -> Response:
         current_session()
         found = await backend.revoke_session(str(request.path_params["session_id"]))
-        return Response(status_code=204 if found else 404)
+        return Response(status_code=204 if found else 404, headers=_API_HEADERS)
 
     async def api_everywhere(request: Request) -> Response:
         await backend.logout_everywhere()
-        return Response(status_code=204)
+        return Response(status_code=204, headers=_API_HEADERS)
 
     return [
         Route("/devices", page, methods=["GET"]),

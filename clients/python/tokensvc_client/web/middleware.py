@@ -275,6 +275,7 @@ async def _respond(
                 (b"content-type", content_type),
                 (b"content-length", str(len(body)).encode("ascii")),
                 (b"cache-control", b"no-store"),
+                (b"x-content-type-options", b"nosniff"),
                 *headers,
             ],
         }

@@ -31,6 +31,33 @@ def _origin(text: str) -> str:
     return f"https://{host}{port}"
 
 
+def same_origin_target(setting: str, target: str, origins: Sequence[str]) -> str:
+    r"""``target`` if a browser sent there stays on this backend, else ``ValueError``
+    naming ``setting``.
+
+    Accepted: a path starting with a single ``/`` (not ``//`` nor ``/\``, which browsers
+    read as another host), or an absolute ``https`` URL whose origin is one of
+    ``origins``. Whitespace, control characters and backslashes are refused anywhere:
+    browsers drop tabs and newlines and read ``\`` as ``/``, turning ``/<TAB>/evil`` or
+    ``/\evil`` into ``//evil`` (an open redirect).
+    """
+    problem = f"{setting} {target!r}: must be a path here ('/login') or a URL of origins"
+    if any(c <= " " or c in "\\\x7f" or not c.isascii() for c in target):
+        raise ValueError(problem)
+    if target.startswith("/"):
+        if target.startswith("//"):
+            raise ValueError(problem)
+        return target
+    parts = urlsplit(target)
+    try:
+        origin = _origin(f"{parts.scheme}://{parts.netloc}")
+    except ValueError:
+        raise ValueError(problem) from None
+    if origin not in {_origin(o) for o in origins}:
+        raise ValueError(problem)
+    return target
+
+
 @dataclass(frozen=True, slots=True)
 class WebSettings:
     """What the web backend needs to know.
@@ -52,6 +79,8 @@ class WebSettings:
         refresh_margin: refresh an access token this many seconds before it expires (at
             most half its lifetime).
         login_url: where a browser goes when its session has ended; ``None`` answers 401.
+            A path on this backend (``/login``) or a URL of one of ``origins``, never
+            another site (see :func:`same_origin_target`).
         public_paths: paths (exact, or prefixes ending in "/") that keep working with an
             ended session, as anonymous requests (the login page, static files).
         spent_token_memory: seconds a refreshed session's new pair is handed to requests
@@ -126,8 +155,8 @@ class WebSettings:
             raise ValueError("refresh_margin, spent_token_memory, max_form_bytes: not negative")
         if any(not p.startswith("/") for p in self.public_paths):
             raise ValueError("public_paths must start with '/'")
-        if self.login_url is not None and not self.login_url.startswith("/"):
-            raise ValueError("login_url must be a path on this backend ('/login')")
+        if self.login_url is not None:
+            same_origin_target("login_url", self.login_url, self.origins)
         return self
 
     def is_public(self, path: str) -> bool:
