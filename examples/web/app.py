@@ -42,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import profile_service  # examples/web/profile_service.py
 
-from tokensvc_client import AsyncTokenClient, web
+from tokensvc_client import web
+from tokensvc_client.aio import AsyncTokenClient
 
 DEMO_USER = "demo"
 DEMO_PASSWORD = "demo-password"
@@ -107,7 +108,7 @@ def create_app(config: Config) -> Starlette:
     """The example app: login, a home page calling the profile service, devices."""
     settings = web.WebSettings.create(
         origins=[f"https://localhost:{config.port}", f"https://127.0.0.1:{config.port}"],
-        cookie_keys=[config.cookie_key],
+        cookie_keys=[config.cookie_key],  # 32 random bytes each; the first one seals
         issuer=config.issuer,
         audience="demo-web",
         # the service the backend calls for the user, and tokensvc's own audience, which
@@ -116,6 +117,7 @@ def create_app(config: Config) -> Starlette:
         login_url="/login",
         public_paths=["/login"],
     )
+    # plaintext loopback, as `make run` serves; in production ca=, cert=, key= (mTLS)
     backend = web.WebBackend(settings, target=config.tokensvc, insecure=True)
     profile: dict[str, Any] = {}
 
@@ -142,12 +144,14 @@ def create_app(config: Config) -> Starlette:
         )
         if not good:
             return _page("Sign in", _login_form("Wrong user name or password."), 401)
+        # the password checked (your own way): the session starts, its cookie is set
         await backend.start(user, roles=("reader",), session_label=_device_label(request))
         return RedirectResponse("/", status_code=303)
 
     async def home(request: Request) -> Response:
         claims = web.current_claims()  # anonymous: redirected to /login
-        answer = await profile_service.who_am_i(profile["target"], web.session_call_credentials())
+        creds = web.session_call_credentials()  # gRPC call credentials with the user's token
+        answer = await profile_service.who_am_i(profile["target"], creds)
         return _page(
             "Home",
             f"""<h1>Hello, {html.escape(claims.subject)}</h1>
@@ -159,7 +163,7 @@ def create_app(config: Config) -> Starlette:
 <button type="submit">Sign out</button></form>""",
         )
 
-    return Starlette(
+    app = Starlette(
         lifespan=lifespan,
         routes=[
             Route("/", home),
@@ -169,6 +173,7 @@ def create_app(config: Config) -> Starlette:
         ],
         middleware=[Middleware(web.TokenSessionMiddleware, backend=backend)],
     )
+    return app
 
 
 def main() -> None:
