@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tokensvc import metrics
 from tokensvc_client import _metrics
-from tokensvc_client.revocation_feed import _FeedCore
+from tokensvc_client._feed_core import _FeedCore
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "tokensvc.json"
