@@ -7,29 +7,81 @@ the asyncio one awaits an :class:`~tokensvc_client.jwks.AsyncJwksCache`; neither
 rule. The decision covers everything the call's metadata tells: the token, revocation,
 step-up requirements (:class:`StepUp`, RFC 9470) and the method policy. What needs the
 call's TLS peer -- certificate binding (RFC 8705) -- is decided by
-:meth:`Authenticator.check_binding` once the handler runs, where the peer is known. Also
-here: what the two interceptors share about method handlers (their kind, and a handler of
-the same kind with another behaviour).
+:meth:`Authenticator.check_binding` once the handler runs, where the peer is known.
+
+Its parts live next door: rejections in :mod:`tokensvc_client._rejection`, step-up
+requirements in :mod:`tokensvc_client._stepup`, method names and handlers in
+:mod:`tokensvc_client._handlers`; the names the interceptors use are importable from here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import hmac
 import logging
-import re
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, cast
-
-import grpc
+from typing import Any, Protocol, cast
 
 from tokensvc_client import _metrics
-from tokensvc_client.errors import REASON_TRAILER, InvalidToken, Reason
+from tokensvc_client._handlers import (
+    Handler,
+    Kind,
+    MethodFilter,
+    behaviour_of,
+    handler_of_kind,
+    kind_of,
+    method_key,
+)
+from tokensvc_client._rejection import (
+    CERTIFICATE_MISMATCH,
+    CHECK_FAILED,
+    INSUFFICIENT_ROLE,
+    KEYS_UNAVAILABLE,
+    UNBOUND,
+    Rejection,
+    Trailers,
+    reason_of,
+)
+from tokensvc_client._stepup import StepUp, StepUpTable, insufficient_user_authentication
+from tokensvc_client.errors import InvalidToken, Reason
 from tokensvc_client.jwks import CURRENT, KeyRequest
 from tokensvc_client.peer import peer_of
 from tokensvc_client.verifier import Claims, KeySet, Verifier
+
+# The decision's names, and those of its parts (_rejection, _stepup, _handlers) that are
+# imported from here.
+__all__ = [
+    "CERTIFICATE_MISMATCH",
+    "CHECK_FAILED",
+    "DEFAULT_EXEMPT",
+    "INSUFFICIENT_ROLE",
+    "KEYS_UNAVAILABLE",
+    "UNBOUND",
+    "Authenticator",
+    "Decision",
+    "Handler",
+    "HandlerMemo",
+    "HasAuthContext",
+    "Kind",
+    "Memo",
+    "Metadata",
+    "MethodFilter",
+    "MethodPolicy",
+    "Rejection",
+    "RevocationCheck",
+    "StepUp",
+    "StepUpTable",
+    "Trailers",
+    "bearer_token",
+    "behaviour_of",
+    "follow_key_events",
+    "handler_of_kind",
+    "insufficient_user_authentication",
+    "kind_of",
+    "method_key",
+    "reason_of",
+    "step",
+]
 
 log = logging.getLogger("tokensvc_client.auth")
 
@@ -39,69 +91,9 @@ DEFAULT_EXEMPT: tuple[str, ...] = (
     "/grpc.reflection.v1.ServerReflection/",
     "/grpc.reflection.v1alpha.ServerReflection/",
 )
-#: A full method name ("/pkg.Service/Method"), or a prefix: one service ("/pkg.Service/")
-#: or every method ("/").
-_FULL_METHOD = re.compile(r"/[^/\s]+/[^/\s]+")
-_METHOD_PREFIX = re.compile(r"/(?:[^/\s]+/)?")
-
-
-def method_key(key: object, what: str) -> str:
-    """``key`` if it is a full method name or a prefix ending in "/", else ValueError.
-
-    A key like ``"/shop.Admin"`` (neither) would silently match nothing: a mistake that
-    protects or exempts nothing must fail where the interceptor is built.
-
-    Raises:
-        ValueError: naming the key and ``what`` it is (e.g. "step_up key").
-    """
-    if not isinstance(key, str) or not (
-        _FULL_METHOD.fullmatch(key) or _METHOD_PREFIX.fullmatch(key)
-    ):
-        raise ValueError(
-            f"{what} {key!r} is neither a full method name '/pkg.Service/Method' nor a "
-            "prefix ending in '/' ('/pkg.Service/')"
-        )
-    return key
-
 
 Metadata = Sequence[tuple[str, str | bytes]] | None
 
-
-#: Trailing metadata of a rejection: a tuple, so a :class:`Rejection` stays hashable.
-Trailers = tuple[tuple[str, str], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Rejection:
-    """Why a call is refused: the status code, the whole message the caller sees and the
-    trailing metadata sent with it (e.g. ``tokensvc-reason``, ``www-authenticate``)."""
-
-    code: grpc.StatusCode
-    message: str
-    trailing_metadata: Trailers = ()
-
-    @classmethod
-    def invalid_token(cls, reason: Reason) -> Rejection:
-        """UNAUTHENTICATED with nothing but the stable reason code (SPEC.md section 10)."""
-        return cls(grpc.StatusCode.UNAUTHENTICATED, f"invalid token: {reason.value}")
-
-
-#: No key set could be fetched yet: not the caller's fault, and worth a retry.
-KEYS_UNAVAILABLE = Rejection(grpc.StatusCode.UNAVAILABLE, "token keys unavailable")
-#: A hook (revocation check, method policy) raised: fail closed.
-CHECK_FAILED = Rejection(grpc.StatusCode.UNAVAILABLE, "authorization check failed")
-
-#: The token is bound to a certificate (``cnf``) other than the call's client certificate,
-#: or the call has none.
-CERTIFICATE_MISMATCH = Rejection.invalid_token(Reason.CERTIFICATE_MISMATCH)
-#: ``require_binding`` and the token is not bound to a certificate.
-UNBOUND = Rejection.invalid_token(Reason.UNBOUND)
-#: The token lacks a role the method's :class:`StepUp` requires.
-INSUFFICIENT_ROLE = Rejection(
-    grpc.StatusCode.PERMISSION_DENIED,
-    "insufficient role",
-    ((REASON_TRAILER, Reason.INSUFFICIENT_ROLE.value),),
-)
 
 #: Per-method policy hook: ``(full method name, claims) -> Rejection or None to allow``.
 MethodPolicy = Callable[[str, Claims], Rejection | None]
@@ -175,142 +167,8 @@ class HandlerMemo(Memo):
         return made
 
 
-class MethodFilter:
-    """A set of full method names ("/pkg.Service/Method") and prefixes.
-
-    An entry ending in "/" is a prefix ("/grpc.health.v1.Health/" covers every method of
-    that service); any other entry matches only exactly, so exempting "/pkg.Svc/Get"
-    never exempts "/pkg.Svc/GetSecret". Anything else is refused (:func:`method_key`).
-    """
-
-    def __init__(self, entries: Iterable[str]) -> None:
-        if isinstance(entries, str):
-            raise TypeError("pass a collection of method names, not one string")
-        entries = tuple(method_key(e, "exempt entry") for e in entries)
-        self._exact = frozenset(e for e in entries if not e.endswith("/"))
-        self._prefixes = tuple(e for e in entries if e.endswith("/"))
-
-    def __contains__(self, method: object) -> bool:
-        return isinstance(method, str) and (
-            method in self._exact or method.startswith(self._prefixes)
-        )
-
-
-# Printable ASCII but space, double quote and backslash: safe inside a quoted auth-param
-# of www-authenticate, and separable by spaces in its acr_values.
-_ACR_VALUE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
-
-
-@dataclass(frozen=True, slots=True, init=False)
-class StepUp:
-    """What a token must show, beyond being valid, to call a method (RFC 9470 step-up).
-
-    Args:
-        roles: every one of these must be in the token's ``roles``.
-        acr: if not empty, the token's ``acr`` must be one of these.
-        max_auth_age: if set, the token's ``auth_time`` must be at most this many seconds
-            before now (the verifier's clock, without leeway); a token without
-            ``auth_time`` fails.
-
-    A missing role is PERMISSION_DENIED ``insufficient role``; a failed ``acr`` or age
-    requirement is PERMISSION_DENIED ``insufficient user authentication`` with a
-    ``www-authenticate`` trailer (RFC 9470 section 3) naming the ``acr_values`` and
-    ``max_age`` to satisfy. ``StepUp()`` requires nothing: as an exact entry it exempts
-    one method from a prefix entry.
-
-    Raises:
-        TypeError: ``roles`` or ``acr`` given as one string instead of a collection.
-        ValueError: an empty role, an ``acr`` value that cannot be sent in the
-            ``www-authenticate`` header (only printable ASCII without spaces, quotes or
-            backslashes), or a negative ``max_auth_age``.
-    """
-
-    roles: frozenset[str]
-    acr: frozenset[str]
-    max_auth_age: int | None
-
-    def __init__(
-        self,
-        roles: Iterable[str] = frozenset(),
-        acr: Iterable[str] = frozenset(),
-        max_auth_age: int | None = None,
-    ) -> None:
-        if isinstance(roles, str) or isinstance(acr, str):
-            raise TypeError("pass roles and acr as collections of strings, not one string")
-        role_set, acr_set = frozenset(roles), frozenset(acr)
-        if not all(isinstance(r, str) and r for r in role_set):
-            raise ValueError("roles must be non-empty strings")
-        if not all(isinstance(a, str) and _ACR_VALUE.fullmatch(a) for a in acr_set):
-            raise ValueError("acr values must be printable ASCII without spaces or quotes")
-        if max_auth_age is not None and (
-            isinstance(max_auth_age, bool) or not isinstance(max_auth_age, int) or max_auth_age < 0
-        ):
-            raise ValueError("max_auth_age must be a non-negative number of seconds")
-        object.__setattr__(self, "roles", role_set)
-        object.__setattr__(self, "acr", acr_set)
-        object.__setattr__(self, "max_auth_age", max_auth_age)
-
-
-@functools.lru_cache(maxsize=256)
-def insufficient_user_authentication(step_up: StepUp, description: str) -> Rejection:
-    """PERMISSION_DENIED with the RFC 9470 challenge telling the caller how to step up."""
-    challenge = (
-        f'Bearer error="insufficient_user_authentication", error_description="{description}"'
-    )
-    if step_up.acr:
-        challenge += f', acr_values="{" ".join(sorted(step_up.acr))}"'
-    if step_up.max_auth_age is not None:
-        challenge += f', max_age="{step_up.max_auth_age}"'
-    return Rejection(
-        grpc.StatusCode.PERMISSION_DENIED,
-        "insufficient user authentication",
-        (
-            (REASON_TRAILER, Reason.INSUFFICIENT_USER_AUTHENTICATION.value),
-            ("www-authenticate", challenge),
-        ),
-    )
-
-
 _OTHER_ACR = "A different authentication level is required"
 _RECENT_AUTH = "More recent authentication is required"
-
-
-class StepUpTable:
-    """Step-up requirements by full method name, or by prefix (an entry ending in "/", as
-    in :class:`MethodFilter`). An exact entry wins over prefixes; of several prefixes the
-    longest wins."""
-
-    #: lookups remembered; gRPC only asks about registered methods, so few are ever seen
-    _MEMO_MAX = 4096
-
-    def __init__(self, entries: Mapping[str, StepUp]) -> None:
-        for key in entries:
-            method_key(key, "step_up key")
-        if not all(isinstance(v, StepUp) for v in entries.values()):
-            raise TypeError("step-up requirements must be StepUp instances")
-        self._exact = {k: v for k, v in entries.items() if not k.endswith("/")}
-        self._prefixes = sorted(
-            ((k, v) for k, v in entries.items() if k.endswith("/")),
-            key=lambda item: len(item[0]),
-            reverse=True,
-        )
-        self._memo: dict[str, StepUp | None] = {}
-
-    def __len__(self) -> int:
-        return len(self._exact) + len(self._prefixes)
-
-    def lookup(self, method: str) -> StepUp | None:
-        """The requirement for ``method``, or ``None``."""
-        try:
-            return self._memo[method]
-        except KeyError:
-            pass
-        found = self._exact.get(method)
-        if found is None:
-            found = next((v for k, v in self._prefixes if method.startswith(k)), None)
-        if len(self._memo) < self._MEMO_MAX:
-            self._memo[method] = found
-        return found
 
 
 class HasAuthContext(Protocol):
@@ -504,16 +362,6 @@ class _HookFailed(Exception):
     """A hook raised; the call is refused (fail closed)."""
 
 
-def reason_of(rejection: Rejection) -> str:
-    """The stable reason code of a rejection (a metric attribute): ``invalid token: X``
-    gives X, else its ``tokensvc-reason`` trailer, else its status code's name."""
-    prefix = "invalid token: "
-    if rejection.message.startswith(prefix):
-        return rejection.message[len(prefix) :]
-    trailers = dict(rejection.trailing_metadata)
-    return trailers.get(REASON_TRAILER) or rejection.code.name.lower()
-
-
 def step(decision: Decision, reply: KeySet | None) -> Claims | Rejection | KeyRequest:
     """Advance a decision (``reply`` ``None`` starts it): its next key request, or its
     result."""
@@ -522,53 +370,3 @@ def step(decision: Decision, reply: KeySet | None) -> Claims | Rejection | KeyRe
     except StopIteration as done:
         result: Claims | Rejection = done.value
         return result
-
-
-# -- method handlers ---------------------------------------------------------------------
-
-if TYPE_CHECKING:  # generic in grpc-stubs only
-    Handler = grpc.RpcMethodHandler[Any, Any]
-else:
-    Handler = grpc.RpcMethodHandler
-#: (request_streaming, response_streaming)
-Kind = tuple[bool, bool]
-
-_FACTORIES = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
-
-
-def kind_of(handler: Handler) -> Kind:
-    return (handler.request_streaming, handler.response_streaming)
-
-
-def behaviour_of(handler: Handler) -> Callable[..., Any]:
-    """The behaviour function of a handler, whatever its kind."""
-    behaviour = {
-        (False, False): handler.unary_unary,
-        (False, True): handler.unary_stream,
-        (True, False): handler.stream_unary,
-        (True, True): handler.stream_stream,
-    }[kind_of(handler)]
-    assert behaviour is not None
-    return behaviour
-
-
-def handler_of_kind(
-    kind: Kind, behaviour: Callable[..., Any], template: Handler | None = None
-) -> Handler:
-    """A handler of ``kind`` running ``behaviour``, with ``template``'s (de)serialisers.
-
-    Without a template messages stay raw bytes -- right for aborting handlers, which never
-    read the request of a caller that did not authenticate.
-    """
-    if template is None:
-        return _FACTORIES[kind](behaviour)
-    return _FACTORIES[kind](
-        behaviour,
-        request_deserializer=template.request_deserializer,
-        response_serializer=template.response_serializer,
-    )
