@@ -13,7 +13,7 @@ from typing import Any
 import redis
 
 from bench.run import AUDIENCE, ISSUER, Bench, Target, process
-from tokensvc.embedded import free_port
+from tokensvc.redis.embedded import free_port
 from tokensvc_client import KeySet, TokenClient
 from tokensvc_client._auth import Authenticator
 from tokensvc_client.verifier import Claims, Verifier
@@ -66,7 +66,7 @@ def roundtrips(redis_url: str, calls: list[Any]) -> float:
     thread.join(10)
     stop.set()
     # commands run by a Lua script are not round trips; neither are the audit trail's XADDs,
-    # which a background task writes in batches, off the request path (tokensvc.audit)
+    # which a background task writes in batches, off the request path (tokensvc.observe.audit)
     top = [
         c
         for c in lines

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 
 from bench.run import Bench, Server, Target, process
-from tokensvc.embedded import free_port
+from tokensvc.redis.embedded import free_port
 
 ROWS = ("limit.ecdsa_sign", "limit.ecdsa_verify", "limit.grpc_noop")
 TARGETS: list[Target] = []

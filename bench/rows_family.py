@@ -10,9 +10,9 @@ import sys
 import time
 
 from bench.run import Bench, Target
-from tokensvc.redisconn import redis_client
+from tokensvc.families.tokens import RefreshTokens, SubjectTags, new_session_id, refresh_hash
+from tokensvc.redis.connection import redis_client
 from tokensvc.store import FamilyStore, NewFamily, Presented, Successor, family_key
-from tokensvc.tokens import RefreshTokens, SubjectTags, new_session_id, refresh_hash
 
 ROWS = ("store.family_bytes",)
 TARGETS = [Target("store.family_bytes", "", "bytes", at_most=1024)]

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from bench.interceptor_rows import _decide
 from bench.run import AUDIENCE, ISSUER, Bench, Target
 from bench.service_rows import issue_request
-from tokensvc.embedded import free_port
+from tokensvc.redis.embedded import free_port
 from tokensvc_client import TokenClient
 from tokensvc_client._auth import Authenticator
 from tokensvc_client.v1 import tokensvc_pb2 as pb

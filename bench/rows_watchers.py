@@ -1,6 +1,6 @@
 """Rows feed.*: Introspect while 60 interceptors hold idle WatchRevocations streams over
 30 000 revocations in force, against Introspect on the same server before they connected.
-Each new stream's catch-up comes from the process's memory (tokensvc.feed), so connected
+Each new stream's catch-up comes from the process's memory (tokensvc.api.revocation_hub), so connected
 watchers cost other callers next to nothing."""
 
 from __future__ import annotations

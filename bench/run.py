@@ -42,7 +42,7 @@ from typing import Any
 
 from bench.cpu import CpuMeter
 from bench.loadgen import LoadResult, merge, run_load
-from tokensvc.embedded import RedisProcess, free_port
+from tokensvc.redis.embedded import RedisProcess, free_port
 
 SERVICE = "/tokensvc.v1.TokenService/"
 ISSUER = "https://bench.tokensvc"

@@ -13,9 +13,9 @@ import redis
 
 from tests.support import ServerThread, settings_for
 from tests.topology import prefer_system
+from tokensvc.cli.devcerts import Issued, write_dev_pki
 from tokensvc.config import Settings
-from tokensvc.devcerts import Issued, write_dev_pki
-from tokensvc.embedded import RedisProcess
+from tokensvc.redis.embedded import RedisProcess
 from tokensvc_client.channels import channel
 from tokensvc_client.v1 import tokensvc_pb2_grpc
 

@@ -15,18 +15,18 @@ from typing import Any, TypeVar
 import grpc
 from opentelemetry.sdk.trace import TracerProvider
 
-from tokensvc import server
 from tokensvc.config import Settings
-from tokensvc.keyring import KeyRing, load_kek
-from tokensvc.redisconn import redis_client
-from tokensvc.tokens import SubjectTags
+from tokensvc.families.tokens import SubjectTags
+from tokensvc.keys.ring import KeyRing, load_kek
+from tokensvc.redis.connection import redis_client
+from tokensvc.runtime import server
 from tokensvc_client.v1 import tokensvc_pb2_grpc
 
 T = TypeVar("T")
 
 
 class ServerThread:
-    """Runs ``tokensvc.server.start`` on a private event loop."""
+    """Runs ``tokensvc.runtime.server.start`` on a private event loop."""
 
     def __init__(
         self,

@@ -9,10 +9,10 @@ import grpc
 import pytest
 import redis
 
+from tokensvc.api.admission import Caller, network_of
 from tokensvc.config import Rate
-from tokensvc.guard import Caller, network_of
+from tokensvc.families.tokens import tag_of
 from tokensvc.store import subject_key
-from tokensvc.tokens import tag_of
 from tokensvc_client.peer import ANONYMOUS
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 
@@ -218,7 +218,7 @@ def test_a_blocked_peer_keeps_issue_and_revoke_and_revoked_tokens_do_not_count(m
 def test_refused_issue_calls_cost_no_signature(mtls_service, monkeypatch):
     # checked first, signed after: a locked or rate-limited subject costs its caller
     # nothing but the one Redis round trip (the real signer, counted)
-    from tokensvc import tokens
+    from tokensvc.families import tokens
 
     signed: list[str] = []
     sign = tokens.sign_access_token

@@ -24,8 +24,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
 
-from tokensvc import cli, logs
-from tokensvc.audit import (
+from tokensvc.cli import main as cli
+from tokensvc.families.tokens import RefreshTokens, new_session_id
+from tokensvc.observe import logs
+from tokensvc.observe.audit import (
     AUDIT_STREAM,
     BATCH_MAX,
     MAX_VALUE_CHARS,
@@ -33,14 +35,13 @@ from tokensvc.audit import (
     AuditTrail,
     tail,
 )
-from tokensvc.embedded import RedisProcess
+from tokensvc.redis.embedded import RedisProcess
 from tokensvc.store import StoreUnavailable
-from tokensvc.tokens import RefreshTokens, new_session_id
 
 
 def client(url: str) -> aioredis.Redis:
     """Like the server's client: short timeouts, no automatic retries, pooled connections
-    checked before use (see tokensvc.redisconn)."""
+    checked before use (see tokensvc.redis.connection)."""
     return aioredis.Redis.from_url(
         url,
         socket_timeout=2.0,

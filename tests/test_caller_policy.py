@@ -10,10 +10,10 @@ import pytest
 import redis
 
 from tests.conftest import MtlsService
-from tokensvc.audit import AUDIT_STREAM
+from tokensvc.cli.devcerts import DevCA
 from tokensvc.config import ConfigError
-from tokensvc.devcerts import DevCA
-from tokensvc.policy import CallerPolicy
+from tokensvc.observe.audit import AUDIT_STREAM
+from tokensvc.security.policy import CallerPolicy
 from tokensvc_client.channels import channel
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 from tokensvc_client.v1 import tokensvc_pb2_grpc as pb_grpc
@@ -178,7 +178,7 @@ def test_policy_mistakes_stop_the_start(text, complaint):
 def test_a_bad_policy_file_refuses_to_start(make_settings, dev_pki, tmp_path):
     import asyncio
 
-    from tokensvc import server
+    from tokensvc.runtime import server
 
     bad = tmp_path / "policy.toml"
     bad.write_text('[rpc.Isue]\nallow = ["x"]\n')
@@ -219,7 +219,7 @@ def test_the_example_policy_matches_the_development_pki():
     from pathlib import Path
 
     policy = CallerPolicy.from_file(Path(__file__).parents[1] / "examples" / "policy.toml")
-    from tokensvc.devcerts import DEFAULT_WORKLOADS
+    from tokensvc.cli.devcerts import DEFAULT_WORKLOADS
     from tokensvc_client.peer import Peer
 
     login, admin = Peer(DEFAULT_WORKLOADS["login"], "t"), Peer(DEFAULT_WORKLOADS["admin"], "t")

@@ -10,8 +10,10 @@ import stat
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from tokensvc import cli, config, logs
-from tokensvc.devcerts import DEFAULT_WORKLOADS
+from tokensvc import config
+from tokensvc.cli import main as cli
+from tokensvc.cli.devcerts import DEFAULT_WORKLOADS
+from tokensvc.observe import logs
 
 KEYS = ("server", *DEFAULT_WORKLOADS)
 

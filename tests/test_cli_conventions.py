@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tokensvc import cli
+from tokensvc.cli import main as cli
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 
 SERVER_COMMANDS = (

@@ -86,7 +86,7 @@ def test_help_documents_every_setting_and_its_environment_variable():
 
 
 def test_cli_reports_an_unreachable_redis_in_one_line_and_exit_2(tmp_path):
-    from tokensvc.embedded import free_port
+    from tokensvc.redis.embedded import free_port
 
     proc = subprocess.run(
         [

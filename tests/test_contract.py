@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from tokensvc.config import Settings
-from tokensvc.http_jwks import JWKS_PATH
+from tokensvc.http.listener import JWKS_PATH
 
 with warnings.catch_warnings():  # its generated classes use an idiom pydantic 2.12 deprecated
     warnings.simplefilter("ignore", DeprecationWarning)

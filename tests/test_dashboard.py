@@ -21,7 +21,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tokensvc import metrics
+from tokensvc.observe import metrics
 from tokensvc_client import _metrics
 from tokensvc_client._feed_core import _FeedCore
 

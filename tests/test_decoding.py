@@ -10,8 +10,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from tokensvc.decoding import NOT_DECODABLE
-from tokensvc.policy import DEFAULT_RULES
+from tokensvc.api.decoding import NOT_DECODABLE
+from tokensvc.security.policy import DEFAULT_RULES
 from tokensvc_client.channels import channel
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 from tokensvc_client.v1 import tokensvc_pb2_grpc as pb_grpc

@@ -22,11 +22,12 @@ from grpc_health.v1 import health_pb2
 from opentelemetry import environment_variables as otel_api_env
 from opentelemetry.sdk import environment_variables as otel_sdk_env
 
-from tokensvc import cli, config
-from tokensvc.devcerts import write_dev_pki
-from tokensvc.embedded import free_port
-from tokensvc.keyring import KeyRingError, load_kek
-from tokensvc.policy import CallerPolicy
+from tokensvc import config
+from tokensvc.cli import main as cli
+from tokensvc.cli.devcerts import write_dev_pki
+from tokensvc.keys.ring import KeyRingError, load_kek
+from tokensvc.redis.embedded import free_port
+from tokensvc.security.policy import CallerPolicy
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -59,7 +60,7 @@ HEALTH_ENV = {
     "TOKENSVC_HEALTH_CERT",
     "TOKENSVC_HEALTH_KEY",
 }
-#: OTEL_TRACES_EXPORTER values tokensvc.telemetry understands.
+#: OTEL_TRACES_EXPORTER values tokensvc.observe.tracing understands.
 TRACE_EXPORTERS = {"otlp", "console", "none"}
 OTEL_ENV = {
     value
@@ -519,7 +520,7 @@ def _health_reads(name: str) -> bool:
     """Whether `tokensvc health` takes a default from the environment variable ``name``."""
     import os
 
-    from tokensvc import cli
+    from tokensvc.cli import main as cli
 
     flag = name.removeprefix("TOKENSVC_HEALTH_").lower()
     old = os.environ.get(name)

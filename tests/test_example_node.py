@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tests.conftest import MtlsService
 from tests.support import ServerThread
-from tokensvc.devcerts import DEFAULT_WORKLOADS
+from tokensvc.cli.devcerts import DEFAULT_WORKLOADS
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples/node"
 POLICY = f'[rpc.Issue]\nallow = ["{DEFAULT_WORKLOADS["login"]}"]\n'

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tokensvc import cli
+from tokensvc.cli import main as cli
 from tokensvc_client import TokenClient
 
 POLICY = Path(__file__).resolve().parents[1] / "examples" / "policy.toml"

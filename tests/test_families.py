@@ -11,8 +11,8 @@ import pytest
 import redis
 
 from tokensvc.config import Rate
+from tokensvc.families.tokens import refresh_hash
 from tokensvc.store import family_key
-from tokensvc.tokens import refresh_hash
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 
 

@@ -13,10 +13,10 @@ import redis
 
 from bench.rows_family import family_bytes
 from tests.legacy import old_issue, old_refresh
-from tokensvc.audit import AUDIT_STREAM
 from tokensvc.config import Rate
+from tokensvc.families.tokens import refresh_hash
+from tokensvc.observe.audit import AUDIT_STREAM
 from tokensvc.store import family_key
-from tokensvc.tokens import refresh_hash
 from tokensvc_client import AsyncTokenClient, KeySet, RevocationSet, TokenClient
 from tokensvc_client.errors import Unavailable
 from tokensvc_client.v1 import tokensvc_pb2 as pb

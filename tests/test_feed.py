@@ -184,7 +184,7 @@ def test_a_watcher_that_connects_before_the_reader_starts_misses_nothing(redis_u
 
     import redis.asyncio as aioredis
 
-    from tokensvc.feed import RevocationHub
+    from tokensvc.api.revocation_hub import RevocationHub
     from tokensvc.store import REVOCATIONS
 
     exp = str(int(time.time() * 1000) + 600_000)

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from tests.support import ServerThread
-from tokensvc import http_gate, http_jwks
+from tokensvc.cli.devcerts import Issued
 from tokensvc.config import ConfigError, Settings
-from tokensvc.devcerts import Issued
+from tokensvc.http import gate, listener
 from tokensvc_client.channels import channel
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 from tokensvc_client.v1 import tokensvc_pb2_grpc
@@ -116,7 +116,7 @@ def test_jwks_is_what_getkeys_returns_with_its_max_age(service, port):
 
 
 def test_discovery_jwks_uri_keeps_a_port_the_issuer_names():
-    from tokensvc.http_jwks import discovery_document
+    from tokensvc.http.listener import discovery_document
 
     assert discovery_document("https://id.example:443/t", 8443)["jwks_uri"] == (
         "https://id.example:443/t/.well-known/jwks.json"
@@ -144,7 +144,7 @@ def test_etag_and_if_none_match(port):
     reply = request(port)
     etag = reply.headers["etag"]
     assert etag.startswith('"') and etag.endswith('"') and len(etag) > 10  # strong
-    assert etag == http_jwks.etag_of(reply.body)
+    assert etag == listener.etag_of(reply.body)
     for value in (etag, f'"other", {etag}', f"W/{etag}", "*", f' "x" ,W/"y",  {etag} '):
         not_modified = request(port, headers=(f"If-None-Match: {value}",))
         assert not_modified.status == 304, value
@@ -250,7 +250,7 @@ def tight(monkeypatch, make_settings, start_server) -> Callable[..., int]:
 
     def start(**limits: float) -> int:
         for name, value in limits.items():
-            monkeypatch.setattr(http_gate, name, value)
+            monkeypatch.setattr(gate, name, value)
         return http_port(start_server(make_settings(http_listen="127.0.0.1:0")))
 
     return start
@@ -299,11 +299,11 @@ def test_connections_beyond_the_limits_are_closed_at_once(tight):
 
 
 def test_client_of_counts_ipv6_by_64():
-    assert http_gate.client_of(("127.0.0.1", 5)) == "127.0.0.1"
-    assert http_gate.client_of(("::ffff:10.1.2.3", 5, 0, 0)) == "10.1.2.3"
-    a = http_gate.client_of(("2001:db8:1:2::1", 5, 0, 0))
-    assert a == http_gate.client_of(("2001:db8:1:2:ffff::9", 6, 0, 0)) == "2001:db8:1:2::/64"
-    assert a != http_gate.client_of(("2001:db8:1:3::1", 5, 0, 0))
+    assert gate.client_of(("127.0.0.1", 5)) == "127.0.0.1"
+    assert gate.client_of(("::ffff:10.1.2.3", 5, 0, 0)) == "10.1.2.3"
+    a = gate.client_of(("2001:db8:1:2::1", 5, 0, 0))
+    assert a == gate.client_of(("2001:db8:1:2:ffff::9", 6, 0, 0)) == "2001:db8:1:2::/64"
+    assert a != gate.client_of(("2001:db8:1:3::1", 5, 0, 0))
 
 
 # -- configuration -----------------------------------------------------------------------
@@ -427,8 +427,8 @@ def test_https_with_the_service_certificate(make_settings, start_server, dev_pki
 def test_half_open_tls_connections_from_one_client_do_not_starve_others(
     make_settings, start_server, dev_pki, monkeypatch
 ):
-    monkeypatch.setattr(http_gate, "HANDSHAKE_TIMEOUT", 1.0)
-    monkeypatch.setattr(http_gate, "READ_TIMEOUT", 1.0)
+    monkeypatch.setattr(gate, "HANDSHAKE_TIMEOUT", 1.0)
+    monkeypatch.setattr(gate, "READ_TIMEOUT", 1.0)
     issued = dev_pki["server"]
     srv = start_server(
         make_settings(
@@ -456,7 +456,7 @@ def test_half_open_tls_connections_from_one_client_do_not_starve_others(
         for _ in range(3):  # every legitimate fetch from another client is served
             assert _https(port, ctx)[1].status == 200
         # the hostile client holds at most its cap; the rest were closed at once
-        assert sum(not _closed_within(s, 0.01) for s in hostile) <= http_gate.MAX_PER_CLIENT
+        assert sum(not _closed_within(s, 0.01) for s in hostile) <= gate.MAX_PER_CLIENT
         # and those it holds are dropped when the handshake timeout expires
         assert all(_closed_within(s, 10) for s in hostile)
     finally:

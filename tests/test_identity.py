@@ -15,10 +15,10 @@ import grpc
 import pytest
 import redis
 
-from tokensvc.audit import AUDIT_STREAM
+from tokensvc.cli.devcerts import DevCA, Issued
 from tokensvc.config import ConfigError, Rate
-from tokensvc.devcerts import DevCA, Issued
-from tokensvc.policy import CallerPolicy
+from tokensvc.observe.audit import AUDIT_STREAM
+from tokensvc.security.policy import CallerPolicy
 from tokensvc_client.channels import channel
 from tokensvc_client.peer import (
     Peer,

@@ -13,8 +13,8 @@ import redis
 import redis.asyncio as aioredis
 from jwcrypto import jwk
 
-from tokensvc.cli import main as cli_main
-from tokensvc.keyring import RING_KEY, KeyRing, _jwe_kid, load_kek
+from tokensvc.cli.main import main as cli_main
+from tokensvc.keys.ring import RING_KEY, KeyRing, _jwe_kid, load_kek
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 
 # a key is published 1 s before it signs, rotates every 4 s, outlives its tokens by 1 s

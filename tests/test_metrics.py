@@ -25,9 +25,9 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import ServerThread
-from tokensvc import metrics
+from tokensvc.cli.devcerts import DevCA, Issued
 from tokensvc.config import Rate, Settings
-from tokensvc.devcerts import DevCA, Issued
+from tokensvc.observe import metrics
 from tokensvc_client.channels import channel
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 from tokensvc_client.v1 import tokensvc_pb2_grpc as pb_grpc

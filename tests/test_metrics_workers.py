@@ -12,8 +12,8 @@ import grpc
 
 from tests.test_metrics import scrape
 from tests.test_processes import Serve, _failed_start
-from tokensvc import metrics
-from tokensvc.embedded import free_port
+from tokensvc.observe import metrics
+from tokensvc.redis.embedded import free_port
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 from tokensvc_client.v1 import tokensvc_pb2_grpc as pb_grpc
 

@@ -20,10 +20,10 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from tokensvc.audit import AUDIT_STREAM
-from tokensvc.embedded import RedisProcess
-from tokensvc.keyring import SECRET_NAMES, KeyRing, load_kek
-from tokensvc.logs import JsonFormatter
+from tokensvc.keys.ring import SECRET_NAMES, KeyRing, load_kek
+from tokensvc.observe.audit import AUDIT_STREAM
+from tokensvc.observe.logs import JsonFormatter
+from tokensvc.redis.embedded import RedisProcess
 from tokensvc.store import family_key
 from tokensvc_client._auth import Authenticator, step
 from tokensvc_client.v1 import tokensvc_pb2 as pb

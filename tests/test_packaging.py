@@ -49,7 +49,7 @@ def test_entrypoint_and_healthcheck_commands_run():
         subprocess.run([*cmd, "serve", "--help"], capture_output=True, timeout=60).returncode == 0
     )
     # nothing listens on this port: the health probe must fail cleanly, not crash
-    from tokensvc.embedded import free_port
+    from tokensvc.redis.embedded import free_port
 
     probe = subprocess.run(
         [*cmd, "health", "--target", f"127.0.0.1:{free_port()}", "--timeout", "1"],

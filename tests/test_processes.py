@@ -18,8 +18,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tokensvc.embedded import free_port
-from tokensvc.keyring import load_kek
+from tokensvc.keys.ring import load_kek
+from tokensvc.redis.embedded import free_port
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 from tokensvc_client.v1 import tokensvc_pb2_grpc as pb_grpc
 

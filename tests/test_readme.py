@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tokensvc.keyring import load_kek
+from tokensvc.keys.ring import load_kek
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from tokensvc.embedded import RedisProcess
+from tokensvc.redis.embedded import RedisProcess
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 
 
@@ -60,7 +60,7 @@ def test_redis_down_is_unavailable_then_service_resumes(own_redis, make_settings
 
 
 def test_server_refuses_to_start_without_redis(make_settings, start_server):
-    from tokensvc.embedded import free_port
+    from tokensvc.redis.embedded import free_port
 
     settings = make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0")
     with pytest.raises(Exception, match=r"(?i)redis|connect"):

@@ -1,4 +1,4 @@
-"""The Redis hot path's connection-level timeout (tokensvc.redis_watchdog.Watchdog): no timer per
+"""The Redis hot path's connection-level timeout (tokensvc.redis.watchdog.Watchdog): no timer per
 command, a silent server fails every command in flight on its connection, a cancelled
 caller's late reply is never read as another command's."""
 
@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from tokensvc.redis_watchdog import Watchdog
-from tokensvc.redisconn import redis_client
+from tokensvc.redis.connection import redis_client
+from tokensvc.redis.watchdog import Watchdog
 from tokensvc.store import StoreUnavailable, guarded
 
 

@@ -141,7 +141,7 @@ def _lines_until(
 
 
 def test_workers_share_one_port_and_one_key_ring(tmp_path):
-    from tokensvc.embedded import free_port
+    from tokensvc.redis.embedded import free_port
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENSVC_")}

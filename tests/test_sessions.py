@@ -10,10 +10,10 @@ import grpc
 import pytest
 import redis
 
-from tokensvc.cli import main as cli_main
+from tokensvc.cli.main import main as cli_main
 from tokensvc.config import Rate
+from tokensvc.families.tokens import tag_of
 from tokensvc.store import sessions_key
-from tokensvc.tokens import tag_of
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 
 ADMIN = "spiffe://tokensvc.test/ns/ops/sa/admin"

@@ -10,7 +10,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from tokensvc.tokens import refresh_hash
+from tokensvc.families.tokens import refresh_hash
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 
 
@@ -96,18 +96,18 @@ def test_without_an_exporter_nothing_is_instrumented_and_logs_keep_the_trace_id(
 def test_an_exporter_in_the_environment_turns_tracing_on(monkeypatch):
     from opentelemetry.instrumentation.redis import RedisInstrumentor
 
-    from tokensvc import telemetry
+    from tokensvc.observe import tracing
 
     monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
-    assert telemetry.setup_tracing() is None
-    assert telemetry.server_interceptors(None) == []
+    assert tracing.setup_tracing() is None
+    assert tracing.server_interceptors(None) == []
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
-    provider = telemetry.setup_tracing()
+    provider = tracing.setup_tracing()
     try:
         assert provider is not None
         assert RedisInstrumentor().is_instrumented_by_opentelemetry
-        assert len(telemetry.server_interceptors(provider)) == 1
+        assert len(tracing.server_interceptors(provider)) == 1
     finally:
         monkeypatch.delenv("OTEL_TRACES_EXPORTER")
-        assert telemetry.setup_tracing() is None
+        assert tracing.setup_tracing() is None
         assert not RedisInstrumentor().is_instrumented_by_opentelemetry

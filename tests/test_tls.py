@@ -2,7 +2,7 @@
 rotation, TLS 1.2+ only, client certificates required exactly with a client CA.
 
 Real servers and real TLS over loopback; every test makes its own CAs with
-:class:`tokensvc.devcerts.DevCA`. The server looks at its files at most once a second, so
+:class:`tokensvc.cli.devcerts.DevCA`. The server looks at its files at most once a second, so
 tests wait for a change to show with a deadline instead of sleeping a fixed time.
 """
 
@@ -23,9 +23,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tests.support import ServerThread
+from tokensvc.cli.devcerts import DevCA, Issued
 from tokensvc.config import ConfigError
-from tokensvc.devcerts import DevCA, Issued
-from tokensvc.tls import CertificateReloader, TlsFilesError, load_tls_files
+from tokensvc.security.tls import CertificateReloader, TlsFilesError, load_tls_files
 from tokensvc_client.channels import channel
 from tokensvc_client.v1 import tokensvc_pb2, tokensvc_pb2_grpc
 

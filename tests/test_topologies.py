@@ -31,8 +31,8 @@ from tests.topology import (
     wait_for,
 )
 from tokensvc.config import ConfigError, Rate, Settings
-from tokensvc.embedded import RedisProcess
-from tokensvc.redisconn import (
+from tokensvc.families.tokens import tag_of
+from tokensvc.redis.connection import (
     ClusterTarget,
     SentinelPrimary,
     SentinelTarget,
@@ -40,8 +40,8 @@ from tokensvc.redisconn import (
     parse_sentinel_url,
     redis_client,
 )
+from tokensvc.redis.embedded import RedisProcess
 from tokensvc.store import REVOCATIONS, family_key, subject_key
-from tokensvc.tokens import tag_of
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 from tokensvc_client.v1 import tokensvc_pb2_grpc
 

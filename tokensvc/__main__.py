@@ -1,5 +1,5 @@
 import sys
 
-from tokensvc.cli import main
+from tokensvc.cli.main import main
 
 sys.exit(main())

@@ -13,12 +13,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokensvc import redisconn
-from tokensvc.config_error import ConfigError
+from tokensvc.errors import ConfigError
+from tokensvc.redis import connection
 
 #: Access tokens never live longer than this unless the operator overrides the cap.
 ACCESS_TTL_CAP = 900
-#: --redis-url schemes: plain, TLS, unix socket, Sentinel, Cluster (see tokensvc.redisconn).
+#: --redis-url schemes: plain, TLS, unix socket, Sentinel, Cluster (see tokensvc.redis.connection).
 #: The longest --refresh-grace-seconds (a replay window, not a second token lifetime).
 MAX_REFRESH_GRACE = 60
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "redis+cluster://")
@@ -187,7 +187,7 @@ class Settings:
                 f"--refresh-grace-seconds must be between 0 (strict) and {MAX_REFRESH_GRACE}"
             )
         if self.redis_url is not None:
-            redisconn.check_url(self.redis_url)
+            connection.check_url(self.redis_url)
         return self
 
 

@@ -179,7 +179,7 @@ def create_app(config: Config) -> Starlette:
 def main() -> None:
     config = Config.from_env()
     if not (config.certs / "server.pem").exists():
-        from tokensvc.devcerts import write_dev_pki  # the development PKI, as `tokensvc certs`
+        from tokensvc.cli.devcerts import write_dev_pki  # the development PKI, as `tokensvc certs`
 
         write_dev_pki(config.certs)
     print(f"serving https://localhost:{config.port} (CA: {config.certs / 'ca.pem'})", flush=True)

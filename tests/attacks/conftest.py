@@ -23,8 +23,8 @@ from tests.attacks.forge import EcKey, Forge
 from tests.attacks.targets import KINDS, Protected, start_protected
 from tests.protected import AUDIENCE
 from tests.support import ServerThread, settings_for
-from tokensvc.embedded import RedisProcess
-from tokensvc.keyring import KeyRing, SigningKey, load_kek
+from tokensvc.keys.ring import KeyRing, SigningKey, load_kek
+from tokensvc.redis.embedded import RedisProcess
 from tokensvc_client._auth import Authenticator
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 from tokensvc_client.v1 import tokensvc_pb2_grpc

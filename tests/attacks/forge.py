@@ -210,7 +210,7 @@ def apply_changes(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, An
 def valid_claims(
     *, issuer: str, audience: str, session_id: str, now: int, **changes: Any
 ) -> dict[str, Any]:
-    """Claims exactly as the service mints them (tokensvc.service), then ``changes``."""
+    """Claims exactly as the service mints them (tokensvc.api.servicer), then ``changes``."""
     base = {
         "iss": issuer,
         "sub": "alice",

@@ -8,7 +8,7 @@ The sample service ``tokensvc.test.Sample`` has one method of each RPC kind, on 
 wrapper around ``TokenClient.get_keys`` / ``AsyncTokenClient.get_keys``
 (:func:`tests.protected.start_server`). Tests talk to
 either with the same blocking client code. With ``server_credentials`` the sample service
-serves TLS (e.g. mTLS with a certificate of :func:`tokensvc.devcerts.write_dev_pki`); tests
+serves TLS (e.g. mTLS with a certificate of :func:`tokensvc.cli.devcerts.write_dev_pki`); tests
 then open their own channels with :meth:`Protected.secure_channel`.
 """
 

@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from tests.client.conftest import METHODS, bearer
-from tokensvc.devcerts import DEFAULT_WORKLOADS, DevCA, Issued
+from tokensvc.cli.devcerts import DEFAULT_WORKLOADS, DevCA, Issued
 from tokensvc_client import AsyncTokenClient, PermissionDenied
 from tokensvc_client.peer import certificate_thumbprint
 

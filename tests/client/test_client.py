@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tokensvc.embedded import free_port
+from tokensvc.redis.embedded import free_port
 from tokensvc_client import (
     AsyncTokenClient,
     InvalidArgument,

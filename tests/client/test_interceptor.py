@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2
 from jwcrypto import jwk, jws
 
 from tests.client.conftest import METHODS, WORKER, bearer
-from tokensvc.embedded import free_port
+from tokensvc.redis.embedded import free_port
 from tokensvc_client import (
     Claims,
     Jwks,

@@ -22,8 +22,8 @@ import grpc
 import pytest
 
 from tests.support import ServerThread
+from tokensvc.cli.devcerts import DEFAULT_WORKLOADS
 from tokensvc.config import Settings
-from tokensvc.devcerts import DEFAULT_WORKLOADS
 from tokensvc_client import (
     AsyncJwksCache,
     AuthInterceptor,

@@ -28,7 +28,7 @@ import pytest
 from tests.client.conftest import Protected, bearer
 from tests.support import ServerThread
 from tokensvc.config import Settings
-from tokensvc.embedded import RedisProcess, free_port
+from tokensvc.redis.embedded import RedisProcess, free_port
 from tokensvc_client import (
     FEED_CHANNEL_OPTIONS,
     AioRevocationFeed,

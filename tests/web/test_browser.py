@@ -36,8 +36,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.support import ServerThread, settings_for
 from tests.topology import prefer_system
-from tokensvc.devcerts import write_dev_pki
-from tokensvc.embedded import RedisProcess, free_port
+from tokensvc.cli.devcerts import write_dev_pki
+from tokensvc.redis.embedded import RedisProcess, free_port
 from tokensvc_client import web
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 

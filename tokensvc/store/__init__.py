@@ -2,10 +2,13 @@
 
 One class, :class:`FamilyStore`, built from one part per concern: :mod:`.families`
 (Issue, Refresh, Introspect, ListSessions), :mod:`.revocations` (jti, session, subject
-and key revocations with their feed events), :mod:`.limits` (GCRA limiters), on
-:mod:`.core` (connection, scripts, feed append, replica confirmation). :mod:`.keys`
-documents the key layout; :mod:`.calls` maps Redis failures to :class:`StoreUnavailable`.
+and key revocations with their feed events), :mod:`.ratelimits` (GCRA limiters), on
+:mod:`.core` (connection, scripts, feed append, replica confirmation). :mod:`.keyspace`
+documents the Redis key layout; the Lua scripts they run live in ``lua/`` beside them;
+:mod:`.calls` maps Redis failures to :class:`StoreUnavailable`.
 Callers import everything from here.
+
+May import: redis, proc, families, errors.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from tokensvc.store.families import (
     SessionInfo,
     Successor,
 )
-from tokensvc.store.keys import (
+from tokensvc.store.keyspace import (
     REVOCATIONS,
     family_key,
     issue_limit_key,
@@ -32,7 +35,7 @@ from tokensvc.store.keys import (
     sessions_key,
     subject_key,
 )
-from tokensvc.store.limits import Limit, LimitOps
+from tokensvc.store.ratelimits import Limit, LimitOps
 from tokensvc.store.revocations import RevocationOps
 
 __all__ = [

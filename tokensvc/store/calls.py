@@ -79,7 +79,7 @@ def text(value: Any) -> str:
 def script_source(name: str, *, gcra: bool = False, feed: bool = False) -> str:
     """A Lua script's source; ``gcra`` prepends the rate-limiting function, ``feed`` the
     revocation feed's ``emit``."""
-    lua = resources.files("tokensvc").joinpath("lua")
+    lua = resources.files("tokensvc.store").joinpath("lua")
     prelude = "".join(
         lua.joinpath(f"{lib}.lua").read_text()
         for lib, wanted in (("gcra", gcra), ("feed", feed))

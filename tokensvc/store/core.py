@@ -6,9 +6,9 @@ from __future__ import annotations
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
-from tokensvc.redisconn import RedisClient
+from tokensvc.redis.connection import RedisClient
 from tokensvc.store.calls import StoreUnavailable, guarded, script_source
-from tokensvc.store.keys import REVOCATIONS, fence_key
+from tokensvc.store.keyspace import REVOCATIONS, fence_key
 
 # a feed event as the store appends it: (kind, value, expiry ms, watermark ms)
 FeedEvent = tuple[str, str, int, int]

@@ -5,7 +5,7 @@
 token's hash (``cur``) and generation (``gen``), times, the claims, and at most one grace
 record (``g``): nothing per rotation. Reuse detection must still recognise *every* token
 the family issued and rotated, and nothing else. It does so by construction of the token
-(:mod:`tokensvc.tokens`): generation ``n`` carries ``HMAC(K, sid, n, random)`` under the
+(:mod:`tokensvc.families.tokens`): generation ``n`` carries ``HMAC(K, sid, n, random)`` under the
 deployment secret ``K``. The argument:
 
 - *Every rotated token is recognised.* A presented token whose MAC verifies and whose
@@ -28,7 +28,7 @@ deployment secret ``K``. The argument:
 
 **Grace window.** A rotation with the window on also stores ``g`` = its time, 128 bits of
 the presented token's hash and the successor's random part sealed under a key derived from
-the presented token (:meth:`tokensvc.tokens.RefreshTokens.seal`). Re-presenting that token
+the presented token (:meth:`tokensvc.families.tokens.RefreshTokens.seal`). Re-presenting that token
 within the window, while ``last`` still equals that time (no later rotation happened),
 returns the sealed successor (``replayed``): the same one, whoever asks how often. Anyone
 else meets reuse or ``unknown`` as in strict mode.
@@ -46,17 +46,17 @@ from typing import Any
 
 from redis.commands.core import AsyncScript
 
+from tokensvc.families.tokens import tag_of
 from tokensvc.store.calls import StoreUnavailable, guarded, text
 from tokensvc.store.core import StoreCore
-from tokensvc.store.keys import (
+from tokensvc.store.keyspace import (
     family_key,
     issue_limit_key,
     jti_key,
     sessions_key,
     subject_key,
 )
-from tokensvc.store.limits import NO_LIMIT, Limit
-from tokensvc.tokens import tag_of
+from tokensvc.store.ratelimits import NO_LIMIT, Limit
 
 log = logging.getLogger("tokensvc.store")
 

@@ -9,7 +9,7 @@ from redis.commands.core import AsyncScript
 
 from tokensvc.store.calls import guarded, text
 from tokensvc.store.core import StoreCore
-from tokensvc.store.keys import (
+from tokensvc.store.keyspace import (
     LEGACY_LOCKS,
     REVOCATIONS,
     family_key,

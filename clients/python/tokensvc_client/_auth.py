@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
-from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping
 from typing import Any, Protocol, cast
 
 from tokensvc_client import _metrics
@@ -47,6 +47,7 @@ from tokensvc_client.errors import InvalidToken, Reason
 from tokensvc_client.jwks import CURRENT, KeyRequest
 from tokensvc_client.peer import peer_of
 from tokensvc_client.verifier import Claims, KeySet, Verifier
+from tokensvc_client.wire import Metadata, bearer_token
 
 # The decision's names, and those of its parts (_rejection, _stepup, _handlers) that are
 # imported from here.
@@ -92,8 +93,6 @@ DEFAULT_EXEMPT: tuple[str, ...] = (
     "/grpc.reflection.v1alpha.ServerReflection/",
 )
 
-Metadata = Sequence[tuple[str, str | bytes]] | None
-
 
 #: Per-method policy hook: ``(full method name, claims) -> Rejection or None to allow``.
 MethodPolicy = Callable[[str, Claims], Rejection | None]
@@ -103,30 +102,6 @@ MethodPolicy = Callable[[str, Claims], Rejection | None]
 RevocationCheck = Callable[[Claims], bool]
 #: What :meth:`Authenticator.decide` yields, is sent, and returns.
 Decision = Generator[KeyRequest, KeySet | None, Claims | Rejection]
-
-
-def bearer_token(metadata: Metadata) -> str:
-    """The token of the one ``authorization: Bearer <token>`` header (scheme in any case).
-
-    Raises:
-        InvalidToken: ``MISSING`` without the header; ``MALFORMED`` for several headers,
-            another scheme or a value that is not ``Bearer`` + one token.
-    """
-    values = [value for key, value in metadata or () if key.lower() == "authorization"]
-    if not values:
-        raise InvalidToken(Reason.MISSING)
-    if len(values) > 1:
-        raise InvalidToken(Reason.MALFORMED, "more than one authorization header")
-    value = values[0]
-    if not isinstance(value, str):
-        raise InvalidToken(Reason.MALFORMED, "binary authorization header")
-    scheme, _, token = value.partition(" ")
-    token = token.lstrip(" ")
-    if scheme.lower() != "bearer":
-        raise InvalidToken(Reason.MALFORMED, "not a bearer token")
-    if token.split() != [token]:  # empty, or whitespace inside (str.split runs in C)
-        raise InvalidToken(Reason.MALFORMED, "bearer value is not one token")
-    return token
 
 
 class Memo:

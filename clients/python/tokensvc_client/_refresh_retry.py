@@ -22,8 +22,8 @@ from typing import Any, Final
 
 import grpc
 
-#: Trailing metadata key of the server's grace window, whole seconds.
-GRACE_HEADER: Final = "tokensvc-refresh-grace-seconds"
+from tokensvc_client.wire import GRACE_HEADER
+
 RETRYABLE: Final = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 

@@ -48,7 +48,7 @@ _TABLES: Final = (
 )
 
 #: A SUBJECT event's value: the subject's tag, this many leading characters of its session
-#: ids (see tokensvc.tokens.SubjectTags).
+#: ids (see tokensvc.families.tokens.SubjectTags).
 SUBJECT_TAG_LENGTH: Final = 32
 _TAG: Final = SUBJECT_TAG_LENGTH
 #: How long an entry is kept when its event carries no ``expires_at`` (the server always

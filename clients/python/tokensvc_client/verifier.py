@@ -38,7 +38,7 @@ from tokensvc_client.errors import InvalidToken, KeysUnavailable, Reason
 
 ALGORITHM: Final = "ES256"
 TOKEN_TYPE: Final = "at+jwt"
-#: Refresh tokens start with this prefix; see tokensvc.tokens.
+#: Refresh tokens start with this prefix; see tokensvc.families.tokens.
 REFRESH_TOKEN_PREFIX: Final = "tsr1_"
 DEFAULT_MAX_TOKEN_BYTES: Final = 4096
 DEFAULT_LEEWAY_SECONDS: Final = 30
@@ -396,7 +396,7 @@ class Verifier:
         r = int.from_bytes(parsed.signature[:32], "big")
         s = int.from_bytes(parsed.signature[32:], "big")
         # low-S only (s <= n/2): otherwise (r, n-s) would be a second valid spelling of
-        # every token; tokensvc.tokens normalises the signatures it makes.
+        # every token; tokensvc.families.tokens normalises the signatures it makes.
         if not (0 < r < P256_ORDER and 0 < s <= P256_HALF_ORDER):
             raise InvalidToken(Reason.BAD_SIGNATURE, "r or s out of range")
         try:

