@@ -1,6 +1,7 @@
 """The contract outside Python: `buf breaking` (run by `make check-contract`) rejects a change
-that would break existing callers and accepts an additive one, and the README's Envoy
-configuration is valid for Envoy's API and fetches the JWKS from where tokensvc serves it.
+that would break existing callers and accepts an additive one, and the Envoy configuration
+of docs/operations.md is valid for Envoy's API and fetches the JWKS from where tokensvc
+serves it.
 
 buf comes from .ci/tools.d/buf.sh (`make tools`); the checks run it on a copy of protos/ so
 the committed contract is never touched.
@@ -104,7 +105,7 @@ def test_buf_breaking_accepts_a_new_field_and_the_committed_contract(contract_co
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-# -- the README's Envoy example --------------------------------------------------------
+# -- the Envoy example of docs/operations.md --------------------------------------------
 # Read with Envoy's own API definitions (envoy-data-plane): an unknown or misplaced field
 # fails here as it would fail Envoy's config load. Envoy itself is not packaged for Debian.
 
@@ -120,7 +121,7 @@ def _typed(config: dict[str, Any], message: type[T]) -> T:
 
 
 def _envoy_config() -> tuple[JwtAuthentication, Cluster, UpstreamTlsContext]:
-    blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "docs/operations.md").read_text(), re.S)
     (block,) = [b for b in blocks if "envoy.filters.http.jwt_authn" in b]
     config = yaml.safe_load(block)
     jwt_filter, router = config["http_filters"]
