@@ -1,4 +1,5 @@
-"""The caller policy over real mTLS: which workload may call which RPC (SPEC.md section 8)."""
+"""The caller policy over real mTLS: which workload may call which RPC
+(docs/security.md, The caller policy)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Refresh families: rotation, reuse detection, concurrency, idle and absolute expiry
-(SPEC.md section 4)."""
+(docs/design.md, Refresh families)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Caller identity over real mTLS: no certificate can spell another's identity (SPEC.md 8).
+"""Caller identity over real mTLS: no certificate can spell another's identity
+(docs/security.md, TLS and caller identities).
 
 Every certificate below is signed by the server's client CA, so TLS accepts it; what is
 tested is what identity the service derives from it. The admin's SPIFFE ID is allowed to

@@ -1,4 +1,4 @@
-"""Revocation by access token, refresh token, session and subject (SPEC.md section 5)."""
+"""Revocation by access token, refresh token, session and subject (docs/design.md, Revocation)."""
 
 from __future__ import annotations
 

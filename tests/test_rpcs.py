@@ -1,4 +1,4 @@
-"""Every RPC's happy path and its input validation (SPEC.md sections 3 and 10)."""
+"""Every RPC's happy path and its input validation (docs/design.md, Tokens; Errors)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """Hand-built tokens for the attack suite.
 
 Segments are encoded here and signatures computed here with ``cryptography`` -- never
-through the code under test -- so a case can break exactly one rule of SPEC.md section 7
-while staying valid in every other respect, including a signature by the server's *real*
-signing key. (A forged token that is also badly signed would only test the signature check.)
+through the code under test -- so a case can break exactly one rule of
+(docs/design.md, Verification rules) while staying valid in every other respect, including
+a signature by the server's *real* signing key. (A forged token that is also badly signed
+would only test the signature check.)
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from jwcrypto import jwk
 
 #: Order of the P-256 group; valid ECDSA r and s lie in [1, n-1].
 P256_ORDER: Final = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
-#: Access token lifetime the service mints by default (SPEC.md section 3).
+#: Access token lifetime the service mints by default (docs/design.md, Tokens).
 ACCESS_TTL: Final = 900
 
 

@@ -1,4 +1,4 @@
-"""Attack regression table (SPEC.md section 7).
+"""Attack regression table (docs/design.md, Verification rules).
 
 Every case builds one hostile token and states what each target must do with it:
 

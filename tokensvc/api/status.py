@@ -1,4 +1,4 @@
-"""Service errors and the one table that maps them to gRPC status codes (SPEC.md section 10).
+"""Service errors and the one table that maps them to gRPC status codes (docs/design.md, Errors).
 
 Servicer methods raise these; :func:`rpc` turns them into status codes. Anything else
 becomes INTERNAL with a correlation id that is logged with the traceback -- no Python

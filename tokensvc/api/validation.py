@@ -1,4 +1,4 @@
-"""Input validation: hard limits on every request field (SPEC.md section 10).
+"""Input validation: hard limits on every request field (docs/design.md, Errors).
 
 Every violation is a :class:`~tokensvc.api.status.BadRequest` naming the field. Limits are
 generous for real use and small enough that no request can cause a slow path.

@@ -5,7 +5,7 @@ one Redis hash; the private JWK is stored only as a compact JWE (A256KW + A256GC
 the operator's key-encryption key (KEK), whose thumbprint is the JWE's ``kid`` (so a
 previous KEK can still decrypt during a KEK rotation, and ``rewrap`` re-encrypts).
 
-Lifecycle (SPEC.md section 6), every transition one Lua script on Redis's clock
+Lifecycle (docs/design.md, Keys), every transition one Lua script on Redis's clock
 (``lua/keys.lua``), so replicas agree on when it is due and exactly one performs it:
 
 - ``pending``: published in the JWK Set, not signing. Created ``publish delay`` (JWKS

@@ -15,7 +15,8 @@ One :class:`ServerMetrics` per running server, on a meter provider of its own:
 
 With neither, :data:`DISABLED` (no-op instruments, no RPC interceptor, no callbacks) is
 used: nothing is measured or exported. What is recorded (names per the OpenTelemetry
-semantic conventions 1.44, ``rpc.server.call.duration``; Prometheus names in the README):
+semantic conventions 1.44, ``rpc.server.call.duration``; Prometheus names in
+docs/observability.md):
 
 * the RPC duration histogram, by method and status code (:mod:`tokensvc.observe.rpc_metrics`);
 * a counter per security event, derived from the audit trail's records at the one place

@@ -27,7 +27,7 @@ class Rejection:
 
     @classmethod
     def invalid_token(cls, reason: Reason) -> Rejection:
-        """UNAUTHENTICATED with nothing but the stable reason code (SPEC.md section 10)."""
+        """UNAUTHENTICATED with nothing but the stable reason code (docs/design.md, Errors)."""
         return cls(grpc.StatusCode.UNAUTHENTICATED, f"invalid token: {reason.value}")
 
 

@@ -6,7 +6,7 @@ One root (:class:`TokenServiceError`), two families below it:
   machine-readable code (see :class:`Reason`); callers of a service only ever learn the
   code, never more detail.
 * :class:`RpcFailed` and its subclasses -- a call to the token service failed; one subclass
-  per gRPC status code the service answers with (SPEC.md section 10). :func:`from_rpc_error`
+  per gRPC status code the service answers with (docs/design.md, Errors). :func:`from_rpc_error`
   is the one place where ``grpc.RpcError`` is converted. It works for errors of any
   service behind the auth interceptors as well: its ``reason`` says why a call was denied
   (e.g. ``insufficient_user_authentication``: authenticate again, then retry).

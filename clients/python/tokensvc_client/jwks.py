@@ -3,7 +3,7 @@
 The decision logic lives once in :class:`_CacheState` (pure, clock passed in); the blocking
 :class:`JwksCache` and the asyncio :class:`AsyncJwksCache` only add a lock and the fetch.
 
-Rules (SPEC.md section 6):
+Rules (docs/design.md, Keys):
 
 * Keys come only from the ``fetch`` callable given at construction -- normally
   ``TokenClient.get_keys`` of the configured service. Nothing in a token (``kid``, ``jku``,

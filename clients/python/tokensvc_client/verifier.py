@@ -1,4 +1,5 @@
-"""The one place that decides whether an access token is acceptable (SPEC.md section 7).
+"""The one place that decides whether an access token is acceptable
+(docs/design.md, Verification rules).
 
 Used by the server's Introspect and by :class:`~tokensvc_client.AuthInterceptor` alike.
 
@@ -357,7 +358,7 @@ class Verifier:
         return self._cache_size
 
     def verify(self, token: str, keys: KeySet) -> Claims:
-        """Run every check of SPEC.md section 7 except revocation.
+        """Run every check of (docs/design.md, Verification rules) except revocation.
 
         Raises:
             InvalidToken: the token is not acceptable; ``reason`` says why.
