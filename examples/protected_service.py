@@ -1,5 +1,5 @@
-"""A service protected by tokensvc, and a caller of it: the README's interceptor, revocation
-feed and call-credentials examples as one complete program.
+"""A service protected by tokensvc, and a caller of it: the interceptor, revocation feed and
+call-credentials examples of README.md and docs/client.md as one complete program.
 
 The protected service ``shop.Orders/Get`` takes and returns bytes (no generated code, to
 keep the example to the point; with a .proto your servicer looks the same). Every call

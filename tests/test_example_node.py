@@ -1,4 +1,4 @@
-"""examples/node/issue_introspect.js (the README's "Other languages" example) issues and
+"""examples/node/issue_introspect.js (docs/client.md's "Other languages" example) issues and
 introspects a token from Node against a real tokensvc on loopback: over mTLS as a login
 workload, and over plaintext as against `make run`.
 

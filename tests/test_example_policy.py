@@ -1,5 +1,5 @@
 """examples/policy.toml with the development PKI (`make certs`): every admin command the
-README shows works over mTLS with the admin certificate, Issue with the login one."""
+docs show works over mTLS with the admin certificate, Issue with the login one."""
 
 from __future__ import annotations
 
