@@ -164,7 +164,32 @@ def _cmd_rpc(args: argparse.Namespace) -> int:
             print(f"tokensvc {args.rpc}: {explain(err, args)}", file=sys.stderr)
             return 1
     emit(_rows(reply), args.output, sys.stdout)
-    return 0
+    return _say_what_was_revoked(args, reply)
+
+
+def _say_what_was_revoked(args: argparse.Namespace, reply: Any) -> int:
+    """For ``revoke`` and ``sessions revoke``: a line on stderr saying what was (not)
+    revoked; exit 1 when a token or session matched nothing (a typo, an expired or foreign
+    token), so scripts notice."""
+    if args.rpc not in ("revoke", "sessions revoke"):
+        return 0
+    sessions, tokens = reply.revoked_sessions, reply.revoked_access_tokens
+    if getattr(args, "subject", None) is not None:
+        print(
+            f"revoked {sessions} session(s) of {args.subject!r} and every access token "
+            "issued to it so far",
+            file=sys.stderr,
+        )
+        return 0
+    if sessions or tokens:
+        what = f"{sessions} session(s)" if sessions else "the access token (until it expires)"
+        print(f"revoked {what}", file=sys.stderr)
+        return 0
+    print(
+        "nothing revoked: no active session or valid token of this service matched",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def _cmd_rewrap(args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ from importlib import metadata
 from pathlib import Path
 
 from tokensvc import config
-from tokensvc.cli import admin
+from tokensvc.cli import admin, tokens
 from tokensvc.cli.output import add_output_arg, emit
 from tokensvc.cli.transport import (
     TransportError,
@@ -326,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_output_arg(certs)
     certs.set_defaults(run=_cmd_certs)
+    tokens.add_commands(commands)
     admin.add_commands(commands)
     return parser
 
