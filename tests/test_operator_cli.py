@@ -3,9 +3,12 @@ that name the real fix, and a server certificate whose dates are checked."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import io
 import json
+import os
+import socket
 import subprocess
 import sys
 from concurrent import futures
@@ -14,12 +17,18 @@ from typing import Any
 
 import grpc
 import pytest
+import redis.asyncio as aioredis
+from jwcrypto import jwk
 
 from tests.support import ServerThread
+from tokensvc import config
 from tokensvc.cli import main as cli
 from tokensvc.cli.devcerts import DevCA
 from tokensvc.config import Settings
+from tokensvc.errors import ConfigError
+from tokensvc.keys.ring import KeyRing, KeyRingError, load_kek
 from tokensvc.observe import metrics
+from tokensvc.redis.embedded import RedisProcess
 from tokensvc.security import tls
 
 NOW = datetime.datetime.now(datetime.UTC)
@@ -175,3 +184,140 @@ def test_the_certificate_life_is_a_gauge(tmp_path):
 def test_plaintext_server_hint_is_unchanged(tokensvc: ServerThread):
     done = _keys_list(tokensvc.target)
     assert done.returncode == 1 and "pass --insecure" in done.stderr
+
+
+# --- every bad value: one line, exit 2 -------------------------------------------------------
+
+
+def _serve(*argv: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> Any:
+    return subprocess.run(
+        [sys.executable, "-m", "tokensvc", "serve", "--listen", "127.0.0.1:0", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+    )
+
+
+def test_a_redis_url_with_a_bad_port_is_one_line(tmp_path):
+    done = _serve("--insecure", "--redis-url", "redis://127.0.0.1:notaport/0", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert "--redis-url" in done.stderr and "notaport" in done.stderr
+
+
+def test_a_sentinel_naming_no_known_master_is_a_short_line(tmp_path):
+    url = f"redis+sentinel://127.0.0.1:{_closed_port()}/nomaster"
+    done = _serve("--insecure", "--redis-url", url, "--data-dir", str(tmp_path), cwd=tmp_path)
+    assert done.returncode == 2
+    (line,) = [x for x in done.stderr.splitlines() if x.startswith("tokensvc: cannot start")]
+    assert "no Sentinel of the URL knows a primary" in line
+    assert len(line) < 400 and "ConnectionPool" not in line
+
+
+def test_a_garbage_kek_file_says_what_it_must_be(tmp_path):
+    kek = tmp_path / "kek.json"
+    kek.write_text("zzqq-not-json\n")
+    kek.chmod(0o600)
+    with pytest.raises(KeyRingError) as refused:
+        load_kek(kek, tmp_path)
+    assert str(refused.value).endswith('"k": <32 random bytes, base64url>})')
+    assert "zzqq" not in str(refused.value)  # the file's content is not echoed
+    kek.write_text(jwk.JWK.generate(kty="oct", size=128).export())
+    with pytest.raises(KeyRingError, match="not a 256-bit oct key"):
+        load_kek(kek, tmp_path)
+
+
+@pytest.mark.parametrize("spelling", ["1", "true", "YES", "on", "y"])
+def test_environment_booleans_accept_the_usual_spellings(spelling):
+    assert config.load(None, {"TOKENSVC_INSECURE": spelling}).insecure is True
+
+
+@pytest.mark.parametrize("spelling", ["0", "false", "No", "off", ""])
+def test_environment_booleans_false(spelling):
+    assert config.env_flag("TOKENSVC_INSECURE", spelling) is False
+    with pytest.raises(ConfigError, match="TLS needs"):  # not insecure: TLS files wanted
+        config.load(None, {"TOKENSVC_INSECURE": spelling})
+
+
+@pytest.mark.parametrize("spelling", ["maybe", "2", "enabled"])
+def test_environment_booleans_refuse_the_rest(spelling, capsys, monkeypatch):
+    with pytest.raises(ConfigError, match=f"TOKENSVC_INSECURE={spelling!r} is not a boolean"):
+        config.load(None, {"TOKENSVC_INSECURE": spelling})
+    monkeypatch.setenv("TOKENSVC_INSECURE", spelling)  # the CLI's --insecure default too
+    assert cli.main(["health"]) == 2
+    assert "is not a boolean" in capsys.readouterr().err
+
+
+def test_unknown_tokensvc_variables_are_named():
+    env = {
+        "TOKENSVC_REDIS_UTL": "redis://x",  # a typo
+        "TOKENSVC_REDIS_URL": "redis://x",
+        "TOKENSVC_TARGET": "x:1",
+        "TOKENSVC_HEALTH_CA": "ca.pem",
+        # what Kubernetes injects for a Service named tokensvc
+        "TOKENSVC_SERVICE_HOST": "10.0.0.1",
+        "TOKENSVC_PORT_50051_TCP_ADDR": "10.0.0.1",
+        "TOKENSVC_PORT": "tcp://10.0.0.1:50051",
+        "OTHER": "1",
+    }
+    assert config.unknown_variables(env) == ["TOKENSVC_REDIS_UTL"]
+
+
+def _closed_port() -> int:
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = int(closed.getsockname()[1])
+    closed.close()  # nothing listens there
+    return port
+
+
+def test_serve_warns_about_an_unknown_variable(tmp_path):
+    url = f"redis://127.0.0.1:{_closed_port()}/0"  # gets past the configuration, then stops
+    done = _serve("--insecure", "--redis-url", url, env={"TOKENSVC_REDIS_UTL": "x"}, cwd=tmp_path)
+    assert done.returncode == 2
+    (warning,) = [json.loads(x) for x in done.stderr.splitlines() if "TOKENSVC_REDIS_UTL" in x]
+    assert warning["level"] == "WARNING" and "unknown environment variable" in warning["msg"]
+
+
+def test_keys_rewrap_finds_the_embedded_redis_of_a_data_dir(tmp_path, capsys):
+    data_dir = tmp_path / "d"
+    new_kek = tmp_path / "new.json"
+    new_kek.write_text(jwk.JWK.generate(kty="oct", size=256).export())
+    new_kek.chmod(0o600)
+    proc = RedisProcess(data_dir / "redis", unix_socket=True, prefer_system=True).start()
+    try:
+        assert proc.unix_socket, "tmp path too long for a unix socket"
+
+        async def seed() -> None:  # a key ring under the development KEK, as `make run` has
+            client = aioredis.Redis.from_url(proc.url)
+            try:
+                await KeyRing(client, load_kek(None, data_dir)).load()
+            finally:
+                await client.aclose()
+
+        asyncio.run(seed())
+        argv = ["keys", "rewrap", "--data-dir", str(data_dir), "--kek-file", str(new_kek)]
+        assert cli.main([*argv, "-o", "json"]) == 0
+        assert json.loads(capsys.readouterr().out)["rewrapped_keys"] >= 1
+
+        async def check() -> None:  # the new KEK alone now opens the ring
+            client = aioredis.Redis.from_url(proc.url)
+            try:
+                await KeyRing(client, load_kek(new_kek, data_dir)).load()
+            finally:
+                await client.aclose()
+
+        asyncio.run(check())
+    finally:
+        proc.stop()
+
+
+def test_audit_tail_and_rewrap_describe_themselves(capsys):
+    for argv in (["audit", "tail", "--help"], ["keys", "rewrap", "--help"]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        usage = capsys.readouterr().out
+        assert "Reads Redis directly" in usage or "Talks to Redis directly" in usage
+        assert "--data-dir" in usage

@@ -17,7 +17,7 @@ import argparse
 import os
 from typing import Any
 
-from tokensvc.config import is_loopback
+from tokensvc.config import env_flag, is_loopback
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -63,7 +63,7 @@ def add_transport_args(
     cmd.add_argument(
         "--insecure",
         action="store_true",
-        default=(env("INSECURE") or "").lower() in ("1", "true", "yes"),
+        default=env_flag("TOKENSVC_INSECURE", env("INSECURE")),
         help="plaintext, loopback targets only (`make run`) [env TOKENSVC_INSECURE; default: TLS]",
     )
     cmd.add_argument(
