@@ -147,6 +147,17 @@ CASES = [
         quiet=(11, 12, 40),
     ),
     Case(
+        "certificate expiring",
+        {"tokensvc_tls_certificate_remaining_seconds": "864000-8640x120"},
+        {"TokensvcCertificateExpiring": (50, {})},
+        quiet=(29,),
+    ),
+    Case(
+        "certificate with a month left",
+        {"tokensvc_tls_certificate_remaining_seconds": "2592000-60x120"},
+        quiet=(30, 119),
+    ),
+    Case(
         "error budget burn",
         {
             f'{ERRORS}{{rpc_response_status_code="OK"}}': "0+6000x70",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,6 +22,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tokensvc.cli.devcerts import DevCA
 from tokensvc.observe import metrics
 from tokensvc_client import _metrics
 from tokensvc_client._feed_core import _FeedCore
@@ -64,10 +66,14 @@ def server_names() -> set[str]:
     ring = SimpleNamespace(records={"k": {"state": "active", "activated_ms": time.time() * 1000}})
     hub = SimpleNamespace(watcher_count=0, sent=0, held=0)
     audit = SimpleNamespace(pending=0, dropped=0, write_failures=0)
-    meters.observe(metrics.State(ring, 100, hub, audit, Counter({"ConnectionError": 1})))
+    with tempfile.TemporaryDirectory() as pki:
+        cert = DevCA(Path(pki)).issue("server", hosts=("localhost",), server=True).cert
+        errors = Counter({"ConnectionError": 1})
+        meters.observe(metrics.State(ring, 100, hub, audit, errors, tls_cert=cert))
+        text = meters.render()[0].decode()  # the certificate gauge reads the file now
     metrics.observe_listeners(meters, [SimpleNamespace(connections=1, refused=0)])
     try:
-        return _names(meters.render()[0].decode())
+        return _names(text) | _names(meters.render()[0].decode())
     finally:
         metrics.shutdown(meters)
 

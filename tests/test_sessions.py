@@ -121,13 +121,19 @@ def test_sessions_cli_lists_and_revokes(tokensvc, capsys):
         (pair.session_id, "desktop", True)
     ]
     assert cli_main(["sessions", "revoke", pair.session_id, *target]) == 0
-    assert json.loads(capsys.readouterr().out) == {"revoked_sessions": 1}
+    assert json.loads(capsys.readouterr().out) == {
+        "revoked_sessions": 1,
+        "revoked_access_tokens": 0,
+    }
     assert cli_main(["sessions", "list", "dave", *target]) == 0
     assert json.loads(capsys.readouterr().out)["active"] is False
 
     stub.Issue(pb.IssueRequest(subject="dave"))
     assert cli_main(["revoke", "--subject", "dave", *target]) == 0
-    assert json.loads(capsys.readouterr().out) == {"revoked_sessions": 1}
+    assert json.loads(capsys.readouterr().out) == {
+        "revoked_sessions": 1,
+        "revoked_access_tokens": 0,
+    }
     assert cli_main(["sessions", "list", "nobody", *target]) == 0
     assert capsys.readouterr().out == ""
     assert cli_main(["sessions", "list", "", *target]) == 1  # INVALID_ARGUMENT

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,6 +271,47 @@ _FLAGS = (
 )
 
 
+_TRUE = frozenset({"1", "true", "yes", "on", "y"})
+_FALSE = frozenset({"0", "false", "no", "off", "n", ""})
+
+
+def env_flag(name: str, raw: str | None) -> bool:
+    """A boolean from the environment: 1/true/yes/on (true), 0/false/no/off or unset (false),
+    in any case.
+
+    Raises:
+        ConfigError: any other spelling (``TOKENSVC_INSECURE=maybe`` is not silently false).
+    """
+    value = (raw or "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean: use 1/0, true/false, yes/no or on/off")
+
+
+#: ``TOKENSVC_*`` variables that are not ``serve`` settings: the CLI's transport and its
+#: container probes (``TOKENSVC_HEALTH_*``), the test suite's (``TOKENSVC_TEST_*``), and what
+#: Kubernetes injects for a Service named ``tokensvc`` (``TOKENSVC_SERVICE_*``,
+#: ``TOKENSVC_PORT``, ``TOKENSVC_PORT_*``).
+_OTHER_VARIABLES = re.compile(
+    r"TOKENSVC_(TARGET|CA|CERT|KEY|HEALTH_\w+|TEST_\w+|SERVICE_\w+|PORT|PORT_\w+)"
+)
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """``TOKENSVC_*`` names in ``env`` that nothing reads (a typo such as
+    ``TOKENSVC_REDIS_UTL`` would otherwise be silently ignored)."""
+    known = {"TOKENSVC_" + name.upper() for name in (*_OPTIONS, *_FLAGS)}
+    return sorted(
+        name
+        for name in env
+        if name.startswith("TOKENSVC_")
+        and name not in known
+        and not _OTHER_VARIABLES.fullmatch(name)
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add every setting as ``--flag`` to a parser (defaults come from :func:`load`)."""
     defaults = Settings()
@@ -347,7 +389,8 @@ def load(args: argparse.Namespace | None = None, env: Mapping[str, str] | None =
     for name in _FLAGS:
         flag = getattr(args, name, None) if args is not None else None
         if flag is None:
-            flag = env.get("TOKENSVC_" + name.upper(), "").lower() in ("1", "true", "yes")
+            variable = "TOKENSVC_" + name.upper()
+            flag = env_flag(variable, env.get(variable))
         values[name] = bool(flag)
     if "workers" not in values:
         values["workers"] = _default_workers(values)

@@ -276,7 +276,7 @@ class TokenService(AdminRpcs, SessionRpcs, RefreshRpcs, pb_grpc.TokenServiceServ
             sessions=count,
             **audit,
         )
-        return pb.RevokeResponse(revoked_sessions=count)
+        return pb.RevokeResponse(revoked_sessions=count, revoked_access_tokens=int("jti" in audit))
 
     async def _revoke_token(
         self, token: str, now_ms: int, reason: str, audit: dict[str, str]
@@ -301,7 +301,7 @@ class TokenService(AdminRpcs, SessionRpcs, RefreshRpcs, pb_grpc.TokenServiceServ
             return 0
         await self.store.revoke_jti(claims.session_id, claims.token_id, claims.expires_at, now_ms)
         audit.update(session_id=claims.session_id, jti=claims.token_id, subject=claims.subject)
-        return 0
+        return 0  # no session: the answer's revoked_access_tokens says 1 (audit["jti"])
 
     @rpc
     async def Introspect(

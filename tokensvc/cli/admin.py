@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tokensvc import config
+from tokensvc.cli import local
 from tokensvc.cli.output import add_output_arg, emit, row
 from tokensvc.cli.transport import TransportError, add_transport_args, explain, open_channel
 
@@ -55,12 +56,15 @@ def add_commands(commands: Any) -> None:
     retire = _rpc_command(sub, "retire", "abandon a pending key", "keys retire")
     retire.add_argument("kid", help="the pending key's id (see `tokensvc keys list`)")
     env = os.environ.get
-    rewrap = sub.add_parser("rewrap", help="re-encrypt every private key under --kek-file")
-    rewrap.add_argument(
-        "--redis-url",
-        default=env("TOKENSVC_REDIS_URL"),
-        help="Redis of the key ring [env TOKENSVC_REDIS_URL; default: none, required]",
+    rewrap = sub.add_parser(
+        "rewrap",
+        help="re-encrypt every private key under --kek-file",
+        description="Re-encrypt every private key of the key ring under a new key-encryption "
+        "key (--kek-file), decrypting with --previous-kek-file (or the development KEK of "
+        "--data-dir). Talks to Redis directly: --redis-url, or the embedded Redis of "
+        "--data-dir. Restart the servers with --kek-file NEW --previous-kek-file OLD first.",
     )
+    local.add_redis_args(rewrap)
     rewrap.add_argument(
         "--kek-file",
         type=Path,
@@ -164,7 +168,32 @@ def _cmd_rpc(args: argparse.Namespace) -> int:
             print(f"tokensvc {args.rpc}: {explain(err, args)}", file=sys.stderr)
             return 1
     emit(_rows(reply), args.output, sys.stdout)
-    return 0
+    return _say_what_was_revoked(args, reply)
+
+
+def _say_what_was_revoked(args: argparse.Namespace, reply: Any) -> int:
+    """For ``revoke`` and ``sessions revoke``: a line on stderr saying what was (not)
+    revoked; exit 1 when a token or session matched nothing (a typo, an expired or foreign
+    token), so scripts notice."""
+    if args.rpc not in ("revoke", "sessions revoke"):
+        return 0
+    sessions, tokens = reply.revoked_sessions, reply.revoked_access_tokens
+    if getattr(args, "subject", None) is not None:
+        print(
+            f"revoked {sessions} session(s) of {args.subject!r} and every access token "
+            "issued to it so far",
+            file=sys.stderr,
+        )
+        return 0
+    if sessions or tokens:
+        what = f"{sessions} session(s)" if sessions else "the access token (until it expires)"
+        print(f"revoked {what}", file=sys.stderr)
+        return 0
+    print(
+        "nothing revoked: no active session or valid token of this service matched",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def _cmd_rewrap(args: argparse.Namespace) -> int:
@@ -172,22 +201,30 @@ def _cmd_rewrap(args: argparse.Namespace) -> int:
     from tokensvc.redis.connection import redis_client
     from tokensvc.store import StoreUnavailable
 
-    if not args.redis_url or not args.kek_file:
-        print("tokensvc keys rewrap: --redis-url and --kek-file are required", file=sys.stderr)
+    if not args.kek_file:
+        print("tokensvc keys rewrap: --kek-file is required", file=sys.stderr)
         return 2
+    try:
+        url = local.redis_url(args)
+    except RuntimeError as err:
+        print(f"tokensvc keys rewrap: {err}", file=sys.stderr)
+        return 2
+    data_dir = local.data_dir(args)
+    dev_kek = data_dir / "dev-kek.json"
 
     async def run() -> int:
-        kek = load_kek(args.kek_file, Path("."))
-        previous = [load_kek(args.previous_kek_file, Path("."))] if args.previous_kek_file else []
-        client = redis_client(args.redis_url, 5.0)
+        kek = load_kek(args.kek_file, data_dir)
+        if args.previous_kek_file:
+            previous = [load_kek(args.previous_kek_file, data_dir)]
+        else:  # the development KEK the embedded set-up used, when there is one
+            previous = [load_kek(None, data_dir)] if dev_kek.exists() else []
+        client = redis_client(url, 5.0)
         try:
             return await KeyRing(client, kek, previous).rewrap()
         finally:
             await client.aclose()
 
     try:
-        if not args.redis_url.startswith(config.REDIS_SCHEMES):
-            raise config.ConfigError(f"--redis-url must start with one of {config.REDIS_SCHEMES}")
         # progress on stderr, so `--output json` stays one object per line on stdout
         print(f"re-wrapping the key ring under {args.kek_file} ...", file=sys.stderr, flush=True)
         count = asyncio.run(run())

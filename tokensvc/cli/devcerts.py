@@ -99,11 +99,13 @@ class DevCA:
         hosts: tuple[str, ...] = (),
         server: bool = False,
         uris: tuple[str, ...] = (),
+        valid: tuple[datetime.datetime, datetime.datetime] | None = None,
     ) -> Issued:
         """Sign a leaf certificate; write ``<name>.pem`` and ``<name>.key``.
 
         ``uris`` are URI SANs added after ``spiffe_id`` as they are, valid or not (the
-        tests build ambiguous and invalid identities with them).
+        tests build ambiguous and invalid identities with them); ``valid`` overrides the
+        validity period (``(not_before, not_after)``: the tests build expired certificates).
         """
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
@@ -122,8 +124,8 @@ class DevCA:
             .issuer_name(self._cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + _VALIDITY)
+            .not_valid_before(valid[0] if valid else now - datetime.timedelta(minutes=5))
+            .not_valid_after(valid[1] if valid else now + _VALIDITY)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         )

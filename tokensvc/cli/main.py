@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import shlex
 import sys
@@ -25,7 +26,7 @@ from importlib import metadata
 from pathlib import Path
 
 from tokensvc import config
-from tokensvc.cli import admin
+from tokensvc.cli import admin, local, tokens
 from tokensvc.cli.output import add_output_arg, emit
 from tokensvc.cli.transport import (
     TransportError,
@@ -34,6 +35,8 @@ from tokensvc.cli.transport import (
     open_channel,
     quiet_grpc,
 )
+
+log = logging.getLogger("tokensvc.cli")
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -46,6 +49,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     settings = config.load(args)
     setup_logging(settings.log_level)
+    for name in config.unknown_variables(os.environ):
+        log.warning("ignoring unknown environment variable %s (see tokensvc serve --help)", name)
     try:
         claim = claim_address(settings.listen)  # held (open) while serving
         try:
@@ -89,38 +94,27 @@ def _cmd_health(args: argparse.Namespace) -> int:
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
-def _audit_redis_url(args: argparse.Namespace) -> str:
-    """--redis-url, else TOKENSVC_REDIS_URL, else the embedded Redis of the data directory
-    (the unix socket ``tokensvc serve`` without --redis-url listens on).
+#: Audit fields that are text even when they look like a number (a subject "42").
+_TEXT_FIELDS = frozenset(
+    {"id", "event", "subject", "peer", "session_id", "jti", "reason", "client_id", "target",
+     "kid", "trace_id", "rpc", "identity", "txn"}
+)  # fmt: skip
 
-    Raises:
-        config.ConfigError: a bad URL.
-        RuntimeError: no embedded Redis running in the data directory.
-    """
-    url = args.redis_url or os.environ.get("TOKENSVC_REDIS_URL") or None
-    if url is not None:
-        if not url.startswith(config.REDIS_SCHEMES):
-            raise config.ConfigError(
-                f"--redis-url must start with one of {', '.join(config.REDIS_SCHEMES)}"
-            )
-        return str(url)
-    data_dir = Path(
-        args.data_dir or os.environ.get("TOKENSVC_DATA_DIR") or config.Settings().data_dir
-    ).expanduser()
-    # the embedded Redis of tokensvc.runtime.server.start: RedisProcess(data_dir / "redis",
-    # unix_socket=True), whose socket is <data_dir>/redis/redis.sock when that path is short
-    socket_path = (data_dir / "redis").resolve() / "redis.sock"
-    if len(str(socket_path)) >= 100:
-        raise RuntimeError(
-            f"the embedded Redis of {data_dir} listens on a TCP port (its socket path would "
-            "be too long); pass --redis-url"
-        )
-    if not socket_path.is_socket():
-        raise RuntimeError(
-            f"no embedded Redis running in {data_dir} (start `tokensvc serve --data-dir "
-            f"{data_dir}` or pass --redis-url)"
-        )
-    return f"unix://{socket_path}"
+
+def _typed(entry: dict[str, object]) -> dict[str, object]:
+    """An audit entry as the CLI's JSON convention has it: ``ts`` in epoch seconds (the
+    stream keeps milliseconds), counts as numbers, yes/no values as booleans."""
+    out: dict[str, object] = {}
+    for key, value in entry.items():
+        if key == "ts" and isinstance(value, int):
+            value = value / 1000
+        elif key not in _TEXT_FIELDS and isinstance(value, str):
+            if value.lstrip("-").isdigit() and len(value) < 19:
+                value = int(value)
+            elif value in ("true", "false"):
+                value = value == "true"
+        out[key] = value
+    return out
 
 
 class _AuditTable:
@@ -136,7 +130,7 @@ class _AuditTable:
     def write(self, line: str) -> None:
         self.count += 1
         if self.fmt == "json":
-            print(line, flush=True)
+            print(json.dumps(_typed(json.loads(line))), flush=True)
         else:
             entry = json.loads(line)
             if self.count == 1:
@@ -165,7 +159,7 @@ def _cmd_audit_tail(args: argparse.Namespace) -> int:
     from tokensvc.store import StoreUnavailable
 
     try:
-        url = _audit_redis_url(args)
+        url = local.redis_url(args)
     except RuntimeError as err:
         print(f"tokensvc: cannot read the audit trail: {err}", file=sys.stderr)
         return 2
@@ -282,19 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     audit = commands.add_parser("audit", help="read the audit trail (Redis stream ts:audit)")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True)
     tail = audit_commands.add_parser(
-        "tail", help="print the latest audit entries as JSON lines (Ctrl-C ends --follow)"
+        "tail",
+        help="print the latest audit entries (Ctrl-C ends --follow)",
+        description="Print the latest entries of the audit trail, oldest first, as a table or "
+        "with -o json one object per line (ts in epoch seconds). Reads Redis directly: "
+        "--redis-url, or the embedded Redis of --data-dir (what `make run` uses).",
     )
-    tail.add_argument(
-        "--redis-url",
-        default=None,
-        help="Redis URL [env TOKENSVC_REDIS_URL; default: the embedded Redis of --data-dir]",
-    )
-    tail.add_argument(
-        "--data-dir",
-        default=None,
-        help="data directory of a `tokensvc serve` with embedded Redis "
-        "[env TOKENSVC_DATA_DIR; default .tokensvc]",
-    )
+    local.add_redis_args(tail)
     tail.add_argument(
         "-n", "--count", type=_count, default=20, help="entries to print first [default 20]"
     )
@@ -326,15 +314,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_output_arg(certs)
     certs.set_defaults(run=_cmd_certs)
+    tokens.add_commands(commands)
     admin.add_commands(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command != "serve":
-        quiet_grpc()  # gRPC's own log lines are not the command's output
     try:
+        # the parser reads TOKENSVC_* defaults (a bad boolean is a configuration error)
+        args = build_parser().parse_args(argv)
+        if args.command != "serve":
+            quiet_grpc()  # gRPC's own log lines are not the command's output
         return int(args.run(args))
     except config.ConfigError as err:
         print(f"tokensvc: configuration error: {err}", file=sys.stderr)

@@ -80,3 +80,14 @@ def emit(rows: Iterable[Mapping[str, Any]], fmt: str, out: TextIO) -> None:
     )
     for line in cells:
         print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip(), file=out)
+
+
+def emit_one(item: Mapping[str, Any], fmt: str, out: TextIO) -> None:
+    """Print one record: as a JSON line, or as a table of its fields, one per line (a record
+    holding tokens is too wide for columns)."""
+    if fmt == "json":
+        emit([item], fmt, out)
+        return
+    width = max((len(key) for key in item), default=0)
+    for key, value in item.items():
+        print(f"{key.upper().ljust(width)}  {_cell(value, key)}", file=out)

@@ -17,7 +17,7 @@ import argparse
 import os
 from typing import Any
 
-from tokensvc.config import is_loopback
+from tokensvc.config import env_flag, is_loopback
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -63,7 +63,7 @@ def add_transport_args(
     cmd.add_argument(
         "--insecure",
         action="store_true",
-        default=(env("INSECURE") or "").lower() in ("1", "true", "yes"),
+        default=env_flag("TOKENSVC_INSECURE", env("INSECURE")),
         help="plaintext, loopback targets only (`make run`) [env TOKENSVC_INSECURE; default: TLS]",
     )
     cmd.add_argument(
@@ -98,29 +98,69 @@ def open_channel(args: argparse.Namespace) -> Any:
 
 
 def explain(err: Any, args: argparse.Namespace) -> str:
-    """One line for a failed call (a ``grpc.RpcError``), with a hint when the transport
-    looks wrong."""
+    """One line for a failed call (a ``grpc.RpcError``), with a hint naming the fix when the
+    transport looks wrong (see :func:`transport_hint`)."""
     from tokensvc_client.errors import from_rpc_error
 
     failed = from_rpc_error(err)
-    debug = str(getattr(err, "debug_error_string", lambda: "")()).lower()
-    text = f"{failed}".lower() + " " + debug
-    hint = ""
-    if failed.code.name == "UNAVAILABLE":
-        if not args.insecure and any(
-            word in text for word in ("ssl", "handshake", "wrong_version", "tls")
-        ):
-            hint = (
-                f" (hint: the TLS handshake with {args.target} failed; if it is a plaintext "
-                "development server (`make run`), pass --insecure)"
-            )
-        elif args.insecure and any(
-            word in text for word in ("socket closed", "connection reset", "end of file", "eof")
-        ):
-            hint = (
-                f" (hint: {args.target} closed the plaintext connection; if it serves TLS, "
+    if failed.code.name != "UNAVAILABLE":
+        return f"{failed}"
+    debug = str(getattr(err, "debug_error_string", lambda: "")())
+    return f"{failed}{transport_hint(f'{failed} {debug}'.lower(), args)}"
+
+
+#: What gRPC's error text says in each case (BoringSSL's names, lower-cased).
+_UNTRUSTED = (
+    "certificate_verify_failed",
+    "unable to get local issuer",
+    "self signed",
+    "self-signed",
+)
+_EXPIRED = ("certificate has expired", "certificate is not yet valid")
+_HANDSHAKE = ("ssl", "handshake", "wrong_version", "tls")
+_CLOSED = ("socket closed", "connection reset", "end of file", "eof")
+
+
+def transport_hint(text: str, args: argparse.Namespace) -> str:
+    """The hint for an UNAVAILABLE whose (lower-cased) text is ``text``: each names the
+    flag that fixes it. Order matters: an untrusted certificate also mentions "handshake"."""
+    target = args.target
+    if args.insecure:
+        if any(word in text for word in _CLOSED):
+            return (
+                f" (hint: {target} closed the plaintext connection; if it serves TLS, "
                 "drop --insecure and pass --ca)"
             )
-        elif "connect" in text:
-            hint = f" (is tokensvc running on {args.target}?)"
-    return f"{failed}{hint}"
+    elif any(word in text for word in _EXPIRED):
+        return (
+            f" (hint: the server certificate of {target} has expired or is not valid yet; "
+            "renew it on the server)"
+        )
+    elif any(word in text for word in _UNTRUSTED):
+        if args.ca:
+            return (
+                f" (hint: the server certificate of {target} is not signed by --ca {args.ca}; "
+                "pass the CA that signed it)"
+            )
+        return (
+            f" (hint: the server certificate of {target} is not trusted by the system roots; "
+            "pass --ca with the CA that signed it, e.g. .tokensvc/certs/ca.pem of `make certs`)"
+        )
+    elif any(word in text for word in _CLOSED):
+        if not args.cert:
+            return (
+                f" (hint: {target} closed the TLS connection: it requires a client "
+                "certificate (mTLS); pass --cert and --key)"
+            )
+        return (
+            f" (hint: {target} closed the TLS connection: it did not accept --cert {args.cert} "
+            "(not signed by its client CA?))"
+        )
+    elif any(word in text for word in _HANDSHAKE):
+        return (
+            f" (hint: the TLS handshake with {target} failed; if it is a plaintext "
+            "development server (`make run`), pass --insecure)"
+        )
+    if "connect" in text:
+        return f" (is tokensvc running on {target}?)"
+    return ""

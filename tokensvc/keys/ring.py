@@ -120,10 +120,23 @@ def load_kek(path: Path | None, data_dir: Path) -> jwk.JWK:
         )
     try:
         kek = jwk.JWK.from_json(path.read_text())
-        if kek.get("kty") != "oct" or len(b64url_decode(kek.get("k", ""))) != 32:
-            raise ValueError("not a 256-bit oct JWK")
-    except Exception as err:
-        raise KeyRingError(f"key-encryption key {path} must be a 256-bit oct JWK: {err}") from None
+    except OSError as err:
+        raise KeyRingError(f"key-encryption key {path}: {err.strerror or err}") from None
+    except Exception:
+        # jwcrypto's own text is empty for some inputs; the file's content is never echoed
+        raise KeyRingError(
+            f"key-encryption key {path} is not a JSON Web Key: it must be a 256-bit oct JWK "
+            '({"kty": "oct", "k": <32 random bytes, base64url>})'
+        ) from None
+    try:
+        fits = kek.get("kty") == "oct" and len(b64url_decode(kek.get("k", ""))) == 32
+    except (ValueError, TypeError):
+        fits = False
+    if not fits:
+        raise KeyRingError(
+            f"key-encryption key {path} is a JWK but not a 256-bit oct key "
+            f"(kty {kek.get('kty')!r}): it must be a 256-bit oct JWK"
+        )
     return kek
 
 

@@ -36,8 +36,10 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from cryptography import x509
 from opentelemetry.metrics import (
     Meter,
     NoOpMeterProvider,
@@ -71,6 +73,17 @@ class State:
     hub: Any = None  # tokensvc.api.revocation_hub.RevocationHub
     audit: Any = None  # tokensvc.observe.audit.AuditTrail
     redis_errors: Counter[str] = field(default_factory=Counter)
+    #: the server's TLS certificate file (its remaining life is a gauge)
+    tls_cert: Path | None = None
+
+
+def certificate_seconds_left(path: Path, now: float) -> float | None:
+    """Seconds until the first certificate of a PEM file expires (``None``: unreadable)."""
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return cert.not_valid_after_utc.timestamp() - now
 
 
 def _reason_of(text: str) -> tuple[str, str]:
@@ -263,6 +276,19 @@ class ServerMetrics:
                   value(lambda: audit.dropped))  # fmt: skip
             total("audit.write_failures", "{batch}", "Failed audit stream writes",
                   value(lambda: audit.write_failures))  # fmt: skip
+        if state.tls_cert is not None:
+            cert_path = state.tls_cert
+
+            def certificate() -> Iterable[Observation]:
+                left = certificate_seconds_left(cert_path, clock())
+                return [] if left is None else [Observation(left)]
+
+            gauge(
+                "tls.certificate.remaining",
+                "s",
+                "Seconds until the TLS certificate file (--tls-cert) expires",
+                certificate,
+            )
         errors = state.redis_errors
         total(
             "redis.unavailable",

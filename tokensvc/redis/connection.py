@@ -58,7 +58,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import TypeAlias
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -357,3 +357,8 @@ def check_url(url: str) -> None:
         parse_sentinel_url(url)
     elif url.startswith("redis+cluster://"):
         parse_cluster_url(url)
+    else:
+        try:
+            urlsplit(url).port  # noqa: B018 -- raises for a port that is not a number
+        except ValueError as err:
+            raise ConfigError(f"--redis-url: {err}") from None

@@ -239,7 +239,9 @@ async def start(
         audit = AuditTrail(redis, log_routine=settings.audit_log_all)
         audit.metrics = meters
         meters.observe(
-            metrics.State(keyring, settings.key_rotation_interval, hub, audit, UNAVAILABLE)
+            metrics.State(
+                keyring, settings.key_rotation_interval, hub, audit, UNAVAILABLE, settings.tls_cert
+            )
         )
         # registers every handler so that an undecodable request is INVALID_ARGUMENT
         registrar = cast(grpc.aio.Server, DecodingGuard(server))

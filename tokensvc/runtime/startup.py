@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 
+from redis.asyncio.sentinel import MasterNotFoundError
 from redis.exceptions import RedisError
 
 from tokensvc.config import Settings
@@ -32,7 +33,12 @@ def where(url: str) -> str:
 
 def unavailable(err: StoreUnavailable, url: str) -> StartupError:
     """ "redis unavailable ... at ADDRESS: REASON" (redis-py's own error names the reason)."""
-    reason = f": {err.__cause__}" if err.__cause__ else ""
+    cause = err.__cause__
+    reason = f": {cause}" if cause else ""
+    if isinstance(cause, MasterNotFoundError):
+        # redis-py's text carries the repr of a whole client (pools, connections, ...)
+        reason = ": no Sentinel of the URL knows a primary of that service name (check the "
+        reason += "name after the last /, and that the Sentinels are reachable)"
     return StartupError(f"{err} at {where(url)}{reason}")
 
 

@@ -41,6 +41,7 @@ contents can change.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import threading
@@ -85,6 +86,28 @@ class TlsMaterial:
     def configuration(self) -> grpc.ServerCertificateConfiguration:
         return grpc.ssl_server_certificate_configuration(
             [(self.key, self.cert_chain)], root_certificates=self.client_ca
+        )
+
+    def validity_problem(self, now: datetime.datetime | None = None) -> str | None:
+        """Why the leaf certificate cannot be served at ``now`` (expired, not yet valid),
+        with its dates; ``None`` when it is valid."""
+        cert = self.certificate
+        now = now or datetime.datetime.now(datetime.UTC)
+        dates = (
+            f"valid from {cert.not_valid_before_utc.isoformat()} "
+            f"to {cert.not_valid_after_utc.isoformat()}"
+        )
+        subject = cert.subject.rfc4514_string()
+        if now > cert.not_valid_after_utc:
+            return f"the TLS certificate {subject!r} has expired ({dates}): renew it"
+        if now < cert.not_valid_before_utc:
+            return f"the TLS certificate {subject!r} is not valid yet ({dates})"
+        return None
+
+    def seconds_left(self, now: float | None = None) -> float:
+        """Seconds until the leaf certificate expires (negative once it has)."""
+        return self.certificate.not_valid_after_utc.timestamp() - (
+            time.time() if now is None else now
         )
 
     def describe(self) -> str:
@@ -210,12 +233,37 @@ class CertificateReloader:
             return None
         if material == self.material:
             return None
+        problem = material.validity_problem()
+        if problem is not None:
+            log.warning("TLS files changed, still serving the previous certificate: %s", problem)
+            return None
         previous, self.material = self.material, material
         if material.cert_chain != previous.cert_chain or material.key != previous.key:
             log.info("TLS certificate reloaded: %s", material.describe())
         if material.client_ca != previous.client_ca:
             log.info("TLS client CA bundle reloaded from %s", self._client_ca)
         return material.configuration()
+
+
+#: Below this many seconds of remaining life the start-up line is a WARNING.
+EXPIRY_WARNING_S = 14 * 86400
+
+
+def check_validity(material: TlsMaterial) -> None:
+    """Refuse a certificate that is expired or not yet valid (every client would refuse the
+    handshake, and would be told to try plaintext); warn when it expires within 14 days.
+
+    Raises:
+        TlsFilesError: the certificate is not valid now (the message has its dates).
+    """
+    problem = material.validity_problem()
+    if problem is not None:
+        raise TlsFilesError(problem)
+    days = material.seconds_left() / 86400
+    if material.seconds_left() < EXPIRY_WARNING_S:
+        log.warning("TLS certificate expires in %.1f days: %s", days, material.describe())
+    else:
+        log.info("TLS certificate: %s", material.describe())
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials:
@@ -231,7 +279,7 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials:
     if settings.tls_cert is None or settings.tls_key is None:
         raise ConfigError("TLS needs --tls-cert and --tls-key")
     reloader = CertificateReloader(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
-    log.info("TLS certificate: %s", reloader.material.describe())
+    check_validity(reloader.material)
     # grpc-stubs types the fetcher's result as non-optional; grpc documents None as
     # "no change" (grpc/__init__.py, dynamic_ssl_server_credentials).
     fetcher = cast(Callable[[], grpc.ServerCertificateConfiguration], reloader)

@@ -218,15 +218,21 @@ class RevokeResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REVOKED_SESSIONS_FIELD_NUMBER: _builtins.int
+    REVOKED_ACCESS_TOKENS_FIELD_NUMBER: _builtins.int
     revoked_sessions: _builtins.int
+    revoked_access_tokens: _builtins.int
+    """Access tokens revoked by their jti (1 when the target was a valid access token, else
+    0): with revoked_sessions 0 too, the request matched nothing.
+    """
     def __init__(
         self,
         *,
         revoked_sessions: _builtins.int = ...,
+        revoked_access_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["revoked_sessions", b"revoked_sessions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["revoked_access_tokens", b"revoked_access_tokens", "revoked_sessions", b"revoked_sessions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
