@@ -1,5 +1,6 @@
 # tokensvc — `make run` starts the service on an embedded Redis; `make test` passes the tests.
 PYTHON ?= python3
+PORT   ?= 50051
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -7,7 +8,7 @@ RUNTIME := $(VENV)/.runtime
 PROTO  := protos/tokensvc_client/v1/tokensvc.proto
 GEN    := clients/python
 
-.PHONY: setup run test tools check-protos check-contract protos lint bench certs clean
+.PHONY: setup run web test tools check-protos check-contract protos lint bench certs clean
 
 # `make run` installs the runtime only (the service and its embedded Redis); the dev tools
 # (ruff, mypy, grpcio-tools, pytest, ...) come with `make setup`, which `make test` runs.
@@ -24,7 +25,17 @@ $(STAMP): $(RUNTIME)
 	touch $(STAMP)
 
 run: $(RUNTIME)
-	$(BIN)/tokensvc serve --insecure --listen 127.0.0.1:50051
+	@echo "tokensvc: serving on 127.0.0.1:$(PORT) once the log says so; in another terminal:"
+	@echo "  . .venv/bin/activate"
+	@echo "  tokensvc health --insecure --target 127.0.0.1:$(PORT)      # SERVING"
+	@echo "  tokensvc issue alice --insecure --target 127.0.0.1:$(PORT) # a first token pair"
+	$(BIN)/tokensvc serve --insecure --listen 127.0.0.1:$(PORT)
+
+# The web example (examples/web): installs the web helper's extra and serves it over HTTPS
+# on https://localhost:8443, against `make run` in another terminal.
+web: $(RUNTIME)
+	$(BIN)/pip install --quiet -e './clients/python[web]' 'uvicorn>=0.30,<1'
+	TOKENSVC_TARGET=127.0.0.1:$(PORT) $(BIN)/python examples/web/app.py
 
 test: setup tools check-protos check-contract lint
 	$(BIN)/python -m pytest

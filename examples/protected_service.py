@@ -8,7 +8,7 @@ milliseconds thanks to the revocation feed.
 
 Run it against ``make run`` (plaintext development mode on 127.0.0.1:50051)::
 
-    .venv/bin/python examples/protected_service.py            # or: TOKENSVC=host:port
+    python examples/protected_service.py            # or: TOKENSVC=host:port
 """
 
 from __future__ import annotations

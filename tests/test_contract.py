@@ -74,8 +74,8 @@ def _breaking(root: Path) -> subprocess.CompletedProcess[str]:
             'Previously present field "1" with name "subject" on message "IssueRequest"',
         ),
         (
-            "  int64 revoked_sessions = 1;\n}\n\nmessage IntrospectRequest",
-            "  int32 revoked_sessions = 1;\n}\n\nmessage IntrospectRequest",
+            "message RevokeResponse {\n  int64 revoked_sessions = 1;",
+            "message RevokeResponse {\n  int32 revoked_sessions = 1;",
             "changed type",
         ),
         (

@@ -72,9 +72,10 @@ def test_readme_kek_recipe_writes_a_private_kek(tmp_path):
         for b in re.findall(r"```sh\n(.*?)```", (DOCS / "operations.md").read_text(), re.S)
         if "kek.json" in b
     ]
-    command = recipe.strip().replace(".venv/bin/python", shlex.quote(sys.executable))
+    command = recipe.strip().replace("python -c", f"{shlex.quote(sys.executable)} -c")
     subprocess.run(["sh", "-c", command], cwd=tmp_path, check=True, timeout=60)
-    kek = tmp_path / "kek.json"
+    kek = tmp_path / ".tokensvc" / "kek.json"  # ignored by git (.gitignore)
+    assert ".tokensvc/" in (ROOT / ".gitignore").read_text().splitlines()
     assert kek.stat().st_mode & 0o777 == 0o600
     assert load_kek(kek, tmp_path).get("kty") == "oct"
 

@@ -2,7 +2,7 @@
 
 Run tokensvc with ``make run`` in one terminal, then::
 
-    .venv/bin/python examples/web/app.py
+    python examples/web/app.py
 
 and open https://localhost:8443 (the development CA is .tokensvc/certs/ca.pem; the
 certificates are made on first start, as ``tokensvc certs`` does). Sign in as ``demo`` /
