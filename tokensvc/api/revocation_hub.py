@@ -10,8 +10,9 @@ memory too, never from a Redis scan of its own (sixty watchers connecting over 3
 revocations would otherwise scan the stream sixty times).
 
 A watcher gets, from just after its ``resume_from`` id, what the hub holds if the hub has
-held everything since (its oldest entry is not newer than that id), else a ``RESET`` event
-and every entry still in force; then live events, skipping ids it has already sent. The
+held everything since (its oldest entry is not newer than that id) and the feed has reached
+that id, else (an unknown position: too old, or ahead of the feed) a ``RESET`` event and
+every entry still in force; then live events, skipping ids it has already sent. The
 catch-up is a copy taken in the same step as the watcher's registration, so no event falls
 between the two. A watcher too slow to keep up, or a hub that lost Redis, ends the stream
 with UNAVAILABLE; while the reader is failing no new stream is accepted (the client keeps
@@ -221,12 +222,20 @@ class RevocationHub:
             with contextlib.suppress(asyncio.QueueFull):
                 queue.put_nowait(_CLOSED)
 
+    def _resumable(self, resume_from: str) -> bool:
+        """Whether a watcher at ``resume_from`` can continue from it: the hub holds every
+        entry since (its oldest is not newer), and the feed has issued that id (it is not
+        beyond the last entry read: a position ahead of the feed is as unknown as one too
+        old, and answered the same way, not waited on in silence)."""
+        if not resume_from or self._floor is None or self._last is None:
+            return False
+        return self._floor <= _id(resume_from) <= _id(self._last)
+
     def _catch_up(self, resume_from: str) -> list[pb.RevocationEvent]:
         """What a new watcher is sent before live events (see the module doc)."""
         now_ms = int(time.time() * 1000)
-        after = _id(resume_from) if resume_from else None
-        if after is not None and self._floor is not None and self._floor <= after:
-            start = bisect.bisect_right(self._ids, after)
+        if self._resumable(resume_from):
+            start = bisect.bisect_right(self._ids, _id(resume_from))
             return [event for _key, exp, event in self._held[start:] if exp > now_ms]
         reset = pb.RevocationEvent(kind=pb.RevocationEvent.RESET)
         return [reset, *(event for _key, exp, event in self._held if exp > now_ms)]
@@ -267,9 +276,11 @@ class RevocationHub:
         queue: asyncio.Queue[object] = asyncio.Queue(_QUEUE)
         # taken in one step with the registration: no event falls between the two
         self._watchers.add(queue)
+        # after a RESET the watcher starts over: live events count from the catch-up, not
+        # from a position it was told is unknown
+        sent = _id(resume_from) if self._resumable(resume_from) else (0, 0)
         catch_up = self._catch_up(resume_from)
         try:
-            sent = _id(resume_from) if resume_from else (0, 0)
             for event in catch_up:
                 if event.id:
                     sent = max(sent, _id(event.id))
