@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tokensvc import config
-from tokensvc.cli.output import add_output_arg, emit, row
+from tokensvc.cli.output import add_output_arg, emit, printable, row
 from tokensvc.cli.transport import TransportError, add_transport_args, explain, open_channel
 
 
@@ -161,7 +161,7 @@ def _cmd_rpc(args: argparse.Namespace) -> int:
         try:
             reply = _call(pb_grpc.TokenServiceStub(chan), args)
         except grpc.RpcError as err:
-            print(f"tokensvc {args.rpc}: {explain(err, args)}", file=sys.stderr)
+            print(f"tokensvc {args.rpc}: {printable(explain(err, args))}", file=sys.stderr)
             return 1
     emit(_rows(reply), args.output, sys.stdout)
     return 0
