@@ -253,7 +253,7 @@ _OPTIONS: dict[str, tuple[str, type]] = {
     "redis_wait_replicas": ("replicas that must acknowledge revocations (Redis WAIT)", int),
     "redis_wait_timeout": ("seconds to wait for those acknowledgements", float),
     "max_watchers_per_client": (
-        "concurrent WatchRevocations streams per client (identity and address) per process",
+        "concurrent WatchRevocations streams per client (identity, or network) per process",
         int,
     ),
     "refresh_grace_seconds": (

@@ -10,13 +10,17 @@ memory too, never from a Redis scan of its own (sixty watchers connecting over 3
 revocations would otherwise scan the stream sixty times).
 
 A watcher gets, from just after its ``resume_from`` id, what the hub holds if the hub has
-held everything since (its oldest entry is not newer than that id), else a ``RESET`` event
-and every entry still in force; then live events, skipping ids it has already sent. The
+held everything since (its oldest entry is not newer than that id) and the feed has reached
+that id, else (an unknown position: too old, or ahead of the feed) a ``RESET`` event and
+every entry still in force; then live events, skipping ids it has already sent. The
 catch-up is a copy taken in the same step as the watcher's registration, so no event falls
 between the two. A watcher too slow to keep up, or a hub that lost Redis, ends the stream
 with UNAVAILABLE; while the reader is failing no new stream is accepted (the client keeps
 counting its feed as down), and once it reads again it continues from its last id, so
-nothing is lost. Streams per client are capped (:class:`TooManyWatchers`).
+nothing is lost. Streams per client are capped (:class:`TooManyWatchers`), and so is the
+rate of full catch-ups per client (:class:`TooManyFullCatchUps`): a stream that starts
+without a resumable position costs a copy of every revocation in force (~1.4 s of CPU at
+30 000), a resumed one only what it missed.
 """
 
 from __future__ import annotations
@@ -50,6 +54,12 @@ _QUEUE: Final = 10_000
 _BATCH: Final = 1_000
 _CLOSED: Final = object()
 _PRUNE_MS: Final = 5_000
+
+#: Full catch-ups (streams starting with RESET) one client may start in a burst ...
+FULL_CATCH_UP_BURST = 16
+#: ... and the seconds in which it earns one more. Module attributes: tests lower them.
+FULL_CATCH_UP_EVERY = 4.0
+_BUCKETS_KEPT: Final = 10_000
 
 
 class FeedClosed(StoreUnavailable):
@@ -96,6 +106,18 @@ class TooManyWatchers(RateLimited):
         super().__init__(f"at most {limit} WatchRevocations streams per client", 1000)
 
 
+class TooManyFullCatchUps(RateLimited):
+    """A client starts streams without a resumable position faster than it may
+    (RESOURCE_EXHAUSTED, retry-after when the next one is allowed)."""
+
+    def __init__(self, retry_after_ms: int) -> None:
+        super().__init__(
+            "too many WatchRevocations streams without a resumable position: "
+            "resume from the last event id",
+            retry_after_ms,
+        )
+
+
 class RevocationHub:
     """One Redis reader per process: the events in force in memory, fanned out to watchers.
 
@@ -111,6 +133,8 @@ class RevocationHub:
         self.max_per_client = max_per_client
         self._watchers: set[asyncio.Queue[object]] = set()
         self._clients: dict[str, int] = {}
+        #: per client: full catch-ups it may start now, and when that was computed
+        self._full: dict[str, tuple[float, float]] = {}
         self._last: str | None = None  # the id the reader continues after
         #: the events read, in stream order, as (id, expiry ms, event); expired ones pruned
         self._held: list[tuple[tuple[int, int], int, pb.RevocationEvent]] = []
@@ -221,25 +245,54 @@ class RevocationHub:
             with contextlib.suppress(asyncio.QueueFull):
                 queue.put_nowait(_CLOSED)
 
+    def _resumable(self, resume_from: str) -> bool:
+        """Whether a watcher at ``resume_from`` can continue from it: the hub holds every
+        entry since (its oldest is not newer), and the feed has issued that id (it is not
+        beyond the last entry read: a position ahead of the feed is as unknown as one too
+        old, and answered the same way, not waited on in silence)."""
+        if not resume_from or self._floor is None or self._last is None:
+            return False
+        try:
+            return self._floor <= _id(resume_from) <= _id(self._last)
+        except ValueError:  # not an id: refused by watch
+            return False
+
+    def _full_catch_ups(self, client: str) -> float:
+        """Full catch-ups ``client`` may start now (a token bucket, refilled over time)."""
+        tokens, stamp = self._full.get(client, (FULL_CATCH_UP_BURST, 0.0))
+        earned = (time.monotonic() - stamp) / FULL_CATCH_UP_EVERY if stamp else 0.0
+        return min(float(FULL_CATCH_UP_BURST), tokens + earned)
+
+    def _spend_full_catch_up(self, client: str) -> None:
+        if len(self._full) >= _BUCKETS_KEPT:  # forget the clients whose bucket is full
+            for key in [k for k in self._full if self._full_catch_ups(k) >= FULL_CATCH_UP_BURST]:
+                del self._full[key]
+        self._full[client] = (self._full_catch_ups(client) - 1, time.monotonic())
+
     def _catch_up(self, resume_from: str) -> list[pb.RevocationEvent]:
         """What a new watcher is sent before live events (see the module doc)."""
         now_ms = int(time.time() * 1000)
-        after = _id(resume_from) if resume_from else None
-        if after is not None and self._floor is not None and self._floor <= after:
-            start = bisect.bisect_right(self._ids, after)
+        if self._resumable(resume_from):
+            start = bisect.bisect_right(self._ids, _id(resume_from))
             return [event for _key, exp, event in self._held[start:] if exp > now_ms]
         reset = pb.RevocationEvent(kind=pb.RevocationEvent.RESET)
         return [reset, *(event for _key, exp, event in self._held if exp > now_ms)]
 
-    def check(self, client: str) -> None:
-        """Raise what :meth:`watch` would refuse a new stream of ``client`` with now.
+    def check(self, client: str, resume_from: str = "") -> None:
+        """Raise what :meth:`watch` would refuse a new stream of ``client`` from
+        ``resume_from`` with now.
 
         Raises:
             TooManyWatchers: ``client`` holds ``max_per_client`` streams already.
+            TooManyFullCatchUps: the stream would be a full catch-up (no resumable
+                position) and ``client`` has started too many of those lately.
             FeedClosed: the reader is failing (Redis unreachable).
         """
         if self._clients.get(client, 0) >= self.max_per_client:
             raise TooManyWatchers(self.max_per_client)
+        if not self._resumable(resume_from) and self._full_catch_ups(client) < 1:
+            wait = (1 - self._full_catch_ups(client)) * FULL_CATCH_UP_EVERY
+            raise TooManyFullCatchUps(int(wait * 1000) + 1)
         if not self._reading:
             raise FeedClosed("revocation feed reader is reconnecting to Redis; retry")
 
@@ -252,7 +305,7 @@ class RevocationHub:
 
         Raises:
             BadRequest: ``resume_from`` is not a stream id.
-            TooManyWatchers, FeedClosed: see :meth:`check`.
+            TooManyWatchers, TooManyFullCatchUps, FeedClosed: see :meth:`check`.
             StoreUnavailable: Redis is unreachable.
         """
         if resume_from:
@@ -262,14 +315,18 @@ class RevocationHub:
                 raise BadRequest("resume_from is not a revocation event id") from None
         if self._last is None:
             await self.prime()  # (the server primes before it serves; this is a safeguard)
-        self.check(client)  # from here on no await until the watcher is registered
+        self.check(client, resume_from)  # from here on no await until it is registered
         self._clients[client] = self._clients.get(client, 0) + 1
+        if not self._resumable(resume_from):
+            self._spend_full_catch_up(client)
         queue: asyncio.Queue[object] = asyncio.Queue(_QUEUE)
         # taken in one step with the registration: no event falls between the two
         self._watchers.add(queue)
+        # after a RESET the watcher starts over: live events count from the catch-up, not
+        # from a position it was told is unknown
+        sent = _id(resume_from) if self._resumable(resume_from) else (0, 0)
         catch_up = self._catch_up(resume_from)
         try:
-            sent = _id(resume_from) if resume_from else (0, 0)
             for event in catch_up:
                 if event.id:
                     sent = max(sent, _id(event.id))
@@ -292,4 +349,11 @@ class RevocationHub:
                 self._clients.pop(client, None)
 
 
-__all__ = ["FeedClosed", "RevocationHub", "StoreUnavailable", "TooManyWatchers", "to_event"]
+__all__ = [
+    "FeedClosed",
+    "RevocationHub",
+    "StoreUnavailable",
+    "TooManyFullCatchUps",
+    "TooManyWatchers",
+    "to_event",
+]

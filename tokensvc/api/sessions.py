@@ -103,11 +103,11 @@ class SessionRpcs:
         resume_from = validation.text(
             "resume_from", request.resume_from, limit=validation.MAX_SHORT
         )
-        caller = current_caller()
-        # one client: one identity at one address (a workload's replicas each get the cap),
-        # or one network for anonymous callers
-        client = f"{caller.key}@{caller.address}" if caller.peer.identity else caller.key
-        self.hub.check(client)  # a refusal (cap, reader down) comes before the headers
+        # one client: one identity wherever it connects from (its addresses are its own to
+        # pick), or one network for anonymous callers (127.0.0.0/8, an IPv6 /64)
+        client = current_caller().key
+        # a refusal (cap, full catch-ups, reader down) comes before the headers
+        self.hub.check(client, resume_from)
         await context.send_initial_metadata(())  # the watcher knows it is connected at once
         async for event in self.hub.watch(resume_from, client):
             yield event

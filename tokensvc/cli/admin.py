@@ -25,7 +25,7 @@ from typing import Any
 
 from tokensvc import config
 from tokensvc.cli import local
-from tokensvc.cli.output import add_output_arg, emit, row
+from tokensvc.cli.output import add_output_arg, emit, printable, row
 from tokensvc.cli.transport import TransportError, add_transport_args, explain, open_channel
 
 
@@ -165,7 +165,7 @@ def _cmd_rpc(args: argparse.Namespace) -> int:
         try:
             reply = _call(pb_grpc.TokenServiceStub(chan), args)
         except grpc.RpcError as err:
-            print(f"tokensvc {args.rpc}: {explain(err, args)}", file=sys.stderr)
+            print(f"tokensvc {args.rpc}: {printable(explain(err, args))}", file=sys.stderr)
             return 1
     emit(_rows(reply), args.output, sys.stdout)
     return _say_what_was_revoked(args, reply)

@@ -53,13 +53,10 @@ def redis_url(args: argparse.Namespace) -> str:
         return str(url)
     directory = data_dir(args)
     # the embedded Redis of tokensvc.runtime.server.start: RedisProcess(data_dir / "redis",
-    # unix_socket=True), whose socket is <data_dir>/redis/redis.sock when that path is short
-    socket_path = (directory / "redis").resolve() / "redis.sock"
-    if len(str(socket_path)) >= 100:
-        raise RuntimeError(
-            f"the embedded Redis of {directory} listens on a TCP port (its socket path would "
-            "be too long); pass --redis-url"
-        )
+    # unix_socket=True), on a unix socket only (see tokensvc.redis.embedded.socket_path)
+    from tokensvc.redis.embedded import socket_path as embedded_socket
+
+    socket_path = embedded_socket(directory / "redis")
     if not socket_path.is_socket():
         raise RuntimeError(
             f"no embedded Redis running in {directory} (start `tokensvc serve --data-dir "

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from tokensvc import config
 from tokensvc.cli import admin, local, tokens
-from tokensvc.cli.output import add_output_arg, emit
+from tokensvc.cli.output import add_output_arg, emit, printable
 from tokensvc.cli.transport import (
     TransportError,
     add_transport_args,
@@ -84,7 +84,7 @@ def _cmd_health(args: argparse.Namespace) -> int:
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
             )
         except grpc.RpcError as err:
-            print(f"unhealthy: {explain(err, args)}", file=sys.stderr)
+            print(f"unhealthy: {printable(explain(err, args))}", file=sys.stderr)
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     if args.output == "json":
@@ -137,14 +137,19 @@ class _AuditTable:
                 print(f"{'TIME':20}  {'EVENT':15}  {'SUBJECT':20}  {'SESSION_ID':18}  PEER")
             ts = entry.get("ts")
             when = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ts / 1000)) if ts else "-"
-            sid = str(entry.get("session_id", "-"))
+            # every field may hold what a caller chose (a common name, a subject): escaped
+            sid = printable(str(entry.get("session_id", "-")))
             sid = sid if len(sid) <= 18 else sid[:17] + "…"
+            event, subject, peer = (
+                printable(str(entry.get(key, "-"))) for key in ("event", "subject", "peer")
+            )
             rest = " ".join(
-                f"{k}={v}" for k, v in entry.items() if k not in (*self.COLUMNS, "ts", "id")
+                f"{printable(str(k))}={printable(str(v))}"
+                for k, v in entry.items()
+                if k not in (*self.COLUMNS, "ts", "id")
             )
             print(
-                f"{when:20}  {entry.get('event', '-'):15}  {entry.get('subject', '-')!s:20}"
-                f"  {sid:18}  {entry.get('peer', '-')} {rest}".rstrip(),
+                f"{when:20}  {event:15}  {subject:20}  {sid:18}  {peer} {rest}".rstrip(),
                 flush=True,
             )
         if self.live:

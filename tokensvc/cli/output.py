@@ -1,6 +1,11 @@
 """One output convention for every ``tokensvc`` command: a readable table by default,
 ``--output json`` for one JSON object per line (snake_case keys, numbers as numbers,
 times as epoch seconds, unset times as null), for scripts and ``jq``.
+
+Table cells hold what callers control (subjects, session labels, certificate common
+names in the audit trail): every one goes through :func:`printable`, so a newline cannot
+forge a row and an ANSI escape or a bidi override cannot rewrite the operator's terminal.
+JSON escapes by itself.
 """
 
 from __future__ import annotations
@@ -8,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TextIO
 
@@ -49,6 +55,33 @@ def row(message: Message) -> dict[str, Any]:
     return out
 
 
+#: Unicode categories shown escaped: controls (C0, DEL, C1), format characters (bidi
+#: overrides and isolates, zero-width joiners, ...), surrogates, private use, unassigned,
+#: and the line and paragraph separators.
+_ESCAPED: frozenset[str] = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+_SHORT: dict[str, str] = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
+
+
+def _escape(char: str) -> str:
+    if char in _SHORT:
+        return _SHORT[char]
+    if unicodedata.category(char) not in _ESCAPED:
+        return char
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print on a terminal, one line: non-printable characters (controls,
+    C1, bidi overrides, other format characters, line separators) as Python-style escapes
+    (``\\n``, ``\\x1b``, ``\\u202e``), and ``\\`` doubled so an escape is never ambiguous."""
+    if text.isascii() and text.isprintable() and "\\" not in text:
+        return text  # the common case, fast
+    return "".join(_escape(char) for char in text)
+
+
 def _cell(value: Any, key: str) -> str:
     if value is None:
         return "-"
@@ -71,8 +104,8 @@ def emit(rows: Iterable[Mapping[str, Any]], fmt: str, out: TextIO) -> None:
     if not rows:
         print("(none)", file=out)
         return
-    columns = list(rows[0])
-    cells = [[_cell(item.get(key), key) for key in columns] for item in rows]
+    columns = [printable(str(key)) for key in rows[0]]
+    cells = [[printable(_cell(item.get(key), key)) for key in rows[0]] for item in rows]
     widths = [max(len(key), *(len(line[i]) for line in cells)) for i, key in enumerate(columns)]
     print(
         "  ".join(k.upper().ljust(w) for k, w in zip(columns, widths, strict=True)).rstrip(),

@@ -19,7 +19,7 @@ import argparse
 import sys
 from typing import Any
 
-from tokensvc.cli.output import add_output_arg, emit_one, row
+from tokensvc.cli.output import add_output_arg, emit_one, printable, row
 from tokensvc.cli.transport import TransportError, add_transport_args, explain, open_channel
 
 
@@ -123,7 +123,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"tokensvc {args.rpc}: {err}", file=sys.stderr)
             return 2
         except grpc.RpcError as err:
-            print(f"tokensvc {args.rpc}: {explain(err, args)}", file=sys.stderr)
+            print(f"tokensvc {args.rpc}: {printable(explain(err, args))}", file=sys.stderr)
             return 1
     emit_one(row(reply), args.output, sys.stdout)
     if args.rpc == "introspect" and not reply.active:

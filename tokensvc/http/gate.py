@@ -6,8 +6,11 @@ one client used to take every slot. So this module accepts the TCP connections i
 before spending any TLS work:
 
 * refuses (closes at once) a connection beyond :data:`MAX_PER_CLIENT` from one client --
-  one IPv4 address, or one IPv6 /64 (one host's addresses) -- and beyond
-  :data:`MAX_CONNECTIONS` in all;
+  one IPv4 address, or one IPv6 /64 (one host's addresses);
+* when :data:`MAX_CONNECTIONS` are held in all, still admits a client that holds fewer
+  than the largest holder: the largest holder's oldest connection still in its TLS
+  handshake is dropped for it (17 clients holding 16 half-open connections each must not
+  lock every other sidecar out); only when no such connection exists is it refused;
 * gives the TLS handshake :data:`HANDSHAKE_TIMEOUT` seconds;
 
 then hands the (TLS) connection to aiohttp's protocol, whose keep-alive timer
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import socket
@@ -85,8 +89,11 @@ class Gate:
     port: int = 0
     held: Counter[str] = field(default_factory=Counter)
     refused: int = 0
+    evicted: int = 0
     _accepting: asyncio.Task[None] | None = None
     _opening: set[asyncio.Task[None]] = field(default_factory=set)
+    #: per client, its connections still in the TLS handshake, oldest first
+    _handshaking: dict[str, dict[asyncio.Task[None], None]] = field(default_factory=dict)
 
     @classmethod
     async def start(
@@ -139,18 +146,59 @@ class Gate:
                 await asyncio.sleep(0.1)
                 continue
             client = client_of(address)
-            if self.held[client] >= MAX_PER_CLIENT or self.connections >= MAX_CONNECTIONS:
+            if self.held[client] >= MAX_PER_CLIENT or (
+                self.connections >= MAX_CONNECTIONS and not self._evict_for(client)
+            ):
                 self.refused += 1
                 conn.close()  # before any TLS work: refusing must stay cheap
                 continue
             self.held[client] += 1
             task = asyncio.create_task(self._open(conn, client))
             self._opening.add(task)
-            task.add_done_callback(self._opening.discard)
+            self._handshaking.setdefault(client, {})[task] = None
+            # released in a callback, not in _open: an evicted task may never have run
+            task.add_done_callback(functools.partial(self._release, conn, client))
+
+    def _evict_for(self, client: str) -> bool:
+        """Make room for ``client`` in a full gate: cancel the oldest handshaking
+        connection of the largest holder, if it holds more than ``client`` would with
+        one more (so the largest holders never evict each other). Returns whether one was
+        cancelled (its slot is released when its task ends, soon after)."""
+        mine = self.held[client] + 1
+        holders = sorted(self._handshaking, key=lambda c: self.held[c], reverse=True)
+        for holder in holders:
+            if self.held[holder] <= mine:
+                return False
+            pending = self._handshaking[holder]
+            if pending:
+                oldest = next(iter(pending))
+                del pending[oldest]
+                if not pending:
+                    del self._handshaking[holder]
+                oldest.cancel()
+                self.evicted += 1
+                return True
+        return False
+
+    def _release(self, conn: socket.socket, client: str, task: asyncio.Task[None]) -> None:
+        """The connection of ``task`` has ended (served, failed, timed out, evicted)."""
+        self._opening.discard(task)
+        self._handshaken(client, task)
+        conn.close()  # a no-op when the transport closed it already
+        self.held[client] -= 1
+        if self.held[client] <= 0:
+            del self.held[client]
+
+    def _handshaken(self, client: str, task: asyncio.Task[None]) -> None:
+        pending = self._handshaking.get(client)
+        if pending is not None:
+            pending.pop(task, None)
+            if not pending:
+                del self._handshaking[client]
 
     async def _open(self, conn: socket.socket, client: str) -> None:
-        """Handshake (if TLS) and hand the connection to aiohttp; release the slot when
-        the connection ends however it ends."""
+        """Handshake (if TLS) and hand the connection to aiohttp; return when the
+        connection ends however it ends (the slot is released by :meth:`_release`)."""
         loop = asyncio.get_running_loop()
         closed: asyncio.Future[None] = loop.create_future()
         handler = self.server()
@@ -162,11 +210,11 @@ class Gate:
                 ssl=self.context,
                 ssl_handshake_timeout=HANDSHAKE_TIMEOUT if self.context is not None else None,
             )
+            task = asyncio.current_task()
+            assert task is not None
+            self._handshaken(client, task)  # served now: no longer evictable
             await closed
         except (OSError, ssl.SSLError, TimeoutError):
             conn.close()  # handshake failed or timed out
         finally:
             self.server.ends.pop(handler, None)
-            self.held[client] -= 1
-            if self.held[client] <= 0:
-                del self.held[client]

@@ -103,7 +103,8 @@ def load_kek(path: Path | None, data_dir: Path) -> jwk.JWK:
     """Load the key-encryption key (a JWK with ``kty: oct``, 256 bits).
 
     Without ``path`` a development KEK is created in ``data_dir`` (mode 0600) and a
-    warning is logged: production must provide its own.
+    warning is logged: production must provide its own. Either file is warned about when
+    group or others may read it (a development KEK an older version wrote 0644 too).
     """
     if path is None:
         path = data_dir / "dev-kek.json"
@@ -112,7 +113,7 @@ def load_kek(path: Path | None, data_dir: Path) -> jwk.JWK:
         log.warning(
             "using a development key-encryption key from %s; set --kek-file in production", path
         )
-    elif path.stat().st_mode & 0o077:
+    if path.stat().st_mode & 0o077:
         log.warning(
             "key-encryption key %s is readable by group or others (mode %o): chmod 600 it",
             path,
@@ -145,7 +146,7 @@ def _create_dev_kek(path: Path) -> None:
     the key is written to a private temporary file that is then hard-linked into place,
     so concurrent starts (workers, replicas on one data directory) all read one complete
     key."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".dev-kek-")  # mode 0600
     try:
         with os.fdopen(fd, "w") as out:

@@ -9,6 +9,11 @@ embedded Redis per data directory, and no process that outlives its parent.
 - :func:`lock_directory`: an ``fcntl`` lock on a directory's lock file, held as long as
   the process (or a child that inherited it) lives; the embedded Redis takes one on its
   data directory.
+- :func:`runtime_directory`: ``$TMPDIR/tokensvc-<uid>``, the address locks and the
+  embedded Redis's socket when its data directory is too deep for one. ``$TMPDIR`` is
+  shared with every local user, so the directory is checked before use (ours, mode 0700,
+  not a symlink): one created first by someone else is refused, never used. Lock files
+  are opened without following symlinks.
 - :func:`die_with_parent`: on Linux the kernel sends SIGTERM to a worker when its parent
   dies, however it dies (``prctl(PR_SET_PDEATHSIG)``); workers also watch their parent's
   sentinel pipe (:mod:`tokensvc.runtime.workers`), the portable fallback.
@@ -23,6 +28,7 @@ import fcntl
 import os
 import signal
 import socket
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -35,17 +41,64 @@ class StartupError(RuntimeError):
     """The service cannot start; the message is the one line ``tokensvc serve`` prints."""
 
 
+def private_directory(path: Path, what: str) -> Path:
+    """Create ``path`` (mode 0700) unless it exists, then check that it is a directory
+    of this user that nobody else may enter: not a symlink (``lstat``), owned by our
+    uid, no group or other permission bits.
+
+    Raises:
+        StartupError: the directory is not private to us (one line: what to do).
+    """
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode):
+        raise StartupError(f"{what} {path} is not a directory (a symlink or a file): remove it")
+    if info.st_uid != os.getuid():
+        raise StartupError(
+            f"{what} {path} belongs to uid {info.st_uid}, not to this user "
+            f"(uid {os.getuid()}): remove it, or set TMPDIR to a private directory"
+        )
+    if info.st_mode & 0o077:
+        raise StartupError(
+            f"{what} {path} is open to other users (mode {info.st_mode & 0o777:o}): "
+            "chmod 700 it or remove it"
+        )
+    return path
+
+
+def runtime_directory() -> Path:
+    """This user's private directory for lock files and sockets, ``$TMPDIR/tokensvc-<uid>``
+    (checked by :func:`private_directory`).
+
+    Raises:
+        StartupError: the directory exists and is not private to us.
+    """
+    base = Path(tempfile.gettempdir()) / f"tokensvc-{os.getuid()}"
+    return private_directory(base, "the runtime directory")
+
+
+def _open_lock(path: Path) -> IO[str]:
+    """Open (create, mode 0600) the lock file ``path`` without following a symlink."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise StartupError(f"lock file {path} is a symlink: remove it") from None
+        raise
+    return os.fdopen(fd, "a+")
+
+
 def lock_directory(directory: Path, what: str) -> IO[str]:
     """Lock ``directory`` for this process: returns the open lock file (keep it open).
 
     The file holds the owner's pid, for the message another start prints.
 
     Raises:
-        StartupError: another process holds the lock.
+        StartupError: another process holds the lock, or the lock file is a symlink.
     """
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "lock"
-    handle = path.open("a+")
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    handle = _open_lock(directory / "lock")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -68,15 +121,14 @@ def claim_address(listen: str) -> IO[str] | None:
     kernel picks a free port, nobody can collide).
 
     Raises:
-        StartupError: the address is in use ("address in use: ...").
+        StartupError: the address is in use ("address in use: ..."), or the runtime
+            directory holding the address locks is not private (:func:`runtime_directory`).
     """
     host, _, port_text = listen.rpartition(":")
     host, port = host.strip("[]"), int(port_text)
     if port == 0:
         return None
-    runtime = Path(tempfile.gettempdir()) / f"tokensvc-{os.getuid()}"
-    runtime.mkdir(mode=0o700, exist_ok=True)
-    handle = (runtime / f"{host.replace(':', '_')}_{port}.lock").open("a+")
+    handle = _open_lock(runtime_directory() / f"{host.replace(':', '_')}_{port}.lock")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

