@@ -13,6 +13,10 @@ Per request, in this order:
    For a urlencoded form the body is read (up to ``max_form_bytes``) for the token and
    handed on to the app unchanged.
 2. The session cookie is opened; one that does not open is no session (and is cleared).
+   The ``Cookie`` header is read strictly (:func:`~tokensvc_client.web.cookies.
+   parse_cookie_header`): a look-alike name planted by a sibling host is ignored, and a
+   request carrying the session or CSRF cookie twice has none (nothing is cleared: the
+   browser would then send only the other one).
    The session is verified, refreshed when due (once per session), and made available to
    handlers (:func:`~tokensvc_client.web.context.current_session` ...).
 3. A session that has ended (refresh refused: revoked, reused, expired) has its cookie
@@ -35,7 +39,7 @@ from typing import Any, Literal
 from tokensvc_client.web import context
 from tokensvc_client.web.backend import WebBackend
 from tokensvc_client.web.context import NoSession, RequestState
-from tokensvc_client.web.cookies import request_cookies
+from tokensvc_client.web.cookies import parse_cookie_header
 from tokensvc_client.web.csrf import (
     SAFE_METHODS,
     CsrfReason,
@@ -78,7 +82,7 @@ class TokenSessionMiddleware:
             await self.app(scope, receive, send)
             return
         headers = _headers(scope)
-        cookies = request_cookies(headers.get("cookie", ""))
+        cookies = parse_cookie_header(headers.get("cookie", "")).values
         method = str(scope["method"]).upper()
         path = str(scope.get("path", "/"))
         jar = self.backend.cookies
