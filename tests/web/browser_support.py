@@ -168,9 +168,10 @@ class _Sibling(http.server.BaseHTTPRequestHandler):
 
 
 class SiblingSite:
-    """The app on ``app.example.test`` against ``tokensvc``, and the sibling host."""
+    """The app on ``app.example.test`` against ``tokensvc`` (``tls``: the backend's
+    ``ca``/``cert``/``key``, or ``insecure``), and the sibling host."""
 
-    def __init__(self, tokensvc: ServerThread, certs: Path) -> None:
+    def __init__(self, tokensvc: ServerThread, certs: Path, tls: dict[str, Any]) -> None:
         self.tokensvc = tokensvc
         self.certs = certs
         port = free_port()
@@ -185,7 +186,7 @@ class SiblingSite:
             login_url="/login",
             public_paths=["/login"],
         )
-        backend = web.WebBackend(settings, target=tokensvc.target, insecure=True)
+        backend = web.WebBackend(settings, target=tokensvc.target, **tls)
         self.recorder = _Recorder(site_app(backend))
         config = uvicorn.Config(
             self.recorder,

@@ -1,10 +1,13 @@
-"""Real headless Chromium: a sibling host cannot shadow the session cookie.
+"""Real headless Chromium: a sibling host cannot shadow the session cookie, and a session
+revoked elsewhere is signed out (not answered 500).
 
 The app runs behind the helper on ``https://app.example.test``; the "attacker" is the
 sibling host ``https://evil.example.test``, a same-site origin that may set cookies for the
-parent domain (both resolve to 127.0.0.1 inside Chromium only). Access tokens live 5
-minutes here and there is no revocation feed: a revoked session's token is still valid
-locally, so only tokensvc's own answer can tell.
+parent domain (both resolve to 127.0.0.1 inside Chromium only). tokensvc runs over mTLS
+with a caller policy under which the backend may Issue and Revoke and lists sessions only
+with the user's own token. Access tokens live 5 minutes here and there is no revocation
+feed: a revoked session's token is still valid locally, so only tokensvc's own answer can
+tell.
 """
 
 from __future__ import annotations
@@ -32,16 +35,35 @@ from tokensvc.redis.embedded import RedisProcess
 
 pytestmark = pytest.mark.timeout(120)
 
+POLICY = """
+[rpc.Issue]
+allow = ["spiffe://tokensvc.test/ns/auth/sa/login"]
+[rpc.Revoke]
+allow = ["spiffe://tokensvc.test/ns/auth/sa/login"]
+"""
+
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Iterator[SiblingSite]:
     tmp = tmp_path_factory.mktemp("web-sibling")
     certs = tmp / "certs"
-    write_dev_pki(certs)
+    pki = write_dev_pki(certs)
+    (tmp / "policy.toml").write_text(POLICY)
     redis = RedisProcess(tmp / "redis", prefer_system=prefer_system()).start()
-    tokensvc = ServerThread(settings_for(redis.url, tmp / "data", access_ttl=300))
+    settings = settings_for(
+        redis.url,
+        tmp / "data",
+        access_ttl=300,
+        insecure=False,
+        tls_cert=pki["server"].cert,
+        tls_key=pki["server"].key,
+        tls_client_ca=pki["server"].ca,
+        policy_file=tmp / "policy.toml",
+    )
+    tokensvc = ServerThread(settings)
+    login = pki["login"]
     try:
-        app = SiblingSite(tokensvc, certs)
+        app = SiblingSite(tokensvc, certs, {"ca": login.ca, "cert": login.cert, "key": login.key})
     except BaseException:
         tokensvc.stop()
         redis.stop()
@@ -110,3 +132,21 @@ def test_a_sibling_host_cannot_shadow_the_session_or_csrf_cookie(browsers, site)
     row.find_element(By.TAG_NAME, "button").click()  # sign out this device
     WebDriverWait(victim, WAIT).until(lambda d: d.title == "Sign in")
     assert cookie(victim, SESSION) is None
+
+
+def test_a_session_revoked_elsewhere_is_signed_out_not_an_error(browsers, site):
+    laptop, phone = browsers
+    site.login(phone, "carol")
+    site.login(laptop, "carol")
+    laptop.get(f"{site.origin}/devices")
+    assert len(laptop.find_elements(By.CSS_SELECTOR, "tbody tr")) == 2
+    laptop.find_element(By.CSS_SELECTOR, "button.danger").click()  # sign out everywhere
+    WebDriverWait(laptop, WAIT).until(lambda d: d.title == "Sign in")
+
+    # the phone's access token is still valid (minutes), and no feed tells the backend;
+    # ListSessions at tokensvc refuses it: the phone is signed out, not shown an error
+    phone.get(f"{site.origin}/devices")
+    WebDriverWait(phone, WAIT).until(lambda d: d.title == "Sign in")
+    assert cookie(phone, SESSION) is None
+    phone.get(site.origin)
+    assert phone.title == "Sign in"
