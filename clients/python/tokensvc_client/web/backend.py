@@ -51,7 +51,7 @@ from tokensvc_client.jwks import AsyncJwksCache, KeyRequest
 from tokensvc_client.results import SessionInfo
 from tokensvc_client.verifier import DEFAULT_LEEWAY_SECONDS, Claims, Verifier
 from tokensvc_client.web.context import NoSession, RequestState, WebSession, request_state
-from tokensvc_client.web.cookies import CookieJar
+from tokensvc_client.web.cookies import CookieJar, CookieRefusal
 from tokensvc_client.web.csrf import CsrfRefusal
 from tokensvc_client.web.refresh import Refresher, StoredSession
 from tokensvc_client.web.settings import WebSettings
@@ -103,7 +103,9 @@ class WebBackend:
         revocation_check: optional, as for the interceptors (e.g. a started
             ``RevocationFeed``): a revoked session is then refused at once, not at its
             next refresh.
-        audit: called with every CSRF refusal (after it is logged).
+        audit: called with every CSRF refusal and every refused cookie (tampered,
+            truncated, another key's, malformed, sent twice), after it is logged; the
+            records hold no cookie value.
         leeway: clock skew tolerated for ``nbf``/``iat``.
         clock: epoch seconds; injectable for tests.
         timeout: deadline of each call to tokensvc.
@@ -119,7 +121,7 @@ class WebBackend:
         key: Pem | None = None,
         insecure: bool = False,
         revocation_check: RevocationCheck | None = None,
-        audit: Callable[[CsrfRefusal], None] | None = None,
+        audit: Callable[[CsrfRefusal | CookieRefusal], None] | None = None,
         leeway: int = DEFAULT_LEEWAY_SECONDS,
         clock: Callable[[], float] = time.time,
         timeout: float = 5.0,

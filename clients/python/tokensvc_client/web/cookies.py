@@ -17,10 +17,16 @@ the header itself (:func:`parse_cookie_header`): split on ``;``, strip only spac
 names matched byte for byte, names that are not RFC 6265 tokens ignored; and a name sent
 twice counts as not sent at all (:attr:`RequestCookies.repeated`), since no one can tell
 which of the two the backend set.
+
+**Refusals leave a trace.** A session cookie that does not open (tampered, truncated,
+another key's, malformed) or a cookie name sent twice is a :class:`CookieRefusal`: the
+middleware logs it (rate-limited) and hands it to the backend's audit hook, with the
+reason and the key id the value names -- never the value.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import secrets
 import string
@@ -28,12 +34,50 @@ from dataclasses import dataclass
 
 from tokensvc_client.results import TokenPair
 from tokensvc_client.web.refresh import StoredSession
-from tokensvc_client.web.sealing import CookieSealer
+from tokensvc_client.web.sealing import CookieSealer, SealError, SealFailure
 from tokensvc_client.web.settings import WebSettings
 
-__all__ = ["CookieJar", "RequestCookies", "parse_cookie_header"]
+__all__ = [
+    "CookieJar",
+    "CookieReason",
+    "CookieRefusal",
+    "RequestCookies",
+    "parse_cookie_header",
+]
 
 _FORMAT = 1
+
+
+class CookieReason(enum.StrEnum):
+    """Why a cookie of the helper was not used (the ``reason`` logged and audited)."""
+
+    #: not a sealed value of this format (or, sealed by us, not a session of this format)
+    MALFORMED = SealFailure.MALFORMED.value
+    #: sealed under a key this backend does not hold: dropped in a rotation, or another
+    #: deployment's
+    UNKNOWN_KEY = SealFailure.UNKNOWN_KEY.value
+    #: the authentication tag fails: altered, truncated, or another cookie's value
+    TAG_MISMATCH = SealFailure.TAG_MISMATCH.value
+    #: the cookie's name twice in one request: which one the backend set cannot be told
+    REPEATED = "repeated"
+
+
+@dataclass(frozen=True, slots=True)
+class CookieRefusal:
+    """A cookie that was not used, as logged and audited: nothing secret in it.
+
+    Attributes:
+        reason: the stable reason code.
+        cookie: the cookie's name.
+        key_id: the key id the value names (public: a hash of a key), or ``""``.
+        method / path: of the request (path cut to 200 characters).
+    """
+
+    reason: CookieReason
+    cookie: str
+    key_id: str
+    method: str
+    path: str
 
 
 def _to_json(stored: StoredSession) -> bytes:
@@ -120,8 +164,23 @@ class CookieJar:
         value = cookies.get(self._settings.session_cookie)
         if not value:
             return None
-        raw = self._sealer.open(self._settings.session_cookie, value)
-        return None if raw is None else _from_json(raw)
+        try:
+            return self.open_session(value)
+        except SealError:
+            return None
+
+    def open_session(self, value: str) -> StoredSession:
+        """The session sealed in a session cookie's ``value``.
+
+        Raises:
+            SealError: it does not open, or opens to no session of this format
+                (``MALFORMED``).
+        """
+        raw = self._sealer.unseal(self._settings.session_cookie, value)
+        stored = _from_json(raw)
+        if stored is None:
+            raise SealError(SealFailure.MALFORMED, value.partition(".")[0])
+        return stored
 
     def set_session(self, stored: StoredSession, now: float) -> str:
         """``Set-Cookie`` holding ``stored``, living as long as its refresh token (which
