@@ -10,12 +10,9 @@ port: SameSite cookies do not stop it, the CSRF checks must).
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import http.server
 import json
 import os
-import shutil
 import ssl
 import subprocess
 import sys
@@ -27,15 +24,13 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.support import ServerThread, settings_for
 from tests.topology import prefer_system
+from tests.web.browser_support import WAIT, chrome
 from tokensvc.cli.devcerts import write_dev_pki
 from tokensvc.redis.embedded import RedisProcess, free_port
 from tokensvc_client import web
@@ -45,13 +40,6 @@ pytestmark = pytest.mark.timeout(90)  # each test takes seconds; a hang must not
 
 ROOT = Path(__file__).resolve().parents[2]
 SESSION = "__Host-tokensvc-session"
-WAIT = 10  # seconds: the most any single step may take
-
-
-def _spki_hash(cert_pem: Path) -> str:
-    cert = x509.load_pem_x509_certificate(cert_pem.read_bytes())
-    der = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-    return base64.b64encode(hashlib.sha256(der).digest()).decode()
 
 
 class Example:
@@ -172,28 +160,7 @@ def example(tmp_path_factory) -> Iterator[Example]:
 
 @pytest.fixture(scope="module")
 def browser(example, tmp_path_factory) -> Iterator[webdriver.Chrome]:
-    chromium = shutil.which("chromium")
-    chromedriver = shutil.which("chromedriver")
-    assert chromium and chromedriver, "run .ci/tools.d/chromium.sh (make test does)"
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
-        # trust exactly the test server's key (the dev CA is not in any store)
-        f"--ignore-certificate-errors-spki-list={_spki_hash(example.certs / 'server.pem')}",
-    ):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=chromedriver))
-    driver.set_page_load_timeout(WAIT)
+    driver = chrome(tmp_path_factory.mktemp("chromium-profile"), example.certs / "server.pem")
     yield driver
     driver.quit()
 

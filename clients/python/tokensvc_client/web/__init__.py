@@ -39,6 +39,7 @@ from tokensvc_client.web.context import (
     current_session_or_none,
     session_call_credentials,
 )
+from tokensvc_client.web.cookies import CookieReason, CookieRefusal
 from tokensvc_client.web.csrf import CsrfReason, CsrfRefusal
 from tokensvc_client.web.devices import render_devices, session_routes
 from tokensvc_client.web.middleware import TokenSessionMiddleware
@@ -46,6 +47,8 @@ from tokensvc_client.web.sealing import CookieSealer, generate_key
 from tokensvc_client.web.settings import WebSettings
 
 __all__ = [
+    "CookieReason",
+    "CookieRefusal",
     "CookieSealer",
     "CsrfReason",
     "CsrfRefusal",

@@ -13,6 +13,14 @@ gRPC asyncio channels, asyncio locks and futures belong to one event loop; the b
 opens its connection lazily in the loop that serves requests (and anew if that loop
 changes, as in tests that start several), so it can be built at import time.
 
+**A session ended elsewhere.** Without a revocation check the backend learns that a
+session was revoked elsewhere ("sign out everywhere" in another browser, an operator) only
+when tokensvc refuses it: at the next refresh, or when a call made for the session
+(ListSessions with its token, a Revoke) is answered UNAUTHENTICATED or PERMISSION_DENIED.
+Such an answer ends the browser session like a refused refresh: the cookie is cleared and
+:class:`~tokensvc_client.web.context.NoSession` raised (the middleware answers 401 or
+redirects to ``login_url``); a logout simply completes.
+
 **ListSessions and its audience.** The devices page lists the user's sessions with the
 user's *own* access token (ListSessions' self-service path): the web backend needs no
 admin identity, and can list no one else's sessions. tokensvc requires that token's
@@ -43,7 +51,7 @@ from tokensvc_client.jwks import AsyncJwksCache, KeyRequest
 from tokensvc_client.results import SessionInfo
 from tokensvc_client.verifier import DEFAULT_LEEWAY_SECONDS, Claims, Verifier
 from tokensvc_client.web.context import NoSession, RequestState, WebSession, request_state
-from tokensvc_client.web.cookies import CookieJar
+from tokensvc_client.web.cookies import CookieJar, CookieRefusal
 from tokensvc_client.web.csrf import CsrfRefusal
 from tokensvc_client.web.refresh import Refresher, StoredSession
 from tokensvc_client.web.settings import WebSettings
@@ -54,6 +62,8 @@ log = logging.getLogger("tokensvc_client.web")
 
 #: Refresh failures that end the session (revoked, reused, expired, refused).
 _ENDED = (Unauthenticated, InvalidArgument, PermissionDenied)
+#: Answers to a call made for a session that end it (revoked elsewhere, refused).
+_REFUSED = (Unauthenticated, PermissionDenied)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +103,9 @@ class WebBackend:
         revocation_check: optional, as for the interceptors (e.g. a started
             ``RevocationFeed``): a revoked session is then refused at once, not at its
             next refresh.
-        audit: called with every CSRF refusal (after it is logged).
+        audit: called with every CSRF refusal and every refused cookie (tampered,
+            truncated, another key's, malformed, sent twice), after it is logged; the
+            records hold no cookie value.
         leeway: clock skew tolerated for ``nbf``/``iat``.
         clock: epoch seconds; injectable for tests.
         timeout: deadline of each call to tokensvc.
@@ -109,7 +121,7 @@ class WebBackend:
         key: Pem | None = None,
         insecure: bool = False,
         revocation_check: RevocationCheck | None = None,
-        audit: Callable[[CsrfRefusal], None] | None = None,
+        audit: Callable[[CsrfRefusal | CookieRefusal], None] | None = None,
         leeway: int = DEFAULT_LEEWAY_SECONDS,
         clock: Callable[[], float] = time.time,
         timeout: float = 5.0,
@@ -258,8 +270,12 @@ class WebBackend:
         state = request_state()
         if state.session is not None:
             sid = state.session.session_id
-            await self._connection().client.revoke(session_id=sid, reason="web: logout")
-            log.info("logged out sid=%s", sid)
+            try:
+                await self._connection().client.revoke(session_id=sid, reason="web: logout")
+            except _REFUSED as err:  # over already, or not ours to end: signed out here
+                log.info("logout refused by tokensvc sid=%s: %s", sid, err.code.name)
+            else:
+                log.info("logged out sid=%s", sid)
         self.end(state)
 
     async def logout_everywhere(self) -> int:
@@ -269,15 +285,19 @@ class WebBackend:
             The number of sessions revoked.
 
         Raises:
-            NoSession: an anonymous request.
+            NoSession: an anonymous request, or tokensvc refused the session (ended
+                elsewhere): its cookie is cleared.
         """
         state = request_state()
         if state.session is None:
             raise NoSession("no session")
         subject = state.session.claims.subject
-        count = await self._connection().client.revoke(
-            subject=subject, reason="web: sign out everywhere"
-        )
+        try:
+            count = await self._connection().client.revoke(
+                subject=subject, reason="web: sign out everywhere"
+            )
+        except _REFUSED as err:
+            raise self._refused(state, err) from err
         log.info("signed out everywhere sid=%s sessions=%d", state.session.session_id, count)
         self.end(state)
         return count
@@ -286,14 +306,19 @@ class WebBackend:
         """This user's sessions (ListSessions with the user's own access token).
 
         Raises:
-            NoSession: an anonymous request.
+            NoSession: an anonymous request, or tokensvc refused the session's token
+                (revoked elsewhere, while still valid here): its cookie is cleared.
         """
-        session = request_state().session
+        state = request_state()
+        session = state.session
         if session is None:
             raise NoSession("no session")
-        return await self._connection().client.list_sessions(
-            session.claims.subject, access_token=session.tokens.access_token
-        )
+        try:
+            return await self._connection().client.list_sessions(
+                session.claims.subject, access_token=session.tokens.access_token
+            )
+        except _REFUSED as err:
+            raise self._refused(state, err) from err
 
     async def revoke_session(self, session_id: str) -> bool:
         """Revoke one of *this user's* sessions (a revoke button of the devices page);
@@ -302,16 +327,29 @@ class WebBackend:
         Returns:
             Whether ``session_id`` was an active session of the user (anything else,
             another user's session included, is left alone).
+
+        Raises:
+            NoSession: as for :meth:`sessions`.
         """
         state = request_state()
         mine = {s.session_id for s in await self.sessions() if s.active}
         if session_id not in mine:
             return False
-        await self._connection().client.revoke(session_id=session_id, reason="web: device")
+        try:
+            await self._connection().client.revoke(session_id=session_id, reason="web: device")
+        except _REFUSED as err:
+            raise self._refused(state, err) from err
         log.info("revoked device sid=%s", session_id)
         if state.session is not None and state.session.session_id == session_id:
             self.end(state)
         return True
+
+    def _refused(self, state: RequestState, err: Unauthenticated | PermissionDenied) -> NoSession:
+        """tokensvc refused a call made for the request's session: end it here too."""
+        sid = state.session.session_id if state.session is not None else "-"
+        log.info("session refused by tokensvc sid=%s: %s", sid, err.code.name)
+        self.end(state)
+        return NoSession("the session has ended")
 
     def end(self, state: RequestState) -> None:
         """Forget the request's session and clear its cookie (and renew the CSRF token)."""

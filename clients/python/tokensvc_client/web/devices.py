@@ -20,13 +20,19 @@ and DELETE pass the CSRF checks):
 After the form posts the browser is sent (303) back to the page, or -- once its own
 session is gone -- to ``login_url`` (or ``/``). Only the user's own sessions can be
 revoked: a session id that ListSessions does not show for the user is left alone.
+
+A session that tokensvc refuses on one of these calls (revoked elsewhere while its access
+token is still valid here) is signed out: its cookie is cleared and the pages answer like
+any ended session (303 to ``login_url``, else 401); the JSON endpoints always answer 401
+``{"error": "unauthenticated"}``, as they do for an anonymous request.
 """
 
 from __future__ import annotations
 
+import functools
 import html
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -34,7 +40,12 @@ from starlette.routing import Route
 
 from tokensvc_client.results import SessionInfo
 from tokensvc_client.web.backend import WebBackend
-from tokensvc_client.web.context import csrf_token, current_session, current_session_or_none
+from tokensvc_client.web.context import (
+    NoSession,
+    csrf_token,
+    current_session,
+    current_session_or_none,
+)
 from tokensvc_client.web.csrf import form_field
 
 __all__ = ["render_devices", "session_routes"]
@@ -129,6 +140,24 @@ def _page_headers(origins: Sequence[str]) -> dict[str, str]:
     }
 
 
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def _json_api(endpoint: Endpoint) -> Endpoint:
+    """``endpoint`` answering 401 JSON without a session (rather than a redirect meant for
+    pages); the middleware adds the cleared cookie of a session that just ended."""
+
+    @functools.wraps(endpoint)
+    async def answered(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except NoSession:
+            body = {"error": "unauthenticated"}
+            return JSONResponse(body, status_code=401, headers=_API_HEADERS)
+
+    return answered
+
+
 def _as_json(session: SessionInfo, current_sid: str) -> dict[str, object]:
     return {
         "session_id": session.session_id,
@@ -192,7 +221,7 @@ def session_routes(backend: WebBackend) -> list[Route]:
         Route("/devices/revoke", revoke, methods=["POST"]),
         Route("/devices/sign-out-everywhere", everywhere, methods=["POST"]),
         Route("/logout", logout, methods=["POST"]),
-        Route("/api/sessions", api_list, methods=["GET"]),
-        Route("/api/sessions", api_everywhere, methods=["DELETE"]),
-        Route("/api/sessions/{session_id}", api_revoke, methods=["DELETE"]),
+        Route("/api/sessions", _json_api(api_list), methods=["GET"]),
+        Route("/api/sessions", _json_api(api_everywhere), methods=["DELETE"]),
+        Route("/api/sessions/{session_id}", _json_api(api_revoke), methods=["DELETE"]),
     ]

@@ -13,6 +13,14 @@ Per request, in this order:
    For a urlencoded form the body is read (up to ``max_form_bytes``) for the token and
    handed on to the app unchanged.
 2. The session cookie is opened; one that does not open is no session (and is cleared).
+   The ``Cookie`` header is read strictly (:func:`~tokensvc_client.web.cookies.
+   parse_cookie_header`): a look-alike name planted by a sibling host is ignored, and a
+   request carrying the session or CSRF cookie twice has none (nothing is cleared: the
+   browser would then send only the other one).
+   Such refusals are logged as warnings, at most one per reason per
+   ``COOKIE_WARNING_INTERVAL`` seconds (with the number held back since), and every one is
+   passed to the backend's audit hook (:class:`~tokensvc_client.web.cookies.CookieRefusal`:
+   reason, cookie name, key id, method, path; never the value).
    The session is verified, refreshed when due (once per session), and made available to
    handlers (:func:`~tokensvc_client.web.context.current_session` ...).
 3. A session that has ended (refresh refused: revoked, reused, expired) has its cookie
@@ -29,21 +37,29 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, Literal
 
 from tokensvc_client.web import context
 from tokensvc_client.web.backend import WebBackend
 from tokensvc_client.web.context import NoSession, RequestState
-from tokensvc_client.web.cookies import request_cookies
+from tokensvc_client.web.cookies import (
+    CookieReason,
+    CookieRefusal,
+    RequestCookies,
+    parse_cookie_header,
+)
 from tokensvc_client.web.csrf import (
     SAFE_METHODS,
     CsrfReason,
+    CsrfRefusal,
     check_request,
     form_field,
     needs_form,
     refusal,
 )
+from tokensvc_client.web.sealing import SealError
 
 __all__ = ["TokenSessionMiddleware"]
 
@@ -56,8 +72,36 @@ Send = Callable[[Message], Awaitable[None]]
 App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+#: seconds between two warnings of one refused-cookie reason
+COOKIE_WARNING_INTERVAL = 60.0
+
+
 class _BodyTooLarge(Exception):
     pass
+
+
+class Throttle:
+    """At most one warning per key per ``interval`` seconds, counting those held back
+    (so a flood of bad cookies cannot flood the log, and still shows in it).
+
+    Keys are a small fixed set (the reasons), so memory is bounded."""
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def allow(self, key: str) -> int | None:
+        """``None``: hold this one back; else log it, with the number held back since the
+        previous one."""
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self._interval:
+            self._held[key] = self._held.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._held.pop(key, 0)
 
 
 class TokenSessionMiddleware:
@@ -72,15 +116,16 @@ class TokenSessionMiddleware:
         self.app = app
         self.backend = backend
         self.settings = backend.settings
+        self.cookie_warnings = Throttle(COOKIE_WARNING_INTERVAL)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = _headers(scope)
-        cookies = request_cookies(headers.get("cookie", ""))
         method = str(scope["method"]).upper()
         path = str(scope.get("path", "/"))
+        cookies = self._cookies(headers.get("cookie", ""), method, path)
         jar = self.backend.cookies
         csrf = jar.csrf(cookies)
         state = RequestState(csrf=csrf or jar.new_csrf())
@@ -91,7 +136,7 @@ class TokenSessionMiddleware:
             if checked is None:
                 return  # answered: refused
             receive = checked
-        outcome = await self._resolve(cookies, state, f"{method} {path}")
+        outcome = await self._resolve(cookies, state, method, path)
         if outcome == "unavailable":
             await _json(send, 503, {"error": "unavailable"}, [])
             return
@@ -126,18 +171,33 @@ class TokenSessionMiddleware:
             return None
         return receive
 
+    def _cookies(self, header: str, method: str, path: str) -> dict[str, str]:
+        """The request's cookies; the session or CSRF cookie sent twice is refused."""
+        parsed: RequestCookies = parse_cookie_header(header)
+        for name in (self.settings.session_cookie, self.settings.csrf_cookie):
+            if name in parsed.repeated:
+                self._cookie_refused(CookieReason.REPEATED, name, "", method, path)
+        return parsed.values
+
     async def _resolve(
-        self, cookies: dict[str, str], state: RequestState, where: str
+        self, cookies: dict[str, str], state: RequestState, method: str, path: str
     ) -> Literal["ok", "ended", "unavailable"]:
         """Put the request's session (if any) into ``state``: ``"ok"``, ``"ended"`` (its
         cookie is cleared) or ``"unavailable"``."""
         jar = self.backend.cookies
-        stored = jar.session(cookies)
-        if stored is None:
-            if self.settings.session_cookie in cookies:
-                state.cookie(jar.clear_session())  # unreadable: treated as none
+        name = self.settings.session_cookie
+        value = cookies.get(name)
+        if value is None:
             return "ok"
-        outcome = await self.backend.resolve(stored, where)
+        try:
+            stored = jar.open_session(value) if value else None
+        except SealError as err:
+            self._cookie_refused(CookieReason(err.reason.value), name, err.key_id, method, path)
+            stored = None
+        if stored is None:
+            state.cookie(jar.clear_session())  # unreadable: treated as none
+            return "ok"
+        outcome = await self.backend.resolve(stored, f"{method} {path}")
         if outcome.unavailable:
             return "unavailable"
         if outcome.ended:
@@ -189,12 +249,32 @@ class TokenSessionMiddleware:
             record.origin,
             record.fetch_site,
         )
+        self._audit(record)
+        await _json(send, 403, {"error": "csrf", "reason": reason.value}, [])
+
+    def _cookie_refused(
+        self, reason: CookieReason, cookie: str, key_id: str, method: str, path: str
+    ) -> None:
+        record = CookieRefusal(reason, cookie, key_id, method, path[:200])
+        held = self.cookie_warnings.allow(reason.value)
+        if held is not None:
+            log.warning(
+                "cookie refused: %s on %s %r: %s (key id %r)%s",
+                record.cookie,
+                record.method,
+                record.path,
+                record.reason.value,
+                record.key_id,
+                f"; {held} more since the last warning" if held else "",
+            )
+        self._audit(record)
+
+    def _audit(self, record: CsrfRefusal | CookieRefusal) -> None:
         if self.backend.audit is not None:
             try:
                 self.backend.audit(record)
             except Exception:
-                log.exception("csrf audit hook failed")
-        await _json(send, 403, {"error": "csrf", "reason": reason.value}, [])
+                log.exception("audit hook failed")
 
     async def _unauthenticated(self, send: Send, state: RequestState) -> None:
         cookies = _cookie_headers(state.set_cookies.values())

@@ -10,25 +10,58 @@ it, so no configuration of names is needed); the cookie's name is the associated
 sealed value cannot be moved from one cookie to another. Key rotation: the first key seals,
 every key opens; put a new key first, keep the old one until the longest cookie lifetime
 has passed, then drop it.
+
+A value that does not open says why (:class:`SealError`: malformed, unknown key, failed
+tag) and which key id it names, for the helper's log and audit hook -- never the value.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import enum
 import hashlib
 import os
+import re
 from collections.abc import Sequence
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-__all__ = ["CookieSealer", "generate_key"]
+__all__ = ["CookieSealer", "SealError", "SealFailure", "generate_key"]
 
 KEY_BYTES = 32
 _NONCE_BYTES = 12
 #: Browsers keep cookies up to about 4096 bytes (name, value and attributes).
 MAX_COOKIE_VALUE = 3800
+#: what a key id looks like (``key_id`` makes 8 characters); anything else is not one
+_KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,16}")
+
+
+class SealFailure(enum.StrEnum):
+    """Why a value does not open."""
+
+    #: not ``<kid>.<base64url>``, too long, too short, not base64url
+    MALFORMED = "malformed"
+    #: names a key this sealer does not hold (dropped in a rotation, another deployment's)
+    UNKNOWN_KEY = "unknown_key"
+    #: the authentication tag fails: altered, truncated, or sealed for another cookie
+    TAG_MISMATCH = "tag_mismatch"
+
+
+class SealError(ValueError):
+    """A value that does not open.
+
+    Attributes:
+        reason: why.
+        key_id: the key id the value names, or ``""`` when it names none (a key id is
+            public: it is a hash of the key; the rest of the value is never kept here).
+    """
+
+    def __init__(self, reason: SealFailure, key_id: str = "") -> None:
+        super().__init__(f"{reason.value} (key id {key_id!r})")
+        self.reason = reason
+        self.key_id = key_id
 
 
 def generate_key() -> bytes:
@@ -85,22 +118,35 @@ class CookieSealer:
     def open(self, name: str, value: str) -> bytes | None:
         """The plaintext of a value sealed for ``name`` by one of the keys, else ``None``
         (tampered, truncated, another cookie's, an unknown or dropped key)."""
-        if len(value) > MAX_COOKIE_VALUE:
+        try:
+            return self.unseal(name, value)
+        except SealError:
             return None
+
+    def unseal(self, name: str, value: str) -> bytes:
+        """The plaintext of a value sealed for ``name`` by one of the keys.
+
+        Raises:
+            SealError: it does not open, and why.
+        """
         kid, dot, body = value.partition(".")
+        if not dot or not _KEY_ID.fullmatch(kid):
+            raise SealError(SealFailure.MALFORMED)
+        if len(value) > MAX_COOKIE_VALUE:
+            raise SealError(SealFailure.MALFORMED, kid)
         aead = self._keys.get(kid)
-        if not dot or aead is None:
-            return None
+        if aead is None:
+            raise SealError(SealFailure.UNKNOWN_KEY, kid)
         try:
             raw = _unb64(body)
         except (binascii.Error, ValueError):
-            return None
+            raise SealError(SealFailure.MALFORMED, kid) from None
         if len(raw) <= _NONCE_BYTES:
-            return None
+            raise SealError(SealFailure.MALFORMED, kid)
         try:
             return aead.decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], self._aad(name))
         except InvalidTag:
-            return None
+            raise SealError(SealFailure.TAG_MISMATCH, kid) from None
 
     @staticmethod
     def _aad(name: str) -> bytes:
