@@ -46,6 +46,7 @@ from jwcrypto import jwe, jwk
 
 from tokensvc.redis.connection import RedisClient
 from tokensvc.store import guarded, text
+from tokensvc.store.keyspace import AUDIT_STREAM, REVOCATIONS
 from tokensvc_client.verifier import ALGORITHM, KeySet, b64url_decode
 
 log = logging.getLogger("tokensvc.keyring")
@@ -229,13 +230,26 @@ class KeyRing:
         """Read the ring from Redis, creating the first key if there is none."""
         await self._load_secrets()
         if not await guarded(self._redis.exists, ACTIVE_KEY):
+            # a ring this process had, or the traces of a running deployment, mean Redis
+            # lost its data (restarted empty, a failover to an empty replica, a flush)
+            lost = self._signing is not None or bool(
+                await guarded(self._redis.exists, REVOCATIONS, AUDIT_STREAM)
+            )
             record = self._new_record("active")
             created = await guarded(
                 self._bootstrap,
                 keys=[RING_KEY, ACTIVE_KEY, VERSION_KEY],
                 args=[record["kid"], json.dumps(record)],
             )
-            if created:
+            if created and lost:
+                log.warning(
+                    "Redis holds no key ring although this deployment had one: it lost its "
+                    "data (restarted without persistence, failed over to an empty replica, or "
+                    "was flushed); every session, refresh token and revocation is gone and "
+                    "users must log in again. Created a new signing key kid=%s",
+                    record["kid"],
+                )
+            elif created:
                 log.info("created the first signing key kid=%s", record["kid"])
         self._loaded_at = time.monotonic()
         # the version first: a change landing between the reads is picked up next tick

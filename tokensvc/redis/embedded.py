@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -39,6 +41,8 @@ from tokensvc.proc.ownership import (
 #: 104 on BSDs).
 _SUN_PATH_MAX = 100
 
+
+log = logging.getLogger("tokensvc.embedded")
 
 def redis_binary(prefer_system: bool = True) -> str:
     """Path of a redis-server executable."""
@@ -101,6 +105,56 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+class Keeper:
+    """Keeps the embedded Redis of ``serve`` alive: tokensvc owns that process, so when it
+    dies (killed, out of memory, a crash) it is said in one ERROR line naming what died and
+    what happens next, and started again with back-off (1 s doubling to 30 s). Calls are
+    UNAVAILABLE meanwhile; the key ring, families and revocations come back from the AOF.
+
+    :meth:`check` is cheap (a ``waitpid`` with ``WNOHANG``): call it every second from
+    whatever loop the process runs (the server's background tasks, the workers' parent).
+    """
+
+    def __init__(self, proc: RedisProcess, clock: Callable[[], float] = time.monotonic) -> None:
+        self.proc = proc
+        self.clock = clock
+        self.restarts = 0
+        self._delay = 1.0
+        self._next_try = 0.0
+
+    def check(self) -> None:
+        """Restart the server if it has died and its back-off has passed (blocks while it
+        starts: run it in a thread from asyncio)."""
+        code = self.proc.exit_code()
+        if code is None and self.proc.process is not None:
+            self._delay = 1.0
+            return
+        if self.proc.process is None and self._next_try == 0.0:
+            return  # stopped on purpose
+        now = self.clock()
+        if now < self._next_try:
+            return
+        if code is not None:
+            log.error(
+                "embedded redis-server (data in %s) exited with code %s; restarting it "
+                "(Issue, Refresh, Revoke answer UNAVAILABLE until it is back; its log: %s)",
+                self.proc.data_dir,
+                code,
+                self.proc.data_dir / "redis.log",
+            )
+        try:
+            self.proc.revive()
+        except RuntimeError as err:
+            self._next_try = now + self._delay
+            self._delay = min(self._delay * 2, 30.0)
+            log.error("embedded redis-server did not start again: %s; retrying", err)
+            return
+        self._next_try = 0.0
+        self._delay = 1.0
+        self.restarts += 1
+        log.warning("embedded redis-server restarted (data reloaded from %s)", self.proc.data_dir)
 
 
 class RedisProcess:
@@ -222,6 +276,28 @@ class RedisProcess:
                 return sock.recv(16).startswith(b"+PONG")
         except OSError:
             return False
+
+    def exit_code(self) -> int | None:
+        """The server's exit code once it has died on its own; ``None`` while it runs (or
+        after :meth:`stop`)."""
+        return None if self.process is None else self.process.poll()
+
+    def revive(self, timeout: float = 10.0) -> RedisProcess:
+        """Start the server again after it died on its own, in the same directory and on the
+        same socket (the directory lock is still ours). It reloads its data from the AOF.
+
+        Raises:
+            RuntimeError: it exited again or did not answer within ``timeout``.
+        """
+        if self.process is not None and self.process.poll() is None:
+            return self
+        self.process = None
+        with contextlib.suppress(FileNotFoundError):
+            if self.unix_socket:
+                self.socket_path.unlink()  # the dead server's socket file
+        if self._lock is None:  # a failed start gave the directory's lock up
+            return self.start(timeout)
+        return self._start(timeout)
 
     def kill(self) -> None:
         """SIGKILL the server (a crash: no shutdown, nothing flushed) and reap it."""

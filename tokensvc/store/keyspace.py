@@ -33,6 +33,8 @@ from typing import Final
 from tokensvc.families.tokens import tag_of
 
 REVOCATIONS: Final = "ts:revocations"
+#: the audit trail (tokensvc.observe.audit)
+AUDIT_STREAM: Final = "ts:audit"
 #: "0" once no subject is locked under a legacy tag (see RevocationOps.find_legacy_locks)
 LEGACY_LOCKS: Final = "ts:legacy-locks"
 
