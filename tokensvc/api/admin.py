@@ -10,8 +10,9 @@ from typing import Any
 
 from tokensvc.api import validation
 from tokensvc.api.admission import current_caller
-from tokensvc.api.status import BadRequest, rpc
+from tokensvc.api.status import rpc
 from tokensvc.api.times import ts as _ts
+from tokensvc.errors import BadRequest
 from tokensvc.families import tokens
 from tokensvc.keys.ring import RING_KEY, KeyRing, Lifecycle
 from tokensvc.observe.audit import AuditTrail

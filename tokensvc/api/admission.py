@@ -44,8 +44,8 @@ from typing import Any
 
 import grpc.aio
 
-from tokensvc.api.status import Denied, RateLimited, ServiceError
 from tokensvc.config import Rate, Settings
+from tokensvc.errors import Denial, Denied, LimitKind, NotAuthenticated, RateLimited
 from tokensvc.observe.audit import AuditTrail
 from tokensvc.security.policy import CallerPolicy
 from tokensvc.store import FamilyStore, Limit, peer_limit_key
@@ -58,8 +58,6 @@ SELF_SERVICE = frozenset({"ListSessions"})
 #: the only ones a peer over the failed-authentication limit is refused (so a login
 #: service whose users send bad refresh tokens can still Issue and Revoke).
 GUESSABLE = frozenset({"Refresh", "ListSessions"})
-#: Refusals that are normal life, not guessing: they are audited but not counted.
-_NOT_COUNTED = frozenset({"expired", "revoked", "reused"})
 #: Distinct refused certificates audited per process (then only logged by the peer module).
 _REFUSALS_MAX = 1024
 
@@ -164,13 +162,14 @@ class Guard:
             self._check_blocked(caller.key)
         # ListSessions also serves the subject itself: its handler decides (tokensvc.api.sessions)
         if self.enforce and rpc not in SELF_SERVICE and not self.policy.admits(rpc, caller.peer):
-            raise Denied(f"caller is not allowed to call {rpc}")
+            raise Denied(Denial.POLICY, f"caller is not allowed to call {rpc}")
         limit = self.per_peer.get(rpc)
         if limit is not None:
             wait = await self.store.hit(peer_limit_key(rpc, caller.key), limit)
             if wait:
-                self.audit.record("rate_limited", peer=caller.name, reason=f"{rpc} per peer")
-                raise RateLimited(f"too many {rpc} calls; retry later", wait)
+                kind = LimitKind.per_peer(rpc)
+                self.audit.record("rate_limited", peer=caller.name, reason=kind, rpc=rpc)
+                raise RateLimited(f"too many {rpc} calls; retry later", wait, kind)
         return caller
 
     def presenting(self, credential: str | None) -> None:
@@ -203,15 +202,22 @@ class Guard:
                 del self._blocked[next(iter(self._blocked))]
         self._blocked[key] = self.clock() + wait_ms / 1000
 
-    async def rejected(self, rpc: str, err: ServiceError) -> None:
-        """Audit a denied or unauthenticated call and count it against the peer."""
+    async def rejected(self, rpc: str, err: NotAuthenticated | Denied) -> None:
+        """Audit a denied or unauthenticated call and count it against the peer.
+
+        Reads the refusal's reason (never its message): a refusal that is not the caller's
+        failure (a locked subject: the handler audits it) is left alone; an expired,
+        revoked or reused credential is audited but not counted (normal life).
+        """
+        if isinstance(err, Denied) and not err.reason.is_callers:
+            return
         caller = current_caller()
         event = "denied" if isinstance(err, Denied) else "auth_failed"
         reason = f"{rpc}: {err.message}"
         if caller.peer.refused:
             reason += f" (no identity: {caller.peer.refused})"
-        self.audit.record(event, peer=caller.name, reason=reason)
-        if err.message in _NOT_COUNTED:
+        self.audit.record(event, peer=caller.name, reason=reason, rpc=rpc, code=err.reason)
+        if isinstance(err, NotAuthenticated) and not err.reason.is_guess:
             return
         if caller.presented is None:
             counts = [("authfail", caller.key, self.failures)]
@@ -230,8 +236,10 @@ class Guard:
             if not wait:
                 continue
             self._block(key, wait)
-            whose = "session" if what == "authfail-user" else "peer"
-            self.audit.record(
-                "rate_limited", peer=caller.name, reason=f"failed authentications per {whose}"
+            kind = (
+                LimitKind.FAILURES_PER_SESSION
+                if what == "authfail-user"
+                else LimitKind.FAILURES_PER_PEER
             )
+            self.audit.record("rate_limited", peer=caller.name, reason=kind, rpc=rpc)
             log.warning("over the failed-authentication limit: %s (peer %s)", key, caller.name)

@@ -14,12 +14,12 @@ from typing import Any
 
 from tokensvc.api import validation
 from tokensvc.api.admission import Guard, current_caller
-from tokensvc.api.status import NotAuthenticated, rpc
+from tokensvc.api.status import rpc
 from tokensvc.config import Settings
+from tokensvc.errors import AuthFailure, NotAuthenticated
 from tokensvc.families import tokens
 from tokensvc.observe.audit import AuditTrail
 from tokensvc.store import FamilyStore, Presented, RefreshStatus, Rotation, Successor
-from tokensvc_client.errors import Reason
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 
 log = logging.getLogger("tokensvc.service")
@@ -58,12 +58,12 @@ class RefreshRpcs:
         proven = presented is not None and presented.genuine
         self.guard.presenting(f"session:{presented.session_id}" if proven and presented else "")
         if presented is None:
-            raise NotAuthenticated(Reason.MALFORMED.value)
+            raise NotAuthenticated(AuthFailure.MALFORMED)
         if presented.generation and not presented.genuine:
-            raise NotAuthenticated("unknown")  # not one the service made: no Redis trip
+            raise NotAuthenticated(AuthFailure.UNKNOWN)  # not one the service made: no Redis trip
         if presented.generation and presented.ends_at * 1000 <= self.clock() * 1000:
             # the session ended (its family may have left Redis long ago): not a guess
-            raise NotAuthenticated("expired")
+            raise NotAuthenticated(AuthFailure.EXPIRED)
         sid, caller = presented.session_id, current_caller()
         generation, ends_at = presented.generation + 1, presented.ends_at
         rotation, successor = await self._rotate(presented, generation, ends_at)
@@ -78,12 +78,12 @@ class RefreshRpcs:
                 session_id=sid,
                 reason="family revoked",
             )
-            raise NotAuthenticated("reused")
+            raise NotAuthenticated(AuthFailure.REUSED)
         if rotation.status is RefreshStatus.MISMATCH:
             # the presenting peer's failure (its certificate), never the session's: a thief
             # of a bound token must not be able to lock its holder out
             self.guard.presenting(None)
-            raise NotAuthenticated("certificate_mismatch")
+            raise NotAuthenticated(AuthFailure.CERTIFICATE_MISMATCH)
         if rotation.status is RefreshStatus.REPLAYED:
             replayed = self.refresh_tokens.unseal(
                 presented, rotation.generation, rotation.family_expires_ms // 1000, rotation.sealed
@@ -96,7 +96,7 @@ class RefreshRpcs:
             )
         elif rotation.status is not RefreshStatus.OK:
             log.info("refresh refused sid=%s status=%s", sid, rotation.status.value)
-            raise NotAuthenticated(rotation.status.value)
+            raise NotAuthenticated(AuthFailure(rotation.status.value))
         else:
             self.audit.record(
                 "refreshed", peer=caller.name, subject=rotation.subject, session_id=sid

@@ -20,9 +20,18 @@ from tokensvc.api.admission import Caller, Guard, current_caller
 from tokensvc.api.refresh import RefreshRpcs
 from tokensvc.api.revocation_hub import RevocationHub
 from tokensvc.api.sessions import SessionRpcs
-from tokensvc.api.status import BadRequest, RateLimited, ServiceError, rpc
+from tokensvc.api.status import rpc
 from tokensvc.api.times import ts as _ts
 from tokensvc.config import Settings
+from tokensvc.errors import (
+    BadRequest,
+    Denial,
+    Denied,
+    LimitKind,
+    NotAuthenticated,
+    RateLimited,
+    SubjectLocked,
+)
 from tokensvc.families import tokens
 from tokensvc.keys.ring import KeyRing, Lifecycle
 from tokensvc.observe.audit import AuditTrail
@@ -42,12 +51,6 @@ from tokensvc_client.wire import GRACE_HEADER
 
 log = logging.getLogger("tokensvc.service")
 Ctx = grpc.aio.ServicerContext[Any, Any]
-
-
-class SubjectLocked(ServiceError):
-    """Issue for a locked subject (not a failed authentication of the caller)."""
-
-    code = grpc.StatusCode.PERMISSION_DENIED
 
 
 class TokenService(AdminRpcs, SessionRpcs, RefreshRpcs, pb_grpc.TokenServiceServicer):
@@ -109,7 +112,7 @@ class TokenService(AdminRpcs, SessionRpcs, RefreshRpcs, pb_grpc.TokenServiceServ
     async def admit(self, rpc: str, context: Ctx) -> None:
         await self.guard.admit(rpc, context)
 
-    async def rejected(self, rpc: str, err: ServiceError) -> None:
+    async def rejected(self, rpc: str, err: NotAuthenticated | Denied) -> None:
         await self.guard.rejected(rpc, err)
 
     # -- minting -----------------------------------------------------------------------
@@ -207,11 +210,26 @@ class TokenService(AdminRpcs, SessionRpcs, RefreshRpcs, pb_grpc.TokenServiceServ
             family, self.issue_limit, tokens.SubjectTags.legacy(subject)
         )
         if outcome.status is IssueStatus.LOCKED:
-            self.audit.record("denied", peer=caller.name, subject=subject, reason="locked")
-            raise SubjectLocked("subject is locked")
+            self.audit.record(
+                "denied",
+                peer=caller.name,
+                subject=subject,
+                reason="locked",
+                rpc="Issue",
+                code=Denial.SUBJECT_LOCKED,
+            )
+            raise SubjectLocked()
         if outcome.status is IssueStatus.LIMITED:
-            self.audit.record("rate_limited", peer=caller.name, subject=subject, reason="Issue")
-            raise RateLimited("too many tokens issued for this subject", outcome.retry_after_ms)
+            self.audit.record(
+                "rate_limited",
+                peer=caller.name,
+                subject=subject,
+                reason=LimitKind.ISSUE,
+                rpc="Issue",
+            )
+            raise RateLimited(
+                "too many tokens issued for this subject", outcome.retry_after_ms, LimitKind.ISSUE
+            )
         # signed only once stored (a refused Issue costs no signature), dated by Redis
         access, access_exp = self._mint(base, sid, outcome.created_ms // 1000, family_exp_ms)
         self.audit.record(

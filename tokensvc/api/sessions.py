@@ -17,8 +17,9 @@ from typing import Any
 from tokensvc.api import validation
 from tokensvc.api.admission import Guard, current_caller
 from tokensvc.api.revocation_hub import RevocationHub
-from tokensvc.api.status import Denied, NotAuthenticated, rpc, stream_rpc
+from tokensvc.api.status import rpc, stream_rpc
 from tokensvc.api.times import ts as _ts
+from tokensvc.errors import AuthFailure, Denial, Denied, NotAuthenticated
 from tokensvc.families import tokens
 from tokensvc.store import FamilyStore
 from tokensvc_client.errors import InvalidToken
@@ -77,24 +78,28 @@ class SessionRpcs:
         try:
             token = bearer_token(context.invocation_metadata())
         except InvalidToken:
-            raise Denied("ListSessions needs an admin identity or the subject's token") from None
+            raise Denied(
+                Denial.NO_CREDENTIAL, "ListSessions needs an admin identity or the subject's token"
+            ) from None
         try:  # a token for tokensvc itself: not one a user sent another service
             claims = await self._verify(token, self.own_verifier)
         except InvalidToken as err:
-            raise NotAuthenticated(err.reason.value) from None
+            raise NotAuthenticated(AuthFailure(err.reason.value)) from None
         self.guard.presenting(f"subject:{self.subject_tags.of(claims.subject)}")
         state = await self.store.access_state(
             claims.session_id, claims.token_id, int(self.clock() * 1000)
         )
         if not state.active:
-            raise NotAuthenticated("revoked")
+            raise NotAuthenticated(AuthFailure.REVOKED)
         bound = claims.cnf_x5t_s256
         presented = current_caller().peer.thumbprint.encode()
         if bound and not hmac.compare_digest(bound.encode(), presented):
             self.guard.presenting(None)  # the peer's failure, not the subject's (as Refresh)
-            raise NotAuthenticated("certificate_mismatch")  # RFC 8705: a stolen bound token
+            raise NotAuthenticated(
+                AuthFailure.CERTIFICATE_MISMATCH
+            )  # RFC 8705: a stolen bound token
         if claims.subject != subject:
-            raise Denied("a subject may only list its own sessions")
+            raise Denied(Denial.OTHER_SUBJECT, "a subject may only list its own sessions")
 
     @stream_rpc
     async def WatchRevocations(

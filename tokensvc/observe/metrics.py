@@ -72,14 +72,6 @@ class State:
     redis_errors: Counter[str] = field(default_factory=Counter)
 
 
-def _reason_of(text: str) -> tuple[str, str]:
-    """``"Refresh: reused (no identity: ...)"`` -> ``("Refresh", "reused")``."""
-    rpc, sep, rest = text.partition(": ")
-    if not sep:
-        return "", label(text)
-    return label(rpc), label(rest.split(" (", 1)[0])
-
-
 _IDENTITY_REASONS = (
     ("URI SANs", "several_uri_sans"),
     ("not a valid SPIFFE ID", "invalid_spiffe_id"),
@@ -187,15 +179,15 @@ class ServerMetrics:
         self.issued.add(1, attributes)
 
     def _on_auth_failed(self, fields: Mapping[str, str]) -> None:
-        rpc, reason = _reason_of(fields.get("reason", ""))
-        self.auth_failures.add(1, {"rpc": rpc, "reason": reason})
+        # the refusal's code (tokensvc.errors.AuthFailure), never the reason's prose
+        rpc, code = label(fields.get("rpc", "")), label(fields.get("code", ""))
+        self.auth_failures.add(1, {"rpc": rpc, "reason": code})
 
     def _on_denied(self, fields: Mapping[str, str]) -> None:
-        rpc, reason = _reason_of(fields.get("reason", ""))
-        if not rpc:  # the service's own refusal of an Issue for a locked subject
-            rpc, reason = "Issue", "subject_locked"
-        else:
-            reason = "policy"
+        # tokensvc.errors.Denial: a locked subject is the subject's state; every other
+        # refusal of an identified caller is counted as the policy's
+        rpc, code = label(fields.get("rpc", "")), fields.get("code", "")
+        reason = "subject_locked" if code == "subject_locked" else "policy"
         self.denials.add(1, {"rpc": rpc, "reason": reason})
 
     # -- state gauges --------------------------------------------------------------------
