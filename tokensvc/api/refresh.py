@@ -1,6 +1,6 @@
 """The Refresh RPC: rotation of a refresh family, its grace-window replays and reuse.
 
-A mixin of :class:`tokensvc.api.servicer.TokenService`. The token formats are
+An RPC group of :class:`tokensvc.api.servicer.TokenService`. The token formats are
 :mod:`tokensvc.families.tokens`' (generation, family end and MAC); the rotation is one script of
 the family store (:meth:`tokensvc.store.FamilyStore.rotate`), whose module documents why
 the family's state stays constant-size and reuse detection exact.
@@ -9,46 +9,49 @@ the family's state stays constant-size and reuse detection exact.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any
+
+import grpc.aio
 
 from tokensvc.api import validation
 from tokensvc.api.admission import Guard, current_caller
-from tokensvc.api.status import rpc
-from tokensvc.config import Settings
+from tokensvc.api.minting import Minter
+from tokensvc.api.ports import Clock, Rotations
 from tokensvc.errors import AuthFailure, NotAuthenticated
 from tokensvc.families import tokens
 from tokensvc.observe.audit import AuditTrail
-from tokensvc.store import FamilyStore, Presented, RefreshStatus, Rotation, Successor
+from tokensvc.store import Presented, RefreshStatus, Rotation, Successor
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 
 log = logging.getLogger("tokensvc.service")
-Ctx = Any
+Ctx = grpc.aio.ServicerContext[pb.RefreshRequest, pb.RefreshResponse]
 
 
 class RefreshRpcs:
     """Refresh (strict, or idempotent within ``--refresh-grace-seconds``)."""
 
-    settings: Settings
-    store: FamilyStore
-    guard: Guard
-    audit: AuditTrail
-    clock: Any
-    refresh_tokens: tokens.RefreshTokens
-    grace_ms: int
-    _grace_md: tuple[tuple[str, str], ...]
+    def __init__(
+        self,
+        store: Rotations,
+        guard: Guard,
+        audit: AuditTrail,
+        minter: Minter,
+        refresh_tokens: tokens.RefreshTokens,
+        *,
+        idle_ttl_s: int,
+        grace_ms: int,
+        clock: Clock,
+    ) -> None:
+        self.store = store
+        self.guard = guard
+        self.audit = audit
+        self.minter = minter
+        self.refresh_tokens = refresh_tokens
+        self.idle_ttl_ms = idle_ttl_s * 1000
+        self.grace_ms = grace_ms
+        self.clock = clock
 
-    def _announce_grace(self, context: Ctx) -> None:
-        """Announce the grace window in the answer's trailing metadata (if there is one)."""
-        if self._grace_md:
-            context.set_trailing_metadata(self._grace_md)
-
-    _mint: Callable[[dict[str, Any], str, int, int], tuple[str, int]]  # TokenService's
-    _pair: Callable[[str, int, str, int, str], pb.TokenPair]
-
-    @rpc
-    async def Refresh(self, request: pb.RefreshRequest, context: Ctx) -> pb.RefreshResponse:
-        self._announce_grace(context)  # also on errors: clients learn it
+    async def refresh(self, request: pb.RefreshRequest, context: Ctx) -> pb.RefreshResponse:
+        self.minter.announce_grace(context)  # also on errors: clients learn it
         presented = self.refresh_tokens.parse(
             validation.token("refresh_token", request.refresh_token)
         )
@@ -102,11 +105,11 @@ class RefreshRpcs:
                 "refreshed", peer=caller.name, subject=rotation.subject, session_id=sid
             )
         assert rotation.claims is not None  # OK and REPLAYED carry them
-        access, access_exp = self._mint(
+        access, access_exp = self.minter.mint(
             rotation.claims, sid, rotation.now_ms // 1000, rotation.family_expires_ms
         )
         return pb.RefreshResponse(
-            tokens=self._pair(access, access_exp, successor, rotation.token_expires_ms, sid)
+            tokens=self.minter.pair(access, access_exp, successor, rotation.token_expires_ms, sid)
         )
 
     async def _rotate(
@@ -121,7 +124,7 @@ class RefreshRpcs:
             Presented(presented.hash, presented.generation, presented.genuine),
             Successor(tokens.refresh_hash(successor), generation, ends_at, sealed),
             int(self.clock() * 1000),
-            self.settings.refresh_idle_ttl * 1000,
+            self.idle_ttl_ms,
             current_caller().peer.thumbprint,
             self.grace_ms,
         )
