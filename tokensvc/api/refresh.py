@@ -83,9 +83,10 @@ class RefreshRpcs:
             )
             raise NotAuthenticated(AuthFailure.REUSED)
         if rotation.status is RefreshStatus.MISMATCH:
-            # the presenting peer's failure (its certificate), never the session's: a thief
-            # of a bound token must not be able to lock its holder out
-            self.guard.presenting(None)
+            # counted against this session as this peer presents it (and the peer's bulk
+            # budget): a thief of a bound token cannot lock its holder out, nor a relay's
+            # user who sends someone else's bound token the relay's other users
+            self.guard.mismatched()
             raise NotAuthenticated(AuthFailure.CERTIFICATE_MISMATCH)
         if rotation.status is RefreshStatus.REPLAYED:
             replayed = self.refresh_tokens.unseal(

@@ -102,7 +102,7 @@ class SessionRpcs:
         bound = claims.cnf_x5t_s256
         presented = current_caller().peer.thumbprint.encode()
         if bound and not hmac.compare_digest(bound.encode(), presented):
-            self.guard.presenting(None)  # the peer's failure, not the subject's (as Refresh)
+            self.guard.mismatched()  # the subject as this peer presents it (as Refresh)
             raise NotAuthenticated(
                 AuthFailure.CERTIFICATE_MISMATCH
             )  # RFC 8705: a stolen bound token

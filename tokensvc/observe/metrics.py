@@ -139,6 +139,11 @@ class ServerMetrics:
         )
         self.rotations = counter("keys.rotations", "{rotation}", "Key rotations by kind")
         self.retirements = counter("keys.retirements", "{key}", "Pending keys retired")
+        self.suppressed = counter(
+            "audit.suppressed",
+            "{call}",
+            "Refused calls not audited one by one (their peer was over a limit), by event",
+        )
         self.events: dict[str, Callable[[Mapping[str, str]], None]] = {
             "issued": self._on_issued,
             "refreshed": lambda f: self.refreshed.add(1),
@@ -157,6 +162,9 @@ class ServerMetrics:
             ),
             "keys_rotated": lambda f: self.rotations.add(1, {"kind": label(f.get("reason", ""))}),
             "key_retired": lambda f: self.retirements.add(1),
+            "suppressed": lambda f: self.suppressed.add(
+                int(f.get("calls", "0") or 0), {"event": label(f.get("reason", ""))}
+            ),
         }
         self._meter = meter
         if enabled:  # counters without attributes start at 0: the first event is an increase
