@@ -11,6 +11,15 @@ most every 50 ms or as soon as 256 records wait. It also logs the event at once 
 ``refreshed``, which are logged only with ``log_routine`` (``--audit-log-all``); the stream
 always has every event.
 
+Security events (:data:`SECURITY_EVENTS`: reuse, revocations, locks, key changes) are
+also appended, first, to ``ts:audit:security``, which only they trim: the noise of refused
+calls can evict them from ``ts:audit`` but not from there (``tokensvc audit tail
+--security``). Noise is bounded at the source too: the admission guard refuses a peer
+over its limit without a record per call and reports the count with :meth:`suppress`
+(a ``suppressed`` record per peer every 10 s), and the WARNING/INFO lines of the events a
+caller can cause at will (``denied``, ``auth_failed``, ``rate_limited``) are logged at most
+20 times per event and 10 s, then summed up in one line.
+
 If Redis is unreachable the records stay queued and the task retries with backoff
 (0.1 s doubling to 5 s). The queue is bounded (10 000 records by default): when it is full
 the oldest record is dropped and counted, and a warning with the count is logged at most
