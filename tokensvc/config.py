@@ -10,7 +10,7 @@ import argparse
 import ipaddress
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,85 +111,134 @@ class Settings:
         Raises:
             ConfigError: naming the first bad setting.
         """
-        host, sep, port = self.listen.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-            raise ConfigError(f"--listen must be HOST:PORT, got {self.listen!r}")
-        for name in ("access_ttl", "refresh_idle_ttl", "family_max_age", "jwks_max_age"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(
-                    f"--{name.replace('_', '-')} must be a positive number of seconds"
-                )
-        if self.access_ttl > ACCESS_TTL_CAP and not self.allow_long_access_ttl:
-            raise ConfigError(
-                f"--access-ttl {self.access_ttl} exceeds the {ACCESS_TTL_CAP} s cap; "
-                "pass --allow-long-access-ttl to override"
-            )
-        if self.refresh_idle_ttl > self.family_max_age:
-            raise ConfigError("--refresh-idle-ttl must not exceed --family-max-age")
-        if not 1 <= self.workers <= 256:
-            raise ConfigError("--workers must be between 1 and 256")
-        if self.workers > 1 and self.port == 0:
-            raise ConfigError("--workers above 1 needs a fixed --listen port (they share it)")
-        if not 0 <= self.leeway <= 300:
-            raise ConfigError("--leeway must be between 0 and 300 seconds")
-        if not self.issuer:
-            raise ConfigError("--issuer must not be empty")
-        if not self.audience or not all(self.audience):
-            raise ConfigError("--audience must name at least one audience")
-        if not self.self_audience:
-            raise ConfigError("--self-audience must not be empty")
-        if self.insecure:
-            if not is_loopback(host.strip("[]")):
-                raise ConfigError(f"--insecure is only allowed on a loopback address, not {host}")
-        elif self.tls_cert is None or self.tls_key is None:
-            raise ConfigError("TLS needs --tls-cert and --tls-key (or --insecure on loopback)")
-        for path in (
-            self.tls_cert,
-            self.tls_key,
-            self.tls_client_ca,
-            self.kek_file,
-            self.policy_file,
-            self.previous_kek_file,
-        ):
-            if path is not None and not path.is_file():
-                raise ConfigError(f"file not found: {path}")
-        if self.redis_url is not None and not self.redis_url.startswith(REDIS_SCHEMES):
-            raise ConfigError(f"--redis-url must start with one of {', '.join(REDIS_SCHEMES)}")
-        listeners = (("http-listen", self.http_listen), ("metrics-listen", self.metrics_listen))
-        for flag, address in listeners:
-            if address is None:
-                continue
-            h_host, h_sep, h_port = address.rpartition(":")
-            if not h_sep or not h_host or not h_port.isdigit() or not 0 <= int(h_port) < 65536:
-                raise ConfigError(f"--{flag} must be HOST:PORT, got {address!r}")
-            if flag == "http-listen" and self.insecure and not is_loopback(h_host.strip("[]")):
-                raise ConfigError("--insecure serves plain HTTP JWKS on loopback only")
-            if flag == "metrics-listen" and int(h_port) + self.workers - 1 > 65535:
-                raise ConfigError(
-                    f"--metrics-listen {address}: worker i serves port PORT+i, and "
-                    f"{int(h_port)}+{self.workers - 1} is above 65535"
-                )
-        if self.key_rotation_interval < 2 * (self.jwks_max_age + self.access_ttl + self.leeway):
-            raise ConfigError(
-                "--key-rotation-interval must be at least twice --jwks-max-age + --access-ttl "
-                "+ --leeway (a key must be published before it signs and outlive its tokens)"
-            )
-        if not 1 <= self.max_watchers_per_client <= 10_000:
-            raise ConfigError("--max-watchers-per-client must be between 1 and 10000")
-        if not 0 <= self.redis_wait_replicas <= 16:
-            raise ConfigError("--redis-wait-replicas must be between 0 and 16")
-        if not 0 < self.redis_wait_timeout < self.redis_timeout:
-            raise ConfigError(
-                "--redis-wait-timeout must be above 0 and below --redis-timeout (WAIT blocks "
-                "the connection)"
-            )
-        if not 0 <= self.refresh_grace_seconds <= MAX_REFRESH_GRACE:
-            raise ConfigError(
-                f"--refresh-grace-seconds must be between 0 (strict) and {MAX_REFRESH_GRACE}"
-            )
+        for check in _CHECKS:
+            check(self)
         if self.redis_url is not None:
             connection.check_url(self.redis_url)
         return self
+
+
+# -- the checks of Settings.validate, in order: each raises ConfigError naming the setting --
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``HOST:PORT`` -> (host, port); ``None`` if it is not one."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        return None
+    return host, int(port)
+
+
+def _check_listen(s: Settings) -> None:
+    if _host_port(s.listen) is None:
+        raise ConfigError(f"--listen must be HOST:PORT, got {s.listen!r}")
+
+
+def _check_lifetimes(s: Settings) -> None:
+    for name in ("access_ttl", "refresh_idle_ttl", "family_max_age", "jwks_max_age"):
+        if getattr(s, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive number of seconds")
+    if s.access_ttl > ACCESS_TTL_CAP and not s.allow_long_access_ttl:
+        raise ConfigError(
+            f"--access-ttl {s.access_ttl} exceeds the {ACCESS_TTL_CAP} s cap; "
+            "pass --allow-long-access-ttl to override"
+        )
+    if s.refresh_idle_ttl > s.family_max_age:
+        raise ConfigError("--refresh-idle-ttl must not exceed --family-max-age")
+
+
+def _check_workers(s: Settings) -> None:
+    if not 1 <= s.workers <= 256:
+        raise ConfigError("--workers must be between 1 and 256")
+    if s.workers > 1 and s.port == 0:
+        raise ConfigError("--workers above 1 needs a fixed --listen port (they share it)")
+
+
+def _check_token_claims(s: Settings) -> None:
+    if not 0 <= s.leeway <= 300:
+        raise ConfigError("--leeway must be between 0 and 300 seconds")
+    if not s.issuer:
+        raise ConfigError("--issuer must not be empty")
+    if not s.audience or not all(s.audience):
+        raise ConfigError("--audience must name at least one audience")
+    if not s.self_audience:
+        raise ConfigError("--self-audience must not be empty")
+
+
+def _check_transport(s: Settings) -> None:
+    host = s.listen.rpartition(":")[0]
+    if s.insecure:
+        if not is_loopback(host.strip("[]")):
+            raise ConfigError(f"--insecure is only allowed on a loopback address, not {host}")
+    elif s.tls_cert is None or s.tls_key is None:
+        raise ConfigError("TLS needs --tls-cert and --tls-key (or --insecure on loopback)")
+
+
+def _check_files(s: Settings) -> None:
+    files = (s.tls_cert, s.tls_key, s.tls_client_ca, s.kek_file, s.policy_file)
+    for path in (*files, s.previous_kek_file):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"file not found: {path}")
+
+
+def _check_redis_scheme(s: Settings) -> None:
+    if s.redis_url is not None and not s.redis_url.startswith(REDIS_SCHEMES):
+        raise ConfigError(f"--redis-url must start with one of {', '.join(REDIS_SCHEMES)}")
+
+
+def _check_http_listeners(s: Settings) -> None:
+    for flag, address in (("http-listen", s.http_listen), ("metrics-listen", s.metrics_listen)):
+        if address is None:
+            continue
+        parsed = _host_port(address)
+        if parsed is None:
+            raise ConfigError(f"--{flag} must be HOST:PORT, got {address!r}")
+        host, port = parsed
+        if flag == "http-listen" and s.insecure and not is_loopback(host.strip("[]")):
+            raise ConfigError("--insecure serves plain HTTP JWKS on loopback only")
+        if flag == "metrics-listen" and port + s.workers - 1 > 65535:
+            raise ConfigError(
+                f"--metrics-listen {address}: worker i serves port PORT+i, and "
+                f"{port}+{s.workers - 1} is above 65535"
+            )
+
+
+def _check_key_rotation(s: Settings) -> None:
+    if s.key_rotation_interval < 2 * (s.jwks_max_age + s.access_ttl + s.leeway):
+        raise ConfigError(
+            "--key-rotation-interval must be at least twice --jwks-max-age + --access-ttl "
+            "+ --leeway (a key must be published before it signs and outlive its tokens)"
+        )
+
+
+def _check_bounds(s: Settings) -> None:
+    if not 1 <= s.max_watchers_per_client <= 10_000:
+        raise ConfigError("--max-watchers-per-client must be between 1 and 10000")
+    if not 0 <= s.redis_wait_replicas <= 16:
+        raise ConfigError("--redis-wait-replicas must be between 0 and 16")
+    if not 0 < s.redis_wait_timeout < s.redis_timeout:
+        raise ConfigError(
+            "--redis-wait-timeout must be above 0 and below --redis-timeout (WAIT blocks "
+            "the connection)"
+        )
+    if not 0 <= s.refresh_grace_seconds <= MAX_REFRESH_GRACE:
+        raise ConfigError(
+            f"--refresh-grace-seconds must be between 0 (strict) and {MAX_REFRESH_GRACE}"
+        )
+
+
+_CHECKS: tuple[Callable[[Settings], None], ...] = (
+    _check_listen,
+    _check_lifetimes,
+    _check_workers,
+    _check_token_claims,
+    _check_transport,
+    _check_files,
+    _check_redis_scheme,
+    _check_http_listeners,
+    _check_key_rotation,
+    _check_bounds,
+)
 
 
 def is_loopback(host: str) -> bool:

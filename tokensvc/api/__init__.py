@@ -2,7 +2,9 @@
 and rate limits), request validation, the status table, and the revocation hub that feeds
 ``WatchRevocations`` streams.
 
-Owns: ``servicer`` (TokenService), ``refresh``, ``sessions``, ``admin`` (RPC groups),
+Owns: ``servicer`` (TokenService, a façade), ``token_rpcs``, ``refresh``, ``sessions``,
+``admin`` (RPC groups), ``ports`` (the store protocols they receive), ``minting`` (minting
+and verification they share),
 ``admission`` (who may call, how often), ``validation`` (field limits), ``status`` (errors ->
 gRPC status codes), ``decoding`` (undecodable requests), ``revocation_hub``, ``times``.
 May import: observe, keys, security, http, store, config, redis, proc, families, errors and the

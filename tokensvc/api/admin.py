@@ -1,41 +1,46 @@
 """Administrative RPCs of the token service: subject lock and the signing key ring.
 
-A mixin of :class:`tokensvc.api.servicer.TokenService` (kept apart so each module stays small).
+An RPC group of :class:`tokensvc.api.servicer.TokenService`.
 The caller policy admits only listed admin identities to these RPCs by default.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from tokensvc.api import validation
 from tokensvc.api.admission import current_caller
-from tokensvc.api.status import BadRequest, rpc
+from tokensvc.api.ports import AdminStore, Clock
 from tokensvc.api.times import ts as _ts
+from tokensvc.errors import BadRequest
 from tokensvc.families import tokens
 from tokensvc.keys.ring import RING_KEY, KeyRing, Lifecycle
 from tokensvc.observe.audit import AuditTrail
-from tokensvc.store import REVOCATIONS, FamilyStore
+from tokensvc.store import REVOCATIONS
 from tokensvc_client.v1 import tokensvc_pb2 as pb
-
-Ctx = Any
 
 
 class AdminRpcs:
     """LockSubject, UnlockSubject, ListKeys, RotateKeys, RetireKey."""
 
-    store: FamilyStore
-    keyring: KeyRing
-    audit: AuditTrail
-    lifecycle: Lifecycle
-    subject_ttl_ms: int
-    subject_tags: tokens.SubjectTags
-    clock: Any
+    def __init__(
+        self,
+        store: AdminStore,
+        keyring: KeyRing,
+        audit: AuditTrail,
+        lifecycle: Lifecycle,
+        subject_tags: tokens.SubjectTags,
+        *,
+        subject_ttl_ms: int,
+        clock: Clock,
+    ) -> None:
+        self.store = store
+        self.keyring = keyring
+        self.audit = audit
+        self.lifecycle = lifecycle
+        self.subject_tags = subject_tags
+        self.subject_ttl_ms = subject_ttl_ms
+        self.clock = clock
 
-    @rpc
-    async def LockSubject(
-        self, request: pb.LockSubjectRequest, context: Ctx
-    ) -> pb.LockSubjectResponse:
+    async def lock_subject(self, request: pb.LockSubjectRequest) -> pb.LockSubjectResponse:
         subject = validation.text("subject", request.subject, required=True)
         reason = validation.text("reason", request.reason, limit=validation.MAX_REASON) or "locked"
         count = await self.store.revoke_subject(
@@ -51,10 +56,7 @@ class AdminRpcs:
         )
         return pb.LockSubjectResponse(revoked_sessions=count)
 
-    @rpc
-    async def UnlockSubject(
-        self, request: pb.UnlockSubjectRequest, context: Ctx
-    ) -> pb.UnlockSubjectResponse:
+    async def unlock_subject(self, request: pb.UnlockSubjectRequest) -> pb.UnlockSubjectResponse:
         subject = validation.text("subject", request.subject, required=True)
         was_locked = await self.store.unlock_subject(
             self.subject_tags.of(subject), tokens.SubjectTags.legacy(subject), self.subject_ttl_ms
@@ -86,15 +88,11 @@ class AdminRpcs:
             infos.append(info)
         return infos
 
-    @rpc
-    async def ListKeys(self, request: pb.ListKeysRequest, context: Ctx) -> pb.ListKeysResponse:
+    async def list_keys(self, request: pb.ListKeysRequest) -> pb.ListKeysResponse:
         await self.keyring.load()
         return pb.ListKeysResponse(keys=self._key_infos())
 
-    @rpc
-    async def RotateKeys(
-        self, request: pb.RotateKeysRequest, context: Ctx
-    ) -> pb.RotateKeysResponse:
+    async def rotate_keys(self, request: pb.RotateKeysRequest) -> pb.RotateKeysResponse:
         if request.revoke_old and not request.now:
             raise BadRequest("revoke_old needs now: the old key signs until a new one does")
         before = set(self.keyring.records)
@@ -112,8 +110,7 @@ class AdminRpcs:
         )
         return pb.RotateKeysResponse(keys=self._key_infos())
 
-    @rpc
-    async def RetireKey(self, request: pb.RetireKeyRequest, context: Ctx) -> pb.RetireKeyResponse:
+    async def retire_key(self, request: pb.RetireKeyRequest) -> pb.RetireKeyResponse:
         kid = validation.text("kid", request.kid, required=True, limit=validation.MAX_SHORT)
         status = await self.keyring.retire(kid)
         await self.store.settle(RING_KEY)

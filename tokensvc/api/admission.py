@@ -14,14 +14,20 @@
 - **Failed authentications** (bad or unknown tokens, certificate mismatches, policy
   denials; not expired, revoked or reused ones) cost round trips only when a call fails.
   A credential a peer may be relaying for its end users -- a refresh token, a user's own
-  token for ListSessions (see :meth:`Guard.presenting`) -- counts against that end
-  user's session (or subject), when the credential proves whose it is, with
-  ``--rate-auth-failures``, and against the peer only
+  token for ListSessions (see :meth:`Guard.presenting`) -- counts against what it proves
+  (its session, or its subject) with ``--rate-auth-failures``, and against the peer only
   with the much higher ``--rate-auth-failures-relay``: one user's garbage refuses that
-  user's session, not every user behind the same login service or web backend. Other
-  failures (policy denials) count against the peer with ``--rate-auth-failures``. Over a
-  limit, this replica refuses the session's, or the peer's :data:`GUESSABLE`, calls
-  locally (RESOURCE_EXHAUSTED) until the wait is over.
+  user's session, not every user behind the same login service or web backend. A token
+  bound to another certificate (:meth:`Guard.mismatched`) counts against that session as
+  this peer presents it: the thief is limited, neither the holder nor the relay's other
+  users are. Over a limit, this replica refuses the session's (or, over the relay-wide
+  limit, the peer's :data:`GUESSABLE`) calls locally (RESOURCE_EXHAUSTED) until the wait
+  is over. A peer's own failures (policy denials) count against the peer with
+  ``--rate-auth-failures`` and never refuse its Refresh: over that limit its refused calls
+  are still refused as before, but without an audit record or a Redis round trip each
+  for at least 10 s (:data:`QUIET_MIN_MS`); the trail gets a periodic ``suppressed``
+  count instead. The per-peer Refresh and Introspect limits work the same way: once over,
+  refused here until the wait is over, one ``rate_limited`` record per episode.
 - **Anonymous callers** are counted per network, not per address: all of 127.0.0.0/8 is
   one caller, and so is each IPv6 /64 (a host has a whole /64 to pick addresses from).
 
@@ -44,8 +50,8 @@ from typing import Any
 
 import grpc.aio
 
-from tokensvc.api.status import Denied, RateLimited, ServiceError
 from tokensvc.config import Rate, Settings
+from tokensvc.errors import Denial, Denied, LimitKind, NotAuthenticated, RateLimited
 from tokensvc.observe.audit import AuditTrail
 from tokensvc.security.policy import CallerPolicy
 from tokensvc.store import FamilyStore, Limit, peer_limit_key
@@ -58,10 +64,11 @@ SELF_SERVICE = frozenset({"ListSessions"})
 #: the only ones a peer over the failed-authentication limit is refused (so a login
 #: service whose users send bad refresh tokens can still Issue and Revoke).
 GUESSABLE = frozenset({"Refresh", "ListSessions"})
-#: Refusals that are normal life, not guessing: they are audited but not counted.
-_NOT_COUNTED = frozenset({"expired", "revoked", "reused"})
 #: Distinct refused certificates audited per process (then only logged by the peer module).
 _REFUSALS_MAX = 1024
+#: Least time a peer over the limit for its own failures is refused without an audit
+#: record each (the GCRA wait alone would let one record through every few seconds).
+QUIET_MIN_MS = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,41 +168,70 @@ class Guard:
                 self._refusals.add(peer.refused)
             self.audit.record("identity_refused", peer=caller.name, reason=peer.refused)
         if rpc in GUESSABLE:
-            self._check_blocked(caller.key)
+            self._check_blocked(f"relay:{caller.key}")
         # ListSessions also serves the subject itself: its handler decides (tokensvc.api.sessions)
         if self.enforce and rpc not in SELF_SERVICE and not self.policy.admits(rpc, caller.peer):
-            raise Denied(f"caller is not allowed to call {rpc}")
+            raise Denied(Denial.POLICY, f"caller is not allowed to call {rpc}")
         limit = self.per_peer.get(rpc)
         if limit is not None:
-            wait = await self.store.hit(peer_limit_key(rpc, caller.key), limit)
-            if wait:
-                self.audit.record("rate_limited", peer=caller.name, reason=f"{rpc} per peer")
-                raise RateLimited(f"too many {rpc} calls; retry later", wait)
+            await self._per_peer(rpc, caller, limit)
         return caller
+
+    async def _per_peer(self, rpc: str, caller: Caller, limit: Limit) -> None:
+        """The per-peer limit of ``rpc``: over it, the peer's calls are refused here, with
+        neither a Redis round trip nor an audit record each, until the wait is over."""
+        kind, local = LimitKind.per_peer(rpc), f"{rpc}:{caller.key}"
+        left = self._left(local)
+        if left:
+            self.audit.suppress(caller.name, "rate_limited")
+            raise RateLimited(f"too many {rpc} calls; retry later", left, kind)
+        wait = await self.store.hit(peer_limit_key(rpc, caller.key), limit)
+        if wait:
+            self._block(local, wait)
+            self.audit.record("rate_limited", peer=caller.name, reason=kind, rpc=rpc)
+            raise RateLimited(f"too many {rpc} calls; retry later", wait, kind)
 
     def presenting(self, credential: str | None) -> None:
         """Mark the current call as presenting an end user's credential on the peer's
         behalf, keyed ``credential`` (e.g. ``session:<sid>``; "" when the credential names
-        no session): its failures count against that user first (see the module doc).
-        ``None``: the failure is the peer's own after all (it presented another certificate
-        than the one a bound token names), so it counts against the peer alone.
+        no session it proves): its failures count against that user first (see the module
+        doc). ``None``: not a relayed credential after all.
 
         Raises:
-            RateLimited: that credential is over the failed-authentication limit.
+            RateLimited: that credential is over the failed-authentication limit, or this
+                peer is over it for the credential (:meth:`mismatched`).
         """
-        _current.set(dataclasses.replace(current_caller(), presented=credential))
+        caller = dataclasses.replace(current_caller(), presented=credential)
+        _current.set(caller)
         if credential:
             self._check_blocked(credential)
+            self._check_blocked(_as_presented_by(credential, caller))
 
-    def _check_blocked(self, key: str) -> None:
+    def mismatched(self) -> None:
+        """The credential is bound to another certificate than the presenting peer's: its
+        failures count against the credential *as presented by this peer* (and the peer's
+        relay-wide budget) -- the thief is limited, the holder and the peer's other users
+        are not (see the module doc)."""
+        caller = current_caller()
+        if caller.presented:
+            presented = _as_presented_by(caller.presented, caller)
+            _current.set(dataclasses.replace(caller, presented=presented))
+
+    def _left(self, key: str) -> int:
+        """Milliseconds ``key`` stays blocked here (0: not blocked)."""
         until = self._blocked.get(key)
         if until is None:
-            return
+            return 0
         left = until - self.clock()
         if left <= 0:
             self._blocked.pop(key, None)
-            return
-        raise RateLimited("too many failed authentications; retry later", int(left * 1000))
+            return 0
+        return max(1, int(left * 1000))
+
+    def _check_blocked(self, key: str) -> None:
+        left = self._left(key)
+        if left:
+            raise RateLimited("too many failed authentications; retry later", left)
 
     def _block(self, key: str, wait_ms: int) -> None:
         if len(self._blocked) >= _BLOCKED_MAX:
@@ -203,35 +239,67 @@ class Guard:
                 del self._blocked[next(iter(self._blocked))]
         self._blocked[key] = self.clock() + wait_ms / 1000
 
-    async def rejected(self, rpc: str, err: ServiceError) -> None:
-        """Audit a denied or unauthenticated call and count it against the peer."""
+    def _budgets(self, caller: Caller) -> list[tuple[str, str, Limit, str, LimitKind]]:
+        """What a failure of ``caller`` counts against: (Redis counter, key, limit, local
+        block key, limit kind)."""
+        if caller.presented is None:  # the peer's own failure (a policy denial)
+            key = caller.key
+            return [("authfail", key, self.failures, f"quiet:{key}", LimitKind.FAILURES_PER_PEER)]
+        relay = caller.key
+        budgets = [
+            ("authfail-relay", relay, self.relay_failures, f"relay:{relay}",
+             LimitKind.FAILURES_PER_PEER),
+        ]  # fmt: skip
+        if caller.presented:  # an end user's credential: that user, the relay only in bulk
+            user = caller.presented
+            budgets.append(
+                ("authfail-user", user, self.failures, user, LimitKind.FAILURES_PER_SESSION)
+            )
+        return budgets
+
+    async def rejected(self, rpc: str, err: NotAuthenticated | Denied) -> None:
+        """Audit a denied or unauthenticated call and count it (see the module doc).
+
+        Reads the refusal's reason (never its message): a refusal that is not the caller's
+        failure (a locked subject: the handler audits it) is left alone; an expired,
+        revoked or reused credential is audited but not counted (normal life). A peer over
+        the limit for its own failures is refused without an audit record or a Redis
+        round trip each (the trail gets a periodic count of them instead).
+        """
+        if isinstance(err, Denied) and not err.reason.is_callers:
+            return
         caller = current_caller()
         event = "denied" if isinstance(err, Denied) else "auth_failed"
+        if caller.presented is None and self._left(f"quiet:{caller.key}"):
+            self.audit.suppress(caller.name, event)
+            return
         reason = f"{rpc}: {err.message}"
         if caller.peer.refused:
             reason += f" (no identity: {caller.peer.refused})"
-        self.audit.record(event, peer=caller.name, reason=reason)
-        if err.message in _NOT_COUNTED:
+        self.audit.record(event, peer=caller.name, reason=reason, rpc=rpc, code=err.reason)
+        if isinstance(err, NotAuthenticated) and not err.reason.is_guess:
             return
-        if caller.presented is None:
-            counts = [("authfail", caller.key, self.failures)]
-        else:  # an end user's credential: that user first, the relaying peer only in bulk
-            counts = [("authfail-relay", caller.key, self.relay_failures)]
-            if caller.presented:
-                counts.append(("authfail-user", caller.presented, self.failures))
+        budgets = self._budgets(caller)
         try:
             waits = await asyncio.gather(
-                *(self.store.hit(peer_limit_key(what, key), limit) for what, key, limit in counts)
+                *(
+                    self.store.hit(peer_limit_key(what, key), limit)
+                    for what, key, limit, *_ in budgets
+                )
             )
         except Exception as err:  # the call fails anyway: a lost count must not hide why
             log.warning("failed-authentication count for %s not recorded: %r", caller.name, err)
             return
-        for (what, key, _), wait in zip(counts, waits, strict=True):
+        for (_, key, _, local, kind), wait in zip(budgets, waits, strict=True):
             if not wait:
                 continue
-            self._block(key, wait)
-            whose = "session" if what == "authfail-user" else "peer"
-            self.audit.record(
-                "rate_limited", peer=caller.name, reason=f"failed authentications per {whose}"
-            )
+            if local.startswith("quiet:"):  # own failures: quiet long enough to matter
+                wait = max(wait, QUIET_MIN_MS)
+            self._block(local, wait)
+            self.audit.record("rate_limited", peer=caller.name, reason=kind, rpc=rpc)
             log.warning("over the failed-authentication limit: %s (peer %s)", key, caller.name)
+
+
+def _as_presented_by(credential: str, caller: Caller) -> str:
+    """The key of ``credential`` presented by ``caller`` (see :meth:`Guard.mismatched`)."""
+    return f"{credential}@{caller.key}"

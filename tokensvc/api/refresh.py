@@ -1,6 +1,6 @@
 """The Refresh RPC: rotation of a refresh family, its grace-window replays and reuse.
 
-A mixin of :class:`tokensvc.api.servicer.TokenService`. The token formats are
+An RPC group of :class:`tokensvc.api.servicer.TokenService`. The token formats are
 :mod:`tokensvc.families.tokens`' (generation, family end and MAC); the rotation is one script of
 the family store (:meth:`tokensvc.store.FamilyStore.rotate`), whose module documents why
 the family's state stays constant-size and reuse detection exact.
@@ -9,46 +9,49 @@ the family's state stays constant-size and reuse detection exact.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any
+
+import grpc.aio
 
 from tokensvc.api import validation
 from tokensvc.api.admission import Guard, current_caller
-from tokensvc.api.status import NotAuthenticated, rpc
-from tokensvc.config import Settings
+from tokensvc.api.minting import Minter
+from tokensvc.api.ports import Clock, Rotations
+from tokensvc.errors import AuthFailure, NotAuthenticated
 from tokensvc.families import tokens
 from tokensvc.observe.audit import AuditTrail
-from tokensvc.store import FamilyStore, Presented, RefreshStatus, Rotation, Successor
-from tokensvc_client.errors import Reason
+from tokensvc.store import Presented, RefreshStatus, Rotation, Successor
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 
 log = logging.getLogger("tokensvc.service")
-Ctx = Any
+Ctx = grpc.aio.ServicerContext[pb.RefreshRequest, pb.RefreshResponse]
 
 
 class RefreshRpcs:
     """Refresh (strict, or idempotent within ``--refresh-grace-seconds``)."""
 
-    settings: Settings
-    store: FamilyStore
-    guard: Guard
-    audit: AuditTrail
-    clock: Any
-    refresh_tokens: tokens.RefreshTokens
-    grace_ms: int
-    _grace_md: tuple[tuple[str, str], ...]
+    def __init__(
+        self,
+        store: Rotations,
+        guard: Guard,
+        audit: AuditTrail,
+        minter: Minter,
+        refresh_tokens: tokens.RefreshTokens,
+        *,
+        idle_ttl_s: int,
+        grace_ms: int,
+        clock: Clock,
+    ) -> None:
+        self.store = store
+        self.guard = guard
+        self.audit = audit
+        self.minter = minter
+        self.refresh_tokens = refresh_tokens
+        self.idle_ttl_ms = idle_ttl_s * 1000
+        self.grace_ms = grace_ms
+        self.clock = clock
 
-    def _announce_grace(self, context: Ctx) -> None:
-        """Announce the grace window in the answer's trailing metadata (if there is one)."""
-        if self._grace_md:
-            context.set_trailing_metadata(self._grace_md)
-
-    _mint: Callable[[dict[str, Any], str, int, int], tuple[str, int]]  # TokenService's
-    _pair: Callable[[str, int, str, int, str], pb.TokenPair]
-
-    @rpc
-    async def Refresh(self, request: pb.RefreshRequest, context: Ctx) -> pb.RefreshResponse:
-        self._announce_grace(context)  # also on errors: clients learn it
+    async def refresh(self, request: pb.RefreshRequest, context: Ctx) -> pb.RefreshResponse:
+        self.minter.announce_grace(context)  # also on errors: clients learn it
         presented = self.refresh_tokens.parse(
             validation.token("refresh_token", request.refresh_token)
         )
@@ -58,12 +61,12 @@ class RefreshRpcs:
         proven = presented is not None and presented.genuine
         self.guard.presenting(f"session:{presented.session_id}" if proven and presented else "")
         if presented is None:
-            raise NotAuthenticated(Reason.MALFORMED.value)
+            raise NotAuthenticated(AuthFailure.MALFORMED)
         if presented.generation and not presented.genuine:
-            raise NotAuthenticated("unknown")  # not one the service made: no Redis trip
+            raise NotAuthenticated(AuthFailure.UNKNOWN)  # not one the service made: no Redis trip
         if presented.generation and presented.ends_at * 1000 <= self.clock() * 1000:
             # the session ended (its family may have left Redis long ago): not a guess
-            raise NotAuthenticated("expired")
+            raise NotAuthenticated(AuthFailure.EXPIRED)
         sid, caller = presented.session_id, current_caller()
         generation, ends_at = presented.generation + 1, presented.ends_at
         rotation, successor = await self._rotate(presented, generation, ends_at)
@@ -78,12 +81,13 @@ class RefreshRpcs:
                 session_id=sid,
                 reason="family revoked",
             )
-            raise NotAuthenticated("reused")
+            raise NotAuthenticated(AuthFailure.REUSED)
         if rotation.status is RefreshStatus.MISMATCH:
-            # the presenting peer's failure (its certificate), never the session's: a thief
-            # of a bound token must not be able to lock its holder out
-            self.guard.presenting(None)
-            raise NotAuthenticated("certificate_mismatch")
+            # counted against this session as this peer presents it (and the peer's bulk
+            # budget): a thief of a bound token cannot lock its holder out, nor a relay's
+            # user who sends someone else's bound token the relay's other users
+            self.guard.mismatched()
+            raise NotAuthenticated(AuthFailure.CERTIFICATE_MISMATCH)
         if rotation.status is RefreshStatus.REPLAYED:
             replayed = self.refresh_tokens.unseal(
                 presented, rotation.generation, rotation.family_expires_ms // 1000, rotation.sealed
@@ -96,17 +100,17 @@ class RefreshRpcs:
             )
         elif rotation.status is not RefreshStatus.OK:
             log.info("refresh refused sid=%s status=%s", sid, rotation.status.value)
-            raise NotAuthenticated(rotation.status.value)
+            raise NotAuthenticated(AuthFailure(rotation.status.value))
         else:
             self.audit.record(
                 "refreshed", peer=caller.name, subject=rotation.subject, session_id=sid
             )
         assert rotation.claims is not None  # OK and REPLAYED carry them
-        access, access_exp = self._mint(
+        access, access_exp = self.minter.mint(
             rotation.claims, sid, rotation.now_ms // 1000, rotation.family_expires_ms
         )
         return pb.RefreshResponse(
-            tokens=self._pair(access, access_exp, successor, rotation.token_expires_ms, sid)
+            tokens=self.minter.pair(access, access_exp, successor, rotation.token_expires_ms, sid)
         )
 
     async def _rotate(
@@ -121,7 +125,7 @@ class RefreshRpcs:
             Presented(presented.hash, presented.generation, presented.genuine),
             Successor(tokens.refresh_hash(successor), generation, ends_at, sealed),
             int(self.clock() * 1000),
-            self.settings.refresh_idle_ttl * 1000,
+            self.idle_ttl_ms,
             current_caller().peer.thumbprint,
             self.grace_ms,
         )

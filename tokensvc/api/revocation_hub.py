@@ -34,8 +34,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
-from tokensvc.api.status import BadRequest, RateLimited
 from tokensvc.api.times import ts_ms
+from tokensvc.errors import BadRequest, RateLimited
 from tokensvc.proc.tasks import cancelled_since, cancelling_count
 from tokensvc.redis.connection import RedisClient
 from tokensvc.store import REVOCATIONS, StoreUnavailable, guarded, text

@@ -1,6 +1,6 @@
 """Session RPCs of the token service: ListSessions and the WatchRevocations feed.
 
-A mixin of :class:`tokensvc.api.servicer.TokenService`. ListSessions serves the admin
+An RPC group of :class:`tokensvc.api.servicer.TokenService`. ListSessions serves the admin
 identities of the caller policy, or the subject itself when the call carries that
 subject's own valid access token (``authorization: Bearer ...``) whose ``aud`` names
 tokensvc itself (``--self-audience``): a session-management page can show a user their
@@ -11,39 +11,48 @@ it here.
 from __future__ import annotations
 
 import hmac
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator
+
+import grpc.aio
 
 from tokensvc.api import validation
 from tokensvc.api.admission import Guard, current_caller
+from tokensvc.api.minting import Verification
+from tokensvc.api.ports import Clock, SessionReads
 from tokensvc.api.revocation_hub import RevocationHub
-from tokensvc.api.status import Denied, NotAuthenticated, rpc, stream_rpc
 from tokensvc.api.times import ts as _ts
+from tokensvc.errors import AuthFailure, Denial, Denied, NotAuthenticated
 from tokensvc.families import tokens
-from tokensvc.store import FamilyStore
 from tokensvc_client.errors import InvalidToken
 from tokensvc_client.v1 import tokensvc_pb2 as pb
-from tokensvc_client.verifier import Claims, Verifier
 from tokensvc_client.wire import bearer_token
 
-Ctx = Any
+ListCtx = grpc.aio.ServicerContext[pb.ListSessionsRequest, pb.ListSessionsResponse]
+WatchCtx = grpc.aio.ServicerContext[pb.WatchRevocationsRequest, pb.RevocationEvent]
 
 
 class SessionRpcs:
     """ListSessions and WatchRevocations."""
 
-    store: FamilyStore
-    guard: Guard
-    hub: RevocationHub
-    clock: Any
-    subject_tags: tokens.SubjectTags
+    def __init__(
+        self,
+        store: SessionReads,
+        guard: Guard,
+        hub: RevocationHub,
+        verification: Verification,
+        subject_tags: tokens.SubjectTags,
+        *,
+        clock: Clock,
+    ) -> None:
+        self.store = store
+        self.guard = guard
+        self.hub = hub
+        self.verification = verification
+        self.subject_tags = subject_tags
+        self.clock = clock
 
-    own_verifier: Verifier
-    _verify: Callable[[str, Verifier], Awaitable[Claims]]  # TokenService's
-
-    @rpc
-    async def ListSessions(
-        self, request: pb.ListSessionsRequest, context: Ctx
+    async def list_sessions(
+        self, request: pb.ListSessionsRequest, context: ListCtx
     ) -> pb.ListSessionsResponse:
         subject = validation.text("subject", request.subject, required=True)
         if self.guard.enforce and not self.guard.policy.admits(
@@ -68,37 +77,40 @@ class SessionRpcs:
             ]
         )
 
-    async def _require_own_token(self, subject: str, context: Ctx) -> None:
+    async def _require_own_token(self, subject: str, context: ListCtx) -> None:
         """The call must carry a valid, unrevoked access token of ``subject``."""
         # maybe relayed: counted against the peer in bulk, and against a subject only
         # once the token's signature proves whose it is (naming a subject proves nothing:
         # anyone could otherwise lock a user out of their own devices page)
         self.guard.presenting("")
         try:
-            token = bearer_token(context.invocation_metadata())
+            token = bearer_token(tuple(context.invocation_metadata() or ()))
         except InvalidToken:
-            raise Denied("ListSessions needs an admin identity or the subject's token") from None
+            raise Denied(
+                Denial.NO_CREDENTIAL, "ListSessions needs an admin identity or the subject's token"
+            ) from None
         try:  # a token for tokensvc itself: not one a user sent another service
-            claims = await self._verify(token, self.own_verifier)
+            claims = await self.verification.verify_own(token)
         except InvalidToken as err:
-            raise NotAuthenticated(err.reason.value) from None
+            raise NotAuthenticated(AuthFailure(err.reason.value)) from None
         self.guard.presenting(f"subject:{self.subject_tags.of(claims.subject)}")
         state = await self.store.access_state(
             claims.session_id, claims.token_id, int(self.clock() * 1000)
         )
         if not state.active:
-            raise NotAuthenticated("revoked")
+            raise NotAuthenticated(AuthFailure.REVOKED)
         bound = claims.cnf_x5t_s256
         presented = current_caller().peer.thumbprint.encode()
         if bound and not hmac.compare_digest(bound.encode(), presented):
-            self.guard.presenting(None)  # the peer's failure, not the subject's (as Refresh)
-            raise NotAuthenticated("certificate_mismatch")  # RFC 8705: a stolen bound token
+            self.guard.mismatched()  # the subject as this peer presents it (as Refresh)
+            raise NotAuthenticated(
+                AuthFailure.CERTIFICATE_MISMATCH
+            )  # RFC 8705: a stolen bound token
         if claims.subject != subject:
-            raise Denied("a subject may only list its own sessions")
+            raise Denied(Denial.OTHER_SUBJECT, "a subject may only list its own sessions")
 
-    @stream_rpc
-    async def WatchRevocations(
-        self, request: pb.WatchRevocationsRequest, context: Ctx
+    async def watch_revocations(
+        self, request: pb.WatchRevocationsRequest, context: WatchCtx
     ) -> AsyncIterator[pb.RevocationEvent]:
         resume_from = validation.text(
             "resume_from", request.resume_from, limit=validation.MAX_SHORT

@@ -1,8 +1,9 @@
-"""Service errors and the one table that maps them to gRPC status codes (docs/design.md, Errors).
+"""The one table that maps the error families to gRPC status codes (docs/design.md, Errors).
 
-Servicer methods raise these; :func:`rpc` turns them into status codes. Anything else
-becomes INTERNAL with a correlation id that is logged with the traceback -- no Python
-traceback or exception text ever reaches a caller.
+Servicer methods raise the refusals of :mod:`tokensvc.errors` (:class:`ServiceError`) and
+the store raises :class:`StoreUnavailable`; :func:`rpc` turns them into status codes by
+:data:`STATUS`. Anything else becomes INTERNAL with a correlation id that is logged with
+the traceback -- no Python traceback or exception text ever reaches a caller.
 """
 
 from __future__ import annotations
@@ -11,53 +12,48 @@ import contextlib
 import functools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, Final, Protocol, TypeVar
 
 import grpc
 import grpc.aio
 
 from tokensvc.api.decoding import CHECKS_DECODING, NOT_DECODABLE, UNDECODABLE
+from tokensvc.errors import (
+    BadRequest,
+    Denied,
+    NotAuthenticated,
+    RateLimited,
+    ServiceError,
+    TokensvcError,
+)
 from tokensvc.observe import tracing
 from tokensvc.store import StoreUnavailable
 
 log = logging.getLogger("tokensvc.rpc")
 
-
-class ServiceError(Exception):
-    """Root of the errors a servicer method may raise on purpose."""
-
-    code = grpc.StatusCode.INTERNAL
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class BadRequest(ServiceError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
-
-
-class NotAuthenticated(ServiceError):
-    """The token is invalid, expired, revoked or reused. Message is a stable reason code."""
-
-    code = grpc.StatusCode.UNAUTHENTICATED
+#: The one table from the error families (:mod:`tokensvc.errors`) to gRPC status codes: an
+#: error takes the entry of its nearest listed ancestor (a subclass needs no entry).
+STATUS: Final[Mapping[type[TokensvcError], grpc.StatusCode]] = {
+    BadRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    NotAuthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    Denied: grpc.StatusCode.PERMISSION_DENIED,
+    RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
+    ServiceError: grpc.StatusCode.INTERNAL,
+}
+#: What a caller reads for an error that is not a :class:`ServiceError` (whose message is
+#: written for the caller); anything not in :data:`STATUS` is INTERNAL with a correlation id.
+_UNAVAILABLE_MESSAGE: Final = "token store unavailable; retry later"
 
 
-class Denied(ServiceError):
-    """The caller's identity may not do this (caller policy, locked subject)."""
-
-    code = grpc.StatusCode.PERMISSION_DENIED
-
-
-class RateLimited(ServiceError):
-    """Over a rate limit; ``retry-after`` (whole seconds) goes into trailing metadata."""
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-
-    def __init__(self, message: str, retry_after_ms: int) -> None:
-        super().__init__(message)
-        self.retry_after = max(1, -(-retry_after_ms // 1000))
+def status_of(err: TokensvcError) -> grpc.StatusCode:
+    """The status code of ``err`` by :data:`STATUS`; INTERNAL for an unlisted family."""
+    for cls in type(err).__mro__:
+        code = STATUS.get(cls)
+        if code is not None:
+            return code
+    return grpc.StatusCode.INTERNAL
 
 
 class Guarded(Protocol):
@@ -65,7 +61,7 @@ class Guarded(Protocol):
 
     async def admit(self, rpc: str, context: grpc.aio.ServicerContext[Any, Any]) -> None: ...
 
-    async def rejected(self, rpc: str, err: ServiceError) -> None: ...
+    async def rejected(self, rpc: str, err: NotAuthenticated | Denied) -> None: ...
 
 
 Req = TypeVar("Req")
@@ -88,10 +84,10 @@ async def _statuses(
             await servicer.rejected(name, err)
         if isinstance(err, RateLimited):
             context.set_trailing_metadata((("retry-after", str(err.retry_after)),))
-        await context.abort(err.code, err.message)
+        await context.abort(status_of(err), err.message)
     except StoreUnavailable as err:
         log.warning("rpc=%s token store unavailable: %s", name, err)
-        await context.abort(grpc.StatusCode.UNAVAILABLE, "token store unavailable; retry later")
+        await context.abort(status_of(err), _UNAVAILABLE_MESSAGE)
     except grpc.aio.AbortError:
         raise
     except Exception:

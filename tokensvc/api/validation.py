@@ -1,6 +1,6 @@
 """Input validation: hard limits on every request field (docs/design.md, Errors).
 
-Every violation is a :class:`~tokensvc.api.status.BadRequest` naming the field. Limits are
+Every violation is a :class:`~tokensvc.errors.BadRequest` naming the field. Limits are
 generous for real use and small enough that no request can cause a slow path.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final
 
-from tokensvc.api.status import BadRequest
+from tokensvc.errors import BadRequest
 
 MAX_TOKEN: Final = 4096
 MAX_ID: Final = 256  # subject, client_id, session label, audience entries

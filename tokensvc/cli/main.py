@@ -175,7 +175,13 @@ def _cmd_audit_tail(args: argparse.Namespace) -> int:
         # socket timeout above the XREAD BLOCK of --follow
         client = redis_client(url, 10.0)
         try:
-            await audit.tail(client, count=args.count, follow=args.follow, write=table.write)
+            await audit.tail(
+                client,
+                count=args.count,
+                follow=args.follow,
+                write=table.write,
+                security=args.security,
+            )
         finally:
             await client.aclose()
 
@@ -290,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_redis_args(tail)
     tail.add_argument(
         "-n", "--count", type=_count, default=20, help="entries to print first [default 20]"
+    )
+    tail.add_argument(
+        "--security",
+        action="store_true",
+        help="only security events (reuse, revocations, locks, key changes), from "
+        "ts:audit:security, which refused calls cannot crowd out [default: every event]",
     )
     tail.add_argument(
         "-f",

@@ -18,6 +18,7 @@ import os
 from typing import Any
 
 from tokensvc.config import env_flag, is_loopback
+from tokensvc.errors import TokensvcError
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -74,8 +75,10 @@ def add_transport_args(
     )
 
 
-class TransportError(ValueError):
+class TransportError(TokensvcError, ValueError):
     """The transport flags cannot work (e.g. --insecure to a remote target)."""
+
+    code = "transport"
 
 
 def open_channel(args: argparse.Namespace) -> Any:

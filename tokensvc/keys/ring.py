@@ -44,6 +44,7 @@ from typing import Any, Final
 
 from jwcrypto import jwe, jwk
 
+from tokensvc.errors import TokensvcError
 from tokensvc.redis.connection import RedisClient
 from tokensvc.store import guarded, text
 from tokensvc.store.keyspace import AUDIT_STREAM, REVOCATIONS
@@ -96,8 +97,10 @@ class Lifecycle:
         )
 
 
-class KeyRingError(RuntimeError):
+class KeyRingError(TokensvcError, RuntimeError):
     """The key ring cannot be used (bad KEK, corrupt record, no active key)."""
+
+    code = "key_ring"
 
 
 def load_kek(path: Path | None, data_dir: Path) -> jwk.JWK:

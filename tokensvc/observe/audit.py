@@ -11,6 +11,15 @@ most every 50 ms or as soon as 256 records wait. It also logs the event at once 
 ``refreshed``, which are logged only with ``log_routine`` (``--audit-log-all``); the stream
 always has every event.
 
+Security events (:data:`SECURITY_EVENTS`: reuse, revocations, locks, key changes) are
+also appended, first, to ``ts:audit:security``, which only they trim: the noise of refused
+calls can evict them from ``ts:audit`` but not from there (``tokensvc audit tail
+--security``). Noise is bounded at the source too: the admission guard refuses a peer
+over its limit without a record per call and reports the count with :meth:`suppress`
+(a ``suppressed`` record per peer every 10 s), and the WARNING/INFO lines of the events a
+caller can cause at will (``denied``, ``auth_failed``, ``rate_limited``) are logged at most
+20 times per event and 10 s, then summed up in one line.
+
 If Redis is unreachable the records stay queued and the task retries with backoff
 (0.1 s doubling to 5 s). The queue is bounded (10 000 records by default): when it is full
 the oldest record is dropped and counted, and a warning with the count is logged at most
@@ -47,11 +56,23 @@ from tokensvc.store.calls import script_source
 from tokensvc_client.verifier import REFRESH_TOKEN_PREFIX
 
 AUDIT_STREAM: Final = "ts:audit"
+#: The security events again, in a stream of their own that only they trim (the noise of
+#: refused calls cannot evict them): see :data:`SECURITY_EVENTS`.
+SECURITY_STREAM: Final = "ts:audit:security"
 
 log = logging.getLogger("tokensvc.audit")
 
 #: Events logged at WARNING; every other event is INFO.
 WARNING_EVENTS: Final = frozenset({"reuse_detected", "denied", "auth_failed", "locked"})
+#: Events that are also written to :data:`SECURITY_STREAM`.
+SECURITY_EVENTS: Final = frozenset(
+    {"reuse_detected", "revoked", "locked", "unlocked", "keys_rotated", "key_retired"}
+)
+#: WARNING lines per event and :data:`WARN_INTERVAL` for the events a caller can cause at
+#: will (``denied``, ``auth_failed``); beyond, one summary line per interval.
+LOG_BURST: Final = 20
+#: How often the calls refused without an audit record each are reported, seconds.
+SUPPRESSED_INTERVAL: Final = 10.0
 #: One per Issue / Refresh: logged only with ``log_routine`` (always in the stream).
 ROUTINE_EVENTS: Final = frozenset({"issued", "refreshed"})
 #: Longest value stored; longer ones are cut (ids are far shorter).
@@ -73,6 +94,10 @@ FINAL_FLUSH_TIMEOUT: Final = 3.0
 FOLLOW_BLOCK_MS: Final = 1000
 
 REDACTED: Final = "[redacted]"
+#: Events any caller can cause at will: their log lines are rate-limited (:data:`LOG_BURST`).
+_CALLER_CAUSED: Final = frozenset({"denied", "auth_failed", "rate_limited"})
+#: Marks a queued security record not yet written to the security stream (never stored).
+_SECURITY_PENDING: Final = "\0security"
 _TOKEN_LIKE = re.compile(re.escape(REFRESH_TOKEN_PREFIX) + r"|eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]")
 _CORE_FIELDS: Final = ("event", "peer", "subject", "session_id", "jti", "reason")
 # names an extra field must not take: LogRecord attributes (logging refuses them in
@@ -123,15 +148,19 @@ class AuditTrail:
         redis: RedisClient,
         *,
         stream: str = AUDIT_STREAM,
+        security_stream: str = SECURITY_STREAM,
         maxlen: int = 100_000,
+        security_maxlen: int = 100_000,
         queue_max: int = QUEUE_MAX,
         log_routine: bool = False,
     ) -> None:
-        if maxlen < 1 or queue_max < 1:
-            raise ValueError("maxlen and queue_max must be positive")
+        if maxlen < 1 or security_maxlen < 1 or queue_max < 1:
+            raise ValueError("maxlen, security_maxlen and queue_max must be positive")
         self.redis = redis
         self.stream = stream
+        self.security_stream = security_stream
         self.maxlen = maxlen
+        self.security_maxlen = security_maxlen
         self.queue_max = queue_max
         self.log_routine = log_routine
         self._append = redis.register_script(script_source("audit_append.lua"))
@@ -145,6 +174,10 @@ class AuditTrail:
         self._last_drop_warning = float("-inf")
         self._last_error_warning = float("-inf")
         self._write_failures = 0
+        self._logged: collections.Counter[str] = collections.Counter()  # this interval
+        self._log_interval_start = float("-inf")
+        self._suppressed: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._suppressed_report: asyncio.TimerHandle | None = None
         #: counts each record as a metric (the server sets it when metrics are exported)
         self.metrics: metrics.ServerMetrics = metrics.DISABLED
 
@@ -192,13 +225,63 @@ class AuditTrail:
                 if item is not None and item != "":
                     fields[_field_name(key)] = _clean(item)
             if self.log_routine or event not in ROUTINE_EVENTS:
-                level = logging.WARNING if event in WARNING_EVENTS else logging.INFO
-                log.log(level, "audit %s", fields.get("event", ""), extra=fields)
+                self._log(event, fields)
             self.metrics.audit_event(event, fields)
-            self._enqueue({**fields, "ts": str(time.time_ns() // 1_000_000)})
+            entry = {**fields, "ts": str(time.time_ns() // 1_000_000)}
+            if event in SECURITY_EVENTS:
+                entry[_SECURITY_PENDING] = "1"
+            self._enqueue(entry)
         except Exception:  # the request path must not fail because of auditing
             with contextlib.suppress(Exception):
                 log.exception("audit record failed")
+
+    def _log(self, event: str, fields: dict[str, str]) -> None:
+        """Log the event: WARNING or INFO; the events a caller can cause at will at most
+        :data:`LOG_BURST` times per event and interval (the stream still has each)."""
+        level = logging.WARNING if event in WARNING_EVENTS else logging.INFO
+        if event in _CALLER_CAUSED:
+            now = time.monotonic()
+            if now - self._log_interval_start >= WARN_INTERVAL:
+                self._report_unlogged()
+                self._log_interval_start = now
+            self._logged[event] += 1
+            if self._logged[event] > LOG_BURST:
+                return
+        log.log(level, "audit %s", fields.get("event", ""), extra=fields)
+
+    def _report_unlogged(self) -> None:
+        for event, n in sorted(self._logged.items()):
+            if n > LOG_BURST:
+                log.warning(
+                    "audit: %d more %s events in %.0f s not logged (they are in the stream)",
+                    n - LOG_BURST,
+                    event,
+                    WARN_INTERVAL,
+                    extra={"unlogged": n - LOG_BURST, "x_event": event},
+                )
+        self._logged.clear()
+
+    def suppress(self, peer: str, event: str) -> None:
+        """Count a refused call of ``peer`` that is not audited one by one (the peer is
+        over a limit): every :data:`SUPPRESSED_INTERVAL` seconds one ``suppressed`` record
+        per peer and event says how many there were. Never blocks, never raises."""
+        try:
+            self._suppressed[(peer, event)] += 1
+            if self._suppressed_report is None:
+                loop = asyncio.get_running_loop()
+                self._suppressed_report = loop.call_later(
+                    SUPPRESSED_INTERVAL, self.report_suppressed
+                )
+        except Exception:
+            with contextlib.suppress(Exception):
+                log.exception("audit suppress failed")
+
+    def report_suppressed(self) -> None:
+        """Record the calls counted by :meth:`suppress` since the last report."""
+        self._suppressed_report = None
+        counts, self._suppressed = self._suppressed, collections.Counter()
+        for (peer, event), n in sorted(counts.items()):
+            self.record("suppressed", peer=peer, reason=event, calls=n)
 
     def _enqueue(self, entry: dict[str, str]) -> None:
         if len(self._queue) >= self.queue_max:
@@ -238,13 +321,19 @@ class AuditTrail:
             if n == 0:
                 return
             batch = [self._queue.popleft() for _ in range(n)]
-            args: list[str | int] = [self.maxlen]
-            for entry in batch:
-                args.append(len(entry))
-                for pair in entry.items():
-                    args.extend(pair)
             try:  # one command (NOSCRIPT: the script did not run; it is loaded and run)
-                await guarded(self._append, keys=[self.stream], args=args)
+                secure = [entry for entry in batch if _SECURITY_PENDING in entry]
+                if secure:  # first: a retry after a failure below does not write them twice
+                    await guarded(
+                        self._append,
+                        keys=[self.security_stream],
+                        args=_append_args(self.security_maxlen, secure),
+                    )
+                    for entry in secure:
+                        del entry[_SECURITY_PENDING]
+                await guarded(
+                    self._append, keys=[self.stream], args=_append_args(self.maxlen, batch)
+                )
             except BaseException:  # failed or cancelled: the records were not (all) written
                 self._requeue(batch)
                 raise
@@ -332,6 +421,17 @@ class AuditTrail:
             raise
 
 
+def _append_args(maxlen: int, batch: list[dict[str, str]]) -> list[str | int]:
+    """The audit_append script's arguments: MAXLEN, then per record N and its N pairs."""
+    args: list[str | int] = [maxlen]
+    for entry in batch:
+        fields = [(k, v) for k, v in entry.items() if k != _SECURITY_PENDING]
+        args.append(len(fields))
+        for pair in fields:
+            args.extend(pair)
+    return args
+
+
 def _line(entry_id: bytes | str, fields: Mapping[bytes | str, bytes | str]) -> str:
     out: dict[str, Any] = {"id": text(entry_id)}
     for key, value in fields.items():
@@ -347,16 +447,25 @@ async def tail(
     count: int = 20,
     follow: bool = False,
     write: Callable[[str], None] = print,
+    security: bool = False,
 ) -> None:
     """Write the last ``count`` entries of the stream, oldest first, one JSON object per
     line (``{"id": ..., "ts": ..., "event": ..., ...}``); with ``follow``, keep writing new
     entries until cancelled.
 
+    ``security``: only the security events (:data:`SECURITY_EVENTS`), from
+    :data:`SECURITY_STREAM`, completed with the security events in ``stream`` older than
+    its oldest entry -- those an earlier version wrote to ``stream`` only.
+
     Raises:
         tokensvc.store.StoreUnavailable: Redis is unreachable.
     """
     baseline = cancelling_count()
-    newest: list[Any] = await guarded(redis.xrevrange, stream, count=max(count, 1))
+    if security:
+        newest = await _security_newest(redis, stream, count)
+        stream = SECURITY_STREAM
+    else:
+        newest = await guarded(redis.xrevrange, stream, count=max(count, 1))
     last = text(newest[0][0]) if newest else "0-0"
     entries: Iterable[Any] = reversed(newest[:count]) if count > 0 else ()
     for entry_id, fields in entries:
@@ -371,3 +480,27 @@ async def tail(
             for entry_id, fields in new:
                 write(_line(entry_id, fields))
                 last = text(entry_id)
+
+
+#: Entries of the old stream read at most while looking for earlier security events.
+_LEGACY_SCAN_MAX: Final = 100_000
+
+
+async def _security_newest(redis: RedisClient, legacy: str, count: int) -> list[Any]:
+    """The newest ``count`` security entries, newest first (see :func:`tail`)."""
+    want = max(count, 1)
+    found: list[Any] = await guarded(redis.xrevrange, SECURITY_STREAM, count=want)
+    # the security stream's copy of a record is written before the main stream's, so
+    # everything in the main stream older than its oldest entry is not in it
+    before = f"({text(found[-1][0])}" if found else "+"
+    scanned = 0
+    while len(found) < want and scanned < _LEGACY_SCAN_MAX:
+        page: list[Any] = await guarded(redis.xrevrange, legacy, max=before, count=BATCH_MAX)
+        if not page:
+            break
+        scanned += len(page)
+        for entry_id, fields in page:
+            if text(fields.get(b"event", fields.get("event", b""))) in SECURITY_EVENTS:
+                found.append((entry_id, fields))
+        before = f"({text(page[-1][0])}"
+    return found[:want]

@@ -86,14 +86,6 @@ def certificate_seconds_left(path: Path, now: float) -> float | None:
     return cert.not_valid_after_utc.timestamp() - now
 
 
-def _reason_of(text: str) -> tuple[str, str]:
-    """``"Refresh: reused (no identity: ...)"`` -> ``("Refresh", "reused")``."""
-    rpc, sep, rest = text.partition(": ")
-    if not sep:
-        return "", label(text)
-    return label(rpc), label(rest.split(" (", 1)[0])
-
-
 _IDENTITY_REASONS = (
     ("URI SANs", "several_uri_sans"),
     ("not a valid SPIFFE ID", "invalid_spiffe_id"),
@@ -161,6 +153,11 @@ class ServerMetrics:
         )
         self.rotations = counter("keys.rotations", "{rotation}", "Key rotations by kind")
         self.retirements = counter("keys.retirements", "{key}", "Pending keys retired")
+        self.suppressed = counter(
+            "audit.suppressed",
+            "{call}",
+            "Refused calls not audited one by one (their peer was over a limit), by event",
+        )
         self.events: dict[str, Callable[[Mapping[str, str]], None]] = {
             "issued": self._on_issued,
             "refreshed": lambda f: self.refreshed.add(1),
@@ -179,6 +176,9 @@ class ServerMetrics:
             ),
             "keys_rotated": lambda f: self.rotations.add(1, {"kind": label(f.get("reason", ""))}),
             "key_retired": lambda f: self.retirements.add(1),
+            "suppressed": lambda f: self.suppressed.add(
+                int(f.get("calls", "0") or 0), {"event": label(f.get("reason", ""))}
+            ),
         }
         self._meter = meter
         if enabled:  # counters without attributes start at 0: the first event is an increase
@@ -201,15 +201,15 @@ class ServerMetrics:
         self.issued.add(1, attributes)
 
     def _on_auth_failed(self, fields: Mapping[str, str]) -> None:
-        rpc, reason = _reason_of(fields.get("reason", ""))
-        self.auth_failures.add(1, {"rpc": rpc, "reason": reason})
+        # the refusal's code (tokensvc.errors.AuthFailure), never the reason's prose
+        rpc, code = label(fields.get("rpc", "")), label(fields.get("code", ""))
+        self.auth_failures.add(1, {"rpc": rpc, "reason": code})
 
     def _on_denied(self, fields: Mapping[str, str]) -> None:
-        rpc, reason = _reason_of(fields.get("reason", ""))
-        if not rpc:  # the service's own refusal of an Issue for a locked subject
-            rpc, reason = "Issue", "subject_locked"
-        else:
-            reason = "policy"
+        # tokensvc.errors.Denial: a locked subject is the subject's state; every other
+        # refusal of an identified caller is counted as the policy's
+        rpc, code = label(fields.get("rpc", "")), fields.get("code", "")
+        reason = "subject_locked" if code == "subject_locked" else "policy"
         self.denials.add(1, {"rpc": rpc, "reason": reason})
 
     # -- state gauges --------------------------------------------------------------------

@@ -34,11 +34,15 @@ import tempfile
 from pathlib import Path
 from typing import IO
 
+from tokensvc.errors import TokensvcError
+
 _PR_SET_PDEATHSIG = 1
 
 
-class StartupError(RuntimeError):
+class StartupError(TokensvcError, RuntimeError):
     """The service cannot start; the message is the one line ``tokensvc serve`` prints."""
+
+    code = "startup"
 
 
 def private_directory(path: Path, what: str) -> Path:

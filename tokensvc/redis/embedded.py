@@ -44,6 +44,7 @@ _SUN_PATH_MAX = 100
 
 log = logging.getLogger("tokensvc.embedded")
 
+
 def redis_binary(prefer_system: bool = True) -> str:
     """Path of a redis-server executable."""
     system = shutil.which("redis-server") if prefer_system else None

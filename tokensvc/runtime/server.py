@@ -9,9 +9,9 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import cast
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, cast
 
 import grpc
 import grpc.aio
@@ -65,6 +65,26 @@ def _server_credentials(settings: Settings) -> grpc.ServerCredentials:
 
 
 @dataclass
+class Background:
+    """The server's background tasks, by name (stopped in the order :meth:`Running.stop`
+    needs: the feed first, the key ring's maintenance after the server, the audit writer
+    last, the Redis watchdog after everything that uses Redis)."""
+
+    maintain: asyncio.Task[None]  # key ring transitions and readiness, each second
+    feed: asyncio.Task[None]  # the revocation hub's Redis reader
+    audit: asyncio.Task[None]  # the audit trail's writer: in-flight calls still audit
+
+    @classmethod
+    def start(cls, keyring: KeyRing, settings: Settings, health: HealthServicer,
+              hub: RevocationHub, audit: AuditTrail) -> Background:  # fmt: skip
+        def task(job: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+            return asyncio.create_task(job, context=tracing.untraced())
+
+        lifecycle = Lifecycle.from_settings(settings)
+        return cls(task(_maintain(keyring, lifecycle, health)), task(hub.run()), task(audit.run()))
+
+
+@dataclass
 class Running:
     """A started service; ``port`` is the bound port (useful with ``--listen HOST:0``)."""
 
@@ -74,14 +94,14 @@ class Running:
     redis: RedisClient
     health: HealthServicer
     audit: AuditTrail
+    background: Background
+    watching: asyncio.Task[None]  # the Redis watchdog: stops last
+    drain: Drain
     embedded: RedisProcess | None = None
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
     http: HttpJwks | None = None  # the --http-listen JWKS listener, if any
-    tracer_provider: TracerProvider | None = None  # None: no spans, no instrumentation
-    watching: asyncio.Task[None] | None = None  # the Redis watchdog: stops last
     metrics_http: HttpJwks | None = None  # the --metrics-listen listener, if any
+    tracer_provider: TracerProvider | None = None  # None: no spans, no instrumentation
     metrics: metrics.ServerMetrics = metrics.DISABLED
-    drain: Drain = field(default_factory=Drain)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking calls, finish in-flight ones within ``grace``, release Redis.
@@ -95,9 +115,8 @@ class Running:
         for listener in (self.http, self.metrics_http):
             if listener is not None:
                 await listener.stop()
-        # in-flight calls still audit: the audit writer (last task) stops after the server
-        maintain, hub = self.tasks[0], self.tasks[1]
-        hub.cancel()  # ends the feed streams
+        tasks = self.background
+        tasks.feed.cancel()  # ends the feed streams
         if not await self.drain.wait_idle(grace):
             log.warning("calls still in flight after %.1f s of grace: cancelling them", grace)
         # calls still queued inside gRPC would be CANCELLED by the stop: wait for a quiet
@@ -110,12 +129,11 @@ class Running:
             await asyncio.sleep(_GOAWAY_DELAY)
         self.drain.release()
         await stopping
-        maintain.cancel()
-        self.tasks[-1].cancel()  # AuditTrail.run writes what is queued when cancelled
-        await _finish(self.tasks)
-        if self.watching is not None:
-            self.watching.cancel()
-            await _finish([self.watching])
+        tasks.maintain.cancel()
+        tasks.audit.cancel()  # AuditTrail.run writes what is queued when cancelled
+        await _finish([tasks.maintain, tasks.feed, tasks.audit])
+        self.watching.cancel()
+        await _finish([self.watching])
         await self.redis.aclose()
         await asyncio.to_thread(metrics.shutdown, self.metrics)
         if self.embedded is not None:
@@ -157,6 +175,176 @@ async def _maintain(keyring: KeyRing, lifecycle: Lifecycle, health: HealthServic
     raise asyncio.CancelledError
 
 
+# -- assembly: each step builds one part, and registers its undoing on the exit stack --------
+
+
+@dataclass
+class _Redis:
+    """The Redis side: its URL, the client, its watchdog and an embedded server if any."""
+
+    url: str
+    client: RedisClient
+    watching: asyncio.Task[None]
+    embedded: RedisProcess | None
+
+
+async def _open_redis(settings: Settings, undo: contextlib.AsyncExitStack) -> _Redis:
+    """Start the embedded redis-server (without --redis-url), the watchdog and the client."""
+    embedded = None
+    url = settings.redis_url
+    if url is None:
+        embedded = RedisProcess(settings.data_dir / "redis", unix_socket=True, prefer_system=False)
+        await asyncio.to_thread(embedded.start)
+        undo.push_async_callback(asyncio.to_thread, embedded.stop)
+        url = embedded.url
+        log.info("embedded redis-server started, data in %s", embedded.data_dir)
+    # the Redis timeout is the watchdog's, per connection (no timer per command)
+    watchdog = Watchdog(settings.redis_timeout)
+    watching = asyncio.create_task(watchdog.run(), context=tracing.untraced())
+    undo.callback(watching.cancel)
+    client = redis_client(url, settings.redis_timeout, watchdog)
+    undo.push_async_callback(client.aclose)
+    return _Redis(url, client, watching, embedded)
+
+
+@dataclass
+class _Domain:
+    """What the servicer works on: the caller policy, key ring, family store, feed hub."""
+
+    policy: CallerPolicy
+    keyring: KeyRing
+    store: FamilyStore
+    hub: RevocationHub
+
+
+async def _build_domain(settings: Settings, redis: _Redis) -> _Domain:
+    """Read the policy and the KEKs, prove Redis reachable, load the key ring and the
+    store's scripts, and prime the revocation hub (before any watcher can connect)."""
+    policy = CallerPolicy.for_settings(settings)
+    previous = settings.previous_kek_file
+    keyring = KeyRing(
+        redis.client,
+        load_kek(settings.kek_file, settings.data_dir),
+        [load_kek(previous, settings.data_dir)] if previous else [],
+    )
+    await check_redis(redis.client, settings, redis.url)
+    await keyring.load()
+    store = FamilyStore(
+        redis.client,
+        feed_ttl_ms=(settings.access_ttl + settings.leeway) * 1000,
+        wait_replicas=settings.redis_wait_replicas,
+        wait_timeout=settings.redis_wait_timeout,
+    )
+    await store.load_scripts()
+    store.legacy_locks = await store.find_legacy_locks()
+    # the feed reader blocks at most half the socket timeout, so it never times out
+    hub = RevocationHub(
+        redis.client,
+        block_ms=max(100, int(settings.redis_timeout * 500)),
+        max_per_client=settings.max_watchers_per_client,
+    )
+    await hub.prime()  # see RevocationHub.prime
+    return _Domain(policy, keyring, store, hub)
+
+
+def _grpc_server(
+    settings: Settings, drain: Drain, meters: metrics.ServerMetrics, provider: TracerProvider | None
+) -> grpc.aio.Server:
+    """The gRPC server with its interceptors and transport caps (not yet serving)."""
+    return grpc.aio.server(
+        # the drain first: a call refused during shutdown costs nothing else
+        interceptors=[
+            drain,
+            *rpc_metrics.interceptors(meters),
+            *tracing.server_interceptors(provider),
+        ],
+        options=[
+            # only the workers of one `serve` share a port (tokensvc.proc.ownership makes
+            # sure no other process serves it); a single process does not share it
+            ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
+            # transport caps below every field limit's sum (tokensvc.api.validation): oversized
+            # messages or metadata are refused by gRPC before any of our code runs
+            ("grpc.max_receive_message_length", _MAX_MESSAGE),
+            ("grpc.max_metadata_size", _MAX_METADATA),
+        ],
+    )
+
+
+async def _add_services(server: grpc.aio.Server, service: TokenService) -> HealthServicer:
+    """Register the token service, health (SERVING) and reflection; returns the health
+    servicer. Every handler checks decoding: an undecodable request is INVALID_ARGUMENT."""
+    registrar = cast(grpc.aio.Server, DecodingGuard(server))
+    tokensvc_pb2_grpc.add_TokenServiceServicer_to_server(service, registrar)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, registrar)
+    for name in ("", SERVICE_NAME):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        registrar,
+    )
+    return health
+
+
+def _bind(server: grpc.aio.Server, settings: Settings) -> int:
+    """Bind --listen (TLS, or plaintext in development mode); returns the port."""
+    if settings.insecure:
+        log.warning(
+            "INSECURE development mode: serving PLAINTEXT on %s (loopback only); there are no "
+            "caller identities, so the caller policy is NOT enforced",
+            settings.listen,
+        )
+        return server.add_insecure_port(settings.listen)
+    return server.add_secure_port(settings.listen, _server_credentials(settings))
+
+
+async def _start_listeners(
+    settings: Settings,
+    keyring: KeyRing,
+    meters: metrics.ServerMetrics,
+    undo: contextlib.AsyncExitStack,
+) -> tuple[HttpJwks | None, HttpJwks | None]:
+    """The --http-listen JWKS listener and the --metrics-listen one, each if configured."""
+    http = metrics_http = None
+    documents = {}
+    if meters.render is not None:
+        documents[metrics.METRICS_PATH] = Document(meters.render)
+    if settings.http_listen:
+        # a scrape of the port the workers share reaches a random worker: its counters
+        # would jump between the workers' values (see tokensvc.runtime.workers)
+        shared = documents if settings.workers == 1 else {}
+        if settings.workers > 1:
+            log.info(
+                "%s is not served on --http-listen with %d workers: scrape each "
+                "worker's --metrics-listen port (PORT+i)",
+                metrics.METRICS_PATH,
+                settings.workers,
+            )
+        http = await start_http(settings, keyring, shared)
+        undo.push_async_callback(http.stop)
+    if settings.metrics_listen:
+        # each worker has a port of its own (tokensvc.runtime.workers.worker_settings)
+        metrics_http = await start_http(
+            settings, None, documents, settings.metrics_listen, shared=False
+        )
+        undo.push_async_callback(metrics_http.stop)
+    return http, metrics_http
+
+
+def _setup_metrics(settings: Settings) -> metrics.ServerMetrics:
+    """/metrics on --http-listen only with one worker (see :func:`_start_listeners`)."""
+    return metrics.setup(
+        prometheus=bool(
+            settings.metrics_listen or (settings.http_listen and settings.workers == 1)
+        ),
+        client_ids=settings.metrics_client_ids,
+    )
+
+
 async def start(
     settings: Settings,
     tracer_provider: TracerProvider | None = None,
@@ -171,149 +359,56 @@ async def start(
         KeyRingError: a bad key-encryption key.
         ConfigError: unusable TLS files or policy.
     """
-    embedded = None
-    url = settings.redis_url
-    if url is None:
-        embedded = RedisProcess(settings.data_dir / "redis", unix_socket=True, prefer_system=False)
-        await asyncio.to_thread(embedded.start)
-        url = embedded.url
-        log.info("embedded redis-server started, data in %s", embedded.data_dir)
-    # the Redis timeout is the watchdog's, per connection (no timer per command)
-    watchdog = Watchdog(settings.redis_timeout)
-    watching = asyncio.create_task(watchdog.run(), context=tracing.untraced())
-    redis = redis_client(url, settings.redis_timeout, watchdog)
-    server: grpc.aio.Server | None = None
-    http = metrics_http = None
-    try:
-        policy = CallerPolicy.for_settings(settings)
-        previous = (
-            [load_kek(settings.previous_kek_file, settings.data_dir)]
-            if settings.previous_kek_file
-            else []
-        )
-        keyring = KeyRing(redis, load_kek(settings.kek_file, settings.data_dir), previous)
-        await check_redis(redis, settings, url)
-        await keyring.load()
-        store = FamilyStore(
-            redis,
-            feed_ttl_ms=(settings.access_ttl + settings.leeway) * 1000,
-            wait_replicas=settings.redis_wait_replicas,
-            wait_timeout=settings.redis_wait_timeout,
-        )
-        await store.load_scripts()
-        store.legacy_locks = await store.find_legacy_locks()
-        # the feed reader blocks at most half the socket timeout, so it never times out
-        hub = RevocationHub(
-            redis,
-            block_ms=max(100, int(settings.redis_timeout * 500)),
-            max_per_client=settings.max_watchers_per_client,
-        )
-        await hub.prime()  # before any watcher can connect (see RevocationHub.prime)
-        provider = tracing.setup_tracing(tracer_provider)
-        meters = metrics.setup(
-            # /metrics on --http-listen only with one worker (see below)
-            prometheus=bool(
-                settings.metrics_listen or (settings.http_listen and settings.workers == 1)
-            ),
-            client_ids=settings.metrics_client_ids,
-        )
-
-        drain = Drain()
-        server = grpc.aio.server(
-            # the drain first: a call refused during shutdown costs nothing else
-            interceptors=[
-                drain,
-                *rpc_metrics.interceptors(meters),
-                *tracing.server_interceptors(provider),
-            ],
-            options=[
-                # only the workers of one `serve` share a port (tokensvc.proc.ownership makes
-                # sure no other process serves it); a single process does not share it
-                ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
-                # transport caps below every field limit's sum (tokensvc.api.validation): oversized
-                # messages or metadata are refused by gRPC before any of our code runs
-                ("grpc.max_receive_message_length", _MAX_MESSAGE),
-                ("grpc.max_metadata_size", _MAX_METADATA),
-            ],
-        )
-        audit = AuditTrail(redis, log_routine=settings.audit_log_all)
-        audit.metrics = meters
-        meters.observe(
-            metrics.State(
-                keyring, settings.key_rotation_interval, hub, audit, UNAVAILABLE, settings.tls_cert
-            )
-        )
-        # registers every handler so that an undecodable request is INVALID_ARGUMENT
-        registrar = cast(grpc.aio.Server, DecodingGuard(server))
-        tokensvc_pb2_grpc.add_TokenServiceServicer_to_server(
-            TokenService(settings, store, keyring, audit, policy, hub, clock=clock), registrar
-        )
-        health = HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health, registrar)
-        for name in ("", SERVICE_NAME):
-            await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        reflection.enable_server_reflection(
-            (
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            registrar,
-        )
-        if settings.insecure:
-            log.warning(
-                "INSECURE development mode: serving PLAINTEXT on %s (loopback only); there are no "
-                "caller identities, so the caller policy is NOT enforced",
-                settings.listen,
-            )
-            port = server.add_insecure_port(settings.listen)
-        else:
-            port = server.add_secure_port(settings.listen, _server_credentials(settings))
-        await server.start()
-        documents = {}
-        if meters.render is not None:
-            documents[metrics.METRICS_PATH] = Document(meters.render)
-        if settings.http_listen:
-            # a scrape of the port the workers share reaches a random worker: its counters
-            # would jump between the workers' values (see tokensvc.runtime.workers)
-            shared = documents if settings.workers == 1 else {}
-            if settings.workers > 1:
-                log.info(
-                    "%s is not served on --http-listen with %d workers: scrape each "
-                    "worker's --metrics-listen port (PORT+i)",
-                    metrics.METRICS_PATH,
-                    settings.workers,
-                )
-            http = await start_http(settings, keyring, shared)
-        if settings.metrics_listen:
-            # each worker has a port of its own (tokensvc.runtime.workers.worker_settings)
-            metrics_http = await start_http(
-                settings, None, documents, settings.metrics_listen, shared=False
-            )
-    except BaseException as err:
-        watching.cancel()
-        if http is not None:
-            await http.stop()
-        if server is not None:
-            await server.stop(None)
-        await redis.aclose()
-        if embedded is not None:
-            await asyncio.to_thread(embedded.stop)
-        if isinstance(err, StoreUnavailable):
-            raise unavailable(err, url) from err
-        raise
-    running = Running(settings, server, port, redis, health, audit, embedded)
-    running.drain = drain
-    running.watching = watching
-    running.http = http
-    running.tracer_provider = provider
-    running.http, running.metrics_http, running.metrics = http, metrics_http, meters
-    metrics.observe_listeners(meters, [h.gate for h in (http, metrics_http) if h is not None])
-    lifecycle = Lifecycle.from_settings(settings)
-    for job in (_maintain(keyring, lifecycle, health), hub.run(), audit.run()):  # audit last
-        running.tasks.append(asyncio.create_task(job, context=tracing.untraced()))
-    log.info("tokensvc serving on port %d issuer=%s", port, settings.issuer)
+    async with contextlib.AsyncExitStack() as undo:
+        redis = await _open_redis(settings, undo)
+        try:
+            running = await _assemble(settings, redis, undo, tracer_provider, clock)
+        except StoreUnavailable as err:
+            raise unavailable(err, redis.url) from err
+        undo.pop_all()  # started: from here on, Running.stop undoes it
+    log.info("tokensvc serving on port %d issuer=%s", running.port, settings.issuer)
     return running
+
+
+async def _assemble(
+    settings: Settings,
+    redis: _Redis,
+    undo: contextlib.AsyncExitStack,
+    tracer_provider: TracerProvider | None,
+    clock: Callable[[], float],
+) -> Running:
+    """Build and start everything on the Redis side, in order (see :func:`start`)."""
+    domain = await _build_domain(settings, redis)
+    provider = tracing.setup_tracing(tracer_provider)
+    meters = _setup_metrics(settings)
+    drain = Drain()
+    server = _grpc_server(settings, drain, meters, provider)
+    undo.push_async_callback(server.stop, None)
+    audit = AuditTrail(redis.client, log_routine=settings.audit_log_all)
+    audit.metrics = meters
+    meters.observe(
+        metrics.State(
+            domain.keyring,
+            settings.key_rotation_interval,
+            domain.hub,
+            audit,
+            UNAVAILABLE,
+            tls_cert=None if settings.insecure else settings.tls_cert,
+        )
+    )
+    service = TokenService(
+        settings, domain.store, domain.keyring, audit, domain.policy, domain.hub, clock=clock
+    )
+    health = await _add_services(server, service)
+    port = _bind(server, settings)
+    await server.start()
+    http, metrics_http = await _start_listeners(settings, domain.keyring, meters, undo)
+    metrics.observe_listeners(meters, [h.gate for h in (http, metrics_http) if h is not None])
+    background = Background.start(domain.keyring, settings, health, domain.hub, audit)
+    return Running(
+        settings, server, port, redis.client, health, audit, background, redis.watching, drain,
+        redis.embedded, http, metrics_http, provider, meters,
+    )  # fmt: skip
 
 
 async def serve(settings: Settings, *, parent_sentinel: int | None = None) -> None:

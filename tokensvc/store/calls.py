@@ -19,9 +19,13 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from tokensvc.errors import TokensvcError
 
-class StoreUnavailable(RuntimeError):
+
+class StoreUnavailable(TokensvcError, RuntimeError):
     """Redis is unreachable or timed out; nothing was (or can be known to be) written."""
+
+    code = "store_unavailable"
 
 
 #: StoreUnavailable raised by :func:`guarded` in this process, by the Redis error's class

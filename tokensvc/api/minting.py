@@ -1,0 +1,134 @@
+"""What the RPC groups share about tokens: minting access tokens and answering with a pair
+(:class:`Minter`), and verifying presented ones against the key ring (:class:`Verification`).
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+import grpc.aio
+
+from tokensvc.api import validation
+from tokensvc.api.admission import current_caller
+from tokensvc.api.ports import Clock
+from tokensvc.api.times import ts
+from tokensvc.config import Settings
+from tokensvc.families import tokens
+from tokensvc.keys.ring import KeyRing
+from tokensvc_client.errors import InvalidToken, Reason
+from tokensvc_client.v1 import tokensvc_pb2 as pb
+from tokensvc_client.verifier import Claims, Verifier
+from tokensvc_client.wire import GRACE_HEADER
+
+
+class Minter:
+    """Signs access tokens with the ring's active key and builds token pairs."""
+
+    def __init__(self, settings: Settings, keyring: KeyRing) -> None:
+        self.issuer = settings.issuer
+        self.access_ttl = settings.access_ttl
+        self.keyring = keyring
+        # with a window, every Refresh/Issue/GetKeys answer announces it: clients retry a
+        # Refresh whose reply was lost only when the server will answer it idempotently
+        # (strict mode sends nothing: no header means strict)
+        grace = settings.refresh_grace_seconds
+        self._grace_md = ((GRACE_HEADER, str(grace)),) if grace else ()
+
+    def announce_grace(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """Announce the grace window in the answer's trailing metadata (if there is one)."""
+        if self._grace_md:
+            context.set_trailing_metadata(self._grace_md)
+
+    def claims(
+        self, base: dict[str, Any], sid: str, now: int, family_expires_ms: int
+    ) -> dict[str, Any]:
+        """An access token's claims; it never outlives its family. ``now``: Redis's clock
+        (the subject watermark's), so a replica's skewed clock cannot date it."""
+        return {
+            "iss": self.issuer,
+            **base,
+            "exp": min(now + self.access_ttl, family_expires_ms // 1000),
+            "iat": now,
+            "nbf": now,
+            "jti": tokens.new_token_id(),
+            "sid": sid,
+        }
+
+    def mint(
+        self, base: dict[str, Any], sid: str, now: int, family_expires_ms: int
+    ) -> tuple[str, int]:
+        """Sign an access token (see :meth:`claims`); returns it and its expiry."""
+        claims = self.claims(base, sid, now, family_expires_ms)
+        key = self.keyring.signing
+        return tokens.sign_access_token(key.key, key.kid, claims), claims["exp"]
+
+    @staticmethod
+    def pair(
+        access: str, access_exp: int, refresh: str, refresh_exp_ms: int, sid: str
+    ) -> pb.TokenPair:
+        return pb.TokenPair(
+            access_token=access,
+            refresh_token=refresh,
+            token_type="Bearer",
+            access_expires_at=ts(access_exp),
+            refresh_expires_at=ts(refresh_exp_ms / 1000),
+            session_id=sid,
+        )
+
+
+class Verification:
+    """Verifies presented access tokens with the ring's public keys.
+
+    ``verify`` accepts any audience (Introspect, Revoke); ``verify_own`` only tokens whose
+    ``aud`` names tokensvc itself (``--self-audience``: ListSessions' self-service path).
+    """
+
+    def __init__(self, settings: Settings, keyring: KeyRing, clock: Clock) -> None:
+        self.keyring = keyring
+        self._any = Verifier(
+            settings.issuer,
+            None,
+            leeway=settings.leeway,
+            max_token_bytes=validation.MAX_TOKEN,
+            clock=clock,
+        )
+        self._own = Verifier(
+            settings.issuer,
+            settings.self_audience,
+            leeway=settings.leeway,
+            max_token_bytes=validation.MAX_TOKEN,
+            clock=clock,
+        )
+
+    async def verify(self, token: str) -> Claims:
+        """Claims of a valid token of any audience.
+
+        Raises:
+            InvalidToken: the token is not acceptable.
+        """
+        return await self._verify(token, self._any)
+
+    async def verify_own(self, token: str) -> Claims:
+        """Claims of a valid token for tokensvc itself (see the class doc).
+
+        Raises:
+            InvalidToken: the token is not acceptable.
+        """
+        return await self._verify(token, self._own)
+
+    async def _verify(self, token: str, verifier: Verifier) -> Claims:
+        """Verify, reloading the ring once on an unknown kid."""
+        try:
+            return verifier.verify(token, self.keyring.public)
+        except InvalidToken as err:
+            if err.reason is not Reason.UNKNOWN_KEY or not await self.keyring.reload_if_stale():
+                raise
+        return verifier.verify(token, self.keyring.public)
+
+
+def holds(bound: str) -> bool:
+    """Whether the caller presents the certificate ``bound`` names (true if unbound)."""
+    presented = current_caller().peer.thumbprint
+    # bytes: compare_digest refuses str with non-ASCII characters
+    return not bound or hmac.compare_digest(bound.encode(), presented.encode())
