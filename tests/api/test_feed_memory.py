@@ -4,12 +4,13 @@ correct across the reader losing Redis. Real Redis, real gRPC."""
 
 from __future__ import annotations
 
-import time
+import queue
 
 import grpc
 import pytest
 import redis
 
+from tests.support import until_available, wait_until
 from tests.support.feed import Watcher
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 
@@ -20,14 +21,6 @@ def _xrange_calls(client: redis.Redis) -> int:
     return int(client.info("commandstats").get("cmdstat_xrange", {}).get("calls", 0))
 
 
-def _refusal(watcher: Watcher, timeout: float = 5.0) -> grpc.RpcError:
-    deadline = time.monotonic() + timeout
-    while watcher.error is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert watcher.error is not None
-    return watcher.error
-
-
 def test_streams_per_client_are_capped(mtls_service):
     svc = mtls_service("", max_watchers_per_client=2)
     orders = svc.stub("orders")
@@ -35,20 +28,22 @@ def test_streams_per_client_are_capped(mtls_service):
     try:
         assert first.next().kind == Kind.RESET and second.next().kind == Kind.RESET
         third = Watcher(orders)
-        assert _refusal(third).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert third.refusal().code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         other = Watcher(svc.stub("billing"))  # another client keeps its own allowance
         assert other.next().kind == Kind.RESET
         first.close()
-        deadline = time.monotonic() + 5
-        while True:  # the closed stream's slot comes back
+
+        def reopened() -> Watcher | None:
             again = Watcher(orders)
             try:
-                assert again.next(timeout=1).kind == Kind.RESET
-                break
-            except Exception:
-                assert time.monotonic() < deadline
-                again.close()
-        again.close()
+                if again.next(timeout=1).kind == Kind.RESET:
+                    return again
+            except queue.Empty:
+                pass
+            again.close()
+            return None
+
+        wait_until(reopened, 5, what="the closed stream's slot back", interval=0).close()
         other.close()
     finally:
         first.close()
@@ -60,7 +55,9 @@ def test_new_watchers_catch_up_from_memory_not_from_redis(tokensvc, stub, redis_
     sessions = [stub.Issue(pb.IssueRequest(subject=f"u{i}")).tokens.session_id for i in range(5)]
     for sid in sessions:
         stub.Revoke(pb.RevokeRequest(session_id=sid))
-    time.sleep(0.3)  # the reader has read them
+    probe = Watcher(stub)  # once a stream has them all, the one reader has read them
+    assert [e.value for e in probe.take(1 + len(sessions))][1:] == sessions
+    probe.close()
     before = _xrange_calls(client)
     watchers = [Watcher(stub) for _ in range(10)]
     try:
@@ -83,32 +80,29 @@ def test_catch_up_stays_complete_across_the_reader_losing_redis(tokensvc, stub, 
     def revoke() -> str:
         # after the kill, a pooled connection's first command may fail (UNAVAILABLE):
         # the caller retries, as clients do
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                sid = stub.Issue(pb.IssueRequest(subject="alice")).tokens.session_id
-                stub.Revoke(pb.RevokeRequest(session_id=sid))
-                return sid
-            except grpc.RpcError as err:
-                if err.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
-                    raise
+        sid = until_available(
+            lambda: stub.Issue(pb.IssueRequest(subject="alice")).tokens.session_id, 10
+        )
+        until_available(lambda: stub.Revoke(pb.RevokeRequest(session_id=sid)), 10)
+        return sid
 
     before = revoke()
     first = Watcher(stub)
     assert [e.value for e in first.take(2)] == ["", before]
     client.client_kill_filter(_type="normal", skipme=True)  # every connection of tokensvc
-    assert _refusal(first).code() == grpc.StatusCode.UNAVAILABLE
+    assert first.refusal().code() == grpc.StatusCode.UNAVAILABLE
     during = revoke()
-    deadline = time.monotonic() + 10
-    while True:  # refused (UNAVAILABLE) until the reader reads again, then complete
+
+    def caught_up() -> tuple[Watcher, list[pb.RevocationEvent]] | None:
         fresh = Watcher(stub)
         try:
-            events = fresh.take(3)
-            break
-        except Exception:
-            assert time.monotonic() < deadline, fresh.error
+            return fresh, fresh.take(3)
+        except queue.Empty:  # refused (UNAVAILABLE) until the reader reads again
             fresh.close()
-            time.sleep(0.1)
+            return None
+
+    # then complete
+    fresh, events = wait_until(caught_up, 10, what="a new stream to catch up", interval=0.1)
     try:
         assert events[0].kind == Kind.RESET
         assert [e.value for e in events[1:]] == [before, during]

@@ -74,8 +74,9 @@ def test_revoke_subject_logs_out_everywhere_and_only_that_subject(stub):
     )
     for pair in sessions:
         assert not _active(stub, pair.access_token) and not _active(stub, pair.refresh_token)
-        with pytest.raises(grpc.RpcError):
+        with pytest.raises(grpc.RpcError) as err:
             stub.Refresh(pb.RefreshRequest(refresh_token=pair.refresh_token))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert _active(stub, bob.access_token) and _active(stub, bob.refresh_token)
     # a new login after the revocation works
     time.sleep(0.01)
@@ -94,5 +95,6 @@ def test_subject_watermark_covers_families_missing_from_the_index(stub, redis_ur
         client.delete(key)
     stub.Revoke(pb.RevokeRequest(subject="carol"))
     assert not _active(stub, pair.access_token)
-    with pytest.raises(grpc.RpcError):
+    with pytest.raises(grpc.RpcError) as err:
         stub.Refresh(pb.RefreshRequest(refresh_token=pair.refresh_token))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -1,4 +1,4 @@
-"""`tokensvc certs` and the JSON log formatter (`tokensvc audit tail`: tests/observe/test_audit.py)."""
+"""`tokensvc certs` and the JSON log formatter (`tokensvc audit tail`: observe/test_audit.py)."""
 
 from __future__ import annotations
 

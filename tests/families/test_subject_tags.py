@@ -69,6 +69,7 @@ def test_sessions_under_the_old_unsalted_tag_stay_listed_and_revocable(stub, red
         assert not stub.Introspect(pb.IntrospectRequest(token=token)).active
         with pytest.raises(grpc.RpcError) as err:
             stub.Refresh(pb.RefreshRequest(refresh_token=token))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert err.value.details() == "revoked"
 
 

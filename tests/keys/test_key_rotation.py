@@ -13,6 +13,7 @@ import redis
 import redis.asyncio as aioredis
 from jwcrypto import jwk
 
+from tests.support import wait_until
 from tokensvc.cli.main import main as cli_main
 from tokensvc.keys.ring import RING_KEY, KeyRing, _jwe_kid, load_kek
 from tokensvc_client.v1 import tokensvc_pb2 as pb
@@ -42,9 +43,11 @@ def test_scheduled_rotation_publishes_first_and_runs_once_across_replicas(
     seen_kids: set[str] = {first[0].kid}
     published_at: dict[str, float] = {}
     signing_seen: dict[str, float] = {}
-    deadline = time.monotonic() + 12
     issued = 0
-    while time.monotonic() < deadline:
+
+    def step() -> bool:
+        """Issue on both replicas, note when each key is published and first signs."""
+        nonlocal issued, seen_kids
         now = time.monotonic()
         for stub in stubs:
             for kid in _published(stub):
@@ -58,9 +61,10 @@ def test_scheduled_rotation_publishes_first_and_runs_once_across_replicas(
         assert states.count("active") == 1, states
         assert states.count("pending") <= 1, states
         seen_kids |= {k.kid for k in ring}
-        if first[0].kid not in {k.kid for k in ring} and len(signing_seen) >= 2:
-            break  # the first key has been retired and deleted
-        time.sleep(0.1)
+        # done when the first key has been retired and deleted
+        return first[0].kid not in {k.kid for k in ring} and len(signing_seen) >= 2
+
+    wait_until(step, 12, what="the first key retired and deleted", interval=0.1)
     assert first[0].kid not in _published(stubs[0]), "retired key never deleted"
     new_kids = seen_kids - {first[0].kid}
     assert len(new_kids) in (1, 2), seen_kids  # one per rotation, never a duplicate
@@ -78,12 +82,16 @@ def test_manual_rotation_publishes_then_promotes(make_settings, start_server):
     assert len(pending) == 1 and pending[0].HasField("activate_after")
     assert pending[0].kid in _published(stub)
     assert _kid(stub.Issue(pb.IssueRequest(subject="a")).tokens.access_token) == old
-    deadline = time.monotonic() + 10
-    while (
-        _kid(stub.Issue(pb.IssueRequest(subject=f"u{time.monotonic()}")).tokens.access_token) == old
-    ):
-        assert time.monotonic() < deadline, "pending key never promoted"
-        time.sleep(0.1)
+    subjects = iter(range(10**6))  # (one subject would hit its Issue rate limit)
+    wait_until(
+        lambda: (
+            _kid(stub.Issue(pb.IssueRequest(subject=f"u{next(subjects)}")).tokens.access_token)
+            != old
+        ),
+        10,
+        what="the pending key promoted",
+        interval=0.1,
+    )
     states = {k.kid: k.state for k in stub.ListKeys(pb.ListKeysRequest()).keys}
     assert states == {old: "retired", pending[0].kid: "active"}
 
@@ -98,13 +106,14 @@ def test_emergency_rotation_drops_the_old_key_everywhere_at_once(make_settings, 
     assert _published(stub_a) == {ring[0].kid}
     assert not stub_a.Introspect(pb.IntrospectRequest(token=before)).active
     # the other replica follows within its next tick (1 s)
-    deadline = time.monotonic() + 5
-    while (
-        _published(stub_b) != {ring[0].kid}
-        or stub_b.Introspect(pb.IntrospectRequest(token=before)).active
-    ):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(
+        lambda: (
+            _published(stub_b) == {ring[0].kid}
+            and not stub_b.Introspect(pb.IntrospectRequest(token=before)).active
+        ),
+        5,
+        what="the other replica to drop the old key",
+    )
     after = stub_b.Issue(pb.IssueRequest(subject="alice")).tokens.access_token
     assert _kid(after) == ring[0].kid
     assert stub_a.Introspect(pb.IntrospectRequest(token=after)).active

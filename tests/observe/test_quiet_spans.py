@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
-
 import grpc
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from tests.support import wait_until
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 
 
@@ -24,12 +23,13 @@ def test_refused_calls_record_no_exception_events(make_settings, start_server):
     with pytest.raises(grpc.RpcError) as err:
         stub.Issue(pb.IssueRequest(subject=""))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    deadline = time.monotonic() + 5  # a server span ends just after its answer is sent
-    while time.monotonic() < deadline:
+
+    def server_spans() -> list | None:
         spans = [s for s in exporter.get_finished_spans() if s.name.startswith("/tokensvc")]
-        if len(spans) == 2:
-            break
-        time.sleep(0.02)
+        return spans if len(spans) == 2 else None
+
+    # a server span ends just after its answer is sent
+    spans = wait_until(server_spans, 5, what="both server spans ended")
     assert {s.name.rsplit("/", 1)[1] for s in spans} == {"Refresh", "Issue"}
     for span in spans:
         assert [event.name for event in span.events] == [], span.name

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
+from tests.support import until_available
 from tokensvc.redis.embedded import RedisProcess
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 
@@ -17,17 +18,6 @@ def own_redis(tmp_path) -> Iterator[RedisProcess]:
     proc = RedisProcess(tmp_path / "own-redis").start()
     yield proc
     proc.stop()
-
-
-def _until_ok(fn, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return fn()
-        except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
 
 
 def test_redis_down_is_unavailable_then_service_resumes(own_redis, make_settings, start_server):
@@ -51,12 +41,14 @@ def test_redis_down_is_unavailable_then_service_resumes(own_redis, make_settings
 
     own_redis.start()  # same port and data directory: the append-only file is replayed
     # the failed Refresh above wrote nothing: the original token is still the current one
-    nxt = _until_ok(
+    nxt = until_available(
         lambda: stub.Refresh(pb.RefreshRequest(refresh_token=pair.refresh_token))
     ).tokens
     # (a pooled connection from before the restart refuses once: UNAVAILABLE, then fine)
-    assert _until_ok(lambda: stub.Introspect(pb.IntrospectRequest(token=nxt.access_token))).active
-    assert _until_ok(lambda: stub.Issue(pb.IssueRequest(subject="bob"))).tokens.access_token
+    assert until_available(
+        lambda: stub.Introspect(pb.IntrospectRequest(token=nxt.access_token))
+    ).active
+    assert until_available(lambda: stub.Issue(pb.IssueRequest(subject="bob"))).tokens.access_token
 
 
 def test_server_refuses_to_start_without_redis(make_settings, start_server):
@@ -87,7 +79,7 @@ def test_a_hung_redis_is_unavailable_within_the_timeout_then_service_resumes(
         assert time.monotonic() - began < 5.0
     finally:
         os.kill(own_redis.process.pid, signal.SIGCONT)
-    _until_ok(lambda: stub.Issue(pb.IssueRequest(subject="alice")))
+    until_available(lambda: stub.Issue(pb.IssueRequest(subject="alice")))
 
 
 def test_scripts_flushed_from_redis_are_loaded_again(own_redis, make_settings, start_server):

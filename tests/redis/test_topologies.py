@@ -21,14 +21,15 @@ import grpc
 import pytest
 import redis
 
-from tests.support import ServerThread
+from tests.support import ServerThread, scaled, until_available, wait_until
 from tests.support.topology import (
+    NOT_YET,
     Cluster,
     client,
     healthy_replicas,
+    paused_scripts,
     redis_cluster,
     redis_sentinel,
-    wait_for,
 )
 from tokensvc.config import ConfigError, Rate, Settings
 from tokensvc.families.tokens import tag_of
@@ -148,18 +149,6 @@ def _code(fn: Callable[[], Any]) -> grpc.StatusCode:
     return err.value.code()
 
 
-def _until_ok(fn: Callable[[], Any], timeout: float = 15.0) -> Any:
-    """Call until it stops failing UNAVAILABLE (failover in progress)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return fn()
-        except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
 def _issue(stub: Stub, subject: str) -> pb.TokenPair:
     return stub.Issue(pb.IssueRequest(subject=subject), timeout=10).tokens
 
@@ -244,7 +233,9 @@ def test_cluster_full_flow(
             seen = {fields.get(b"event", b"").decode() for _, fields in conn.xrange("ts:audit")}
             return wanted <= seen
 
-        wait_for("audit events in ts:audit", events, timeout=10)
+        wait_until(
+            events, timeout=10, what="audit events in ts:audit", interval=0.05, ignore=NOT_YET
+        )
 
 
 def test_cluster_revocation_feed_and_a_retry_after_a_lost_event(
@@ -376,7 +367,7 @@ class Traffic:
             if err.code() != grpc.StatusCode.UNAVAILABLE:
                 raise
             self.failed_calls += 1
-            time.sleep(0.02)
+            time.sleep(0.02)  # pacing while Redis fails over, not a wait for a condition
             return
         self.acknowledged.append(Revocation(kind, pair, killed))
 
@@ -415,20 +406,35 @@ def test_sentinel_failover_keeps_every_acknowledged_revocation(
             code = _code(lambda: stub.Revoke(pb.RevokeRequest(session_id=pair.session_id)))
         assert code == grpc.StatusCode.UNAVAILABLE
         assert not _active(stub, pair.access_token)  # in force on the primary
-        wait_for("the sentinel to see the replica again", lambda: healthy_replicas(group) >= 1)
+        wait_until(
+            lambda: healthy_replicas(group) >= 1,
+            what="the sentinel to see the replica again",
+            interval=0.05,
+            ignore=NOT_YET,
+        )
 
         traffic = Traffic(stub)
         thread = threading.Thread(target=traffic.run, daemon=True)
         thread.start()
         try:
-            wait_for("revocations before the kill", lambda: traffic.count(False) >= 12)
+            wait_until(
+                lambda: traffic.count(False) >= 12,
+                what="revocations before the kill",
+                interval=0.05,
+                ignore=NOT_YET,
+            )
             old = group.primary
             traffic.killed = True
             old.kill()  # SIGKILL mid-traffic
             new = group.wait_failover(old)
             # without a replica, WAIT cannot be satisfied: bring the old node back as one
             group.restart_as_replica(old, new)
-            wait_for("revocations after the failover", lambda: traffic.count(True) >= 8)
+            wait_until(
+                lambda: traffic.count(True) >= 8,
+                what="revocations after the failover",
+                interval=0.05,
+                ignore=NOT_YET,
+            )
         finally:
             traffic.stop.set()
             thread.join(15)
@@ -439,20 +445,15 @@ def test_sentinel_failover_keeps_every_acknowledged_revocation(
         assert _active(stub, _issue(stub, "after-failover").access_token)
         for revocation in traffic.acknowledged:
             pair = revocation.pair
-            assert not _until_ok(lambda p=pair: _active(stub, p.access_token)), revocation
+            assert not until_available(lambda p=pair: _active(stub, p.access_token)), revocation
             if revocation.kind != "access_token":
-                code = _code(lambda p=pair: _until_ok(lambda: _refresh(stub, p.refresh_token)))
+                code = _code(
+                    lambda p=pair: until_available(lambda: _refresh(stub, p.refresh_token))
+                )
                 assert code == grpc.StatusCode.UNAUTHENTICATED, revocation
 
 
 # --- a lost reply is not re-sent ----------------------------------------------------------
-
-
-def _paused_scripts(admin: redis.Redis) -> set[str]:
-    """Ids of clients whose EVALSHA waits in the paused server."""
-    return {
-        str(c["id"]) for c in admin.client_list() if c["cmd"] == "evalsha" and "b" in c["flags"]
-    }
 
 
 def _refresh_with_a_dropped_connection(stub: Stub, node: RedisProcess, token: str) -> Future[Any]:
@@ -463,17 +464,26 @@ def _refresh_with_a_dropped_connection(stub: Stub, node: RedisProcess, token: st
         admin.execute_command("CLIENT", "PAUSE", 20_000, "WRITE")
         try:
             call = pool.submit(stub.Refresh, pb.RefreshRequest(refresh_token=token), timeout=10)
-            wait_for("a script to wait in Redis", lambda: _paused_scripts(admin))
+            wait_until(
+                lambda: paused_scripts(admin),
+                what="a script to wait in Redis",
+                interval=0.05,
+                ignore=NOT_YET,
+            )
             # the Refresh was sent first, but an audit flush or key ring tick may wait there
-            # before it: give it time to arrive, so the set below surely holds it
-            time.sleep(0.5)
-            waiting = _paused_scripts(admin)
+            # before it: give it time to arrive, so the set below surely holds it. A fixed
+            # sleep, as nothing Redis shows (CLIENT LIST has no arguments) tells the
+            # Refresh's script from a background one; scaled for a busy machine.
+            time.sleep(scaled(0.5))
+            waiting = paused_scripts(admin)
             for client_id in waiting:  # also a key ring tick waiting there, if any
                 admin.execute_command("CLIENT", "KILL", "ID", client_id)
             # a retrying client sends the script again: it would wait here too
-            wait_for(
-                "the Refresh to fail or be re-sent",
-                lambda: call.done() or (_paused_scripts(admin) - waiting),
+            wait_until(
+                lambda: call.done() or (paused_scripts(admin) - waiting),
+                what="the Refresh to fail or be re-sent",
+                interval=0.05,
+                ignore=NOT_YET,
             )
         finally:
             admin.execute_command("CLIENT", "UNPAUSE")
@@ -512,5 +522,5 @@ def test_a_refresh_whose_connection_dies_is_not_resent(
     error = call.exception()
     assert isinstance(error, grpc.RpcError), "the Refresh was re-sent and ran"
     assert error.code() == grpc.StatusCode.UNAVAILABLE
-    retried = _until_ok(lambda: _refresh(stub, pair.refresh_token))
+    retried = until_available(lambda: _refresh(stub, pair.refresh_token))
     assert _active(stub, retried.access_token)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ import grpc
 import pytest
 import yaml
 
-from tests.support import ServerThread
+from tests.support import ServerThread, wait_until
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 from tokensvc_client.v1 import tokensvc_pb2_grpc as pb_grpc
 
@@ -257,16 +256,6 @@ def _get(url: str) -> Any:
         return json.loads(reply.read())
 
 
-def _until(condition, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_prometheus_fires_the_reuse_alert_after_a_replay(make_settings, start_server, tmp_path):
     srv: ServerThread = start_server(make_settings(metrics_listen="127.0.0.1:0"))
     assert srv.running.metrics_http is not None
@@ -310,14 +299,15 @@ def test_prometheus_fires_the_reuse_alert_after_a_replay(make_settings, start_se
             except OSError:
                 return False
 
-        _until(scraped_twice, 30, "two scrapes of tokensvc")
+        wait_until(scraped_twice, 30, what="two scrapes of tokensvc", interval=0.5)
         with srv.channel() as chan:
             stub = pb_grpc.TokenServiceStub(chan)
             old = stub.Issue(pb.IssueRequest(subject="mallory")).tokens.refresh_token
             new = stub.Refresh(pb.RefreshRequest(refresh_token=old)).tokens.refresh_token
             stub.Refresh(pb.RefreshRequest(refresh_token=new))
-            with pytest.raises(grpc.RpcError):
+            with pytest.raises(grpc.RpcError) as err:
                 stub.Refresh(pb.RefreshRequest(refresh_token=old))  # the replay
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
         def firing() -> bool:
             alerts = _get(f"{api}/alerts")["data"]["alerts"]
@@ -326,7 +316,7 @@ def test_prometheus_fires_the_reuse_alert_after_a_replay(make_settings, start_se
                 for a in alerts
             )
 
-        _until(firing, 30, "TokensvcRefreshTokenReuse firing")
+        wait_until(firing, 30, what="TokensvcRefreshTokenReuse firing", interval=0.5)
     finally:
         proc.terminate()
         proc.wait(10)

@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from tests.support import wait_until
 from tests.support.processes import Serve, failed_start
 from tokensvc.keys.ring import load_kek
 from tokensvc.redis.embedded import free_port
@@ -57,9 +58,7 @@ def test_one_owner_per_address_and_data_dir_and_a_clean_sigterm_under_load(tmp_p
         ]
         for thread in threads:
             thread.start()
-        deadline = time.monotonic() + 20
-        while codes["OK"] < 50 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: codes["OK"] >= 50, 20, what="50 Issues served under load")
         assert first.stop() == 0
         stop.set()
         for thread in threads:
@@ -90,10 +89,12 @@ def test_workers_exit_when_their_parent_is_killed(tmp_path, redis_url):
         assert len(workers) == 2, workers
         serve.proc.kill()  # SIGKILL: no chance to forward anything
         serve.proc.wait(5)
-        deadline = time.monotonic() + 30
-        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not any(_alive(pid) for pid in workers)
+        wait_until(
+            lambda: not any(_alive(pid) for pid in workers),
+            30,
+            what="the workers to die with their parent",
+            interval=0.1,
+        )
     finally:
         serve.stop()
 

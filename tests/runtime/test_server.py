@@ -15,6 +15,8 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from tests.support import wait_until
+from tests.support.topology import paused_scripts
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 from tokensvc_client.v1 import tokensvc_pb2_grpc as pb_grpc
 
@@ -74,8 +76,8 @@ def test_serve_with_embedded_redis_health_reflection_and_graceful_sigterm(tmp_pa
     assert "Traceback" not in stderr, stderr[stderr.find("Traceback") - 300 :]
     assert pair.access_token not in stderr and pair.refresh_token not in stderr
     # the embedded redis-server stopped with the service
-    time.sleep(0.2)
-    assert not (tmp_path / "data" / "redis" / "redis.sock").exists()
+    socket = tmp_path / "data" / "redis" / "redis.sock"
+    wait_until(lambda: not socket.exists(), 5, what="the embedded redis-server's socket gone")
 
 
 def test_embedded_redis_persists_across_restarts(tmp_path):
@@ -108,9 +110,11 @@ def test_sigterm_finishes_in_flight_calls(tmp_path, redis_url):
         with grpc.insecure_channel(target) as channel:
             stub = pb_grpc.TokenServiceStub(channel)
             stub.Issue(pb.IssueRequest(subject="warm-up"), timeout=5)
-            redis.Redis.from_url(redis_url).execute_command("CLIENT", "PAUSE", "1500", "WRITE")
+            admin = redis.Redis.from_url(redis_url, decode_responses=True)
+            admin.execute_command("CLIENT", "PAUSE", "1500", "WRITE")
             future = stub.Issue.future(pb.IssueRequest(subject="alice"), timeout=10)
-            time.sleep(0.3)
+            wait_until(lambda: paused_scripts(admin), 5, what="the Issue waiting in Redis")
+            admin.close()
             proc.send_signal(signal.SIGTERM)
             assert future.result().tokens.access_token
         assert proc.wait(timeout=20) == 0

@@ -8,16 +8,14 @@ common name, next to another URI SAN, in an invalid URI SAN) must get none of th
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import grpc
 import pytest
-import redis
 
+from tests.support import audit_entries, events_of
 from tokensvc.cli.devcerts import DevCA, Issued
 from tokensvc.config import ConfigError, Rate
-from tokensvc.observe.audit import AUDIT_STREAM
 from tokensvc.security.policy import CallerPolicy
 from tokensvc_client.channels import channel
 from tokensvc_client.peer import (
@@ -127,13 +125,9 @@ def test_a_refused_certificate_is_audited_with_the_reason(
     ca, certs = pki
     srv = _serve(make_settings, start_server, pki, tmp_path, cn_identities=True)
     assert _outcomes(srv, ca, certs["two-uris"]) == DENIED
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        entries = [fields for _id, fields in client.xrange(AUDIT_STREAM)]
-        if sum(e["event"] == "denied" for e in entries) >= len(RPCS):
-            break
-        time.sleep(0.05)
+    entries = audit_entries(
+        redis_url, lambda e: events_of(e).count("denied") >= len(RPCS), "a denial per RPC"
+    )
     refused = [e for e in entries if e["event"] == "identity_refused"]
     assert len(refused) == 1, entries  # once per certificate, not per call
     assert "2 URI SANs" in refused[0]["reason"]
@@ -149,13 +143,9 @@ def test_common_name_identities_are_namespaced_in_the_audit(
     ca, certs = pki
     srv = _serve(make_settings, start_server, pki, tmp_path, cn_identities=True)
     assert _outcomes(srv, ca, certs["legacy"])["Issue"] is grpc.StatusCode.OK
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    deadline = time.monotonic() + 10
-    issued: list[dict[str, str]] = []
-    while not issued and time.monotonic() < deadline:
-        issued = [f for _id, f in client.xrange(AUDIT_STREAM) if f["event"] == "issued"]
-        time.sleep(0.05)
-    assert issued and issued[0]["peer"] == "cn:legacy"
+    entries = audit_entries(redis_url, lambda e: "issued" in events_of(e), "an issued event")
+    issued = [e for e in entries if e["event"] == "issued"]
+    assert issued[0]["peer"] == "cn:legacy"
 
 
 def test_policy_with_common_names_needs_the_flag(make_settings, pki, tmp_path):

@@ -13,7 +13,6 @@ import os
 import socket
 import ssl
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,14 +21,14 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from tests.support import ServerThread
+from tests.support import ServerThread, wait_until
 from tokensvc.cli.devcerts import DevCA, Issued
 from tokensvc.config import ConfigError
 from tokensvc.security.tls import CertificateReloader, TlsFilesError, load_tls_files
 from tokensvc_client.channels import channel
 from tokensvc_client.v1 import tokensvc_pb2, tokensvc_pb2_grpc
 
-DEADLINE = 30.0  # seconds a rotation may take to show (the server looks once a second)
+DEADLINE = 10.0  # seconds a rotation may take to show (the server looks once a second)
 HOSTS = ("127.0.0.1", "localhost")
 
 
@@ -112,13 +111,6 @@ def _served_cert(port: int) -> bytes:
     return _handshake(port, _client_context())[1]
 
 
-def _eventually(check: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not check():
-        assert time.monotonic() < deadline, f"not within {DEADLINE} s: {what}"
-        time.sleep(0.1)
-
-
 @pytest.fixture
 def tls_server(
     tmp_path: Path, make_settings: Callable[..., object], start_server: Callable[..., ServerThread]
@@ -159,7 +151,12 @@ def test_server_certificate_rotation_needs_no_restart(tmp_path, tls_server):
         stub.GetKeys(tokensvc_pb2.GetKeysRequest(), timeout=10)
 
         _install(b, srv.settings.tls_cert, srv.settings.tls_key)
-        _eventually(lambda: _served_cert(srv.port) == _der(b.cert), "certificate B in service")
+        wait_until(
+            lambda: _served_cert(srv.port) == _der(b.cert),
+            DEADLINE,
+            what="certificate B in service",
+            interval=0.1,
+        )
 
         assert _get_keys(srv.port, ca2.ca_path) is None
         assert _get_keys(srv.port, ca1.ca_path) == grpc.StatusCode.UNAVAILABLE
@@ -183,9 +180,11 @@ def test_client_ca_rotation_accepts_clients_of_the_new_ca(tmp_path, tls_server):
     tmp = live_ca.with_suffix(".tmp")
     tmp.write_bytes(new_ca.ca_path.read_bytes())
     os.replace(tmp, live_ca)
-    _eventually(
+    wait_until(
         lambda: _get_keys(srv.port, ca, new_client.cert, new_client.key) is None,
-        "client certificate of the new CA accepted",
+        DEADLINE,
+        what="client certificate of the new CA accepted",
+        interval=0.1,
     )
     assert _get_keys(srv.port, ca, old_client.cert, old_client.key) == grpc.StatusCode.UNAVAILABLE
     # the server certificate itself did not change
@@ -211,7 +210,7 @@ def test_half_written_rotation_keeps_the_old_certificate(tmp_path, tls_server, c
         assert _served_cert(srv.port) == _der(a.cert)
         return any("does not belong" in r.getMessage() for r in tls_records())
 
-    _eventually(rejected, "the server noticed the mismatched pair")
+    wait_until(rejected, DEADLINE, what="the server noticed the mismatched pair", interval=0.1)
     assert _get_keys(srv.port, ca1.ca_path) is None
     assert _get_keys(srv.port, ca2.ca_path) == grpc.StatusCode.UNAVAILABLE
     warnings = [r for r in tls_records() if r.levelno == logging.WARNING]
@@ -220,7 +219,12 @@ def test_half_written_rotation_keeps_the_old_certificate(tmp_path, tls_server, c
     assert b"PRIVATE KEY" not in warnings[0].getMessage().encode()
 
     key.write_bytes(b.key.read_bytes())  # the rotation completes
-    _eventually(lambda: _served_cert(srv.port) == _der(b.cert), "certificate B in service")
+    wait_until(
+        lambda: _served_cert(srv.port) == _der(b.cert),
+        DEADLINE,
+        what="certificate B in service",
+        interval=0.1,
+    )
     assert _get_keys(srv.port, ca2.ca_path) is None
 
 

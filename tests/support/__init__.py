@@ -9,16 +9,22 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import grpc
+import redis
 from opentelemetry.sdk.trace import TracerProvider
 
+from tests.support.waiting import TIME_FACTOR as TIME_FACTOR
+from tests.support.waiting import scaled as scaled
+from tests.support.waiting import wait_until as wait_until
+from tests.support.waiting import wait_until_async as wait_until_async
 from tokensvc.cli.devcerts import Issued
 from tokensvc.config import Settings
 from tokensvc.families.tokens import SubjectTags
 from tokensvc.keys.ring import KeyRing, load_kek
+from tokensvc.observe.audit import AUDIT_STREAM
 from tokensvc.redis.connection import redis_client
 from tokensvc.runtime import server
 from tokensvc_client.channels import channel
@@ -120,3 +126,43 @@ class MtlsService:
     def close(self) -> None:
         for chan in self._channels:
             chan.close()
+
+
+def until_available(call: Callable[[], T], timeout: float = 15.0) -> T:
+    """``call()``'s result once it stops failing UNAVAILABLE (Redis restarting, a failover
+    in progress); any other error is raised at once."""
+
+    def attempt() -> tuple[T] | None:
+        try:
+            return (call(),)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            return None
+
+    return wait_until(attempt, timeout, what="the call to stop failing UNAVAILABLE")[0]
+
+
+def audit_entries(
+    redis_url: str,
+    done: Callable[[list[dict[str, str]]], bool],
+    what: str = "the audit events",
+    timeout: float = 10.0,
+) -> list[dict[str, str]]:
+    """The audit stream's entries (decoded fields, oldest first) once ``done(entries)``
+    holds: the server writes its audit trail in batches, after the answer."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+
+    def ready() -> list[dict[str, str]] | None:
+        entries = [fields for _id, fields in client.xrange(AUDIT_STREAM)]
+        return entries if done(entries) else None
+
+    try:
+        return wait_until(ready, timeout, what=what, interval=0.05)
+    finally:
+        client.close()
+
+
+def events_of(entries: list[dict[str, str]]) -> list[str]:
+    """The ``event`` field of each audit entry."""
+    return [entry.get("event", "") for entry in entries]

