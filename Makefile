@@ -26,8 +26,13 @@ $(STAMP): $(RUNTIME)
 run: $(RUNTIME)
 	$(BIN)/tokensvc serve --insecure --listen 127.0.0.1:50051
 
+# The suite in parallel: one worker per core, at most 4 (each worker starts its own Redis and
+# servers on free ports); a test file stays on one worker, so module-scoped servers start once.
+# Waits for real events scale with TOKENSVC_TEST_TIME_FACTOR (default 3; raise it on a slow
+# or crowded machine).
+PYTEST_PARALLEL ?= -n auto --maxprocesses 4 --dist loadfile
 test: setup tools check-protos check-contract lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL)
 
 # System tools the tests use (promtool, chromium, ...): installed only when missing.
 tools:

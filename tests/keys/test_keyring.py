@@ -93,6 +93,7 @@ def test_serve_with_a_kek_that_cannot_decrypt_redis_is_one_line_exit_2(
         jwk.JWK.generate(kty="oct", size=128).export(),
         jwk.JWK.generate(kty="EC", crv="P-256").export(),
     ],
+    ids=["not-json", "128-bit-key", "ec-key"],  # stable ids: xdist workers collect alike
 )
 def test_unusable_kek_file_is_refused(tmp_path, content):
     path = tmp_path / "kek.json"

