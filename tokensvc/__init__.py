@@ -1,7 +1,7 @@
 """tokensvc: the token service of the mesh (server package).
 
 Sub-packages, each named after what it owns; imports run from top to bottom only
-(``tests/test_layering.py`` checks it)::
+(``tests/repo/test_layering.py`` checks it)::
 
     cli        the command line (serve and the operator commands)
     runtime    server assembly, start-up checks, workers, drain

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Node and the packages of examples/node (@grpc/grpc-js, @grpc/proto-loader, from the npm
-# registry as its package-lock.json pins them): tests/test_example_node.py runs the example.
+# registry as its package-lock.json pins them): tests/repo/test_example_node.py runs the example.
 # node_modules/ stays in examples/node, git-ignored; a stamp skips `npm ci` when the lock
 # file has not changed since the last install.
 set -euo pipefail

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# promtool and prometheus (Debian's `prometheus` package): tests/test_alerts.py runs
+# promtool and prometheus (Debian's `prometheus` package): tests/repo/test_alerts.py runs
 # `promtool test rules` and an end-to-end scrape of a running tokensvc.
 set -euo pipefail
 if command -v promtool >/dev/null && command -v prometheus >/dev/null; then

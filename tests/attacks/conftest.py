@@ -21,8 +21,8 @@ import redis
 
 from tests.attacks.forge import EcKey, Forge
 from tests.attacks.targets import KINDS, Protected, start_protected
-from tests.protected import AUDIENCE
 from tests.support import ServerThread, settings_for
+from tests.support.protected import AUDIENCE
 from tokensvc.keys.ring import KeyRing, SigningKey, load_kek
 from tokensvc.redis.embedded import RedisProcess
 from tokensvc_client._auth import Authenticator

@@ -9,7 +9,7 @@
   event loop thread) in front of one unary method that answers with the claims its handler
   sees. Keys come from the real tokensvc through ``TokenClient.get_keys`` /
   ``AsyncTokenClient.get_keys``, wrapped only to count the calls
-  (:func:`tests.protected.start_server`).
+  (:func:`tests.support.protected.start_server`).
 
 The JWKS cache's clock is a :class:`ManualClock`: it moves only when a test moves it, so
 whether a rejection may cause a fetch (max age, refetch interval) does not depend on how
@@ -25,8 +25,8 @@ from typing import Any
 
 import grpc
 
-from tests.protected import Setup, start_server
 from tests.support import ServerThread
+from tests.support.protected import Setup, start_server
 from tokensvc_client import Claims, current_claims
 from tokensvc_client._auth import Authenticator, Rejection, step
 from tokensvc_client.jwks import KeyRequest

@@ -6,7 +6,7 @@ The sample service ``tokensvc.test.Sample`` has one method of each RPC kind, on 
 :class:`AuthInterceptor` or on a ``grpc.aio`` server (own event loop thread) with
 :class:`AioAuthInterceptor`; both fetch keys from the real tokensvc through a counting
 wrapper around ``TokenClient.get_keys`` / ``AsyncTokenClient.get_keys``
-(:func:`tests.protected.start_server`). Tests talk to
+(:func:`tests.support.protected.start_server`). Tests talk to
 either with the same blocking client code. With ``server_credentials`` the sample service
 serves TLS (e.g. mTLS with a certificate of :func:`tokensvc.cli.devcerts.write_dev_pki`); tests
 then open their own channels with :meth:`Protected.secure_channel`.
@@ -24,8 +24,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.protected import Setup, start_server
 from tests.support import ServerThread
+from tests.support.protected import Setup, start_server
 from tokensvc_client import DEFAULT_EXEMPT, TokenClient, current_claims_or_none
 
 SERVICE = "tokensvc.test.Sample"

@@ -47,8 +47,9 @@ def test_interceptor_cache_and_jwks_figures(host_sdk, tokensvc, client, make_pro
     token = client.issue("alice").access_token
     for _ in range(3):
         protected.call("unary_unary", bearer(token))
-    with pytest.raises(grpc.RpcError):
+    with pytest.raises(grpc.RpcError) as err:
         protected.call("unary_unary", ())
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     after = figures(host_sdk)
 
     def delta(name: str, **attributes: str) -> float:

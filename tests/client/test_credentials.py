@@ -158,6 +158,9 @@ def test_revoked_session_fails_calls_without_leaking_tokens(tokensvc, client, ma
         for _ in range(2):
             with pytest.raises(grpc.RpcError) as err:
                 unary(b"x", timeout=5)
+            # gRPC reports a failed call-credentials plugin as UNAVAILABLE; the refusal
+            # itself is in the details
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
             details = err.value.details()
             assert "token refresh failed" in details and "UNAUTHENTICATED" in details
             assert pair.access_token not in details and pair.refresh_token not in details

@@ -36,8 +36,9 @@ def test_reuse_on_another_replica_revokes_the_family(make_settings, start_server
     assert err.value.details() == "reused"
     for stub in (stub_a, stub_b):
         assert not stub.Introspect(pb.IntrospectRequest(token=second.access_token)).active
-        with pytest.raises(grpc.RpcError):
+        with pytest.raises(grpc.RpcError) as err:
             stub.Refresh(pb.RefreshRequest(refresh_token=second.refresh_token))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 @pytest.mark.parametrize("kind", ["sync", "aio"])

@@ -26,7 +26,7 @@ import grpc
 import pytest
 
 from tests.client.conftest import Protected, bearer
-from tests.support import ServerThread
+from tests.support import ServerThread, wait_until
 from tokensvc.config import Settings
 from tokensvc.redis.embedded import RedisProcess, free_port
 from tokensvc_client import (
@@ -40,7 +40,8 @@ from tokensvc_client import (
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 
 REVOKED = "invalid token: revoked"
-#: the issue's bound: a revocation reaches the interceptors within a second
+#: the issue's bound: a revocation reaches the interceptors within a second. Tests wait up to
+#: it (scaled by TOKENSVC_TEST_TIME_FACTOR) and print what they saw; `make bench` measures it
 PROPAGATION_BOUND = 1.0
 
 
@@ -118,16 +119,18 @@ def is_revoked_refusal(err: grpc.RpcError | None) -> bool:
     )
 
 
-def until_refused(protected: Protected, token: str, timeout: float = 5.0) -> float:
-    """Call until the token is refused as revoked; seconds it took (fails at timeout)."""
+def until_refused(protected: Protected, token: str, timeout: float = PROPAGATION_BOUND) -> float:
+    """Call until the token is refused as revoked; seconds it took (for the report only:
+    no test asserts a time; fails after ``timeout`` scaled)."""
     start = time.monotonic()
-    while True:
+
+    def refused() -> bool:
         err = refusal(protected, token)
-        if is_revoked_refusal(err):
-            return time.monotonic() - start
-        assert err is None, (err.code(), err.details())
-        assert time.monotonic() - start < timeout, "revocation never reached the interceptor"
-        time.sleep(0.005)
+        assert err is None or is_revoked_refusal(err), (err.code(), err.details())
+        return err is not None
+
+    wait_until(refused, timeout, what="the revocation to reach the interceptor", interval=0.005)
+    return time.monotonic() - start
 
 
 def accepted(protected: Protected, token: str) -> bool:
@@ -193,7 +196,6 @@ def test_a_revoked_token_is_refused_within_a_second(
         f"median {statistics.median(figures) * 1000:.1f} ms, "
         f"max {max(figures) * 1000:.1f} ms over {len(figures)} revocations"
     )
-    assert max(figures) < PROPAGATION_BOUND
     assert feed.feed.events >= 6  # RESET and the five revocations
     assert feed.feed.connected and feed.feed.healthy
 
@@ -219,7 +221,6 @@ def test_session_and_subject_revocations_reach_the_interceptor(
     took = propagation(
         protected, second.access_token, lambda: client.revoke(session_id=first.session_id)
     )
-    assert took < PROPAGATION_BOUND
     assert not accepted(protected, first.access_token)  # the same session event
     assert accepted(protected, other.access_token)  # another session of the subject
 
@@ -229,9 +230,8 @@ def test_session_and_subject_revocations_reach_the_interceptor(
     took_subject = propagation(
         protected, laptop.access_token, lambda: client.revoke(subject="dave")
     )
-    assert took_subject < PROPAGATION_BOUND
     # the other session's event is of the same revocation (one script, one batch)
-    assert until_refused(protected, phone.access_token) < PROPAGATION_BOUND
+    until_refused(protected, phone.access_token)
     assert accepted(protected, bystander.access_token)
     print(
         f"\n[{kind}] session revoke -> refused in {took * 1000:.1f} ms; "
@@ -263,7 +263,6 @@ def test_an_emergency_key_rotation_reaches_the_interceptor(
         pair.access_token,
         lambda: stub.RotateKeys(pb.RotateKeysRequest(now=True, revoke_old=True)),
     )
-    assert took < PROPAGATION_BOUND
     print(f"\n[sync] emergency key rotation -> refused in {took * 1000:.1f} ms")
 
 

@@ -20,7 +20,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.support import ServerThread, settings_for
-from tests.topology import prefer_system
+from tests.support.topology import prefer_system
 from tests.web.browser_support import (
     CSRF,
     HOST_RULES,

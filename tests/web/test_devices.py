@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from tests.protected import Setup, start_server
+from tests.support.protected import Setup, start_server
 from tests.web.conftest import GOOD, ORIGIN
 from tokensvc_client import current_claims_or_none, web
 from tokensvc_client.v1 import tokensvc_pb2 as pb

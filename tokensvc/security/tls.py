@@ -29,7 +29,7 @@ Protocol versions: TLS 1.2 and 1.3 only. gRPC core's SSL server configuration de
 ``min_tls_version = TLS1_2`` and ``max_tls_version = TLS1_3``
 (``src/core/credentials/transport/ssl/ssl_security_connector.h``), and gRPC Python exposes
 no setting to lower it (``grpc.ssl_server_credentials`` and
-``grpc.dynamic_ssl_server_credentials`` take no version arguments). ``tests/test_tls.py``
+``grpc.dynamic_ssl_server_credentials`` take no version arguments). ``tests/security/test_tls.py``
 checks it against a running server: a client limited to TLS 1.1 (which the same client
 demonstrably negotiates with a server that allows it) fails the handshake, TLS 1.2 and
 TLS 1.3 clients succeed.
