@@ -5,16 +5,23 @@ is gone, not an INFO about a first key."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+import signal
 from pathlib import Path
 
+import grpc
 import pytest
 import redis
 import redis.asyncio as aioredis
 
 from tests.support import wait_until
+from tests.support.processes import Serve
 from tokensvc.keys.ring import KeyRing, load_kek
-from tokensvc.redis.embedded import Keeper, RedisProcess
+from tokensvc.redis.embedded import Keeper, RedisProcess, free_port, socket_path
+from tokensvc_client.v1 import tokensvc_pb2 as pb
+from tokensvc_client.v1 import tokensvc_pb2_grpc as pb_grpc
 
 
 def _load(url: str, ring: KeyRing | None, tmp_path: Path) -> KeyRing:
@@ -83,3 +90,35 @@ def test_a_dead_embedded_redis_is_restarted_with_one_error_line(tmp_path, caplog
         proc.stop()
     keeper.check()  # stopped on purpose: not restarted
     assert proc.process is None and keeper.restarts == 1
+
+
+def test_serve_restarts_its_embedded_redis_and_serves_again(tmp_path):
+    """Through a real `tokensvc serve`: its embedded Redis is SIGKILLed; the service says so
+    in one ERROR line, restarts it, and answers again with the same key ring."""
+    data = tmp_path / "data"
+    target = f"127.0.0.1:{free_port()}"
+    serve = Serve("--insecure", "--listen", target, "--data-dir", str(data))
+    try:
+        serve.wait_listening()
+        stub = pb_grpc.TokenServiceStub(grpc.insecure_channel(target))
+        jwks = stub.GetKeys(pb.GetKeysRequest(), timeout=10).jwks
+        url = f"unix://{socket_path(data.resolve() / 'redis')}"
+        pid = int(redis.Redis.from_url(url).info("server")["process_id"])
+        os.kill(pid, signal.SIGKILL)
+
+        def issues() -> bool:
+            try:
+                return bool(stub.Issue(pb.IssueRequest(subject="a"), timeout=5).tokens.session_id)
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+                return False
+
+        wait_until(issues, timeout=30, what="Issue after the restart")
+        assert int(redis.Redis.from_url(url).info("server")["process_id"]) != pid
+        assert stub.GetKeys(pb.GetKeysRequest(), timeout=10).jwks == jwks  # from the AOF
+    finally:
+        serve.stop()
+    logs = [json.loads(x) for x in serve.errors().splitlines() if x.startswith("{")]
+    (died,) = [r for r in logs if r["level"] == "ERROR" and "exited" in r["msg"]]
+    assert "embedded redis-server" in died["msg"] and "restarting" in died["msg"]
+    assert any("restarted" in r["msg"] for r in logs if r["level"] == "WARNING")

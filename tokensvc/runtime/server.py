@@ -31,7 +31,7 @@ from tokensvc.observe.audit import AuditTrail
 from tokensvc.proc.tasks import cancelled_since, cancelling_count
 from tokensvc.redis import connection
 from tokensvc.redis.connection import RedisClient
-from tokensvc.redis.embedded import RedisProcess
+from tokensvc.redis.embedded import Keeper, RedisProcess
 from tokensvc.redis.watchdog import Watchdog
 from tokensvc.runtime.draining import Drain
 from tokensvc.runtime.startup import check_redis, unavailable
@@ -76,12 +76,15 @@ class Background:
 
     @classmethod
     def start(cls, keyring: KeyRing, settings: Settings, health: HealthServicer,
-              hub: RevocationHub, audit: AuditTrail) -> Background:  # fmt: skip
+              hub: RevocationHub, audit: AuditTrail,
+              embedded: RedisProcess | None = None) -> Background:  # fmt: skip
         def task(job: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
             return asyncio.create_task(job, context=tracing.untraced())
 
         lifecycle = Lifecycle.from_settings(settings)
-        return cls(task(_maintain(keyring, lifecycle, health)), task(hub.run()), task(audit.run()))
+        keeper = Keeper(embedded) if embedded is not None else None
+        maintain = _maintain(keyring, lifecycle, health, keeper)
+        return cls(task(maintain), task(hub.run()), task(audit.run()))
 
 
 @dataclass
@@ -153,14 +156,19 @@ async def _finish(tasks: list[asyncio.Task[None]]) -> None:
     log.warning("%d background task(s) did not stop", len(pending))
 
 
-async def _maintain(keyring: KeyRing, lifecycle: Lifecycle, health: HealthServicer) -> None:
-    """Each second: run the key ring's due transitions (which also picks up other replicas'
-    changes and proves Redis reachable) and report readiness accordingly."""
+async def _maintain(
+    keyring: KeyRing, lifecycle: Lifecycle, health: HealthServicer, keeper: Keeper | None
+) -> None:
+    """Each second: restart the embedded Redis if it died (we own it), run the key ring's
+    due transitions (which also picks up other replicas' changes and proves Redis
+    reachable) and report readiness accordingly."""
     current = None
     baseline = cancelling_count()
     while not cancelled_since(baseline):  # a cancel redis-py swallowed (see tokensvc.observe.audit)
         await asyncio.sleep(_MAINTENANCE_INTERVAL)
         try:
+            if keeper is not None:
+                await asyncio.to_thread(keeper.check)
             await keyring.tick(lifecycle)
             status = health_pb2.HealthCheckResponse.SERVING
         except StoreUnavailable:
@@ -404,7 +412,9 @@ async def _assemble(
     await server.start()
     http, metrics_http = await _start_listeners(settings, domain.keyring, meters, undo)
     metrics.observe_listeners(meters, [h.gate for h in (http, metrics_http) if h is not None])
-    background = Background.start(domain.keyring, settings, health, domain.hub, audit)
+    background = Background.start(
+        domain.keyring, settings, health, domain.hub, audit, redis.embedded
+    )
     return Running(
         settings, server, port, redis.client, health, audit, background, redis.watching, drain,
         redis.embedded, http, metrics_http, provider, meters,

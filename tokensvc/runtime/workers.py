@@ -29,7 +29,7 @@ from tokensvc.errors import ConfigError
 from tokensvc.keys.ring import KeyRingError
 from tokensvc.observe.logs import setup_logging
 from tokensvc.proc.ownership import StartupError, die_with_parent
-from tokensvc.redis.embedded import RedisProcess
+from tokensvc.redis.embedded import Keeper, RedisProcess
 from tokensvc.runtime import server, startup
 
 log = logging.getLogger("tokensvc.workers")
@@ -84,13 +84,13 @@ def serve_workers(settings: Settings) -> int:
         settings = dataclasses.replace(settings, redis_url=embedded.url)
     try:
         asyncio.run(startup.check(settings))
-        return _supervise(settings)
+        return _supervise(settings, Keeper(embedded) if embedded is not None else None)
     finally:
         if embedded is not None:
             embedded.stop()
 
 
-def _supervise(settings: Settings) -> int:
+def _supervise(settings: Settings, keeper: Keeper | None = None) -> int:
     ctx = multiprocessing.get_context("spawn")
     procs = [
         ctx.Process(target=_worker_main, args=(settings, number), daemon=False)
@@ -112,7 +112,11 @@ def _supervise(settings: Settings) -> int:
     running = {proc.sentinel: proc for proc in procs}
     code = 0
     while running:
-        for sentinel in multiprocessing.connection.wait(list(running)):
+        # each second at least: the embedded Redis is ours to restart if it died
+        ready = multiprocessing.connection.wait(list(running), timeout=1.0)
+        if keeper is not None:
+            keeper.check()
+        for sentinel in ready:
             proc = running.pop(int(sentinel))  # type: ignore[arg-type]
             proc.join()
             if proc.exitcode and not stopping:
