@@ -17,10 +17,10 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 
 from tokensvc.api.decoding import DecodingGuard
+from tokensvc.api.reflection import add_reflection
 from tokensvc.api.revocation_hub import RevocationHub
 from tokensvc.api.servicer import TokenService
 from tokensvc.config import Settings
@@ -250,13 +250,8 @@ async def start(
         health_pb2_grpc.add_HealthServicer_to_server(health, registrar)
         for name in ("", SERVICE_NAME):
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        reflection.enable_server_reflection(
-            (
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            registrar,
+        add_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), registrar
         )
         if settings.insecure:
             log.warning(
