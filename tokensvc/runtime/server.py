@@ -24,7 +24,7 @@ from tokensvc.api.reflection import add_reflection
 from tokensvc.api.revocation_hub import RevocationHub
 from tokensvc.api.servicer import TokenService
 from tokensvc.config import Settings
-from tokensvc.http.listener import Document, HttpJwks, start_http
+from tokensvc.http.listener import Document, HttpJwks, metrics_on_public_port, start_http
 from tokensvc.keys.ring import KeyRing, Lifecycle, load_kek
 from tokensvc.observe import metrics, rpc_metrics, tracing
 from tokensvc.observe.audit import AuditTrail
@@ -211,10 +211,7 @@ async def start(
         await hub.prime()  # before any watcher can connect (see RevocationHub.prime)
         provider = tracing.setup_tracing(tracer_provider)
         meters = metrics.setup(
-            # /metrics on --http-listen only with one worker (see below)
-            prometheus=bool(
-                settings.metrics_listen or (settings.http_listen and settings.workers == 1)
-            ),
+            prometheus=bool(settings.metrics_listen) or metrics_on_public_port(settings),
             client_ids=settings.metrics_client_ids,
         )
 
@@ -267,9 +264,7 @@ async def start(
         if meters.render is not None:
             documents[metrics.METRICS_PATH] = Document(meters.render)
         if settings.http_listen:
-            # a scrape of the port the workers share reaches a random worker: its counters
-            # would jump between the workers' values (see tokensvc.runtime.workers)
-            shared = documents if settings.workers == 1 else {}
+            shared = documents if metrics_on_public_port(settings) else {}
             if settings.workers > 1:
                 log.info(
                     "%s is not served on --http-listen with %d workers: scrape each "
