@@ -18,6 +18,7 @@ from typing import Any, Final
 import grpc
 import grpc.aio
 
+from tokensvc.config import Settings
 from tokensvc.handlers import (
     KINDS,
     Behaviour,
@@ -131,3 +132,15 @@ class Drain(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self._in_flight -= 1
         if self._in_flight == 0:
             self._idle.set()
+
+
+def stream_limits(settings: Settings) -> list[tuple[str, int]]:
+    """The gRPC server options bounding what clients can hold open: calls per connection
+    (``--max-concurrent-streams``, the HTTP/2 setting; a client asking for more waits for
+    one to end) and connections per process (``--max-connections``; gRPC refuses the
+    rest). gRPC has no per-client connection cap of its own; streams are capped per client
+    where they are served (reflection, WatchRevocations)."""
+    return [
+        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        ("grpc.max_allowed_incoming_connections", settings.max_connections),
+    ]

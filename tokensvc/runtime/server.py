@@ -20,7 +20,7 @@ from grpc_health.v1._async import HealthServicer
 from opentelemetry.sdk.trace import TracerProvider
 
 from tokensvc.api.decoding import DecodingGuard
-from tokensvc.api.reflection import add_reflection
+from tokensvc.api.reflection import ReflectionGate, add_reflection
 from tokensvc.api.revocation_hub import RevocationHub
 from tokensvc.api.servicer import TokenService
 from tokensvc.config import Settings
@@ -33,7 +33,7 @@ from tokensvc.redis import connection
 from tokensvc.redis.connection import RedisClient
 from tokensvc.redis.embedded import RedisProcess
 from tokensvc.redis.watchdog import Watchdog
-from tokensvc.runtime.draining import Drain
+from tokensvc.runtime.draining import Drain, stream_limits
 from tokensvc.runtime.startup import check_redis, unavailable
 from tokensvc.security.policy import CallerPolicy
 from tokensvc.store import FamilyStore, StoreUnavailable
@@ -231,6 +231,7 @@ async def start(
                 # messages or metadata are refused by gRPC before any of our code runs
                 ("grpc.max_receive_message_length", _MAX_MESSAGE),
                 ("grpc.max_metadata_size", _MAX_METADATA),
+                *stream_limits(settings),
             ],
         )
         audit = AuditTrail(redis, log_routine=settings.audit_log_all)
@@ -248,7 +249,9 @@ async def start(
         for name in ("", SERVICE_NAME):
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)
         add_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), registrar
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
+            registrar,
+            ReflectionGate(settings, policy),
         )
         if settings.insecure:
             log.warning(
