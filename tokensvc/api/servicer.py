@@ -6,7 +6,6 @@ one script; Introspect: one pipeline in one hash slot; GetKeys: none).
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import time
@@ -34,7 +33,7 @@ from tokensvc.store import (
     NewFamily,
 )
 from tokensvc_client.errors import InvalidToken, Reason
-from tokensvc_client.peer import is_thumbprint
+from tokensvc_client.peer import holds_bound_certificate, is_thumbprint
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 from tokensvc_client.v1 import tokensvc_pb2_grpc as pb_grpc
 from tokensvc_client.verifier import Claims, Verifier
@@ -372,9 +371,7 @@ class TokenService(AdminRpcs, SessionRpcs, RefreshRpcs, pb_grpc.TokenServiceServ
     @staticmethod
     def _holds(bound: str) -> bool:
         """Whether the caller presents the certificate ``bound`` names (true if unbound)."""
-        presented = current_caller().peer.thumbprint
-        # bytes: compare_digest refuses str with non-ASCII characters
-        return not bound or hmac.compare_digest(bound.encode(), presented.encode())
+        return not bound or holds_bound_certificate(bound, current_caller().peer.thumbprint)
 
     async def _verify(self, token: str, verifier: Verifier | None = None) -> Claims:
         """Verify with the ring's public keys, reloading the ring once on an unknown kid

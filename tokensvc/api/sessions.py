@@ -10,7 +10,6 @@ it here.
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -22,6 +21,7 @@ from tokensvc.api.times import ts as _ts
 from tokensvc.families import tokens
 from tokensvc.store import FamilyStore
 from tokensvc_client.errors import InvalidToken
+from tokensvc_client.peer import holds_bound_certificate
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 from tokensvc_client.verifier import Claims, Verifier
 from tokensvc_client.wire import bearer_token
@@ -89,8 +89,8 @@ class SessionRpcs:
         if not state.active:
             raise NotAuthenticated("revoked")
         bound = claims.cnf_x5t_s256
-        presented = current_caller().peer.thumbprint.encode()
-        if bound and not hmac.compare_digest(bound.encode(), presented):
+        presented = current_caller().peer.thumbprint
+        if bound and not holds_bound_certificate(bound, presented):
             self.guard.presenting(None)  # the peer's failure, not the subject's (as Refresh)
             raise NotAuthenticated("certificate_mismatch")  # RFC 8705: a stolen bound token
         if claims.subject != subject:
