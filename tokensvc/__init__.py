@@ -11,6 +11,7 @@ Sub-packages, each named after what it owns; imports run from top to bottom only
     store      families, revocations, rate limits in Redis (+ Lua)  | config  settings
     redis      connections, Sentinel/Cluster, watchdog, embedded redis-server
     proc       process ownership, task helpers | families  refresh-token format | errors  roots
+    handlers   gRPC handler shapes: the one wrapper of the drain, decoding guard, RPC metrics
 
 The token verifier itself is the client library's (``tokensvc_client.verifier``): the
 server's Introspect and every interceptor use the same one.

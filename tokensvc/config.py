@@ -93,6 +93,9 @@ class Settings:
     redis_wait_timeout: float = 0.5
     allow_cn_identities: bool = False
     max_watchers_per_client: int = 16
+    max_reflection_per_client: int = 4
+    max_concurrent_streams: int = 100
+    max_connections: int = 10_000
     self_audience: str = "tokensvc"
     audit_log_all: bool = False
     refresh_grace_seconds: int = 0
@@ -214,6 +217,12 @@ def _check_key_rotation(s: Settings) -> None:
 def _check_bounds(s: Settings) -> None:
     if not 1 <= s.max_watchers_per_client <= 10_000:
         raise ConfigError("--max-watchers-per-client must be between 1 and 10000")
+    if not 1 <= s.max_reflection_per_client <= 1_000:
+        raise ConfigError("--max-reflection-per-client must be between 1 and 1000")
+    if not 1 <= s.max_concurrent_streams <= 10_000:
+        raise ConfigError("--max-concurrent-streams must be between 1 and 10000")
+    if not 1 <= s.max_connections <= 1_000_000:
+        raise ConfigError("--max-connections must be between 1 and 1000000")
     if not 0 <= s.redis_wait_replicas <= 16:
         raise ConfigError("--redis-wait-replicas must be between 0 and 16")
     if not 0 < s.redis_wait_timeout < s.redis_timeout:
@@ -305,6 +314,12 @@ _OPTIONS: dict[str, tuple[str, type]] = {
         "concurrent WatchRevocations streams per client (identity, or network) per process",
         int,
     ),
+    "max_reflection_per_client": (
+        "concurrent server-reflection streams per client (identity, else network) per process",
+        int,
+    ),
+    "max_concurrent_streams": ("concurrent calls per gRPC connection (HTTP/2 setting)", int),
+    "max_connections": ("gRPC connections a process accepts at once (all clients)", int),
     "refresh_grace_seconds": (
         "seconds a just-rotated refresh token may be re-presented for the same successor "
         "(lost replies; 0 = strict, max 60)",

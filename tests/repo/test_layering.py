@@ -23,7 +23,7 @@ FLOORS: list[set[str]] = [
     {"observe", "keys", "security", "http"},
     {"store", "config"},
     {"redis"},
-    {"proc", "families"},
+    {"proc", "families", "handlers"},
     {"errors"},  # the root exception every floor may raise from
 ]
 FLOOR = {name: depth for depth, names in enumerate(FLOORS) for name in names}

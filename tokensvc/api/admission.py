@@ -100,7 +100,7 @@ def current_caller() -> Caller:
     return _current.get(Caller(ANONYMOUS, ""))
 
 
-def _address(peer: str) -> str:
+def address_of(peer: str) -> str:
     """``ipv4:10.0.0.1:5000`` -> ``10.0.0.1``; ``ipv6:[::1]:5000`` -> ``::1``."""
     kind, _, rest = peer.partition(":")
     if kind in ("ipv4", "ipv6"):
@@ -161,7 +161,7 @@ class Guard:
     async def admit(self, rpc: str, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
         """Admit a call or raise :class:`Denied` / :class:`RateLimited`."""
         peer = peer_of(context, common_names=self.common_names)
-        caller = Caller(peer, _address(context.peer() or ""))
+        caller = Caller(peer, address_of(context.peer() or ""))
         _current.set(caller)
         if peer.refused and peer.refused not in self._refusals:
             if len(self._refusals) < _REFUSALS_MAX:

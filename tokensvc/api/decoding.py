@@ -8,9 +8,9 @@ failure into :data:`UNDECODABLE` (logged once, at INFO, without a traceback), an
 is refused ``INVALID_ARGUMENT`` :data:`NOT_DECODABLE`. The token service's own methods
 refuse it inside the wrapper they already have (:func:`tokensvc.api.status.rpc`, marked
 :data:`CHECKS_DECODING`), so their hot path gains one ``try`` and one ``is`` test; other
-services' unary-request methods (health checking) get a small wrapper. Methods with
-streamed requests (reflection) keep gRPC's own handling: their messages are read inside
-the method.
+services' methods get a small wrapper (:func:`tokensvc.handlers.wrap`, whatever their
+shape): a unary request is checked before the method runs, a streamed one (reflection) as
+the method reads it.
 """
 
 from __future__ import annotations
@@ -22,6 +22,16 @@ from typing import TYPE_CHECKING, Any, Final
 import grpc
 from google.protobuf.message import DecodeError
 
+from tokensvc.handlers import (
+    Behaviour,
+    Context,
+    Handler,
+    behaviour_of,
+    handler_of_kind,
+    kind_of,
+    wrap,
+)
+
 log = logging.getLogger("tokensvc.decoding")
 
 NOT_DECODABLE: Final = "request is not valid protobuf/UTF-8"
@@ -29,10 +39,8 @@ NOT_DECODABLE: Final = "request is not valid protobuf/UTF-8"
 CHECKS_DECODING: Final = "_tokensvc_checks_decoding"
 
 if TYPE_CHECKING:
-    Handler = grpc.RpcMethodHandler[Any, Any]
     GenericHandler = grpc.GenericRpcHandler[Any, Any]
 else:
-    Handler = grpc.RpcMethodHandler
     GenericHandler = grpc.GenericRpcHandler
 
 
@@ -61,46 +69,51 @@ def tolerant(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return deserializer
 
 
-def _checked_unary(behaviour: Callable[..., Any]) -> Callable[..., Any]:
-    async def checked(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+async def _refuse(context: Context) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, NOT_DECODABLE)
+
+
+def _checked(behaviour: Behaviour) -> Behaviour:
+    """``behaviour``, refusing an :data:`UNDECODABLE` request before it runs."""
+
+    async def checked(request: Any, context: Context) -> Any:
         if request is UNDECODABLE:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, NOT_DECODABLE)
+            await _refuse(context)
         return await behaviour(request, context)
 
     return checked
 
 
-def _checked_stream(behaviour: Callable[..., Any]) -> Callable[..., Any]:
-    async def checked(
-        request: Any, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[Any]:
+async def _decoded(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+    """The messages of a request stream, ending the call at the first undecodable one."""
+    async for request in requests:
         if request is UNDECODABLE:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, NOT_DECODABLE)
-        async for response in behaviour(request, context):
-            yield response
+            await _refuse(context)
+        yield request
+
+
+def _checked_stream(behaviour: Behaviour) -> Behaviour:
+    """``behaviour`` of a streamed request, reading it through :func:`_decoded` (a
+    behaviour that reads with ``context.read()`` sees :data:`UNDECODABLE` itself)."""
+
+    async def checked(requests: AsyncIterator[Any], context: Context) -> Any:
+        return await behaviour(_decoded(requests, context), context)
 
     return checked
 
 
 def guarded(handler: Handler) -> Handler:
     """``handler`` with a tolerant deserializer and a behaviour refusing what it cannot
-    parse (unchanged for streamed requests or without a deserializer)."""
-    if handler.request_streaming or handler.request_deserializer is None:
+    parse (unchanged without a deserializer)."""
+    if handler.request_deserializer is None:
         return handler
     deserializer = tolerant(handler.request_deserializer)
-    if handler.response_streaming:
-        behaviour = handler.unary_stream
-        assert behaviour is not None
-        if not getattr(behaviour, CHECKS_DECODING, False):
-            behaviour = _checked_stream(behaviour)
-        return grpc.unary_stream_rpc_method_handler(
-            behaviour, deserializer, handler.response_serializer
+    if getattr(behaviour_of(handler), CHECKS_DECODING, False):
+        return handler_of_kind(
+            kind_of(handler), behaviour_of(handler), handler, request_deserializer=deserializer
         )
-    behaviour = handler.unary_unary
-    assert behaviour is not None
-    if not getattr(behaviour, CHECKS_DECODING, False):
-        behaviour = _checked_unary(behaviour)
-    return grpc.unary_unary_rpc_method_handler(behaviour, deserializer, handler.response_serializer)
+    check = _checked_stream if handler.request_streaming else _checked
+    return wrap(handler, check, request_deserializer=deserializer)
 
 
 class _GuardedGenericHandler(GenericHandler):

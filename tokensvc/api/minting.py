@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 
 import grpc.aio
@@ -17,6 +16,7 @@ from tokensvc.config import Settings
 from tokensvc.families import tokens
 from tokensvc.keys.ring import KeyRing
 from tokensvc_client.errors import InvalidToken, Reason
+from tokensvc_client.peer import holds_bound_certificate
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 from tokensvc_client.verifier import Claims, Verifier
 from tokensvc_client.wire import GRACE_HEADER
@@ -129,6 +129,4 @@ class Verification:
 
 def holds(bound: str) -> bool:
     """Whether the caller presents the certificate ``bound`` names (true if unbound)."""
-    presented = current_caller().peer.thumbprint
-    # bytes: compare_digest refuses str with non-ASCII characters
-    return not bound or hmac.compare_digest(bound.encode(), presented.encode())
+    return not bound or holds_bound_certificate(bound, current_caller().peer.thumbprint)

@@ -10,7 +10,6 @@ it here.
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import AsyncIterator
 
 import grpc.aio
@@ -24,6 +23,7 @@ from tokensvc.api.times import ts as _ts
 from tokensvc.errors import AuthFailure, Denial, Denied, NotAuthenticated
 from tokensvc.families import tokens
 from tokensvc_client.errors import InvalidToken
+from tokensvc_client.peer import holds_bound_certificate
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 from tokensvc_client.wire import bearer_token
 
@@ -100,8 +100,8 @@ class SessionRpcs:
         if not state.active:
             raise NotAuthenticated(AuthFailure.REVOKED)
         bound = claims.cnf_x5t_s256
-        presented = current_caller().peer.thumbprint.encode()
-        if bound and not hmac.compare_digest(bound.encode(), presented):
+        presented = current_caller().peer.thumbprint
+        if bound and not holds_bound_certificate(bound, presented):
             self.guard.mismatched()  # the subject as this peer presents it (as Refresh)
             raise NotAuthenticated(
                 AuthFailure.CERTIFICATE_MISMATCH

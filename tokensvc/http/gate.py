@@ -155,7 +155,8 @@ class Gate:
             self.held[client] += 1
             task = asyncio.create_task(self._open(conn, client))
             self._opening.add(task)
-            self._handshaking.setdefault(client, {})[task] = None
+            if self.context is not None:  # plaintext (loopback only) has no handshake
+                self._handshaking.setdefault(client, {})[task] = None
             # released in a callback, not in _open: an evicted task may never have run
             task.add_done_callback(functools.partial(self._release, conn, client))
 

@@ -268,6 +268,15 @@ def server_ssl_context(settings: Settings) -> ssl.SSLContext:
     return ctx
 
 
+def metrics_on_public_port(settings: Settings) -> bool:
+    """Whether ``/metrics`` is served on the public ``--http-listen`` port: only without
+    ``--metrics-listen`` (the operator chose where the metrics go; the JWKS port, often
+    open to the mesh, answers 404 for them) and with one worker (a scrape of the port the
+    workers share reaches a random worker, whose counters would jump between the
+    workers' values; see :mod:`tokensvc.runtime.workers`)."""
+    return bool(settings.http_listen) and not settings.metrics_listen and settings.workers == 1
+
+
 async def start_http(
     settings: Settings,
     keys: KeySource | None,

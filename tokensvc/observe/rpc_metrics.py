@@ -6,7 +6,8 @@ times each call itself. It follows the OpenTelemetry RPC semantic conventions 1.
 ``rpc.server.call.duration`` in seconds with ``rpc.system.name="grpc"``, ``rpc.method``
 (``package.Service/Method``; calls of methods the server does not serve are not recorded,
 so the attribute stays bounded) and ``rpc.response.status_code`` (the gRPC code's name,
-``OK`` included). A streaming call (WatchRevocations) is measured over its whole stream.
+``OK`` included). A streaming call (WatchRevocations, Health.Watch, reflection) is
+measured over its whole stream.
 
 Installed only when metrics are exported (:func:`interceptors` returns nothing otherwise).
 """
@@ -14,12 +15,13 @@ Installed only when metrics are exported (:func:`interceptors` returns nothing o
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 import grpc.aio
 
+from tokensvc.handlers import Behaviour, Context, Handler, Wrapped, wrap
 from tokensvc.observe.metrics import ServerMetrics
 
 _BY_VALUE = {code.value[0]: code.name for code in grpc.StatusCode}
@@ -37,10 +39,12 @@ def _status(context: grpc.aio.ServicerContext[Any, Any], failed: BaseException |
 
 
 class RpcTimer(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Times every unary and server-streaming call into ``metrics.rpc_duration``."""
+    """Times every call (any shape, see :mod:`tokensvc.handlers`) into
+    ``metrics.rpc_duration``."""
 
     def __init__(self, metrics: ServerMetrics) -> None:
         self.histogram = metrics.rpc_duration
+        self._timed = Wrapped(self._wrap)
 
     async def intercept_service(
         self,
@@ -50,47 +54,28 @@ class RpcTimer(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler = await continuation(details)
         if handler is None:
             return handler
-        method = str(details.method).lstrip("/")
-        if handler.unary_unary is not None:
-            return handler._replace(unary_unary=self._unary(handler.unary_unary, method))
-        if handler.unary_stream is not None:
-            return handler._replace(unary_stream=self._stream(handler.unary_stream, method))
-        return handler
+        return self._timed(details.method, handler)
 
-    def _record(self, start: float, method: str, status: str) -> None:
-        self.histogram.record(
-            time.perf_counter() - start,
-            {"rpc.system.name": "grpc", "rpc.method": method, "rpc.response.status_code": status},
-        )
+    def _wrap(self, method: str, handler: Handler) -> Handler:
+        attributes = {"rpc.system.name": "grpc", "rpc.method": method.lstrip("/")}
+        return wrap(handler, lambda behaviour: self._time(behaviour, attributes))
 
-    def _unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
-        async def timed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    def _time(self, behaviour: Behaviour, attributes: dict[str, str]) -> Behaviour:
+        histogram = self.histogram
+
+        async def timed(request: Any, context: Context) -> Any:
             start = time.perf_counter()
             failed: BaseException | None = None
             try:
-                return await behavior(request, context)
+                return await behaviour(request, context)
             except BaseException as err:
                 failed = err
                 raise
             finally:
-                self._record(start, method, _status(context, failed))
-
-        return timed
-
-    def _stream(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
-        async def timed(
-            request: Any, context: grpc.aio.ServicerContext[Any, Any]
-        ) -> AsyncIterator[Any]:
-            start = time.perf_counter()
-            failed: BaseException | None = None
-            try:
-                async for item in behavior(request, context):
-                    yield item
-            except BaseException as err:
-                failed = err
-                raise
-            finally:
-                self._record(start, method, _status(context, failed))
+                histogram.record(
+                    time.perf_counter() - start,
+                    {**attributes, "rpc.response.status_code": _status(context, failed)},
+                )
 
         return timed
 

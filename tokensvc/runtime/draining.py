@@ -12,15 +12,27 @@ server stop.
 from __future__ import annotations
 
 import asyncio
-import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeAlias
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
 
 import grpc
 import grpc.aio
 
-if TYPE_CHECKING:
-    Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
+from tokensvc.config import Settings
+from tokensvc.handlers import (
+    KINDS,
+    Behaviour,
+    Context,
+    Handler,
+    Wrapped,
+    handler_of_kind,
+    kind_of,
+    wrap,
+)
+
+#: Streams that last until the server stops, whatever the drain waits for: not counted
+#: (a health watcher is told NOT_SERVING when the drain starts, and the stop ends it).
+ENDLESS: Final = frozenset({"/grpc.health.v1.Health/Watch"})
 _MESSAGE = "tokensvc is shutting down; retry (another replica will answer)"
 
 
@@ -38,6 +50,9 @@ class Drain(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self._released = asyncio.Event()
         self._last_arrival = 0.0  # loop time of the newest call
         self._held = 0  # refused calls waiting for release()
+        self._counted = Wrapped(lambda _method, handler: wrap(handler, self._count))
+        # one refusing handler per shape; it never reads the request
+        self._refusals = {kind: handler_of_kind(kind, self._refuse) for kind in KINDS}
 
     def start(self) -> None:
         """Refuse new calls from now on (they wait for :meth:`release`)."""
@@ -71,27 +86,6 @@ class Drain(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         finally:
             self._held -= 1
 
-    async def _refuse_unary(self, _request: Any, context: Any) -> Any:
-        await self._hold()
-        await context.abort(grpc.StatusCode.UNAVAILABLE, _MESSAGE)
-
-    async def _refuse_stream(self, _request: Any, context: Any) -> AsyncIterator[Any]:
-        await self._hold()
-        await context.abort(grpc.StatusCode.UNAVAILABLE, _MESSAGE)
-        yield  # pragma: no cover (abort raises): makes this an async generator
-
-    def _refusal(self, handler: Handler) -> Handler:
-        """A handler of the same shape as ``handler`` that answers UNAVAILABLE."""
-        request, response = handler.request_deserializer, handler.response_serializer
-        unary, stream = self._refuse_unary, self._refuse_stream
-        if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(stream, request, response)
-        if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(unary, request, response)
-        if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(stream, request, response)
-        return grpc.unary_unary_rpc_method_handler(unary, request, response)
-
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no call is in flight (at most ``timeout`` s); whether that happened."""
         try:
@@ -110,45 +104,25 @@ class Drain(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return handler
         self._last_arrival = asyncio.get_running_loop().time()
         if self.draining:
-            return self._refusal(handler)
-        return self._counted(handler)
+            return self._refusals[kind_of(handler)]
+        method = handler_call_details.method
+        if method in ENDLESS:
+            return handler
+        return self._counted(method, handler)
 
-    def _counted(self, handler: Handler) -> Handler:
-        request, response = handler.request_deserializer, handler.response_serializer
-        behaviour = (
-            handler.stream_stream
-            or handler.unary_stream
-            or handler.stream_unary
-            or handler.unary_unary
-        )
-        if not (inspect.iscoroutinefunction(behaviour) or inspect.isasyncgenfunction(behaviour)):
-            return handler  # a sync handler (gRPC runs it on a thread): not counted
-        if handler.response_streaming:
-            inner_stream: Any = behaviour
-
-            async def stream(req: Any, context: Any) -> AsyncIterator[Any]:
-                self._enter()
-                try:
-                    async for item in inner_stream(req, context):
-                        yield item
-                finally:
-                    self._leave()
-
-            if handler.request_streaming:
-                return grpc.stream_stream_rpc_method_handler(stream, request, response)
-            return grpc.unary_stream_rpc_method_handler(stream, request, response)
-        inner: Any = behaviour
-
-        async def unary(req: Any, context: Any) -> Any:
+    def _count(self, behaviour: Behaviour) -> Behaviour:
+        async def counted(request: Any, context: Context) -> Any:
             self._enter()
             try:
-                return await inner(req, context)
+                return await behaviour(request, context)
             finally:
                 self._leave()
 
-        if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(unary, request, response)
-        return grpc.unary_unary_rpc_method_handler(unary, request, response)
+        return counted
+
+    async def _refuse(self, _request: Any, context: Context) -> None:
+        await self._hold()
+        await context.abort(grpc.StatusCode.UNAVAILABLE, _MESSAGE)
 
     def _enter(self) -> None:
         self._in_flight += 1
@@ -158,3 +132,15 @@ class Drain(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self._in_flight -= 1
         if self._in_flight == 0:
             self._idle.set()
+
+
+def stream_limits(settings: Settings) -> list[tuple[str, int]]:
+    """The gRPC server options bounding what clients can hold open: calls per connection
+    (``--max-concurrent-streams``, the HTTP/2 setting; a client asking for more waits for
+    one to end) and connections per process (``--max-connections``; gRPC refuses the
+    rest). gRPC has no per-client connection cap of its own; streams are capped per client
+    where they are served (reflection, WatchRevocations)."""
+    return [
+        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        ("grpc.max_allowed_incoming_connections", settings.max_connections),
+    ]

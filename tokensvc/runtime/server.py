@@ -17,14 +17,14 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 
 from tokensvc.api.decoding import DecodingGuard
+from tokensvc.api.reflection import ReflectionGate, add_reflection
 from tokensvc.api.revocation_hub import RevocationHub
 from tokensvc.api.servicer import TokenService
 from tokensvc.config import Settings
-from tokensvc.http.listener import Document, HttpJwks, start_http
+from tokensvc.http.listener import Document, HttpJwks, metrics_on_public_port, start_http
 from tokensvc.keys.ring import KeyRing, Lifecycle, load_kek
 from tokensvc.observe import metrics, rpc_metrics, tracing
 from tokensvc.observe.audit import AuditTrail
@@ -33,7 +33,7 @@ from tokensvc.redis import connection
 from tokensvc.redis.connection import RedisClient
 from tokensvc.redis.embedded import Keeper, RedisProcess
 from tokensvc.redis.watchdog import Watchdog
-from tokensvc.runtime.draining import Drain
+from tokensvc.runtime.draining import Drain, stream_limits
 from tokensvc.runtime.startup import check_redis, unavailable
 from tokensvc.security.policy import CallerPolicy
 from tokensvc.store import FamilyStore, StoreUnavailable
@@ -274,11 +274,14 @@ def _grpc_server(
             # messages or metadata are refused by gRPC before any of our code runs
             ("grpc.max_receive_message_length", _MAX_MESSAGE),
             ("grpc.max_metadata_size", _MAX_METADATA),
+            *stream_limits(settings),
         ],
     )
 
 
-async def _add_services(server: grpc.aio.Server, service: TokenService) -> HealthServicer:
+async def _add_services(
+    server: grpc.aio.Server, service: TokenService, reflection_gate: ReflectionGate
+) -> HealthServicer:
     """Register the token service, health (SERVING) and reflection; returns the health
     servicer. Every handler checks decoding: an undecodable request is INVALID_ARGUMENT."""
     registrar = cast(grpc.aio.Server, DecodingGuard(server))
@@ -287,13 +290,10 @@ async def _add_services(server: grpc.aio.Server, service: TokenService) -> Healt
     health_pb2_grpc.add_HealthServicer_to_server(health, registrar)
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (
-            SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
+    add_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
         registrar,
+        reflection_gate,
     )
     return health
 
@@ -322,9 +322,9 @@ async def _start_listeners(
     if meters.render is not None:
         documents[metrics.METRICS_PATH] = Document(meters.render)
     if settings.http_listen:
-        # a scrape of the port the workers share reaches a random worker: its counters
-        # would jump between the workers' values (see tokensvc.runtime.workers)
-        shared = documents if settings.workers == 1 else {}
+        # not with --metrics-listen (the operator's port), nor with workers: a scrape of the
+        # port they share reaches a random worker (see tokensvc.http.listener)
+        shared = documents if metrics_on_public_port(settings) else {}
         if settings.workers > 1:
             log.info(
                 "%s is not served on --http-listen with %d workers: scrape each "
@@ -346,9 +346,7 @@ async def _start_listeners(
 def _setup_metrics(settings: Settings) -> metrics.ServerMetrics:
     """/metrics on --http-listen only with one worker (see :func:`_start_listeners`)."""
     return metrics.setup(
-        prometheus=bool(
-            settings.metrics_listen or (settings.http_listen and settings.workers == 1)
-        ),
+        prometheus=bool(settings.metrics_listen) or metrics_on_public_port(settings),
         client_ids=settings.metrics_client_ids,
     )
 
@@ -407,7 +405,7 @@ async def _assemble(
     service = TokenService(
         settings, domain.store, domain.keyring, audit, domain.policy, domain.hub, clock=clock
     )
-    health = await _add_services(server, service)
+    health = await _add_services(server, service, ReflectionGate(settings, domain.policy))
     port = _bind(server, settings)
     await server.start()
     http, metrics_http = await _start_listeners(settings, domain.keyring, meters, undo)

@@ -24,9 +24,11 @@ nothing. The policy file (``--policy FILE``) is TOML with one table per RPC::
 An RPC missing from the file keeps its default: ``GetKeys`` and ``Refresh`` open to anyone
 (the refresh token is Refresh's credential), ``Introspect`` any authenticated peer,
 ``Issue``, ``Revoke`` and the admin RPCs (``LockSubject``, ``UnlockSubject``, ``ListKeys``,
-``RotateKeys``, ``RetireKey``) nobody until listed. Health
-checking and reflection are separate services and always open. Unknown RPC names or keys
-are an error at start-up: a typo must not silently open or close an RPC.
+``RotateKeys``, ``RetireKey``) nobody until listed. Health checking is always open.
+Server reflection (``[rpc.ServerReflectionInfo]``, :data:`REFLECTION`) is by default open
+to the admin identities (those any admin RPC admits) and to callers on a loopback address;
+a table for it replaces that default. Unknown RPC names or keys are an error at start-up:
+a typo must not silently open or close an RPC.
 """
 
 from __future__ import annotations
@@ -69,7 +71,12 @@ DEFAULT_RULES: Mapping[str, Rule] = {
     "RetireKey": Rule(),
     "ListSessions": Rule(),  # or the subject itself, with its own token (tokensvc.api.sessions)
     "WatchRevocations": Rule(frozenset({ANY_AUTHENTICATED})),
+    "ServerReflectionInfo": Rule(),  # by default: see CallerPolicy.admits_reflection
 }
+#: The reflection service's one RPC (grpc.reflection.v1alpha.ServerReflection).
+REFLECTION = "ServerReflectionInfo"
+#: The admin RPCs: whom they admit may also use reflection by default.
+ADMIN_RPCS = ("LockSubject", "UnlockSubject", "ListKeys", "RotateKeys", "RetireKey")
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,8 @@ class CallerPolicy:
     """Rules by RPC name (the method name without the service, e.g. ``"Issue"``)."""
 
     rules: Mapping[str, Rule]
+    #: RPCs the policy file lists (the others keep their defaults)
+    listed: frozenset[str] = frozenset()
 
     @classmethod
     def default(cls) -> CallerPolicy:
@@ -106,7 +115,7 @@ class CallerPolicy:
                     f"{source}: unknown RPC {name!r}; known: {', '.join(sorted(DEFAULT_RULES))}"
                 )
             rules[name] = _rule(f"{source}: [rpc.{name}]", table)
-        return cls(rules)
+        return cls(rules, frozenset(tables))
 
     @classmethod
     def from_file(cls, path: Path) -> CallerPolicy:
@@ -135,6 +144,13 @@ class CallerPolicy:
     def admits(self, rpc: str, peer: Peer) -> bool:
         rule = self.rules.get(rpc)
         return rule is not None and rule.admits(peer)
+
+    def admits_reflection(self, peer: Peer, loopback: bool) -> bool:
+        """Whether ``peer`` (calling from a loopback address or not) may use reflection:
+        as ``[rpc.ServerReflectionInfo]`` says, else if it is an admin identity or local."""
+        if REFLECTION in self.listed:
+            return self.admits(REFLECTION, peer)
+        return loopback or any(self.admits(rpc, peer) for rpc in ADMIN_RPCS)
 
     @property
     def common_names(self) -> list[str]:

@@ -17,7 +17,6 @@ requirements in :mod:`tokensvc_client._stepup`, method names and handlers in
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
 from collections.abc import Callable, Generator, Iterable, Mapping
 from typing import Any, Protocol, cast
@@ -45,7 +44,7 @@ from tokensvc_client._rejection import (
 from tokensvc_client._stepup import StepUp, StepUpTable, insufficient_user_authentication
 from tokensvc_client.errors import InvalidToken, Reason
 from tokensvc_client.jwks import CURRENT, KeyRequest
-from tokensvc_client.peer import peer_of
+from tokensvc_client.peer import holds_bound_certificate, peer_of
 from tokensvc_client.verifier import Claims, KeySet, Verifier
 from tokensvc_client.wire import Metadata, bearer_token
 
@@ -285,11 +284,7 @@ class Authenticator:
             log.info("rejected call to %s: %s", method, Reason.UNBOUND.value)
             self._count(UNBOUND)
             return UNBOUND
-        presented = peer_of(context).thumbprint
-        # bytes: compare_digest refuses str with non-ASCII characters
-        if not presented or not hmac.compare_digest(
-            bound.encode("utf-8"), presented.encode("utf-8")
-        ):
+        if not holds_bound_certificate(bound, peer_of(context).thumbprint):
             log.info(
                 "rejected call to %s for sub=%s: %s",
                 method,

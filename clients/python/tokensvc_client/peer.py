@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import hmac
 import logging
 import re
 import ssl
@@ -196,6 +197,15 @@ def peer_from_auth_context(context: AuthContext | None, *, common_names: bool = 
 def peer_of(context: _HasAuthContext, *, common_names: bool = False) -> Peer:
     """The peer of a call, from a blocking or asyncio ``ServicerContext``."""
     return peer_from_auth_context(context.auth_context(), common_names=common_names)
+
+
+def holds_bound_certificate(bound: str, thumbprint: str) -> bool:
+    """Whether a peer whose certificate has ``thumbprint`` holds the certificate an
+    RFC 8705-bound token names (``bound``: its ``cnf`` ``x5t#S256``), compared in constant
+    time; no certificate ("") never does. The one comparison of the server and the
+    interceptors."""
+    # bytes: compare_digest refuses str with non-ASCII characters
+    return bool(thumbprint) and hmac.compare_digest(bound.encode(), thumbprint.encode())
 
 
 def is_thumbprint(value: str) -> bool:
