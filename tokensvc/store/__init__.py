@@ -13,7 +13,7 @@ May import: redis, proc, families, errors.
 
 from __future__ import annotations
 
-from tokensvc.store.calls import StoreUnavailable, guarded, text
+from tokensvc.store.calls import StoreUnavailable, call_deadline, guarded, text
 from tokensvc.store.families import (
     AccessState,
     FamilyOps,
@@ -52,6 +52,7 @@ __all__ = [
     "SessionInfo",
     "StoreUnavailable",
     "Successor",
+    "call_deadline",
     "family_key",
     "guarded",
     "issue_limit_key",
