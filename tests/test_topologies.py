@@ -304,9 +304,11 @@ def test_cluster_wait_goes_to_the_primary_of_the_revoked_slot(
     none, so revocations there are UNAVAILABLE (though in force on their primary)."""
     settings = make_settings(redis_url=cluster_url, redis_wait_replicas=1, redis_wait_timeout=0.2)
     stub = start_server(settings).stub()
-    subject, replicated = _subject_on(stub, cluster, cluster.masters[0])
-    sibling = _issue(stub, subject)
-    _, lonely = _subject_on(stub, cluster, cluster.masters[0], other=True)
+    # Issue waits for the replicas too: issue through a server without WAIT
+    issuer = start_server(make_settings(redis_url=cluster_url)).stub()
+    subject, replicated = _subject_on(issuer, cluster, cluster.masters[0])
+    sibling = _issue(issuer, subject)
+    _, lonely = _subject_on(issuer, cluster, cluster.masters[0], other=True)
 
     # every kind of revocation (session, jti, subject) waits on the first master
     assert stub.Revoke(pb.RevokeRequest(session_id=replicated.session_id)).revoked_sessions == 1

@@ -12,10 +12,12 @@ Waits poll a condition until a deadline; nothing sleeps for a fixed time.
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -326,3 +328,60 @@ def redis_sentinel(base: Path, down_after_ms: int = 1500) -> Iterator[SentinelGr
         yield group
     finally:
         group.stop()
+
+
+@contextmanager
+def replica_of(base: Path, primary: RedisProcess) -> Iterator[RedisProcess]:
+    """A replica of ``primary`` (synced when the block starts), removed on exit."""
+    replica = RedisProcess(
+        base,
+        prefer_system=prefer_system(),
+        extra_args=(*_REPLICA_ARGS, "--replicaof", "127.0.0.1", str(primary.port)),
+    )
+    try:
+        replica.start()
+        wait_for(
+            "the replica to sync",
+            lambda: _info(replica, "replication").get("master_link_status") == "up",
+        )
+        yield replica
+    finally:
+        replica.stop()
+        wait_for(
+            "the primary to drop the replica",
+            lambda: _info(primary, "replication").get("connected_slaves") == 0,
+        )
+
+
+def waiting_clients(proc: RedisProcess) -> set[str]:
+    """Ids of clients blocked in WAIT on ``proc``."""
+    with client(proc) as conn:
+        return {str(c["id"]) for c in conn.client_list() if c["cmd"] == "wait"}
+
+
+@contextmanager
+def frozen_until_second_wait(primary: RedisProcess, replica: RedisProcess) -> Iterator[None]:
+    """SIGSTOP ``replica`` until a second connection blocks in WAIT on ``primary`` (a retry
+    of a call whose first WAIT is still waiting), then SIGCONT it: the first attempt is
+    not confirmed in time, the retry is."""
+    assert replica.process is not None
+    pid = replica.process.pid
+    os.kill(pid, signal.SIGSTOP)
+    done = threading.Event()
+
+    def thaw() -> None:
+        seen: set[str] = set()
+        while not done.is_set() and len(seen) < 2:
+            with suppress(redis.RedisError, OSError):
+                seen |= waiting_clients(primary)
+            done.wait(0.005)
+        os.kill(pid, signal.SIGCONT)
+
+    thread = threading.Thread(target=thaw, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(10)
+        os.kill(pid, signal.SIGCONT)
