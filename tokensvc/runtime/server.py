@@ -207,6 +207,7 @@ async def start(
             redis,
             block_ms=max(100, int(settings.redis_timeout * 500)),
             max_per_client=settings.max_watchers_per_client,
+            feed_ttl_ms=store.feed_ttl_ms,
         )
         await hub.prime()  # before any watcher can connect (see RevocationHub.prime)
         provider = tracing.setup_tracing(tracer_provider)

@@ -36,7 +36,7 @@ from tokensvc.store.keyspace import (
     subject_key,
 )
 from tokensvc.store.ratelimits import Limit, LimitOps
-from tokensvc.store.revocations import RevocationOps
+from tokensvc.store.revocations import RevocationOps, revocations_in_force
 
 __all__ = [
     "REVOCATIONS",
@@ -58,6 +58,7 @@ __all__ = [
     "issue_limit_key",
     "jti_key",
     "peer_limit_key",
+    "revocations_in_force",
     "sessions_key",
     "subject_key",
     "text",
