@@ -73,6 +73,8 @@ class Cluster:
 
     masters: list[RedisProcess]
     replicas: list[RedisProcess] = field(default_factory=list)
+    #: replica i replicates masters[i] (else they all replicate masters[0])
+    per_master: bool = False
 
     @property
     def processes(self) -> list[RedisProcess]:
@@ -94,8 +96,8 @@ class Cluster:
             if "master" not in node["flags"].split(","):
                 continue
             port = int(address.split("@")[0].rsplit(":", 1)[1])
-            for low, high in ([int(x) for x in pair] for pair in node["slots"]):
-                if low <= slot <= high:
+            for bounds in ([int(x) for x in pair] for pair in node["slots"]):
+                if bounds[0] <= slot <= bounds[-1]:  # a range, or a single slot
                     return next(p for p in self.masters if p.port == port)
         raise AssertionError(f"no master serves slot {slot}")
 
@@ -107,15 +109,88 @@ class Cluster:
             self.sync_replicas()
 
     def sync_replicas(self) -> None:
-        # a key in masters[0]'s slots: it owns the first range (SLOTS // 8: up to 8 masters)
-        key = next(f"sync{i}" for i in range(10_000) if key_slot(f"sync{i}".encode()) < SLOTS // 8)
-        with client(self.masters[0]) as conn:
+        if not self.per_master:
+            self._sync(self.masters[0], len(self.replicas))
+            return
+        for master, replica in zip(self.masters, self.replicas, strict=False):
+            if replica.process is not None:  # (a killed master stays down)
+                self._sync(master, 1)
+
+    def _sync(self, master: RedisProcess, replicas: int) -> None:
+        """Write a key on ``master`` and WAIT for its ``replicas``."""
+        with client(master) as conn:
+            key = next(f"sync{i}" for i in range(100_000) if self.master_of(f"sync{i}") is master)
             conn.set(key, b"1")
-            assert conn.execute_command("WAIT", len(self.replicas), 5000) == len(self.replicas)
+            assert conn.execute_command("WAIT", replicas, 5000) == replicas
+
+    def replica_for(self, master: RedisProcess) -> RedisProcess:
+        """The replica of ``master`` (clusters started with ``per_master``)."""
+        return self.replicas[self.masters.index(master)]
+
+    def node_id(self, proc: RedisProcess) -> str:
+        return _node_id(proc)
+
+    def take_over(self, master: RedisProcess) -> RedisProcess:
+        """SIGKILL ``master`` and promote its replica at once (CLUSTER FAILOVER TAKEOVER:
+        no agreement of the dead master needed); return the new master once every live
+        node serves all slots again. The killed node is left down."""
+        replica = self.replica_for(master)
+        index = self.masters.index(master)
+        master.kill()
+        with client(replica) as conn:
+            conn.execute_command("CLUSTER FAILOVER", "TAKEOVER")
+        wait_for(
+            "the replica to be promoted",
+            lambda: _info(replica, "replication").get("role") == "master",
+        )
+        self.masters[index] = replica
+        self.replicas[index] = master  # (down)
+        live = [p for p in self.processes if p.process is not None]
+        wait_for(
+            "every live node to see the new master",
+            lambda: all(_routes_to(p, replica) for p in live),
+            timeout=30,
+        )
+        return replica
+
+    def migrate(self, slot: int, dst: RedisProcess, between: Callable[[int], None]) -> int:
+        """Move ``slot`` to ``dst`` key by key (SETSLOT IMPORTING/MIGRATING, MIGRATE one
+        key at a time, SETSLOT NODE), calling ``between(n)`` after the n-th key; returns
+        the keys moved."""
+        src = next(p for p in self.masters if _owns(p, slot))
+        src_id, dst_id = _node_id(src), _node_id(dst)
+        with client(dst) as conn:
+            conn.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", src_id)
+        moved = 0
+        with client(src) as conn:
+            conn.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
+            while keys := conn.execute_command("CLUSTER GETKEYSINSLOT", slot, 1):
+                conn.execute_command("MIGRATE", "127.0.0.1", dst.port, "", 0, 5000, "KEYS", keys[0])
+                moved += 1
+                between(moved)
+        for proc in (dst, src, *(p for p in self.masters if p not in (src, dst))):
+            with client(proc) as conn:
+                conn.execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)
+        return moved
 
     def stop(self) -> None:
         for proc in self.processes:
             proc.stop()
+
+
+def _owns(proc: RedisProcess, slot: int) -> bool:
+    with client(proc) as conn:
+        slots = conn.execute_command("CLUSTER SLOTS")
+    return any(int(e[0]) <= slot <= int(e[1]) and int(e[2][1]) == proc.port for e in slots)
+
+
+def _routes_to(proc: RedisProcess, master: RedisProcess) -> bool:
+    """Whether ``proc`` is in a healthy cluster and names ``master`` as a slot owner."""
+    if _info_cluster(proc).get("cluster_state") != "ok":
+        return False
+    with client(proc) as conn:
+        slots = conn.execute_command("CLUSTER SLOTS")
+    return any(int(entry[2][1]) == master.port for entry in slots)
 
 
 def _cluster_port() -> int:
@@ -174,10 +249,15 @@ def _info_cluster(proc: RedisProcess) -> dict[str, str]:
 
 
 @contextmanager
-def redis_cluster(base: Path, masters: int = 3, replicas: int = 0) -> Iterator[Cluster]:
-    """Start a cluster of ``masters`` (plus ``replicas`` of the first master); stop it on
+def redis_cluster(
+    base: Path, masters: int = 3, replicas: int = 0, *, per_master: bool = False
+) -> Iterator[Cluster]:
+    """Start a cluster of ``masters`` (plus ``replicas`` of the first master, or with
+    ``per_master`` one replica for each of the first ``replicas`` masters); stop it on
     exit."""
-    cluster = Cluster([_cluster_node(base, f"master{i}") for i in range(masters)])
+    cluster = Cluster(
+        [_cluster_node(base, f"master{i}") for i in range(masters)], per_master=per_master
+    )
     cluster.replicas = [_cluster_node(base, f"replica{i}") for i in range(replicas)]
     try:
         for proc in cluster.processes:
@@ -193,8 +273,8 @@ def redis_cluster(base: Path, masters: int = 3, replicas: int = 0) -> Iterator[C
                 conn.execute_command("CLUSTER MEET", "127.0.0.1", proc.port)
         wait_for("the cluster to converge", lambda: _cluster_ok(cluster.processes))
         if cluster.replicas:
-            primary = _node_id(cluster.masters[0])
-            for proc in cluster.replicas:
+            for i, proc in enumerate(cluster.replicas):
+                primary = _node_id(cluster.masters[i if per_master else 0])
                 with client(proc) as conn:
                     conn.execute_command("CLUSTER REPLICATE", primary)
             wait_for(
