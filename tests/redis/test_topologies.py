@@ -6,13 +6,10 @@ Real redis-server processes on loopback (tests.support.topology), real tokensvc 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -26,6 +23,7 @@ from tests.support.topology import (
     NOT_YET,
     Cluster,
     client,
+    frozen,
     healthy_replicas,
     paused_scripts,
     redis_cluster,
@@ -295,9 +293,11 @@ def test_cluster_wait_goes_to_the_primary_of_the_revoked_slot(
     none, so revocations there are UNAVAILABLE (though in force on their primary)."""
     settings = make_settings(redis_url=cluster_url, redis_wait_replicas=1, redis_wait_timeout=0.2)
     stub = start_server(settings).stub()
-    subject, replicated = _subject_on(stub, cluster, cluster.masters[0])
-    sibling = _issue(stub, subject)
-    _, lonely = _subject_on(stub, cluster, cluster.masters[0], other=True)
+    # Issue waits for the replicas too: issue through a server without WAIT
+    issuer = start_server(make_settings(redis_url=cluster_url)).stub()
+    subject, replicated = _subject_on(issuer, cluster, cluster.masters[0])
+    sibling = _issue(issuer, subject)
+    _, lonely = _subject_on(issuer, cluster, cluster.masters[0], other=True)
 
     # every kind of revocation (session, jti, subject) waits on the first master
     assert stub.Revoke(pb.RevokeRequest(session_id=replicated.session_id)).revoked_sessions == 1
@@ -373,17 +373,6 @@ class Traffic:
 
     def count(self, after_kill: bool) -> int:
         return sum(1 for r in self.acknowledged if r.after_kill == after_kill)
-
-
-@contextmanager
-def frozen(proc: RedisProcess) -> Iterator[None]:
-    """SIGSTOP a server for the block (it neither serves nor acknowledges replication)."""
-    assert proc.process is not None
-    os.kill(proc.process.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(proc.process.pid, signal.SIGCONT)
 
 
 def test_sentinel_failover_keeps_every_acknowledged_revocation(

@@ -217,7 +217,8 @@ def test_too_few_replicas_for_redis_wait_replicas_is_a_loud_warning(
     assert "--redis-wait-replicas 1" in record.getMessage()
     assert "0 connected replica" in record.getMessage()
     stub = server.stub()
-    pair = stub.Issue(pb.IssueRequest(subject="alice")).tokens
+    # Issue waits for the replicas too: issue the session through a server without WAIT
+    pair = start_server(make_settings()).stub().Issue(pb.IssueRequest(subject="alice")).tokens
     with pytest.raises(grpc.RpcError) as err:
         stub.Revoke(pb.RevokeRequest(session_id=pair.session_id))
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -14,6 +14,7 @@ import redis
 from bench.rows_family import family_bytes
 from tests.support import audit_entries, events_of
 from tests.support.legacy import old_issue, old_refresh
+from tests.support.topology import frozen_until_second_wait, replica_of
 from tokensvc.config import Rate
 from tokensvc.families.tokens import refresh_hash
 from tokensvc.store import family_key
@@ -121,8 +122,9 @@ def test_fifty_concurrent_refreshes_in_grace_mode_make_one_successor(
 
 
 def _slow_reply_server(make_settings, start_server, grace: int):
-    # a rotation is committed, then the server waits for a replica that does not exist
-    # (WAIT, 1.5 s) before it answers: the client's 0.75 s deadline loses the reply
+    # a rotation is committed, then the server waits for a replica (WAIT, 1.5 s) before it
+    # answers: with the replica frozen the client's 0.75 s deadline loses the reply, and
+    # the unconfirmed rotation answers UNAVAILABLE (after the client has given up)
     settings = make_settings(
         refresh_grace_seconds=grace,
         redis_wait_replicas=1,
@@ -130,29 +132,37 @@ def _slow_reply_server(make_settings, start_server, grace: int):
         redis_timeout=2.0,
     )
     srv = start_server(settings)
-    with TokenClient(srv.target, insecure=True) as login:
+    # issued through a server without WAIT (Issue waits for the replicas too)
+    with TokenClient(start_server(make_settings()).target, insecure=True) as login:
         pairs = [login.issue("gina") for _ in range(2)]
     return srv, pairs
 
 
 def test_a_lost_refresh_reply_is_retried_once_for_the_same_successor(
-    make_settings, start_server, redis_url
+    make_settings, start_server, redis_url, redis_server, tmp_path
 ):
     srv, (pair, other) = _slow_reply_server(make_settings, start_server, grace=10)
     client = redis.Redis.from_url(redis_url)
-    with TokenClient(srv.target, insecure=True, timeout=0.75) as tokens:
-        new = tokens.refresh(pair.refresh_token)
+    with replica_of(tmp_path / "replica", redis_server) as replica:
+        # the first attempt's WAIT is not confirmed in time; the retry's is
+        with (
+            TokenClient(srv.target, insecure=True, timeout=0.75) as tokens,
+            frozen_until_second_wait(redis_server, replica),
+        ):
+            new = tokens.refresh(pair.refresh_token)
         assert client.hget(family_key(pair.session_id), "cur").decode() == refresh_hash(
             new.refresh_token
         )
-        assert tokens.introspect(new.access_token).active
+        with TokenClient(srv.target, insecure=True) as tokens:
+            assert tokens.introspect(new.access_token).active
 
-    async def aio() -> None:
-        async with AsyncTokenClient(srv.target, insecure=True, timeout=0.75) as atokens:
-            new = await atokens.refresh(other.refresh_token)
-            assert (await atokens.introspect(new.refresh_token)).active
+        async def aio() -> None:
+            async with AsyncTokenClient(srv.target, insecure=True, timeout=0.75) as atokens:
+                new = await atokens.refresh(other.refresh_token)
+                assert (await atokens.introspect(new.refresh_token)).active
 
-    asyncio.run(aio())
+        with frozen_until_second_wait(redis_server, replica):
+            asyncio.run(aio())
 
 
 def test_a_strict_server_refresh_is_never_retried(make_settings, start_server, redis_url):

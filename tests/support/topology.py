@@ -13,9 +13,11 @@ Waits poll a condition (:func:`tests.support.waiting.wait_until`, Redis errors c
 from __future__ import annotations
 
 import os
+import signal
 import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -63,6 +65,8 @@ class Cluster:
 
     masters: list[RedisProcess]
     replicas: list[RedisProcess] = field(default_factory=list)
+    #: replica i replicates masters[i] (else they all replicate masters[0])
+    per_master: bool = False
 
     @property
     def processes(self) -> list[RedisProcess]:
@@ -84,8 +88,8 @@ class Cluster:
             if "master" not in node["flags"].split(","):
                 continue
             port = int(address.split("@")[0].rsplit(":", 1)[1])
-            for low, high in ([int(x) for x in pair] for pair in node["slots"]):
-                if low <= slot <= high:
+            for bounds in ([int(x) for x in pair] for pair in node["slots"]):
+                if bounds[0] <= slot <= bounds[-1]:  # a range, or a single slot
                     return next(p for p in self.masters if p.port == port)
         raise AssertionError(f"no master serves slot {slot}")
 
@@ -97,15 +101,88 @@ class Cluster:
             self.sync_replicas()
 
     def sync_replicas(self) -> None:
-        # a key in masters[0]'s slots: it owns the first range (SLOTS // 8: up to 8 masters)
-        key = next(f"sync{i}" for i in range(10_000) if key_slot(f"sync{i}".encode()) < SLOTS // 8)
-        with client(self.masters[0]) as conn:
+        if not self.per_master:
+            self._sync(self.masters[0], len(self.replicas))
+            return
+        for master, replica in zip(self.masters, self.replicas, strict=False):
+            if replica.process is not None:  # (a killed master stays down)
+                self._sync(master, 1)
+
+    def _sync(self, master: RedisProcess, replicas: int) -> None:
+        """Write a key on ``master`` and WAIT for its ``replicas``."""
+        with client(master) as conn:
+            key = next(f"sync{i}" for i in range(100_000) if self.master_of(f"sync{i}") is master)
             conn.set(key, b"1")
-            assert conn.execute_command("WAIT", len(self.replicas), 5000) == len(self.replicas)
+            assert conn.execute_command("WAIT", replicas, 5000) == replicas
+
+    def replica_for(self, master: RedisProcess) -> RedisProcess:
+        """The replica of ``master`` (clusters started with ``per_master``)."""
+        return self.replicas[self.masters.index(master)]
+
+    def node_id(self, proc: RedisProcess) -> str:
+        return _node_id(proc)
+
+    def take_over(self, master: RedisProcess) -> RedisProcess:
+        """SIGKILL ``master`` and promote its replica at once (CLUSTER FAILOVER TAKEOVER:
+        no agreement of the dead master needed); return the new master once every live
+        node serves all slots again. The killed node is left down."""
+        replica = self.replica_for(master)
+        index = self.masters.index(master)
+        master.kill()
+        with client(replica) as conn:
+            conn.execute_command("CLUSTER FAILOVER", "TAKEOVER")
+        wait_for(
+            "the replica to be promoted",
+            lambda: _info(replica, "replication").get("role") == "master",
+        )
+        self.masters[index] = replica
+        self.replicas[index] = master  # (down)
+        live = [p for p in self.processes if p.process is not None]
+        wait_for(
+            "every live node to see the new master",
+            lambda: all(_routes_to(p, replica) for p in live),
+            timeout=30,
+        )
+        return replica
+
+    def migrate(self, slot: int, dst: RedisProcess, between: Callable[[int], None]) -> int:
+        """Move ``slot`` to ``dst`` key by key (SETSLOT IMPORTING/MIGRATING, MIGRATE one
+        key at a time, SETSLOT NODE), calling ``between(n)`` after the n-th key; returns
+        the keys moved."""
+        src = next(p for p in self.masters if _owns(p, slot))
+        src_id, dst_id = _node_id(src), _node_id(dst)
+        with client(dst) as conn:
+            conn.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", src_id)
+        moved = 0
+        with client(src) as conn:
+            conn.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
+            while keys := conn.execute_command("CLUSTER GETKEYSINSLOT", slot, 1):
+                conn.execute_command("MIGRATE", "127.0.0.1", dst.port, "", 0, 5000, "KEYS", keys[0])
+                moved += 1
+                between(moved)
+        for proc in (dst, src, *(p for p in self.masters if p not in (src, dst))):
+            with client(proc) as conn:
+                conn.execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)
+        return moved
 
     def stop(self) -> None:
         for proc in self.processes:
             proc.stop()
+
+
+def _owns(proc: RedisProcess, slot: int) -> bool:
+    with client(proc) as conn:
+        slots = conn.execute_command("CLUSTER SLOTS")
+    return any(int(e[0]) <= slot <= int(e[1]) and int(e[2][1]) == proc.port for e in slots)
+
+
+def _routes_to(proc: RedisProcess, master: RedisProcess) -> bool:
+    """Whether ``proc`` is in a healthy cluster and names ``master`` as a slot owner."""
+    if _info_cluster(proc).get("cluster_state") != "ok":
+        return False
+    with client(proc) as conn:
+        slots = conn.execute_command("CLUSTER SLOTS")
+    return any(int(entry[2][1]) == master.port for entry in slots)
 
 
 def _cluster_port() -> int:
@@ -164,10 +241,15 @@ def _info_cluster(proc: RedisProcess) -> dict[str, str]:
 
 
 @contextmanager
-def redis_cluster(base: Path, masters: int = 3, replicas: int = 0) -> Iterator[Cluster]:
-    """Start a cluster of ``masters`` (plus ``replicas`` of the first master); stop it on
+def redis_cluster(
+    base: Path, masters: int = 3, replicas: int = 0, *, per_master: bool = False
+) -> Iterator[Cluster]:
+    """Start a cluster of ``masters`` (plus ``replicas`` of the first master, or with
+    ``per_master`` one replica for each of the first ``replicas`` masters); stop it on
     exit."""
-    cluster = Cluster([_cluster_node(base, f"master{i}") for i in range(masters)])
+    cluster = Cluster(
+        [_cluster_node(base, f"master{i}") for i in range(masters)], per_master=per_master
+    )
     cluster.replicas = [_cluster_node(base, f"replica{i}") for i in range(replicas)]
     try:
         for proc in cluster.processes:
@@ -188,8 +270,8 @@ def redis_cluster(base: Path, masters: int = 3, replicas: int = 0) -> Iterator[C
             ignore=NOT_YET,
         )
         if cluster.replicas:
-            primary = _node_id(cluster.masters[0])
-            for proc in cluster.replicas:
+            for i, proc in enumerate(cluster.replicas):
+                primary = _node_id(cluster.masters[i if per_master else 0])
                 with client(proc) as conn:
                     conn.execute_command("CLUSTER REPLICATE", primary)
             wait_until(
@@ -338,3 +420,77 @@ def redis_sentinel(base: Path, down_after_ms: int = 1500) -> Iterator[SentinelGr
         yield group
     finally:
         group.stop()
+
+
+@contextmanager
+def replica_of(base: Path, primary: RedisProcess) -> Iterator[RedisProcess]:
+    """A replica of ``primary`` (synced when the block starts), removed on exit."""
+    replica = RedisProcess(
+        base,
+        prefer_system=prefer_system(),
+        extra_args=(*_REPLICA_ARGS, "--replicaof", "127.0.0.1", str(primary.port)),
+    )
+    try:
+        replica.start()
+        wait_for(
+            "the replica to sync",
+            lambda: _info(replica, "replication").get("master_link_status") == "up",
+        )
+        yield replica
+    finally:
+        replica.stop()
+        wait_for(
+            "the primary to drop the replica",
+            lambda: _info(primary, "replication").get("connected_slaves") == 0,
+        )
+
+
+def waiting_clients(proc: RedisProcess) -> set[str]:
+    """Ids of clients blocked in WAIT on ``proc``."""
+    with client(proc) as conn:
+        return {str(c["id"]) for c in conn.client_list() if c["cmd"] == "wait"}
+
+
+@contextmanager
+def frozen_until_second_wait(primary: RedisProcess, replica: RedisProcess) -> Iterator[None]:
+    """SIGSTOP ``replica`` until a second connection blocks in WAIT on ``primary`` (a retry
+    of a call whose first WAIT is still waiting), then SIGCONT it: the first attempt is
+    not confirmed in time, the retry is."""
+    assert replica.process is not None
+    pid = replica.process.pid
+    os.kill(pid, signal.SIGSTOP)
+    done = threading.Event()
+
+    def thaw() -> None:
+        seen: set[str] = set()
+        while not done.is_set() and len(seen) < 2:
+            with suppress(redis.RedisError, OSError):
+                seen |= waiting_clients(primary)
+            done.wait(0.005)
+        os.kill(pid, signal.SIGCONT)
+
+    thread = threading.Thread(target=thaw, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(10)
+        os.kill(pid, signal.SIGCONT)
+
+
+@contextmanager
+def frozen(proc: RedisProcess) -> Iterator[None]:
+    """SIGSTOP a server for the block (it neither serves nor acknowledges replication)."""
+    assert proc.process is not None
+    os.kill(proc.process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(proc.process.pid, signal.SIGCONT)
+
+
+def wait_for(what: str, check: Callable[[], T], timeout: float = 15.0) -> T:
+    """:func:`wait_until` for topology changes: Redis errors count as "not yet" (a node may
+    be restarting or promoting)."""
+    return wait_until(check, timeout=timeout, what=what, ignore=(redis.RedisError, OSError))

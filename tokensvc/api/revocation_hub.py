@@ -34,11 +34,13 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
+from redis.exceptions import ResponseError
+
 from tokensvc.api.times import ts_ms
 from tokensvc.errors import BadRequest, RateLimited
 from tokensvc.proc.tasks import cancelled_since, cancelling_count
 from tokensvc.redis.connection import RedisClient
-from tokensvc.store import REVOCATIONS, StoreUnavailable, guarded, text
+from tokensvc.store import REVOCATIONS, StoreUnavailable, guarded, revocations_in_force, text
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 
 log = logging.getLogger("tokensvc.feed")
@@ -54,6 +56,8 @@ _QUEUE: Final = 10_000
 _BATCH: Final = 1_000
 _CLOSED: Final = object()
 _PRUNE_MS: Final = 5_000
+#: how often an idle reader checks that the stream still holds its position, seconds
+_VERIFY_S: Final = 5.0
 
 #: Full catch-ups (streams starting with RESET) one client may start in a burst ...
 FULL_CATCH_UP_BURST = 16
@@ -125,10 +129,20 @@ class RevocationHub:
         redis: the Redis client.
         block_ms: how long one ``XREAD`` blocks.
         max_per_client: concurrent streams one client (see :meth:`watch`) may hold.
+        feed_ttl_ms: how long an event matters (longest access-token lifetime + leeway).
     """
 
-    def __init__(self, redis: RedisClient, *, block_ms: int = 1000, max_per_client: int = 16):
+    def __init__(
+        self,
+        redis: RedisClient,
+        *,
+        block_ms: int = 1000,
+        max_per_client: int = 16,
+        feed_ttl_ms: int = 930_000,
+    ):
         self.redis = redis
+        self.feed_ttl_ms = feed_ttl_ms  # how long a revocation rebuilt by resync() lasts
+        self.resyncs = 0  # times the stream lost history and the hub rebuilt (a metric)
         self.block_ms = block_ms
         self.max_per_client = max_per_client
         self._watchers: set[asyncio.Queue[object]] = set()
@@ -200,8 +214,13 @@ class RevocationHub:
             await self.prime()
         delay = 0.1
         baseline = cancelling_count()
+        verify_at = time.monotonic() + _VERIFY_S
         while not cancelled_since(baseline):  # redis-py can swallow a cancel (see audit)
             try:
+                if not self._reading or time.monotonic() >= verify_at:
+                    verify_at = time.monotonic() + _VERIFY_S
+                    if await self._history_lost():
+                        await self.resync()
                 reply = await guarded(
                     self.redis.xread, {REVOCATIONS: self._last}, count=_BATCH, block=self.block_ms
                 )
@@ -227,6 +246,67 @@ class RevocationHub:
                     self._publish(event)
             self._prune(int(time.time() * 1000))
         raise asyncio.CancelledError
+
+    async def _history_lost(self) -> bool:
+        """Whether the stream no longer holds the reader's position: its last id went
+        backwards, or the entry at the position is gone though the stream was not trimmed
+        past it (a failover to a replica that lacked entries, a restored Redis). Checked
+        after every failure and every few seconds: entries the new primary appends after
+        the position would otherwise hide the gap."""
+        last = self._last
+        if last is None or last == "0-0":
+            return False
+        position = _id(last)
+        try:
+            info = await guarded(self.redis.xinfo_stream, REVOCATIONS)
+        except ResponseError as err:  # "no such key": the stream itself is gone
+            if "no such key" in str(err).lower():
+                return True
+            raise
+        if _id(text(info["last-generated-id"])) < position:
+            return True
+        if await guarded(self.redis.xrange, REVOCATIONS, last, last):
+            return False
+        first = info.get("first-entry")
+        # trimmed past the position (by age: those events are expired) is not lost history
+        return first is not None and _id(text(first[0])) < position
+
+    async def resync(self) -> None:
+        """Rebuild after lost history: re-read the stream, add every revocation still in
+        force from where it is stored (:func:`tokensvc.store.revocations_in_force`, not
+        only the stream, whose lost entries are gone for good), and end every watcher's
+        stream. Their resume ids are older than the new floor, so each reconnects to a
+        ``RESET`` and the full set; until the rebuild is done new watchers are refused."""
+        self.resyncs += 1
+        log.error(
+            "revocation feed: the stream lost history after id %s (failover to a replica "
+            "that lacked entries, or a restored Redis); rebuilding from the revocation "
+            "state and resetting every watcher",
+            self._last,
+        )
+        self._reading = False
+        self._close_all()
+        before = _id(self._last) if self._last else (0, 0)
+        self._held, self._ids, self._floor, self._last = [], [], None, None
+        await self.prime()
+        now_ms = int(time.time() * 1000)
+        rebuilt = await revocations_in_force(self.redis, now_ms, self.feed_ttl_ms)
+        state = [(kind, value, exp) for kind, value, exp, _before in rebuilt if kind in _KINDS]
+        synthetic = [
+            ((0, 0), exp, pb.RevocationEvent(kind=_KINDS[kind], value=value, expires_at=ts_ms(exp)))
+            for kind, value, exp in state
+        ]
+        self._held = synthetic + self._held
+        self._ids = [key for key, _exp, _event in self._held]
+        # every id handed out before now (from the old history, or the re-read one) is
+        # below the floor: a watcher resuming from it gets RESET and the full set
+        newest = max(before, _id(self._last or "0-0"))
+        self._floor = (newest[0], newest[1] + 1)
+        log.warning(
+            "revocation feed rebuilt: %d revocations from the stored state, %d stream events",
+            len(synthetic),
+            len(self._held) - len(synthetic),
+        )
 
     def _publish(self, event: pb.RevocationEvent) -> None:
         self.sent += len(self._watchers)

@@ -28,7 +28,7 @@ from tokensvc.errors import (
     TokensvcError,
 )
 from tokensvc.observe import tracing
-from tokensvc.store import StoreUnavailable
+from tokensvc.store import StoreUnavailable, call_deadline
 
 log = logging.getLogger("tokensvc.rpc")
 
@@ -78,7 +78,8 @@ async def _statuses(
     tracing.serving(context)  # for the trace id of log lines and audit records
     try:
         await servicer.admit(name, context)
-        yield
+        with call_deadline(context.time_remaining()):  # how long a moving slot is retried
+            yield
     except ServiceError as err:
         if isinstance(err, NotAuthenticated | Denied):
             await servicer.rejected(name, err)

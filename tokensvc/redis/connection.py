@@ -24,7 +24,12 @@ and revoke the family; see :mod:`tokensvc.store`). Such failures surface as
 still done automatically is what cannot execute a command twice: Cluster ``MOVED``/``ASK``
 redirections and ``TRYAGAIN`` (the node refused the command without running it), a
 ``NOSCRIPT`` reload (the script did not run), and re-discovering the cluster layout or
-the current primary before the *next* command.
+the current primary before the *next* command. redis-py follows ``MOVED``/``ASK`` and
+retries ``TRYAGAIN`` only a few times (16 attempts, under half a second: "TTL
+exhausted"), shorter than a slot migration, in which every script naming a key that does
+not exist yet is answered ``TRYAGAIN``; :func:`tokensvc.store.guarded` retries such
+refusals on with a short back-off until the gRPC call's deadline, so a migration costs
+latency, not errors.
 
 Guarantees per topology (``--redis-wait-replicas`` is ``FamilyStore.settle``):
 
@@ -43,9 +48,13 @@ Guarantees per topology (``--redis-wait-replicas`` is ``FamilyStore.settle``):
 * WAIT is not consensus: it does not fsync; it cannot help if every replica that had the
   write is lost too, or an operator forces a stale replica up; a failover that
   *completes* between a revocation and its fence (it takes at least the down-after time
-  or node timeout) goes unnoticed; Issue and Refresh do not wait, so a rotation
-  acknowledged just before a failover can be lost (the client's new token is then
-  unknown and it logs in again; the old one is current again).
+  or node timeout) goes unnoticed.
+* With ``--redis-wait-replicas N`` Issue and Refresh wait too: they answer OK only once
+  N replicas have the new family or the rotation, else UNAVAILABLE (the write is in
+  force on the primary). A client retrying that Refresh with the same token gets the same
+  successor within the grace window (``--refresh-grace-seconds``; without one the retry
+  is reuse, hence a start-up warning). On Cluster a revocation waits on two primaries:
+  the one holding it and the one holding the revocation stream its event went to.
 * Cluster: every script and pipeline touches keys of one hash slot (a subject's keys
   share the hash tag ``{T}``, the key ring ``{keyring}``), so each operation is atomic on
   one primary, and different subjects spread over the shards. Subject-wide revocation is

@@ -250,6 +250,7 @@ async def _build_domain(settings: Settings, redis: _Redis) -> _Domain:
         redis.client,
         block_ms=max(100, int(settings.redis_timeout * 500)),
         max_per_client=settings.max_watchers_per_client,
+        feed_ttl_ms=store.feed_ttl_ms,
     )
     await hub.prime()  # see RevocationHub.prime
     return _Domain(policy, keyring, store, hub)

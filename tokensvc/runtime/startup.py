@@ -46,14 +46,15 @@ async def check_redis(redis: RedisClient, settings: Settings, url: str) -> None:
     """Prove ``url`` is a reachable Redis; warn loudly when it has fewer replicas than
     ``--redis-wait-replicas`` needs.
 
-    Without them every Revoke and LockSubject fails UNAVAILABLE (the revocation is in
-    force on the primary, but not confirmed). That is a warning, not a refusal to start:
+    Without them every Issue, Refresh, Revoke and LockSubject fails UNAVAILABLE (the
+    write is in force on the primary, but not confirmed). That is a warning, not a refusal to start:
     a replica restarting during Redis maintenance must not turn into a tokensvc outage,
     and Revokes succeed again as soon as the replicas are back.
 
     Raises:
         StartupError: naming the address and the reason.
     """
+    warn_wait_without_grace(settings)
     try:
         await guarded(redis.ping)
         wanted = settings.redis_wait_replicas
@@ -71,12 +72,31 @@ async def check_redis(redis: RedisClient, settings: Settings, url: str) -> None:
     if have < wanted:
         log.error(
             "--redis-wait-replicas %d, but the Redis primary at %s has %d connected "
-            "replica(s): every Revoke and LockSubject fails UNAVAILABLE until enough "
-            "replicas are connected; set it to at most the replicas you run (0 without "
-            "replication)",
+            "replica(s): every Issue, Refresh, Revoke and LockSubject fails UNAVAILABLE "
+            "until enough replicas are connected; set it to at most the replicas you run "
+            "(0 without replication)",
             wanted,
             where(url),
             have,
+        )
+
+
+def warn_wait_without_grace(settings: Settings) -> None:
+    """Warn when ``--redis-wait-replicas`` runs without a refresh grace window.
+
+    Under WAIT a Refresh whose rotation the replicas did not confirm in time answers
+    UNAVAILABLE although the rotation happened on the primary; the client's retry with the
+    same refresh token is safe only within a grace window (it gets the same successor).
+    Without one the retry is reuse, and the session is revoked.
+    """
+    if settings.redis_wait_replicas and not settings.refresh_grace_seconds:
+        log.warning(
+            "--redis-wait-replicas %d without --refresh-grace-seconds: a Refresh the "
+            "replicas do not confirm in time answers UNAVAILABLE after rotating, and the "
+            "client's retry with the same token then counts as reuse and revokes the "
+            "session; set --refresh-grace-seconds (e.g. 10) so the retry gets the same "
+            "successor",
+            settings.redis_wait_replicas,
         )
 
 

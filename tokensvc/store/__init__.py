@@ -13,7 +13,7 @@ May import: redis, proc, families, errors.
 
 from __future__ import annotations
 
-from tokensvc.store.calls import StoreUnavailable, guarded, text
+from tokensvc.store.calls import StoreUnavailable, call_deadline, guarded, text
 from tokensvc.store.families import (
     AccessState,
     FamilyOps,
@@ -36,7 +36,7 @@ from tokensvc.store.keyspace import (
     subject_key,
 )
 from tokensvc.store.ratelimits import Limit, LimitOps
-from tokensvc.store.revocations import RevocationOps
+from tokensvc.store.revocations import RevocationOps, revocations_in_force
 
 __all__ = [
     "REVOCATIONS",
@@ -52,11 +52,13 @@ __all__ = [
     "SessionInfo",
     "StoreUnavailable",
     "Successor",
+    "call_deadline",
     "family_key",
     "guarded",
     "issue_limit_key",
     "jti_key",
     "peer_limit_key",
+    "revocations_in_force",
     "sessions_key",
     "subject_key",
     "text",

@@ -3,8 +3,11 @@ revocation feed's append, and settle() (replicas confirming a write)."""
 
 from __future__ import annotations
 
+import asyncio
+
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
+from redis.exceptions import MovedError
 
 from tokensvc.redis.connection import RedisClient
 from tokensvc.store.calls import StoreUnavailable, guarded, script_source
@@ -71,19 +74,26 @@ class StoreCore:
     def _stream(self) -> list[str]:
         return [REVOCATIONS] if self._inline_feed else []
 
-    async def settle(self, key: str) -> None:
-        """Make what the primary holding ``key`` has acknowledged survive its loss: with
-        ``wait_replicas`` > 0, return only once that many of its replicas have it.
+    def _with_feed(self, key: str) -> tuple[str, ...]:
+        """What a revocation written at ``key`` must have settled: ``key``, and on Cluster
+        the revocation stream too (its event was appended there, on another primary)."""
+        return (key,) if self._inline_feed else (key, REVOCATIONS)
+
+    async def settle(self, *keys: str) -> None:
+        """Make what the primaries holding ``keys`` have acknowledged survive their loss:
+        with ``wait_replicas`` > 0, return only once that many replicas of each have it.
 
         Redis WAIT waits for the replication offset of the *connection's* last write (Redis
         7 advances it only on writes that replicate), so a WAIT on some other pooled
-        connection would prove nothing. Hence one pipeline, on one connection to that
-        primary: SET a short-lived fence key in ``key``'s hash slot, then WAIT. Offsets
+        connection would prove nothing. Hence one pipeline, on one connection to each
+        primary: SET a short-lived fence key in the key's hash slot, then WAIT. Offsets
         only grow, so replicas that have the fence have every write the primary took
-        before it: the revocation the caller just made, and any earlier one that had no
-        WAIT of its own (e.g. a reuse detection's). On Cluster the fence and the WAIT go
-        to the node the slot map names for ``key``; if the slot has moved the fence is
-        refused (MOVED) instead of being re-sent elsewhere, away from its WAIT.
+        before it: the write the caller just made, and any earlier one that had no WAIT
+        of its own (e.g. a reuse detection's). On Cluster the fence and the WAIT go to the
+        node the slot map names for each key (the keys' primaries are waited for at once:
+        a revocation's slot and the revocation stream's); if the slot has moved the fence
+        is refused (MOVED) instead of being re-sent elsewhere, away from its WAIT: the
+        slot map is corrected and :func:`guarded` sends both again.
 
         Not covered: a failover completing between the caller's write and this fence (it
         takes the primary's down-after / node timeout, and connections to the dead primary
@@ -93,11 +103,22 @@ class StoreCore:
         Raises:
             StoreUnavailable: fewer replicas confirmed within ``wait_timeout``. The write
                 is in force on the primary but might not survive losing it; the caller
-                retries (every revocation is idempotent).
+                retries (revocations are idempotent; a retried Refresh gets the same
+                successor within the grace window).
         """
-        if self.wait_replicas <= 0:
+        if self.wait_replicas <= 0 or not keys:
             return
-        acked = await guarded(self._fence_and_wait, key)
+        if isinstance(self.redis, RedisCluster):
+            by_node: dict[str, str] = {}
+            for key in keys:
+                node = self.redis.get_node_from_key(key)
+                by_node.setdefault(node.name if node else key, key)
+            acks = await asyncio.gather(
+                *(guarded(self._fence_and_wait, key) for key in by_node.values())
+            )
+            acked = min(acks)
+        else:
+            acked = await guarded(self._fence_and_wait, keys[0])
         if acked < self.wait_replicas:
             raise StoreUnavailable(
                 f"only {acked} of {self.wait_replicas} replicas confirmed the write within "
@@ -112,7 +133,11 @@ class StoreCore:
             cpipe = self.redis.pipeline(transaction=False)
             cpipe.execute_command("SET", fence, b"1", "PX", 10_000, target_nodes=node)
             cpipe.execute_command("WAIT", self.wait_replicas, timeout_ms, target_nodes=node)
-            replies = await cpipe.execute(allow_redirections=False)
+            try:
+                replies = await cpipe.execute(allow_redirections=False)
+            except MovedError as err:  # the slot has a new home: WAIT there next time
+                await self.redis.nodes_manager.move_slot(err)
+                raise
         else:
             pipe = self.redis.pipeline(transaction=False)
             pipe.set(fence, b"1", px=10_000)

@@ -47,7 +47,7 @@ from typing import Any
 from redis.commands.core import AsyncScript
 
 from tokensvc.families.tokens import tag_of
-from tokensvc.store.calls import StoreUnavailable, guarded, text
+from tokensvc.store.calls import guarded, text
 from tokensvc.store.core import StoreCore
 from tokensvc.store.keyspace import (
     family_key,
@@ -217,6 +217,7 @@ class FamilyOps(StoreCore):
         )
         status = IssueStatus(text(reply[0]))
         if status is IssueStatus.OK:
+            await self.settle(family_key(family.session_id))  # --redis-wait-replicas
             return IssueOutcome(status, created_ms=int(reply[1]))
         return IssueOutcome(status, int(reply[1]) if status is IssueStatus.LIMITED else 0)
 
@@ -255,14 +256,12 @@ class FamilyOps(StoreCore):
         )
         status = RefreshStatus(text(reply[0]))
         if status in (RefreshStatus.OK, RefreshStatus.REPLAYED):
-            if status is RefreshStatus.OK:
-                # best effort: raising now would make the client retry with the spent
-                # token (reuse without a grace window); an unconfirmed rotation lost in a
-                # failover leaves the old token current, which only this client held
-                try:
-                    await self.settle(family_key(sid))
-                except StoreUnavailable as err:
-                    log.warning("refresh sid=%s not confirmed by replicas: %s", sid, err)
+            # --redis-wait-replicas: the rotation (or, replayed, the one it repeats) must be
+            # on the replicas before the successor is handed out, else UNAVAILABLE. The
+            # client's retry with the same token is then safe within the grace window (the
+            # same successor again, confirmed this time); without one it is reuse, hence
+            # the start-up warning (tokensvc.runtime.startup)
+            await self.settle(family_key(sid))
             claims = json.loads(reply[1])
             return Rotation(
                 status,
@@ -281,7 +280,8 @@ class FamilyOps(StoreCore):
             # (Cluster) a revoked family is announced again: a retry after a lost append
             await self._append([("session", sid, exp, 0)], now_ms)
         if status is RefreshStatus.REUSE:
-            await self.settle(family_key(sid))  # a revocation: a retry sees 'revoked'
+            # a revocation and its event: a retry sees 'revoked' (and announces it again)
+            await self.settle(*self._with_feed(family_key(sid)))
             return Rotation(status, subject=str(json.loads(reply[1]).get("sub", "")))
         return Rotation(status)
 

@@ -3,12 +3,15 @@ signing keys, each written to Redis and announced on the revocation feed."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import AsyncIterator
 from typing import Any
 
 from redis.commands.core import AsyncScript
 
+from tokensvc.redis.connection import RedisClient
 from tokensvc.store.calls import guarded, text
-from tokensvc.store.core import StoreCore
+from tokensvc.store.core import FeedEvent, StoreCore
 from tokensvc.store.keyspace import (
     LEGACY_LOCKS,
     REVOCATIONS,
@@ -42,7 +45,7 @@ class RevocationOps(StoreCore):
             args=[expires_at_s, int(self._inline_feed), minid, jti],
         )
         await self._append([("token", jti, expires_at_s * 1000, 0)], now_ms)
-        await self.settle(jti_key(sid, jti))
+        await self.settle(*self._with_feed(jti_key(sid, jti)))
 
     async def revoke_sessions(
         self,
@@ -64,7 +67,7 @@ class RevocationOps(StoreCore):
         announce = revoked + [text(sid) for sid in revoked_before]
         await self._append([("session", sid, exp, 0) for sid in announce], now_ms)
         if sids:
-            await self.settle(family_key(sids[0]))
+            await self.settle(*self._with_feed(family_key(sids[0])))
         return len(revoked)
 
     async def revoke_subject(
@@ -102,7 +105,7 @@ class RevocationOps(StoreCore):
             events.append(("subject", tag, exp, watermark))
         await self._append(events, now_ms)
         await self._announce_late_families(tag, {text(s) for s in sids}, watermark, now_ms)
-        await self.settle(subject_key(tag))
+        await self.settle(*self._with_feed(subject_key(tag)))
         return len(revoked)
 
     async def _announce_late_families(
@@ -132,6 +135,7 @@ class RevocationOps(StoreCore):
             fields = {"kind": "key", "value": kid, "exp": exp, "before": 0}
             pipe.xadd(REVOCATIONS, fields, minid=minid, approximate=True)  # type: ignore[arg-type]
         await guarded(pipe.execute)
+        await self.settle(REVOCATIONS)
 
     async def unlock_subject(self, tag: str, legacy_tag: str, watermark_ttl_ms: int) -> bool:
         """Let Issue serve the subject again (under both its tags); True if it was locked."""
@@ -168,3 +172,76 @@ class RevocationOps(StoreCore):
             pipe.hmget(key, ["locked", "k"])
         rows = await guarded(pipe.execute)
         return any(locked is not None and mark is None for locked, mark in rows)
+
+
+_TAGGED = re.compile(r"ts:\{([^}]*)\}:(fam|jti|subject)(?::(.+))?")
+_SCAN_BATCH = 500
+
+
+async def revocations_in_force(
+    redis: RedisClient, now_ms: int, feed_ttl_ms: int
+) -> list[FeedEvent]:
+    """Every revocation still in force, read from where it is stored rather than from the
+    feed: for a feed reader whose stream lost history (a failover to a replica that lacked
+    entries, a restored Redis), see :class:`tokensvc.api.revocation_hub.RevocationHub`.
+
+    Revoked access tokens (``jti`` keys, expiring with their token), revoked families
+    (``state`` revoked: an event lasting ``feed_ttl_ms`` from ``revoked_at``) and families
+    a subject watermark revoked (created at or before it; announced as SESSION events, one
+    per family, since the watermark's own key does not tell a keyed tag from a legacy one,
+    which the feed must not carry). Scans every primary once; rare, and as costly as the
+    number of families.
+    """
+    events: list[FeedEvent] = []
+    watermarks: dict[str, int] = {}
+    families: list[tuple[str, str, str, str, str]] = []  # (tag, sid, state, revoked_at, created)
+    async for keys in _scan(redis, "ts:{*}:*"):
+        parsed = [(key, _TAGGED.fullmatch(key)) for key in keys]
+        wanted = [
+            (key, m)
+            for key, m in parsed
+            if m is not None and (m.group(3) or m.group(2) == "subject")
+        ]
+        if not wanted:
+            continue
+        pipe = redis.pipeline(transaction=False)
+        for key, match in wanted:
+            kind = match.group(2)
+            if kind == "jti":
+                pipe.pttl(key)
+            elif kind == "fam":
+                pipe.hmget(key, ["state", "revoked_at", "created"])
+            else:
+                pipe.hget(key, "revoked_before")
+        replies = await guarded(pipe.execute)
+        for (_key, match), reply in zip(wanted, replies, strict=True):
+            tag, kind, rest = match.group(1), match.group(2), match.group(3) or ""
+            if kind == "jti" and int(reply) > 0:
+                events.append(("token", rest, now_ms + int(reply), 0))
+            elif kind == "fam" and reply[0] is not None:
+                state, revoked_at, created = (text(v) for v in reply)
+                families.append((tag, rest, state, revoked_at, created))
+            elif kind == "subject" and reply:
+                watermarks[tag] = int(reply)
+    for tag, sid, state, revoked_at, created in families:
+        revoked = int(revoked_at) if state == "revoked" and revoked_at.isdigit() else None
+        watermark = watermarks.get(tag)
+        if watermark is not None and created.isdigit() and int(created) <= watermark:
+            revoked = watermark if revoked is None else max(revoked, watermark)
+        if state == "revoked" and revoked is None:
+            revoked = now_ms  # revoked, time unknown
+        if revoked is not None and revoked + feed_ttl_ms > now_ms:
+            events.append(("session", sid, revoked + feed_ttl_ms, 0))
+    return events
+
+
+async def _scan(redis: RedisClient, match: str) -> AsyncIterator[list[str]]:
+    """Keys matching ``match`` on every primary, in batches."""
+    batch: list[str] = []
+    async for key in redis.scan_iter(match=match, count=1000):
+        batch.append(text(key))
+        if len(batch) >= _SCAN_BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

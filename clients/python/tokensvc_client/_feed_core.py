@@ -36,6 +36,14 @@ class FeedStale(TokenServiceError):
     closed: the interceptor refuses the call (UNAVAILABLE)."""
 
 
+def _event_key(event_id: str) -> tuple[int, int] | None:
+    """A stream id ``MS-SEQ`` as a pair to compare (None: no id, or not one)."""
+    ms, dash, seq = event_id.partition("-")
+    if not dash or not ms.isdigit() or not seq.isdigit():
+        return None
+    return int(ms), int(seq)
+
+
 class Backoff:
     """Exponential backoff with jitter: attempt ``n`` waits a random time between half and
     all of ``min(cap, base * 2**n)`` seconds."""
@@ -121,6 +129,10 @@ class _FeedCore:
         self.ready = threading.Event()
         #: called on every KEY event (a signing key revoked): the JWKS caches to refresh
         self.key_listeners: list[Callable[[], None]] = []
+        #: the last event id of this stream as a number pair (None: no order to keep yet)
+        self._position: tuple[int, int] | None = None
+        #: times the server's ids went backwards and the feed started over
+        self.backward_jumps = 0
 
     # -- driver side ----------------------------------------------------------------------
 
@@ -133,6 +145,7 @@ class _FeedCore:
             self._open = True
             self._stream_started = time.monotonic()
             self._stream_events = 0
+            self._position = _event_key(self.last_event_id)
             return self.streams, pb.WatchRevocationsRequest(resume_from=self.last_event_id)
 
     def on_connected(self, stream: int) -> None:
@@ -162,19 +175,53 @@ class _FeedCore:
             return True
         return False
 
-    def on_event(self, stream: int, event: pb.RevocationEvent) -> None:
+    def on_event(self, stream: int, event: pb.RevocationEvent) -> bool:
+        """Apply an event of stream ``stream``; False when the driver must end the stream
+        and start over (see :meth:`_went_backwards`)."""
         self.revocations.apply(event)
+        if self._went_backwards(event):
+            self._count_event(stream, event)
+            return False
         if event.kind == pb.RevocationEvent.KEY:
             for listener in self.key_listeners:
                 listener()
-        self.events += 1
-        _metrics.TOTALS.feed_events += 1
-        self.last_event_at = time.monotonic()
-        self._stream_events += 1
+        self._count_event(stream, event)
         if event.id:
             self.last_event_id = event.id
         if not self.connected:
             self.on_connected(stream)
+        return True
+
+    def _went_backwards(self, event: pb.RevocationEvent) -> bool:
+        """Whether ``event``'s id is not after the last one this feed had (outside a
+        ``RESET``'s snapshot, which starts over): the server's history no longer holds
+        our position (its Redis failed over to a replica that lacked entries, or was
+        restored; or another server behind it answered). The feed then forgets its
+        position, so the next stream starts with ``RESET`` and everything in force."""
+        if event.kind == pb.RevocationEvent.RESET:
+            self._position = None  # a snapshot follows, in its own order
+            return False
+        key = _event_key(event.id)
+        if key is None:
+            return False
+        if self._position is not None and key <= self._position:
+            log.warning(
+                "revocation feed went back from %r to %r: the server lost history; starting over",
+                self.last_event_id,
+                event.id,
+            )
+            self.last_event_id = ""
+            self._position = None
+            self.backward_jumps += 1
+            return True
+        self._position = key
+        return False
+
+    def _count_event(self, stream: int, event: pb.RevocationEvent) -> None:
+        self.events += 1
+        _metrics.TOTALS.feed_events += 1
+        self.last_event_at = time.monotonic()
+        self._stream_events += 1
 
     def end(self, stream: int, why: str, *, closing: bool = False) -> float:
         """Stream ``stream`` ended (``closing``: because the feed is closed); returns how

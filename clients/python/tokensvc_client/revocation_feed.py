@@ -24,7 +24,9 @@ The channel is the caller's: the feed never closes it.
 
 Lost connections: the feed reconnects with exponential backoff and jitter and resumes from
 the id of the last event it received, so nothing is missed; when the server no longer holds
-that id it starts over (``RESET`` and everything still in force). While the feed is down
+that id it starts over (``RESET`` and everything still in force). An id not after the last
+one received (the server's Redis failed over to a replica that lacked entries, or was
+restored) makes the feed drop its position and start over the same way. While the feed is down
 the last known set stays in force. Down longer than ``max_staleness`` seconds, the feed is
 *stale*: by default calls keep being checked against the last known set (counted in
 ``stale_checks``, a warning logged at most once a minute); with ``fail_closed=True`` every
@@ -267,7 +269,9 @@ class RevocationFeed(_FeedBase):
                 if call.is_active():  # headers, not a trailers-only refusal
                     core.on_connected(stream)
                 for event in call:
-                    core.on_event(stream, event)
+                    if not core.on_event(stream, event):
+                        why = "the server's history went backwards"
+                        break
             except grpc.RpcError as err:
                 why = _describe(err)
             except Exception as err:  # a bug must not end the feed silently
@@ -374,7 +378,9 @@ class AioRevocationFeed(_FeedBase):
                 if not call.done():  # headers, not a trailers-only refusal
                     core.on_connected(stream)
                 async for event in call:
-                    core.on_event(stream, event)
+                    if not core.on_event(stream, event):
+                        why = "the server's history went backwards"
+                        break
             except grpc.RpcError as err:
                 why = _describe(err)
             except asyncio.CancelledError:
