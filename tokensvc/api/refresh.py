@@ -9,7 +9,7 @@ the family's state stays constant-size and reuse detection exact.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tokensvc.api import validation
@@ -43,7 +43,8 @@ class RefreshRpcs:
         if self._grace_md:
             context.set_trailing_metadata(self._grace_md)
 
-    _mint: Callable[[dict[str, Any], str, int, int], tuple[str, int]]  # TokenService's
+    _mint: Callable[[dict[str, Any], str, int, int], Awaitable[tuple[str, int]]]  # TokenService's
+    _signer_ready: Callable[[], None]
     _pair: Callable[[str, int, str, int, str], pb.TokenPair]
 
     @rpc
@@ -64,6 +65,7 @@ class RefreshRpcs:
         if presented.generation and presented.ends_at * 1000 <= self.clock() * 1000:
             # the session ended (its family may have left Redis long ago): not a guess
             raise NotAuthenticated("expired")
+        self._signer_ready()  # before the family rotates: an HSM outage burns no token
         sid, caller = presented.session_id, current_caller()
         generation, ends_at = presented.generation + 1, presented.ends_at
         rotation, successor = await self._rotate(presented, generation, ends_at)
@@ -102,7 +104,7 @@ class RefreshRpcs:
                 "refreshed", peer=caller.name, subject=rotation.subject, session_id=sid
             )
         assert rotation.claims is not None  # OK and REPLAYED carry them
-        access, access_exp = self._mint(
+        access, access_exp = await self._mint(
             rotation.claims, sid, rotation.now_ms // 1000, rotation.family_expires_ms
         )
         return pb.RefreshResponse(

@@ -24,7 +24,7 @@ from tokensvc.api.status import BadRequest, RateLimited, ServiceError, rpc
 from tokensvc.api.times import ts as _ts
 from tokensvc.config import Settings
 from tokensvc.families import tokens
-from tokensvc.keys.ring import KeyRing, Lifecycle
+from tokensvc.keys.ring import KeyRing, Lifecycle, SigningUnavailable
 from tokensvc.observe.audit import AuditTrail
 from tokensvc.security.policy import CallerPolicy
 from tokensvc.store import (
@@ -42,6 +42,12 @@ from tokensvc_client.wire import GRACE_HEADER
 
 log = logging.getLogger("tokensvc.service")
 Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+class KeyUnavailable(ServiceError):
+    """The signing key's holder (a PKCS#11 token) cannot sign now: nothing was signed."""
+
+    code = grpc.StatusCode.UNAVAILABLE
 
 
 class SubjectLocked(ServiceError):
@@ -129,13 +135,25 @@ class TokenService(AdminRpcs, SessionRpcs, RefreshRpcs, pb_grpc.TokenServiceServ
             "sid": sid,
         }
 
-    def _mint(
+    async def _mint(
         self, base: dict[str, Any], sid: str, now: int, family_expires_ms: int
     ) -> tuple[str, int]:
         """Sign an access token (see :meth:`_claims`); returns it and its expiry."""
         claims = self._claims(base, sid, now, family_expires_ms)
-        key = self.keyring.signing
-        return tokens.sign_access_token(key.key, key.kid, claims), claims["exp"]
+        try:
+            return await self.keyring.sign_token(claims), claims["exp"]
+        except SigningUnavailable as err:
+            log.warning("signing key unavailable sid=%s: %s", sid, err)
+            raise KeyUnavailable("signing key unavailable; retry later") from None
+
+    def _signer_ready(self) -> None:
+        """Refuse before anything changes in Redis when the signing key's token is known
+        to be down (see KeyRing.check_signing)."""
+        try:
+            self.keyring.check_signing()
+        except SigningUnavailable as err:
+            log.warning("signing key unavailable: %s", err)
+            raise KeyUnavailable("signing key unavailable; retry later") from None
 
     def _pair(
         self, access: str, access_exp: int, refresh: str, refresh_exp_ms: int, sid: str
@@ -203,6 +221,7 @@ class TokenService(AdminRpcs, SessionRpcs, RefreshRpcs, pb_grpc.TokenServiceServ
             family_exp_ms,
             cnf,
         )
+        self._signer_ready()
         outcome = await self.store.create(
             family, self.issue_limit, tokens.SubjectTags.legacy(subject)
         )
@@ -213,7 +232,7 @@ class TokenService(AdminRpcs, SessionRpcs, RefreshRpcs, pb_grpc.TokenServiceServ
             self.audit.record("rate_limited", peer=caller.name, subject=subject, reason="Issue")
             raise RateLimited("too many tokens issued for this subject", outcome.retry_after_ms)
         # signed only once stored (a refused Issue costs no signature), dated by Redis
-        access, access_exp = self._mint(base, sid, outcome.created_ms // 1000, family_exp_ms)
+        access, access_exp = await self._mint(base, sid, outcome.created_ms // 1000, family_exp_ms)
         self.audit.record(
             "issued",
             peer=caller.name,
