@@ -79,9 +79,9 @@ class KeyBackend(Protocol):
         """
         ...
 
-    async def check(self, record: dict[str, Any]) -> None:
+    async def check(self, record: dict[str, Any] | None) -> None:
         """Prove ``record``'s private key usable now (it exists where it should, and its
-        holder answers).
+        holder answers); without a record, that the holder answers.
 
         Raises:
             SigningUnavailable: naming why not.
@@ -97,3 +97,21 @@ class KeyBackend(Protocol):
 def backend_of(record: dict[str, Any]) -> str:
     """The backend a record's private key lives in."""
     return str(record.get(BACKEND_FIELD, LOCAL))
+
+
+def pkcs11_backend(settings: Any) -> KeyBackend | None:
+    """The PKCS#11 backend ``--pkcs11-*`` configure (None without ``--pkcs11-module``);
+    python-pkcs11 is imported only then (the optional extra ``tokensvc[pkcs11]``).
+
+    Raises:
+        KeyRingError: python-pkcs11 is not installed.
+    """
+    if getattr(settings, "pkcs11_module", None) is None:
+        return None
+    try:
+        from tokensvc.keys.pkcs11 import Pkcs11Backend
+    except ImportError as err:
+        raise KeyRingError(
+            f"--pkcs11-module needs python-pkcs11 (pip install 'tokensvc[pkcs11]'): {err}"
+        ) from None
+    return Pkcs11Backend.from_settings(settings)

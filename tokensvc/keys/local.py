@@ -62,7 +62,7 @@ class LocalBackend:
     async def destroy(self, record: dict[str, Any]) -> None:
         """Nothing to do: the JWE left Redis with its record."""
 
-    async def check(self, record: dict[str, Any]) -> None:
+    async def check(self, record: dict[str, Any] | None) -> None:
         """Nothing to do: a local key that decrypted signs."""
 
     def problem(self) -> str | None:

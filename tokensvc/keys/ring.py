@@ -297,6 +297,8 @@ class KeyRing:
         raw = await guarded(self._redis.hgetall, RING_KEY)
         if self._apply(text(active_kid), {text(k): json.loads(v) for k, v in raw.items()}):
             await self.check_active()
+        if self.version < 0 and self._pkcs11 is not None:
+            await self._pkcs11.check(None)  # start-up: the token is there, the PIN works
         self.version = int(version or 0)
 
     async def check_active(self) -> None:

@@ -25,6 +25,7 @@ from tokensvc.api.revocation_hub import RevocationHub
 from tokensvc.api.servicer import TokenService
 from tokensvc.config import Settings
 from tokensvc.http.listener import Document, HttpJwks, start_http
+from tokensvc.keys.backend import SigningUnavailable, pkcs11_backend
 from tokensvc.keys.ring import KeyRing, Lifecycle, load_kek
 from tokensvc.observe import metrics, rpc_metrics, tracing
 from tokensvc.observe.audit import AuditTrail
@@ -147,6 +148,10 @@ async def _maintain(keyring: KeyRing, lifecycle: Lifecycle, health: HealthServic
             status = health_pb2.HealthCheckResponse.SERVING
         except StoreUnavailable:
             status = health_pb2.HealthCheckResponse.NOT_SERVING
+        except SigningUnavailable as err:  # the signing key's token: logged on each change
+            status = health_pb2.HealthCheckResponse.NOT_SERVING
+            if status != current:
+                log.error("NOT_SERVING: cannot sign: %s", err)
         except Exception:
             log.exception("maintenance step failed")
             status = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -191,7 +196,9 @@ async def start(
             if settings.previous_kek_file
             else []
         )
-        keyring = KeyRing(redis, load_kek(settings.kek_file, settings.data_dir), previous)
+        kek = load_kek(settings.kek_file, settings.data_dir)
+        token = pkcs11_backend(settings)  # None unless --pkcs11-module
+        keyring = KeyRing(redis, kek, previous, pkcs11=token, new_keys=settings.key_backend)
         await check_redis(redis, settings, url)
         await keyring.load()
         store = FamilyStore(
