@@ -118,3 +118,23 @@ def token_objects(softhsm: SoftHsm, kid: str) -> dict[str, Any]:
         return asyncio.run(pool.run(inspect))
     finally:
         pool.close()
+
+
+def destroy_objects(softhsm: SoftHsm, kid: str) -> int:
+    """Destroy key ``kid``'s objects in the token, as an operator could by hand."""
+    from pkcs11 import Attribute
+
+    from tokensvc.keys.token_pool import TokenPool
+
+    pool = TokenPool(softhsm.module, softhsm.label, None, softhsm.pin_file, 1, 5.0)
+
+    def destroy(session: Any) -> int:
+        found = list(session.get_objects({Attribute.ID: kid.encode()}))
+        for obj in found:
+            obj.destroy()
+        return len(found)
+
+    try:
+        return asyncio.run(pool.run(destroy))
+    finally:
+        pool.close()

@@ -142,8 +142,8 @@ class TokenService(AdminRpcs, SessionRpcs, RefreshRpcs, pb_grpc.TokenServiceServ
         claims = self._claims(base, sid, now, family_expires_ms)
         try:
             return await self.keyring.sign_token(claims), claims["exp"]
-        except SigningUnavailable as err:
-            log.warning("signing key unavailable sid=%s: %s", sid, err)
+        except SigningUnavailable as err:  # the pool and health log each change of state
+            log.debug("signing key unavailable sid=%s: %s", sid, err)
             raise KeyUnavailable("signing key unavailable; retry later") from None
 
     def _signer_ready(self) -> None:
@@ -152,7 +152,7 @@ class TokenService(AdminRpcs, SessionRpcs, RefreshRpcs, pb_grpc.TokenServiceServ
         try:
             self.keyring.check_signing()
         except SigningUnavailable as err:
-            log.warning("signing key unavailable: %s", err)
+            log.debug("signing key unavailable: %s", err)
             raise KeyUnavailable("signing key unavailable; retry later") from None
 
     def _pair(

@@ -36,7 +36,7 @@ from pkcs11.util.ec import encode_named_curve_parameters
 from tokensvc.families import tokens
 from tokensvc.keys.backend import BACKEND_FIELD, PKCS11, KeyRingError, SigningUnavailable
 from tokensvc.keys.local import public_jwk
-from tokensvc.keys.token_pool import TokenPool, describe
+from tokensvc.keys.token_pool import TokenPool
 
 log = logging.getLogger("tokensvc.keyring")
 _P256_OID = "1.2.840.10045.3.1.7"
@@ -141,13 +141,18 @@ class Pkcs11Backend:
             await self.pool.run(lambda session: None)
             return
         kid = str(record["kid"])
+
+        def find(session: Any) -> None:  # a real lookup (no cache): is it still there?
+            session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=kid.encode("ascii"))
+
         try:
-            await self.pool.run(lambda session: self._private(session, kid))
-        except NoSuchKey as err:
-            raise SigningUnavailable(
-                f"the active key kid={kid} has no private key object in PKCS#11 "
-                f"{self.pool.name} ({describe(err)})"
-            ) from None
+            await self.pool.run(find)
+        except NoSuchKey:
+            reason = (
+                f"the active key kid={kid} has no private key object in PKCS#11 {self.pool.name}"
+            )
+            self.pool.invalidate(reason)
+            raise SigningUnavailable(reason) from None
 
     async def sign(self, kid: str, digest: bytes) -> bytes:
         """CKM_ECDSA over ``digest`` with the key ``kid``: raw R||S."""
@@ -158,9 +163,9 @@ class Pkcs11Backend:
         try:
             return await self.pool.run(sign)
         except NoSuchKey:
-            raise SigningUnavailable(
-                f"signing key kid={kid} not found in PKCS#11 {self.pool.name}"
-            ) from None
+            reason = f"signing key kid={kid} not found in PKCS#11 {self.pool.name}"
+            self.pool.invalidate(reason)
+            raise SigningUnavailable(reason) from None
 
     # -- helpers (on the pool's threads) -------------------------------------------------
 

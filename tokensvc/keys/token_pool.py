@@ -194,6 +194,7 @@ class TokenPool:
         self._problem: str | None = None
         self._retry_at = 0.0
         self._refused_pin: bytes | None = None
+        self._was_up = False  # start-up failures are the caller's one line, not a log
 
     def problem(self) -> str | None:
         return self._problem
@@ -226,6 +227,12 @@ class TokenPool:
         except TimeoutError:
             self._problem = f"PKCS#11 {self.name}: no answer within {self.timeout:g} s"
             raise SigningUnavailable(self._problem) from None
+
+    def invalidate(self, reason: str) -> None:
+        """Mark the pool broken from outside (an object that must be there is not: the
+        token may have been replaced): the next call re-initialises and logs in again."""
+        with self._lock:
+            self._fail(p11e.NoSuchKey(reason))
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -276,11 +283,14 @@ class TokenPool:
                 self._fail(err)
 
     def _fail(self, err: Exception) -> None:
-        """Mark the pool broken (lock held): sessions dropped, reconnect on next use."""
+        """Mark the pool broken (lock held): sessions dropped, reconnect on next use.
+        Logged once per outage (start-up failures are the caller's one line)."""
+        first = self._problem is None
         self._problem = f"PKCS#11 {self.name} unavailable: {describe(err)}"
         self._idle.clear()
         self._anchor = None
-        log.warning("%s", self._problem)
+        if self._was_up and first:
+            log.warning("%s", self._problem)
 
     def _connect(self) -> None:
         """(Re)initialise the module if needed, find the token, log in (lock held)."""
@@ -303,9 +313,10 @@ class TokenPool:
         except p11e.PKCS11Error as err:
             self._fail(err)
             raise SigningUnavailable(self._problem or str(err)) from None
-        if self._problem:
+        if self._problem and self._was_up:
             log.info("PKCS#11 %s is available again", self.name)
         self._problem = None
+        self._was_up = True
 
     def _login(self, module: _Module) -> None:
         if self.token_label is not None:
