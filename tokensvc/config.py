@@ -99,6 +99,12 @@ class Settings:
     self_audience: str = "tokensvc"
     audit_log_all: bool = False
     refresh_grace_seconds: int = 0
+    key_backend: str = "local"
+    pkcs11_module: Path | None = None
+    pkcs11_token: str | None = None
+    pkcs11_pin_file: Path | None = None
+    pkcs11_sessions: int = 4
+    pkcs11_timeout: float = 2.0
 
     @property
     def host(self) -> str:
@@ -118,6 +124,7 @@ class Settings:
             check(self)
         if self.redis_url is not None:
             connection.check_url(self.redis_url)
+        _check_key_backend(self)
         return self
 
 
@@ -236,6 +243,30 @@ def _check_bounds(s: Settings) -> None:
         )
 
 
+def _check_key_backend(s: Settings) -> None:
+    """--key-backend and the --pkcs11-* settings (see tokensvc.keys.pkcs11). The PIN is
+    only ever read from a file: never a flag, an environment value or a log line."""
+    if s.key_backend not in ("local", "pkcs11"):
+        raise ConfigError("--key-backend must be local or pkcs11")
+    if s.key_backend == "pkcs11" and s.pkcs11_module is None:
+        raise ConfigError("--key-backend pkcs11 needs --pkcs11-module")
+    if s.pkcs11_module is None:
+        return
+    for path in (s.pkcs11_module, s.pkcs11_pin_file):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"file not found: {path}")
+    if not s.pkcs11_token:
+        raise ConfigError("--pkcs11-module needs --pkcs11-token (a token label, or slot:ID)")
+    if s.pkcs11_token.startswith("slot:") and not s.pkcs11_token[5:].isdigit():
+        raise ConfigError("--pkcs11-token slot:ID needs a numeric slot id")
+    if s.pkcs11_pin_file is None:
+        raise ConfigError("--pkcs11-module needs --pkcs11-pin-file (the user PIN, mode 0600)")
+    if not 1 <= s.pkcs11_sessions <= 256:
+        raise ConfigError("--pkcs11-sessions must be between 1 and 256")
+    if not 0 < s.pkcs11_timeout <= 60:
+        raise ConfigError("--pkcs11-timeout must be above 0 and at most 60 seconds")
+
+
 _CHECKS: tuple[Callable[[Settings], None], ...] = (
     _check_listen,
     _check_lifetimes,
@@ -247,6 +278,7 @@ _CHECKS: tuple[Callable[[Settings], None], ...] = (
     _check_http_listeners,
     _check_key_rotation,
     _check_bounds,
+    _check_key_backend,
 )
 
 
@@ -320,6 +352,12 @@ _OPTIONS: dict[str, tuple[str, type]] = {
     ),
     "max_concurrent_streams": ("concurrent calls per gRPC connection (HTTP/2 setting)", int),
     "max_connections": ("gRPC connections a process accepts at once (all clients)", int),
+    "key_backend": ("where new signing keys are created: local (KEK in Redis) or pkcs11", str),
+    "pkcs11_module": ("PKCS#11 module (.so) of the token holding pkcs11 signing keys", Path),
+    "pkcs11_token": ("label of that token (or slot:ID)", str),
+    "pkcs11_pin_file": ("file holding the token's user PIN (mode 0600; never a flag)", Path),
+    "pkcs11_sessions": ("PKCS#11 operations in flight at most (sessions, threads)", int),
+    "pkcs11_timeout": ("seconds to wait for a free session and for the token's answer", float),
     "refresh_grace_seconds": (
         "seconds a just-rotated refresh token may be re-presented for the same successor "
         "(lost replies; 0 = strict, max 60)",

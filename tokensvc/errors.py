@@ -7,7 +7,8 @@ the audit trail and tests may rely on -- the message is for people and may chang
     TokensvcError                      error
     ├── ConfigError (ValueError)       invalid_configuration   (TlsFilesError ...)
     ├── StoreUnavailable               store_unavailable       tokensvc.store.calls
-    ├── KeyRingError                   key_ring                tokensvc.keys.ring
+    ├── KeyRingError                   key_ring                tokensvc.keys.backend
+    │   └── SigningUnavailable         signing_unavailable
     ├── StartupError                   startup                 tokensvc.proc.ownership
     ├── TransportError (ValueError)    transport               tokensvc.cli.transport
     └── ServiceError                   service                 an RPC's refusal
@@ -15,6 +16,7 @@ the audit trail and tests may rely on -- the message is for people and may chang
         ├── NotAuthenticated           not_authenticated       + reason: AuthFailure
         ├── Denied                     denied                  + reason: Denial
         │   └── SubjectLocked          subject_locked
+        ├── KeyUnavailable             key_unavailable         the signing key's token is down
         └── RateLimited                rate_limited            + limit: LimitKind
 
 The classes of the middle families live beside the code that raises them (each module
@@ -167,6 +169,16 @@ class SubjectLocked(Denied):
 
     def __init__(self) -> None:
         super().__init__(Denial.SUBJECT_LOCKED, "subject is locked")
+
+
+class KeyUnavailable(ServiceError):
+    """The signing key's holder (a PKCS#11 token) cannot sign now: nothing was signed or
+    written; the caller may retry (UNAVAILABLE)."""
+
+    code = "key_unavailable"
+
+    def __init__(self) -> None:
+        super().__init__("signing key unavailable; retry later")
 
 
 class RateLimited(ServiceError):

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import grpc.aio
@@ -13,13 +14,16 @@ from tokensvc.api.admission import current_caller
 from tokensvc.api.ports import Clock
 from tokensvc.api.times import ts
 from tokensvc.config import Settings
+from tokensvc.errors import KeyUnavailable
 from tokensvc.families import tokens
-from tokensvc.keys.ring import KeyRing
+from tokensvc.keys.ring import KeyRing, SigningUnavailable
 from tokensvc_client.errors import InvalidToken, Reason
 from tokensvc_client.peer import holds_bound_certificate
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 from tokensvc_client.verifier import Claims, Verifier
 from tokensvc_client.wire import GRACE_HEADER
+
+log = logging.getLogger("tokensvc.service")
 
 
 class Minter:
@@ -55,13 +59,34 @@ class Minter:
             "sid": sid,
         }
 
-    def mint(
+    async def mint(
         self, base: dict[str, Any], sid: str, now: int, family_expires_ms: int
     ) -> tuple[str, int]:
-        """Sign an access token (see :meth:`claims`); returns it and its expiry."""
+        """Sign an access token (see :meth:`claims`) with the active key, wherever it lives
+        (this process or a PKCS#11 token); returns it and its expiry.
+
+        Raises:
+            KeyUnavailable: the key's token cannot sign now (never signed another way).
+        """
         claims = self.claims(base, sid, now, family_expires_ms)
-        key = self.keyring.signing
-        return tokens.sign_access_token(key.key, key.kid, claims), claims["exp"]
+        try:
+            return await self.keyring.sign_token(claims), claims["exp"]
+        except SigningUnavailable as err:  # the pool and health log each change of state
+            log.debug("signing key unavailable sid=%s: %s", sid, err)
+            raise KeyUnavailable() from None
+
+    def ready(self) -> None:
+        """Refuse before anything changes in Redis when the signing key's token is known to
+        be down (an HSM outage burns no refresh token and writes no family).
+
+        Raises:
+            KeyUnavailable: see :meth:`tokensvc.keys.ring.KeyRing.check_signing`.
+        """
+        try:
+            self.keyring.check_signing()
+        except SigningUnavailable as err:
+            log.debug("signing key unavailable: %s", err)
+            raise KeyUnavailable() from None
 
     @staticmethod
     def pair(

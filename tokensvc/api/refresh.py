@@ -69,6 +69,7 @@ class RefreshRpcs:
             raise NotAuthenticated(AuthFailure.EXPIRED)
         sid, caller = presented.session_id, current_caller()
         generation, ends_at = presented.generation + 1, presented.ends_at
+        self.minter.ready()  # before the family rotates: an HSM outage burns no token
         rotation, successor = await self._rotate(presented, generation, ends_at)
         if rotation.status is RefreshStatus.REGEN:  # a v1 token, or an older version's
             generation, ends_at = rotation.generation + 1, rotation.family_expires_ms // 1000
@@ -106,7 +107,7 @@ class RefreshRpcs:
                 "refreshed", peer=caller.name, subject=rotation.subject, session_id=sid
             )
         assert rotation.claims is not None  # OK and REPLAYED carry them
-        access, access_exp = self.minter.mint(
+        access, access_exp = await self.minter.mint(
             rotation.claims, sid, rotation.now_ms // 1000, rotation.family_expires_ms
         )
         return pb.RefreshResponse(

@@ -22,6 +22,7 @@ from tokensvc.api.decoding import CHECKS_DECODING, NOT_DECODABLE, UNDECODABLE
 from tokensvc.errors import (
     BadRequest,
     Denied,
+    KeyUnavailable,
     NotAuthenticated,
     RateLimited,
     ServiceError,
@@ -39,6 +40,7 @@ STATUS: Final[Mapping[type[TokensvcError], grpc.StatusCode]] = {
     NotAuthenticated: grpc.StatusCode.UNAUTHENTICATED,
     Denied: grpc.StatusCode.PERMISSION_DENIED,
     RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    KeyUnavailable: grpc.StatusCode.UNAVAILABLE,
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     ServiceError: grpc.StatusCode.INTERNAL,
 }

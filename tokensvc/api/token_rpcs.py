@@ -112,6 +112,7 @@ class TokenRpcs:
             family_exp_ms,
             cnf,
         )
+        self.minter.ready()  # a known HSM outage refuses before the family is written
         outcome = await self.store.create(
             family, self.issue_limit, tokens.SubjectTags.legacy(subject)
         )
@@ -137,7 +138,9 @@ class TokenRpcs:
                 "too many tokens issued for this subject", outcome.retry_after_ms, LimitKind.ISSUE
             )
         # signed only once stored (a refused Issue costs no signature), dated by Redis
-        access, access_exp = self.minter.mint(base, sid, outcome.created_ms // 1000, family_exp_ms)
+        access, access_exp = await self.minter.mint(
+            base, sid, outcome.created_ms // 1000, family_exp_ms
+        )
         self.audit.record(
             "issued",
             peer=caller.name,

@@ -196,11 +196,24 @@ def _compact_json(value: Any) -> str:
 
 def sign_access_token(key: jwk.JWK, kid: str, claims: dict[str, Any]) -> str:
     """Sign claims as a compact ES256 JWS with ``typ: at+jwt`` (RFC 9068)."""
+    data = signing_input(kid, claims)
+    return compact_jws(data, _ES256.sign(key, data.encode("ascii")))
+
+
+def signing_input(kid: str, claims: dict[str, Any]) -> str:
+    """``header.payload`` of an access token: what an ES256 signer signs (SHA-256 of it)."""
     header = _b64url(_compact_json({"alg": ALGORITHM, "typ": TOKEN_TYPE, "kid": kid}))
-    payload = _b64url(_compact_json(claims))
-    signing_input = f"{header}.{payload}"
-    signature = _low_s(_ES256.sign(key, signing_input.encode("ascii")))
-    return f"{signing_input}.{base64.urlsafe_b64encode(signature).rstrip(b'=').decode('ascii')}"
+    return f"{header}.{_b64url(_compact_json(claims))}"
+
+
+def compact_jws(data: str, signature: bytes) -> str:
+    """The compact JWS of a signing input and its raw R||S signature (normalised to low-S,
+    the only spelling the verifier accepts), from any signer (in-process or a PKCS#11
+    token's CKM_ECDSA)."""
+    if len(signature) != 64:
+        raise ValueError("an ES256 signature is 64 bytes (R||S)")
+    encoded = base64.urlsafe_b64encode(_low_s(signature)).rstrip(b"=").decode("ascii")
+    return f"{data}.{encoded}"
 
 
 def access_token_size(claims: dict[str, Any]) -> int:

@@ -1,6 +1,8 @@
 -- The signing key ring's lifecycle, one atomic step per call, on Redis's clock so every
 -- replica agrees on when a transition is due and exactly one performs it.
 -- KEYS[1] ring hash (kid -> record JSON)   KEYS[2] active kid   KEYS[3] ring version
+-- KEYS[4] (optional) kid -> record of deleted keys whose private key lives in a token
+--         (backend 'pkcs11'): a replica with the token destroys the object, then the entry
 -- ARGV[1] operation:
 --   tick   ARGV: rotation interval ms, publish delay ms, keep-after-retire ms, [new record]
 --          Deletes retired keys whose tokens have all expired, promotes a pending key once
@@ -31,6 +33,10 @@ local function save(kid, r)
 end
 
 local function drop(kid)
+  local r = recs[kid]
+  if KEYS[4] and r and r.backend and r.backend ~= 'local' then
+    redis.call('HSET', KEYS[4], kid, cjson.encode(r))
+  end
   redis.call('HDEL', ring, kid)
   recs[kid] = nil
   changed = true

@@ -1,9 +1,12 @@
 """The ES256 key ring, shared by every replica through Redis, and its lifecycle.
 
-Each key is a record ``{kid, state, created_ms, activated_ms, ..., public, private}`` in
-one Redis hash; the private JWK is stored only as a compact JWE (A256KW + A256GCM) under
-the operator's key-encryption key (KEK), whose thumbprint is the JWE's ``kid`` (so a
-previous KEK can still decrypt during a KEK rotation, and ``rewrap`` re-encrypts).
+Each key is a record ``{kid, state, created_ms, activated_ms, ..., public, ...}`` in one
+Redis hash. Its private half belongs to a key backend (:mod:`tokensvc.keys.backend`):
+``local`` records carry the private JWK as a compact JWE under the operator's
+key-encryption key (KEK; :mod:`tokensvc.keys.local`), ``pkcs11`` records only a reference
+to a key pair that was generated in, and never leaves, a PKCS#11 token
+(:mod:`tokensvc.keys.pkcs11`). New keys go to the backend the ring was configured with;
+existing keys keep theirs, so moving between backends is an ordinary rotation.
 
 Lifecycle (docs/design.md, Keys), every transition one Lua script on Redis's clock
 (``lua/keys.lua``), so replicas agree on when it is due and exactly one performs it:
@@ -13,7 +16,9 @@ Lifecycle (docs/design.md, Keys), every transition one Lua script on Redis's clo
   published that long, so no verifier meets a ``kid`` it could not have fetched.
 - ``active``: signs new tokens; exactly one.
 - ``retired``: still published, signs nothing; deleted once every token it signed has
-  expired (access-token lifetime + leeway after retirement).
+  expired (access-token lifetime + leeway after retirement). The script that deletes a
+  ``pkcs11`` record leaves its reference in ``ts:{keyring}:destroy``; the next tick of a
+  replica with the token destroys the object there.
 
 Every replica runs :meth:`KeyRing.tick` each second; a ring version counter tells it when
 to reload. ``rotate(now=True, revoke_old=True)`` is the emergency rotation for a
@@ -44,11 +49,29 @@ from typing import Any, Final
 
 from jwcrypto import jwe, jwk
 
-from tokensvc.errors import TokensvcError
+from tokensvc.keys.backend import (
+    LOCAL,
+    PKCS11,
+    KeyBackend,
+    KeyRingError,
+    Signer,
+    SigningUnavailable,
+    backend_of,
+)
+from tokensvc.keys.local import LocalBackend, SigningKey, jwe_kid, undecryptable
 from tokensvc.redis.connection import RedisClient
 from tokensvc.store import guarded, text
 from tokensvc.store.keyspace import AUDIT_STREAM, REVOCATIONS
-from tokensvc_client.verifier import ALGORITHM, KeySet, b64url_decode
+from tokensvc_client.verifier import KeySet, b64url_decode
+
+__all__ = [
+    "KeyRing",
+    "KeyRingError",
+    "Lifecycle",
+    "SigningKey",
+    "SigningUnavailable",
+    "load_kek",
+]
 
 log = logging.getLogger("tokensvc.keyring")
 
@@ -56,6 +79,8 @@ RING_KEY: Final = "ts:{keyring}:keys"
 ACTIVE_KEY: Final = "ts:{keyring}:active"
 VERSION_KEY: Final = "ts:{keyring}:version"
 SECRETS_KEY: Final = "ts:{keyring}:secrets"
+#: kid -> record of pkcs11 keys the lifecycle deleted, whose token objects are to go
+DESTROY_KEY: Final = "ts:{keyring}:destroy"
 #: the deployment secrets every replica loads at start (see KeyRing.secret)
 SECRET_NAMES: Final = ("refresh-mac", "subject-tag")
 PUBLISHED_STATES: Final = frozenset({"pending", "active", "retired"})
@@ -95,12 +120,6 @@ class Lifecycle:
             (settings.jwks_max_age + settings.leeway) * 1000,
             (settings.access_ttl + settings.leeway) * 1000,
         )
-
-
-class KeyRingError(TokensvcError, RuntimeError):
-    """The key ring cannot be used (bad KEK, corrupt record, no active key)."""
-
-    code = "key_ring"
 
 
 def load_kek(path: Path | None, data_dir: Path) -> jwk.JWK:
@@ -161,12 +180,6 @@ def _create_dev_kek(path: Path) -> None:
         os.unlink(tmp)
 
 
-@dataclass(frozen=True, slots=True)
-class SigningKey:
-    kid: str
-    key: jwk.JWK
-
-
 class KeyRing:
     """Public keys for GetKeys/Introspect, the active private key for signing, and the
     lifecycle operations (one Lua script each).
@@ -174,22 +187,36 @@ class KeyRing:
     Args:
         kek: the key-encryption key new and re-wrapped records are encrypted under.
         previous_keks: older KEKs still accepted for decryption (KEK rotation).
+        pkcs11: the PKCS#11 backend, if this process has a token (needed to sign with, or
+            create, a ``pkcs11`` key).
+        new_keys: the backend new keys are created in (``local`` or ``pkcs11``).
     """
 
     def __init__(
-        self, redis: RedisClient, kek: jwk.JWK, previous_keks: Iterable[jwk.JWK] = ()
+        self,
+        redis: RedisClient,
+        kek: jwk.JWK,
+        previous_keks: Iterable[jwk.JWK] = (),
+        *,
+        pkcs11: KeyBackend | None = None,
+        new_keys: str = LOCAL,
     ) -> None:
         self._redis = redis
         self._kek = kek
         self._kek_id = kek.thumbprint()
         self._keks = {k.thumbprint(): k for k in (*previous_keks, kek)}
+        self._local = LocalBackend(kek, previous_keks)
+        self._pkcs11 = pkcs11
+        if new_keys == PKCS11 and pkcs11 is None:
+            raise KeyRingError("new keys in pkcs11 need a PKCS#11 token (--pkcs11-module)")
+        self._new_keys: KeyBackend = pkcs11 if new_keys == PKCS11 and pkcs11 else self._local
         self._bootstrap = redis.register_script(_BOOTSTRAP)
         self._lifecycle = redis.register_script(
             resources.files("tokensvc.keys").joinpath("keys.lua").read_text()
         )
         self._replace = redis.register_script(_REPLACE_IF_UNCHANGED)
         self._secrets: dict[str, bytes] = {}
-        self._signing: SigningKey | None = None
+        self._signing: Signer | None = None
         self.public = KeySet({})
         self.jwks_json = '{"keys":[]}'
         self.records: dict[str, dict[str, Any]] = {}
@@ -208,10 +235,45 @@ class KeyRing:
         return True
 
     @property
-    def signing(self) -> SigningKey:
+    def signing(self) -> Signer:
         if self._signing is None:
             raise KeyRingError("no active signing key")
         return self._signing
+
+    async def sign_token(self, claims: dict[str, Any]) -> str:
+        """An access token for ``claims``, signed by the active key's backend.
+
+        Raises:
+            SigningUnavailable: the active key's backend cannot sign now.
+        """
+        return await self.signing.sign_token(claims)
+
+    def check_signing(self) -> None:
+        """Raise :class:`SigningUnavailable` if the active key's backend is known to be
+        down (no I/O): Issue and Refresh check it before they change anything in Redis,
+        so an HSM outage does not consume a refresh token or store a session it cannot
+        sign for."""
+        active = self.records.get(self._signing.kid) if self._signing else None
+        if active is not None and backend_of(active) == PKCS11 and self._pkcs11 is not None:
+            problem = self._pkcs11.problem()
+            if problem:
+                raise SigningUnavailable(problem)
+
+    def _backend(self, record: dict[str, Any]) -> KeyBackend:
+        """The backend holding ``record``'s private key.
+
+        Raises:
+            KeyRingError: a pkcs11 key, and this process has no token configured.
+        """
+        if backend_of(record) == LOCAL:
+            return self._local
+        if backend_of(record) == PKCS11 and self._pkcs11 is not None:
+            return self._pkcs11
+        raise KeyRingError(
+            f"signing key {record.get('kid')} is held in a PKCS#11 token "
+            f"({record.get('ref', backend_of(record))}): start with --pkcs11-module, "
+            "--pkcs11-token and --pkcs11-pin-file"
+        )
 
     def secret(self, name: str) -> bytes:
         """A deployment secret (one of :data:`SECRET_NAMES`), loaded by :meth:`load`."""
@@ -238,7 +300,7 @@ class KeyRing:
             lost = self._signing is not None or bool(
                 await guarded(self._redis.exists, REVOCATIONS, AUDIT_STREAM)
             )
-            record = self._new_record("active")
+            record = await self._new_record("active")
             created = await guarded(
                 self._bootstrap,
                 keys=[RING_KEY, ACTIVE_KEY, VERSION_KEY],
@@ -254,30 +316,51 @@ class KeyRing:
                 )
             elif created:
                 log.info("created the first signing key kid=%s", record["kid"])
+            else:
+                await self._discard_unused(record)
         self._loaded_at = time.monotonic()
         # the version first: a change landing between the reads is picked up next tick
         version = await guarded(self._redis.get, VERSION_KEY)
         active_kid = await guarded(self._redis.get, ACTIVE_KEY)
         raw = await guarded(self._redis.hgetall, RING_KEY)
-        self._apply(text(active_kid), {text(k): json.loads(v) for k, v in raw.items()})
+        if self._apply(text(active_kid), {text(k): json.loads(v) for k, v in raw.items()}):
+            await self.check_active()
+        if self.version < 0 and self._pkcs11 is not None:
+            await self._pkcs11.check(None)  # start-up: the token is there, the PIN works
         self.version = int(version or 0)
 
-    def _apply(self, active_kid: str, records: dict[str, dict[str, Any]]) -> None:
+    async def check_active(self) -> None:
+        """Prove the active key usable where it lives (a pkcs11 key: its object is in the
+        token and the token answers; a local key was decrypted already).
+
+        Raises:
+            SigningUnavailable: its token does not answer, or has no such object.
+        """
+        active = self.records.get(self._signing.kid) if self._signing else None
+        if active is not None and backend_of(active) != LOCAL:
+            await self._backend(active).check(active)
+
+    def _apply(self, active_kid: str, records: dict[str, dict[str, Any]]) -> bool:
+        """Take a ring read from Redis; returns whether the active key changed."""
         if active_kid not in records:
             raise KeyRingError(f"active key {active_kid} has no record")
-        if self._signing is None or self._signing.kid != active_kid:
-            self._signing = SigningKey(active_kid, self._decrypt(records[active_kid]))
-            log.info("signing with key kid=%s", active_kid)
+        changed = self._signing is None or self._signing.kid != active_kid
+        if changed:
+            self._signing = self._backend(records[active_kid]).open(records[active_kid])
+            log.info(
+                "signing with key kid=%s backend=%s", active_kid, backend_of(records[active_kid])
+            )
         published = [r["public"] for r in records.values() if r["state"] in PUBLISHED_STATES]
         self.jwks_json = json.dumps({"keys": published}, separators=(",", ":"))
         self.public = KeySet.from_jwks(self.jwks_json)
         self.records = records
+        return changed
 
     # -- lifecycle -----------------------------------------------------------------------
 
     async def _run(self, op: str, *args: Any) -> tuple[str, int]:
         reply = await guarded(
-            self._lifecycle, keys=[RING_KEY, ACTIVE_KEY, VERSION_KEY], args=[op, *args]
+            self._lifecycle, keys=[RING_KEY, ACTIVE_KEY, VERSION_KEY, DESTROY_KEY], args=[op, *args]
         )
         status, version = text(reply[0]), int(reply[1])
         if version != self.version:
@@ -293,15 +376,51 @@ class KeyRing:
         )
         status, _ = await self._run("tick", *timing)
         if status == "need_key":
-            await self._run("tick", *timing, json.dumps(self._new_record("pending")))
+            try:
+                record = await self._new_record("pending")
+            except SigningUnavailable as err:
+                # the active key still signs; the next tick tries again
+                log.warning("cannot create the next signing key: %s", err)
+            else:
+                await self._run("tick", *timing, json.dumps(record))
+                await self._discard_unused(record)
+        if self._pkcs11 is not None:
+            await self._destroy_deleted()
+            await self.check_active()
 
     async def rotate(self, lifecycle: Lifecycle, *, now: bool, revoke_old: bool) -> None:
         """Add a new key: pending (signs after the publish delay) or, with ``now``, active
         at once; ``revoke_old`` (with ``now``) removes every older key from the JWK Set."""
         if revoke_old and not now:
             raise ValueError("revoke_old needs now: the old key signs until a new one does")
-        record = json.dumps(self._new_record("pending"))
-        await self._run("rotate", lifecycle.publish_delay_ms, int(now), int(revoke_old), record)
+        record = await self._new_record("pending")
+        args = (lifecycle.publish_delay_ms, int(now), int(revoke_old), json.dumps(record))
+        await self._run("rotate", *args)
+        await self._discard_unused(record)
+        if self._pkcs11 is not None:
+            await self._destroy_deleted()
+
+    async def _discard_unused(self, record: dict[str, Any]) -> None:
+        """Destroy a key this replica created that the script did not take (another
+        replica's was first, or a pending key already existed)."""
+        if backend_of(record) == LOCAL:
+            return
+        if not await guarded(self._redis.hexists, RING_KEY, record["kid"]):
+            await self._backend(record).destroy(record)
+            log.info("destroyed the unused new key kid=%s", record["kid"])
+
+    async def _destroy_deleted(self) -> None:
+        """Destroy the token objects of pkcs11 keys the lifecycle has deleted (retired past
+        their last token's life, revoked by an emergency rotation, abandoned pending)."""
+        for kid, stored in (await guarded(self._redis.hgetall, DESTROY_KEY)).items():
+            record = json.loads(stored)
+            try:
+                await self._backend(record).destroy(record)
+            except SigningUnavailable as err:
+                log.warning("cannot destroy deleted key kid=%s yet: %s", text(kid), err)
+                return
+            await guarded(self._redis.hdel, DESTROY_KEY, kid)
+            log.info("destroyed deleted key kid=%s in its token", text(kid))
 
     async def retire(self, kid: str) -> str:
         """Abandon a pending key; returns 'ok', 'unknown' or 'active' (refused)."""
@@ -319,11 +438,12 @@ class KeyRing:
         args: list[str] = []
         for kid, stored in raw.items():
             record = json.loads(stored)
-            if _jwe_kid(record["private"]) == self._kek_id:
-                continue
-            key = self._decrypt(record)
+            if backend_of(record) != LOCAL or _jwe_kid(record["private"]) == self._kek_id:
+                continue  # a pkcs11 key has nothing under the KEK
+            key = self._local.decrypt(record)
             # the script replaces a record only if it still reads exactly as stored here
-            args += [text(kid), text(stored), json.dumps({**record, "private": self._wrap(key)})]
+            wrapped = self._local.wrap(key)
+            args += [text(kid), text(stored), json.dumps({**record, "private": wrapped})]
         if not args:
             return 0
         await self._run("rewrap", *args)
@@ -336,20 +456,8 @@ class KeyRing:
 
     # -- records -------------------------------------------------------------------------
 
-    def _new_record(self, state: str) -> dict[str, Any]:
-        key = jwk.JWK.generate(kty="EC", crv="P-256")
-        kid = key.thumbprint()
-        public = json.loads(key.export_public())
-        public.update({"kid": kid, "use": "sig", "alg": ALGORITHM})
-        return {"kid": kid, "state": state, "public": public, "private": self._wrap(key)}
-
-    def _wrap(self, key: jwk.JWK) -> str:
-        token = jwe.JWE(
-            key.export_private().encode("utf-8"),
-            protected={"alg": "A256KW", "enc": "A256GCM", "kid": self._kek_id, "cty": "jwk+json"},
-        )
-        token.add_recipient(self._kek)
-        return str(token.serialize(compact=True))
+    async def _new_record(self, state: str) -> dict[str, Any]:
+        return {**(await self._new_keys.generate()), "state": state}
 
     def _wrap_secret(self, value: bytes) -> str:
         token = jwe.JWE(value, protected={"alg": "A256KW", "enc": "A256GCM", "kid": self._kek_id})
@@ -367,31 +475,7 @@ class KeyRing:
             raise KeyRingError(f"deployment secret {name} is not 256 bits")
         return value
 
-    def _decrypt(self, record: dict[str, Any]) -> jwk.JWK:
-        kek = self._keks.get(_jwe_kid(record.get("private", "")), self._kek)
-        try:
-            token = jwe.JWE()
-            token.deserialize(record["private"], key=kek)
-            key = jwk.JWK.from_json(token.payload.decode("utf-8"))
-        except Exception:
-            raise _undecryptable(f"signing key {record.get('kid')}") from None
-        return key
 
-
-def _undecryptable(what: str) -> KeyRingError:
-    """The start-up error for state in Redis that no KEK of this process decrypts: the
-    operator's fix is a flag, so name the flags."""
-    return KeyRingError(
-        f"cannot decrypt {what} stored in Redis: wrong key-encryption key? It was encrypted "
-        "under another KEK: check --kek-file (without it, the development KEK of --data-dir "
-        "is used), or, during a KEK rotation, pass the old KEK with --previous-kek-file"
-    )
-
-
-def _jwe_kid(compact: str) -> str:
-    """The ``kid`` of a compact JWE's protected header ('' if unreadable)."""
-    try:
-        header = json.loads(b64url_decode(compact.split(".", 1)[0]))
-        return str(header.get("kid", ""))
-    except (ValueError, AttributeError):
-        return ""
+#: (kept for callers of the names this module had before the backends)
+_undecryptable = undecryptable
+_jwe_kid = jwe_kid

@@ -25,6 +25,7 @@ from tokensvc.api.revocation_hub import RevocationHub
 from tokensvc.api.servicer import TokenService
 from tokensvc.config import Settings
 from tokensvc.http.listener import Document, HttpJwks, metrics_on_public_port, start_http
+from tokensvc.keys.backend import SigningUnavailable, pkcs11_backend
 from tokensvc.keys.ring import KeyRing, Lifecycle, load_kek
 from tokensvc.observe import metrics, rpc_metrics, tracing
 from tokensvc.observe.audit import AuditTrail
@@ -173,6 +174,10 @@ async def _maintain(
             status = health_pb2.HealthCheckResponse.SERVING
         except StoreUnavailable:
             status = health_pb2.HealthCheckResponse.NOT_SERVING
+        except SigningUnavailable as err:  # the signing key's token: logged on each change
+            status = health_pb2.HealthCheckResponse.NOT_SERVING
+            if status != current:
+                log.error("NOT_SERVING: cannot sign: %s", err)
         except Exception:
             log.exception("maintenance step failed")
             status = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -234,6 +239,8 @@ async def _build_domain(settings: Settings, redis: _Redis) -> _Domain:
         redis.client,
         load_kek(settings.kek_file, settings.data_dir),
         [load_kek(previous, settings.data_dir)] if previous else [],
+        pkcs11=pkcs11_backend(settings),  # None unless --pkcs11-module
+        new_keys=settings.key_backend,
     )
     await check_redis(redis.client, settings, redis.url)
     await keyring.load()

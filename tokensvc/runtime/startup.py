@@ -17,6 +17,7 @@ from redis.asyncio.sentinel import MasterNotFoundError
 from redis.exceptions import RedisError
 
 from tokensvc.config import Settings
+from tokensvc.keys.backend import pkcs11_backend
 from tokensvc.keys.ring import KeyRing, load_kek
 from tokensvc.proc.ownership import StartupError
 from tokensvc.redis.connection import RedisClient, redis_client
@@ -123,7 +124,8 @@ async def check(settings: Settings) -> None:
     redis = redis_client(url, settings.redis_timeout)
     try:
         await check_redis(redis, settings, url)
-        await KeyRing(redis, kek, previous).load()
+        token = pkcs11_backend(settings)
+        await KeyRing(redis, kek, previous, pkcs11=token, new_keys=settings.key_backend).load()
     except StoreUnavailable as err:
         raise unavailable(err, url) from err
     finally:
