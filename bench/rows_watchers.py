@@ -42,7 +42,9 @@ def run(b: Bench) -> None:
     revocations = b.n(30_000)
     _revoke(b.redis_url, revocations)
     n = b.n(4000)
-    with b.serve("--max-watchers-per-client", str(WATCHERS)) as server:
+    with b.serve(
+        "--max-watchers-per-client", str(WATCHERS), "--rate-full-catch-ups", "off"
+    ) as server:
         reply = b.load(
             server.target,
             "/tokensvc.v1.TokenService/Issue",

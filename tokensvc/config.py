@@ -84,6 +84,7 @@ class Settings:
     rate_introspect: Rate = Rate(0, 1)
     rate_auth_failures: Rate = Rate(20, 60)
     rate_auth_failures_relay: Rate = Rate(1000, 60)
+    rate_full_catch_ups: Rate = Rate(16, 64)
     http_listen: str | None = None
     metrics_listen: str | None = None
     metrics_client_ids: bool = False
@@ -330,6 +331,11 @@ _OPTIONS: dict[str, tuple[str, type]] = {
     "rate_auth_failures_relay": (
         "failed end-user authentications per relaying peer, all its users together (a "
         "flood far beyond one user), COUNT/SECONDS or off",
+        Rate,
+    ),
+    "rate_full_catch_ups": (
+        "WatchRevocations streams without a resumable position (a full catch-up: RESET and "
+        "every revocation in force) per client, COUNT/SECONDS or off",
         Rate,
     ),
     "http_listen": ("HOST:PORT for the HTTP JWKS/discovery listener; off unless set", str),

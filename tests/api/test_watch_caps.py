@@ -15,10 +15,9 @@ import threading
 import time
 
 import grpc
-import pytest
 
 from tests.support.feed import Watcher
-from tokensvc.api import revocation_hub
+from tokensvc.config import Rate
 from tokensvc_client.channels import channel
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 from tokensvc_client.v1 import tokensvc_pb2_grpc
@@ -105,17 +104,10 @@ def test_the_cap_counts_an_identity_across_its_addresses(mtls_service):
             proxy.close()
 
 
-@pytest.fixture
-def scarce_catch_ups(monkeypatch):
-    """Two full catch-ups per client, and no more for an hour."""
-    monkeypatch.setattr(revocation_hub, "FULL_CATCH_UP_BURST", 2)
-    monkeypatch.setattr(revocation_hub, "FULL_CATCH_UP_EVERY", 3600.0)
-
-
-def test_full_catch_ups_are_rate_limited_resumed_streams_are_not(
-    scarce_catch_ups, make_settings, start_server
-):
-    srv = start_server(make_settings(max_watchers_per_client=50))
+def test_full_catch_ups_are_rate_limited_resumed_streams_are_not(make_settings, start_server):
+    # two full catch-ups per client, and no more for an hour
+    scarce = Rate(2, 7200)
+    srv = start_server(make_settings(max_watchers_per_client=50, rate_full_catch_ups=scarce))
     stub = srv.stub()
     sid = stub.Issue(pb.IssueRequest(subject="alice")).tokens.session_id
     stub.Revoke(pb.RevokeRequest(session_id=sid))

@@ -59,10 +59,10 @@ _PRUNE_MS: Final = 5_000
 #: how often an idle reader checks that the stream still holds its position, seconds
 _VERIFY_S: Final = 5.0
 
-#: Full catch-ups (streams starting with RESET) one client may start in a burst ...
-FULL_CATCH_UP_BURST = 16
-#: ... and the seconds in which it earns one more. Module attributes: tests lower them.
-FULL_CATCH_UP_EVERY = 4.0
+#: Full catch-ups (streams starting with RESET) one client may start in a burst, and the
+#: seconds in which it earns one more (``--rate-full-catch-ups``, default 16/64).
+FULL_CATCH_UP_BURST: Final = 16
+FULL_CATCH_UP_EVERY: Final = 4.0
 _BUCKETS_KEPT: Final = 10_000
 
 
@@ -129,6 +129,8 @@ class RevocationHub:
         redis: the Redis client.
         block_ms: how long one ``XREAD`` blocks.
         max_per_client: concurrent streams one client (see :meth:`watch`) may hold.
+        full_catch_ups: streams without a resumable position one client may start: a burst,
+            then one more every so many seconds (``None``: no limit).
         feed_ttl_ms: how long an event matters (longest access-token lifetime + leeway).
     """
 
@@ -139,12 +141,15 @@ class RevocationHub:
         block_ms: int = 1000,
         max_per_client: int = 16,
         feed_ttl_ms: int = 930_000,
+        full_catch_ups: tuple[int, float] | None = (FULL_CATCH_UP_BURST, FULL_CATCH_UP_EVERY),
     ):
         self.redis = redis
         self.feed_ttl_ms = feed_ttl_ms  # how long a revocation rebuilt by resync() lasts
         self.resyncs = 0  # times the stream lost history and the hub rebuilt (a metric)
         self.block_ms = block_ms
         self.max_per_client = max_per_client
+        #: (burst, seconds to earn one more) of full catch-ups per client; None: no limit
+        self.full_catch_ups = full_catch_ups
         self._watchers: set[asyncio.Queue[object]] = set()
         self._clients: dict[str, int] = {}
         #: per client: full catch-ups it may start now, and when that was computed
@@ -339,13 +344,17 @@ class RevocationHub:
 
     def _full_catch_ups(self, client: str) -> float:
         """Full catch-ups ``client`` may start now (a token bucket, refilled over time)."""
-        tokens, stamp = self._full.get(client, (FULL_CATCH_UP_BURST, 0.0))
-        earned = (time.monotonic() - stamp) / FULL_CATCH_UP_EVERY if stamp else 0.0
-        return min(float(FULL_CATCH_UP_BURST), tokens + earned)
+        if self.full_catch_ups is None:
+            return float("inf")
+        burst, every = self.full_catch_ups
+        tokens, stamp = self._full.get(client, (burst, 0.0))
+        earned = (time.monotonic() - stamp) / every if stamp else 0.0
+        return min(float(burst), tokens + earned)
 
     def _spend_full_catch_up(self, client: str) -> None:
         if len(self._full) >= _BUCKETS_KEPT:  # forget the clients whose bucket is full
-            for key in [k for k in self._full if self._full_catch_ups(k) >= FULL_CATCH_UP_BURST]:
+            burst = self.full_catch_ups[0] if self.full_catch_ups else 0
+            for key in [k for k in self._full if self._full_catch_ups(k) >= burst]:
                 del self._full[key]
         self._full[client] = (self._full_catch_ups(client) - 1, time.monotonic())
 
@@ -371,7 +380,8 @@ class RevocationHub:
         if self._clients.get(client, 0) >= self.max_per_client:
             raise TooManyWatchers(self.max_per_client)
         if not self._resumable(resume_from) and self._full_catch_ups(client) < 1:
-            wait = (1 - self._full_catch_ups(client)) * FULL_CATCH_UP_EVERY
+            every = self.full_catch_ups[1] if self.full_catch_ups else 0.0
+            wait = (1 - self._full_catch_ups(client)) * every
             raise TooManyFullCatchUps(int(wait * 1000) + 1)
         if not self._reading:
             raise FeedClosed("revocation feed reader is reconnecting to Redis; retry")

@@ -23,7 +23,7 @@ from tokensvc.api.decoding import DecodingGuard
 from tokensvc.api.reflection import ReflectionGate, add_reflection
 from tokensvc.api.revocation_hub import RevocationHub
 from tokensvc.api.servicer import TokenService
-from tokensvc.config import Settings
+from tokensvc.config import Rate, Settings
 from tokensvc.http.listener import Document, HttpJwks, metrics_on_public_port, start_http
 from tokensvc.keys.backend import SigningUnavailable, pkcs11_backend
 from tokensvc.keys.ring import KeyRing, Lifecycle, load_kek
@@ -220,6 +220,11 @@ async def _open_redis(settings: Settings, undo: contextlib.AsyncExitStack) -> _R
     return _Redis(url, client, watching, embedded)
 
 
+def _per_period(rate: Rate) -> tuple[int, float] | None:
+    """A rate as (burst, seconds to earn one more); None when it is off."""
+    return (rate.count, rate.period / rate.count) if rate.enabled else None
+
+
 @dataclass
 class _Domain:
     """What the servicer works on: the caller policy, key ring, family store, feed hub."""
@@ -258,6 +263,7 @@ async def _build_domain(settings: Settings, redis: _Redis) -> _Domain:
         block_ms=max(100, int(settings.redis_timeout * 500)),
         max_per_client=settings.max_watchers_per_client,
         feed_ttl_ms=store.feed_ttl_ms,
+        full_catch_ups=_per_period(settings.rate_full_catch_ups),
     )
     await hub.prime()  # see RevocationHub.prime
     return _Domain(policy, keyring, store, hub)
