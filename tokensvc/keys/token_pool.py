@@ -332,9 +332,15 @@ class TokenPool:
                 f"PKCS#11 {self.name}: the token refused the PIN of {self.pin_file}; not "
                 "tried again until that file changes"
             )
+        try:
+            user_pin = pin.decode("utf-8")
+        except UnicodeDecodeError:  # an operator's mistake: one line, never a traceback
+            raise SigningUnavailable(
+                f"PKCS#11 {self.name}: the PIN file {self.pin_file} is not UTF-8 text"
+            ) from None
         self._idle.clear()
         try:
-            self._anchor = self._token.open(rw=True, user_pin=pin.decode("utf-8"))
+            self._anchor = self._token.open(rw=True, user_pin=user_pin)
         except p11e.UserAlreadyLoggedIn:  # another pool of this process logged in
             self._anchor = self._token.open(rw=True)
         except (p11e.PinIncorrect, p11e.PinInvalid, p11e.PinLenRange, p11e.PinLocked) as err:
