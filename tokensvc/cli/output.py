@@ -121,6 +121,6 @@ def emit_one(item: Mapping[str, Any], fmt: str, out: TextIO) -> None:
     if fmt == "json":
         emit([item], fmt, out)
         return
-    width = max((len(key) for key in item), default=0)
+    width = max((len(printable(key)) for key in item), default=0)
     for key, value in item.items():
-        print(f"{key.upper().ljust(width)}  {_cell(value, key)}", file=out)
+        print(f"{printable(key).upper().ljust(width)}  {printable(_cell(value, key))}", file=out)
