@@ -4,14 +4,10 @@ row is compared with)."""
 
 from __future__ import annotations
 
-import sys
-
-from bench.run import Bench, Server, Target, process
-from tokensvc.redis.embedded import free_port
+from bench.run import Bench, Target
 
 ROWS = ("limit.ecdsa_sign", "limit.ecdsa_verify", "limit.grpc_noop")
 TARGETS: list[Target] = []
-NOOP = "/bench.Noop/Call"
 
 
 def run(b: Bench) -> None:
@@ -30,9 +26,5 @@ def run(b: Bench) -> None:
         b.n(2000),
     )
 
-    b.progress("limit.grpc_noop (grpc.aio server, no-op unary)")
-    port = free_port()
-    with process([sys.executable, "-m", "bench.noop_server", str(port)], "ready") as proc:
-        noop = Server(f"127.0.0.1:{port}", proc.pid)
-        result = b.load(noop.target, NOOP, [b""] * b.n(8000), server_pid=noop.pid)
-    b.record_load("limit.grpc_noop", result)
+    b.progress("limit.grpc_noop (grpc.aio server, no-op unary; run between every row)")
+    b.noop_round()

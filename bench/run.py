@@ -8,8 +8,14 @@ table and writes ``bench/results.json``::
     {"cpus": N, "load": {...}, "rows": {NAME: {"rps", "p50_ms", "p99_ms", "server_cpu_us",
      "load_cpu_us", "us_per_op", "redis_roundtrips", ...}}, "targets": [...]}
 
-``server_cpu_us`` is the CPU (user + system, from ``/proc``) the server's processes used per
-request over the measured window; it is far steadier than RPS on a shared machine.
+``server_cpu_us`` is the CPU (from ``/proc/<pid>/task/*/schedstat``, see :mod:`bench.cpu`)
+the server's processes used per request over the measured window; it is far steadier than
+RPS on a shared machine. The no-op server (``limit.grpc_noop``) runs for the whole
+benchmark and is loaded before and after every row that :meth:`Bench.measure` takes
+(no-op, row, no-op, row, ...): each row's ``cpu_x_noop`` and ``rps_x_noop`` are ratios to
+the mean of its two neighbouring no-op runs (``noop_cpu_us``, ``noop_rps``), so a burst of
+other work on a shared machine moves both sides of a ratio alike; the targets read them.
+``limit.grpc_noop`` itself is the median of every no-op run.
 
 Rows come from modules: the core ones in ``MODULES``, then every ``bench/rows_*.py`` in name
 order, so a new row is a new module and nothing else. A row module has::
@@ -53,6 +59,8 @@ LOAD_PROCS = 2
 CHANNELS = 4
 CONCURRENCY = 32
 MODULES = ("bench.limit_rows", "bench.service_rows", "bench.interceptor_rows")
+NOOP_ROW = "limit.grpc_noop"
+NOOP_METHOD = "/bench.Noop/Call"
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,10 @@ class Bench:
         self.ctx = multiprocessing.get_context("spawn")
         self.pool = self.ctx.Pool(LOAD_PROCS)
         self.step = 0
+        #: the no-op server every row is interleaved with (see the module doc)
+        self.noop: Server | None = None
+        self.noop_runs: list[tuple[float, float]] = []  # (server µs per request, rps)
+        self._last_noop: tuple[float, float] | None = None
 
     def n(self, count: int) -> int:
         return max(50, int(count * self.scale))
@@ -147,13 +159,43 @@ class Bench:
             row["server_cpu_us"] = round(result.server_cpu / len(lat) * 1e6, 1)
         self.rows[name] = {**row, **extra}
 
+    def noop_round(self) -> tuple[float, float]:
+        """Load the no-op server once with the standard shape: (server µs per request, rps)."""
+        assert self.noop is not None
+        result = self.load(
+            self.noop.target, NOOP_METHOD, [b""] * self.n(4000), server_pid=self.noop.pid
+        )
+        count = len(result.latencies)
+        run = (result.server_cpu / count * 1e6, count / result.seconds)
+        self.noop_runs.append(run)
+        return run
+
+    def record_noop(self) -> None:
+        """``limit.grpc_noop``: the median CPU and the median rps of every no-op run."""
+        if not self.noop_runs:
+            return
+        middle = len(self.noop_runs) // 2
+        cpu = sorted(c for c, _ in self.noop_runs)[middle]
+        rps = sorted(r for _, r in self.noop_runs)[middle]
+        row = {"rps": round(rps, 1), "server_cpu_us": round(cpu, 1), "runs": len(self.noop_runs)}
+        self.rows = {NOOP_ROW: row, **{k: v for k, v in self.rows.items() if k != NOOP_ROW}}
+
     def measure(
         self, name: str, server: Server, method: str, requests: list[bytes], **kw: Any
     ) -> LoadResult:
-        """Load a server with the standard shape and record row ``name`` with its CPU."""
+        """Load a server with the standard shape and record row ``name`` with its CPU,
+        between two no-op runs (the one before may be the previous row's one after)."""
         self.progress(name)
+        before = self._last_noop if self._last_noop is not None else self.noop_round()
         result = self.load(server.target, SERVICE + method, requests, server_pid=server.pid, **kw)
+        after = self._last_noop = self.noop_round()
         self.record_load(name, result)
+        row = self.rows[name]
+        noop_cpu, noop_rps = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
+        row["noop_cpu_us"], row["noop_rps"] = round(noop_cpu, 1), round(noop_rps, 1)
+        if row.get("server_cpu_us"):
+            row["cpu_x_noop"] = round(row["server_cpu_us"] / noop_cpu, 2)
+        row["rps_x_noop"] = round(row["rps"] / noop_rps, 2)
         return result
 
     def record_op(self, name: str, fn: Callable[[], object], count: int) -> None:
@@ -228,11 +270,19 @@ def modules() -> list[ModuleType]:
     return [importlib.import_module(name) for name in names]
 
 
+#: ratios to the row's neighbouring no-op runs (see Bench.measure), by metric
+_TO_NOOP = {"rps": "rps_x_noop", "server_cpu_us": "cpu_x_noop"}
+
+
 def check(b: Bench, t: Target) -> tuple[str, float, bool] | None:
     row, base = b.rows.get(t.row), b.rows.get(t.base) if t.base else {t.metric: 1.0}
     if not row or not base or t.metric not in row or not base.get(t.metric):
         return None
-    value = row[t.metric] / base[t.metric]
+    interleaved = _TO_NOOP.get(t.metric) if t.base == NOOP_ROW else None
+    if interleaved and interleaved in row:
+        value = row[interleaved]  # to the no-op runs just before and after the row
+    else:
+        value = row[t.metric] / base[t.metric]
     ok = (t.at_least is None or value >= t.at_least) and (t.at_most is None or value <= t.at_most)
     bound = f"≥ {t.at_least:g}" if t.at_least is not None else f"≤ {t.at_most:g}"
     what = f"{t.row} / {t.base}" if t.base else t.row
@@ -245,6 +295,7 @@ COLUMNS = (
     ("p99_ms", "p99 ms", 3),
     ("server_cpu_us", "srv µs/req", 1),
     ("cpu_x_noop", "x noop cpu", 2),
+    ("rps_x_noop", "x noop rps", 2),
     ("load_cpu_us", "load µs/req", 1),
     ("us_per_op", "µs/op", 2),
     ("redis_roundtrips", "redis trips", 2),
@@ -252,9 +303,9 @@ COLUMNS = (
 
 
 def report(b: Bench) -> list[dict[str, Any]]:
-    noop_cpu = b.rows.get("limit.grpc_noop", {}).get("server_cpu_us")
-    for row in b.rows.values():
-        if noop_cpu and "server_cpu_us" in row:
+    noop_cpu = b.rows.get(NOOP_ROW, {}).get("server_cpu_us")
+    for row in b.rows.values():  # rows not interleaved: to the median no-op run
+        if noop_cpu and "server_cpu_us" in row and "cpu_x_noop" not in row:
             row["cpu_x_noop"] = round(row["server_cpu_us"] / noop_cpu, 2)
     print(
         f"\ntokensvc benchmark — {os.cpu_count()} CPUs, {sys.platform}, Python {sys.version.split()[0]}"
@@ -286,12 +337,17 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tokensvc-bench-") as tmp:
         redis_proc = RedisProcess(Path(tmp) / "redis").start()
         b = Bench(0.1 if args.quick else 1.0, redis_proc.url, Path(tmp) / "data")
+        noop_port = free_port()
+        noop_args = [sys.executable, "-m", "bench.noop_server", str(noop_port)]
         try:
-            for module in modules():
-                if args.only and args.only not in module.__name__:
-                    continue
-                b.targets.extend(getattr(module, "TARGETS", ()))
-                module.run(b)
+            with process(noop_args, "ready") as noop:
+                b.noop = Server(f"127.0.0.1:{noop_port}", noop.pid)
+                for module in modules():
+                    if args.only and args.only not in module.__name__:
+                        continue
+                    b.targets.extend(getattr(module, "TARGETS", ()))
+                    module.run(b)
+            b.record_noop()
         finally:
             redis_proc.stop()
             b.pool.close()

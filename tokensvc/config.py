@@ -99,6 +99,7 @@ class Settings:
     max_connections: int = 10_000
     self_audience: str = "tokensvc"
     audit_log_all: bool = False
+    no_uvloop: bool = False  # run on asyncio's own event loop even where uvloop is installed
     refresh_grace_seconds: int = 0
     key_backend: str = "local"
     pkcs11_module: Path | None = None
@@ -376,6 +377,7 @@ _FLAGS = (
     "allow_cn_identities",
     "audit_log_all",
     "metrics_client_ids",
+    "no_uvloop",
 )
 
 
@@ -470,6 +472,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="label the tokens-issued metric by client_id (one series per client) "
         "[env TOKENSVC_METRICS_CLIENT_IDS]",
+    )
+    parser.add_argument(
+        "--no-uvloop",
+        action="store_true",
+        default=None,
+        help="run on asyncio's own event loop, not uvloop (used where installed: Linux) "
+        "[env TOKENSVC_NO_UVLOOP]",
     )
     for action in parser._actions:  # the on/off flags above are all off by default
         if action.help and action.help.endswith("]") and "default" not in action.help:

@@ -96,10 +96,12 @@ def to_event(entry_id: Any, fields: dict[Any, Any]) -> pb.RevocationEvent | None
         expires_at=ts_ms(int(data.get("exp", "0"))),
     )
     if kind == pb.RevocationEvent.SUBJECT:
-        # whole seconds, rounded down: interceptors compare it with ``iat`` (whole seconds),
-        # so a login in the same second as "log out everywhere" is not refused for its whole
-        # lifetime; sessions created earlier in that second come as SESSION events anyway
-        event.revoked_before.CopyFrom(ts_ms(int(data.get("before", "0")) // 1000 * 1000))
+        # to the millisecond: interceptors refuse every ``iat`` (whole seconds) before it, so
+        # a family created earlier in the watermark's second is covered even when it has no
+        # SESSION event (missing from the subject's session index); a family created later
+        # in that second is dated from the next one (issue.lua), so a login right after "log
+        # out everywhere" is not refused
+        event.revoked_before.CopyFrom(ts_ms(int(data.get("before", "0"))))
     return event
 
 

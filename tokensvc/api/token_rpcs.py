@@ -256,6 +256,12 @@ class TokenRpcs:
             log.info("introspect: inactive token reason=%s", err.reason.value)
             return pb.IntrospectResponse(active=False)
         state = await self.store.access_state(claims.session_id, claims.token_id, int(now_f * 1000))
+        if state.active and await self.verification.keyring.catch_up(state.ring_version):
+            try:  # the ring changed (e.g. an emergency key revocation): is the key still in it?
+                claims = await self.verification.verify(token)
+            except InvalidToken as err:
+                log.info("introspect: inactive token reason=%s", err.reason.value)
+                return pb.IntrospectResponse(active=False)
         if not state.active:
             log.info("introspect: jti=%s inactive reason=%s", claims.token_id, state.reason)
             return pb.IntrospectResponse(active=False)

@@ -56,7 +56,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         try:
             if settings.workers > 1:
                 return workers.serve_workers(settings)
-            asyncio.run(server.serve(settings))
+            server.run(settings)
         finally:
             if claim is not None:
                 claim.close()

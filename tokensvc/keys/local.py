@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric import ec
 from jwcrypto import jwe, jwk
 
 from tokensvc.families import tokens
@@ -28,13 +29,21 @@ from tokensvc_client.verifier import ALGORITHM, b64url_decode
 
 @dataclass(frozen=True, slots=True)
 class SigningKey:
-    """A local private key, decrypted: signs in the calling thread (no I/O)."""
+    """A local private key, decrypted: signs in the calling thread (no I/O), through
+    ``cryptography`` directly (``private``, taken from the JWK once)."""
 
     kid: str
     key: jwk.JWK
+    private: ec.EllipticCurvePrivateKey = field(init=False)
+
+    def __post_init__(self) -> None:
+        private = self.key.get_op_key("sign")
+        if not isinstance(private, ec.EllipticCurvePrivateKey):
+            raise KeyRingError(f"signing key {self.kid} is not an EC private key")
+        object.__setattr__(self, "private", private)
 
     async def sign_token(self, claims: dict[str, Any]) -> str:
-        return tokens.sign_access_token(self.key, self.kid, claims)
+        return tokens.sign_access_token(self.private, self.kid, claims)
 
 
 class LocalBackend:

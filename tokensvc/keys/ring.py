@@ -35,6 +35,7 @@ of rotations ago, and the subject-tag key decides which hash slot a subject live
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -61,7 +62,7 @@ from tokensvc.keys.backend import (
 from tokensvc.keys.local import LocalBackend, SigningKey, jwe_kid, undecryptable
 from tokensvc.redis.connection import RedisClient
 from tokensvc.store import guarded, text
-from tokensvc.store.keyspace import AUDIT_STREAM, REVOCATIONS
+from tokensvc.store.keyspace import AUDIT_STREAM, REVOCATIONS, RING_VERSION
 from tokensvc_client.verifier import KeySet, b64url_decode
 
 __all__ = [
@@ -77,7 +78,7 @@ log = logging.getLogger("tokensvc.keyring")
 
 RING_KEY: Final = "ts:{keyring}:keys"
 ACTIVE_KEY: Final = "ts:{keyring}:active"
-VERSION_KEY: Final = "ts:{keyring}:version"
+VERSION_KEY: Final = RING_VERSION
 SECRETS_KEY: Final = "ts:{keyring}:secrets"
 #: kid -> record of pkcs11 keys the lifecycle deleted, whose token objects are to go
 DESTROY_KEY: Final = "ts:{keyring}:destroy"
@@ -222,6 +223,7 @@ class KeyRing:
         self.records: dict[str, dict[str, Any]] = {}
         self.version = -1
         self._loaded_at = 0.0
+        self._catching_up = asyncio.Lock()
 
     async def reload_if_stale(self, min_interval: float = 5.0) -> bool:
         """Reload after an unknown kid, at most once per ``min_interval`` seconds.
@@ -233,6 +235,19 @@ class KeyRing:
             return False
         await self.load()
         return True
+
+    async def catch_up(self, version: int) -> bool:
+        """Reload now if Redis holds a newer ring ``version`` than this process (read by
+        Introspect with each token's state, so an emergency key revocation on another
+        replica counts at once, not at the next tick); one reload for concurrent callers.
+        Returns whether the ring was reloaded."""
+        if version <= self.version:
+            return False
+        async with self._catching_up:
+            if version <= self.version:
+                return False
+            await self.load()
+            return True
 
     @property
     def signing(self) -> Signer:

@@ -59,7 +59,7 @@ def _worker_main(settings: Settings, number: int) -> None:
     parent = multiprocessing.parent_process()
     sentinel = parent.sentinel if parent is not None else None
     try:
-        asyncio.run(server.serve(settings, parent_sentinel=sentinel))
+        server.run(settings, parent_sentinel=sentinel)
     except (StartupError, ConfigError, KeyRingError) as err:
         print(f"tokensvc: cannot start: {err} (worker {number})", file=sys.stderr, flush=True)
         sys.exit(START_FAILED)

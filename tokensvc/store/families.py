@@ -38,6 +38,7 @@ Refresh and the refresh-token Introspect are one script each, one round trip.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import json
 import logging
@@ -50,6 +51,7 @@ from tokensvc.families.tokens import tag_of
 from tokensvc.store.calls import guarded, text
 from tokensvc.store.core import StoreCore
 from tokensvc.store.keyspace import (
+    RING_VERSION,
     family_key,
     issue_limit_key,
     jti_key,
@@ -149,12 +151,15 @@ class SessionInfo:
 
 @dataclass(frozen=True, slots=True)
 class AccessState:
-    """What Redis says about an access token's session."""
+    """What Redis says about an access token's session, and the key ring's version read
+    in the same round trip (-1: not read)."""
 
     active: bool
     reason: str = ""
+    ring_version: int = -1
 
 
+_ACCESS_FIELDS = ("state", "created", "exp")
 _FAMILY_FIELDS = (
     "state",
     "cur",
@@ -286,22 +291,23 @@ class FamilyOps(StoreCore):
         return Rotation(status)
 
     async def _state(
-        self, sid: str, jti: str | None, fields: tuple[str, ...]
-    ) -> tuple[dict[str, str], int | None, bool]:
-        """Family fields, subject watermark and jti revocation: one read-only script."""
+        self, sid: str, jti: str | None, fields: tuple[str, ...], *, ring: bool = False
+    ) -> tuple[dict[str, str], int | None, bool, int]:
+        """Family fields, subject watermark, jti revocation and (``ring``: not on Cluster)
+        the key ring's version (else -1): one read-only script."""
         fam = family_key(sid)
-        reply = await guarded(
-            self._read_state,
-            keys=[fam, subject_key(tag_of(sid)), jti_key(sid, jti) if jti else fam],
-            args=list(fields),
-        )
-        values = {n: text(v) for n, v in zip(fields, reply, strict=False) if v is not None}
-        watermark = reply[len(fields)]
-        return values, (int(watermark) if watermark else None), bool(reply[len(fields) + 1])
+        keys = [fam, subject_key(tag_of(sid)), jti_key(sid, jti) if jti else fam]
+        if ring:
+            keys.append(RING_VERSION)
+        reply = await guarded(self._read_state, keys=keys, args=list(fields))
+        n = len(fields)
+        values = {k: text(v) for k, v in zip(fields, reply, strict=False) if v is not None}
+        watermark = int(reply[n]) if reply[n] else None
+        return values, watermark, bool(reply[n + 1]), int(reply[n + 2])
 
     async def refresh_state(self, sid: str, token_hash: str, now_ms: int) -> dict[str, str] | None:
         """The family of a refresh token if that token is its current, usable one."""
-        fields, watermark, _ = await self._state(sid, None, _FAMILY_FIELDS)
+        fields, watermark, _, _ = await self._state(sid, None, _FAMILY_FIELDS)
         if fields.get("cur") != token_hash or fields.get("state") != "active":
             return None
         if now_ms >= int(fields["cur_exp"]) or now_ms >= int(fields["exp"]):
@@ -311,17 +317,30 @@ class FamilyOps(StoreCore):
         return fields
 
     async def access_state(self, sid: str, jti: str, now_ms: int) -> AccessState:
-        """Revocation state of an access token's jti, its family and its subject."""
-        fields, watermark, jti_revoked = await self._state(sid, jti, ("state", "created", "exp"))
+        """Revocation state of an access token's jti, its family and its subject, with the
+        key ring's version (an emergency key revocation elsewhere counts at once).
+
+        The version is read in the same script where the ring shares the server (single
+        Redis, Sentinel); on Cluster it lives on another primary and is read alongside,
+        concurrently (one more command, no more waiting)."""
+        if self._inline_feed:
+            state = await self._state(sid, jti, _ACCESS_FIELDS, ring=True)
+            ring_version = state[3]
+        else:
+            state, version = await asyncio.gather(
+                self._state(sid, jti, _ACCESS_FIELDS), guarded(self.redis.get, RING_VERSION)
+            )
+            ring_version = int(version or 0)
+        fields, watermark, jti_revoked, _ = state
         if "state" not in fields:
-            return AccessState(False, "unknown_session")
+            return AccessState(False, "unknown_session", ring_version)
         if fields["state"] != "active" or now_ms >= int(fields["exp"]):
-            return AccessState(False, "session_revoked")
+            return AccessState(False, "session_revoked", ring_version)
         if jti_revoked:
-            return AccessState(False, "token_revoked")
+            return AccessState(False, "token_revoked", ring_version)
         if watermark is not None and int(fields["created"]) <= watermark:
-            return AccessState(False, "subject_revoked")
-        return AccessState(True)
+            return AccessState(False, "subject_revoked", ring_version)
+        return AccessState(True, "", ring_version)
 
     async def list_sessions(
         self, tags: tuple[str, ...], now_ms: int, limit: int = 500

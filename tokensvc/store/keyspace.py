@@ -18,6 +18,8 @@ the Redis Cluster hash tag, so all keys of one subject share one slot)::
     ts:revocations     stream the revocation feed (tokensvc.api.revocation_hub): one entry per
                               revoked jti, session, subject watermark (by tag), key; trimmed by age
     ts:legacy-locks    string "0" once no subject is locked under a legacy tag
+    ts:{keyring}:...   the key ring (tokensvc.keys.ring); its version counter is read
+                              here too (RING_VERSION)
 
 ``T`` is keyed (:class:`tokensvc.families.tokens.SubjectTags`); sessions from before keyed tags
 live under their subject's legacy tag, an unsalted hash.
@@ -37,6 +39,9 @@ REVOCATIONS: Final = "ts:revocations"
 AUDIT_STREAM: Final = "ts:audit"
 #: "0" once no subject is locked under a legacy tag (see RevocationOps.find_legacy_locks)
 LEGACY_LOCKS: Final = "ts:legacy-locks"
+#: the key ring's version counter (tokensvc.keys.ring), read with every access token's
+#: state so that Introspect sees an emergency key revocation at once
+RING_VERSION: Final = "ts:{keyring}:version"
 
 
 def family_key(sid: str) -> str:

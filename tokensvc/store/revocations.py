@@ -112,9 +112,9 @@ class RevocationOps(StoreCore):
         self, tag: str, listed: set[str], watermark: int, now_ms: int
     ) -> None:
         """Families created between reading the index and the watermark are revoked by it
-        (Refresh and Introspect compare creation times) but got no SESSION event, and the
-        feed's SUBJECT event is in whole seconds: interceptors would let their tokens
-        through. Announce them."""
+        (Refresh and Introspect compare creation times) but got no SESSION event. The
+        feed's SUBJECT event (to the millisecond) covers them already; announcing them
+        too makes session-level feeds exact."""
         index = await guarded(self.redis.zrangebyscore, sessions_key(tag), now_ms, "+inf")
         missed = [sid for sid in map(text, index) if sid not in listed]
         if not missed:

@@ -18,6 +18,13 @@ if wait > 0 then return {'limited', wait} end
 local now, fam_exp = tonumber(ARGV[3]), tonumber(ARGV[5])
 local t = redis.call('TIME')
 local created = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- a family created in the same second as (after) the subject's watermark is dated from the
+-- next whole second: the feed carries the watermark to the millisecond and interceptors
+-- refuse every iat (whole seconds) before it, so its tokens must carry a later second
+local wm = tonumber(redis.call('HGET', KEYS[3], 'revoked_before') or '-1')
+if wm >= 0 and math.floor(created / 1000) <= math.floor(wm / 1000) then
+  created = (math.floor(wm / 1000) + 1) * 1000
+end
 -- (subject and client_id are in the claims; an empty label or cnf is not stored: each
 -- field of a family costs Redis memory)
 redis.call('HSET', fam,

@@ -52,7 +52,8 @@ if is_old then
   local head = last and (last .. ' ' .. string.sub(presented, 1, 32) .. ' ')
   if grace > 0 and g and head and string.sub(g, 1, #head) == head
       and now < tonumber(last) + grace and now < tonumber(f[3]) and now < fam_exp then
-    return {'replayed', f[6], fam_exp, tonumber(f[3]), now, string.sub(g, #head + 1), gen}
+    return {'replayed', f[6], fam_exp, tonumber(f[3]), math.max(now, tonumber(f[5])),
+      string.sub(g, #head + 1), gen}
   end
   redis.call('HSET', fam, 'state', 'revoked', 'revoked_at', now, 'reason', 'reuse')
   emit(KEYS[3], ARGV[10], 'session', ARGV[12], ARGV[11])
@@ -73,4 +74,6 @@ if ARGV[6] ~= '' then
 elseif f[10] then
   redis.call('HDEL', fam, 'g')
 end
-return {'ok', f[6], fam_exp, next_exp, now}
+-- the access token is dated no earlier than the family (issue.lua may date it ahead by
+-- under a second, past its subject's watermark)
+return {'ok', f[6], fam_exp, next_exp, math.max(now, tonumber(f[5]))}
