@@ -11,7 +11,7 @@ call's TLS peer -- certificate binding (RFC 8705) -- is decided by
 
 Its parts live next door: rejections in :mod:`tokensvc_client._rejection`, step-up
 requirements in :mod:`tokensvc_client._stepup`, method names and handlers in
-:mod:`tokensvc_client._handlers`; the names the interceptors use are importable from here.
+:mod:`tokensvc_client._handlers`; import their names from there.
 """
 
 from __future__ import annotations
@@ -21,15 +21,7 @@ from collections.abc import Callable, Generator, Iterable, Mapping
 from typing import Any, Protocol
 
 from tokensvc_client import _metrics
-from tokensvc_client._handlers import (
-    Handler,
-    Kind,
-    MethodFilter,
-    behaviour_of,
-    handler_of_kind,
-    kind_of,
-    method_key,
-)
+from tokensvc_client._handlers import Handler, MethodFilter
 from tokensvc_client._rejection import (
     CERTIFICATE_MISMATCH,
     CHECK_FAILED,
@@ -37,7 +29,6 @@ from tokensvc_client._rejection import (
     KEYS_UNAVAILABLE,
     UNBOUND,
     Rejection,
-    Trailers,
     reason_of,
 )
 from tokensvc_client._stepup import StepUp, StepUpTable, insufficient_user_authentication
@@ -48,37 +39,15 @@ from tokensvc_client.peer import holds_bound_certificate, peer_of
 from tokensvc_client.verifier import Claims, KeySet, Verifier
 from tokensvc_client.wire import Metadata, bearer_token
 
-# The decision's names, and those of its parts (_rejection, _stepup, _handlers) that are
-# imported from here.
 __all__ = [
-    "CERTIFICATE_MISMATCH",
-    "CHECK_FAILED",
     "DEFAULT_EXEMPT",
-    "INSUFFICIENT_ROLE",
-    "KEYS_UNAVAILABLE",
-    "UNBOUND",
     "Authenticator",
     "Decision",
-    "Handler",
     "HandlerMemo",
     "HasAuthContext",
-    "Kind",
-    "Metadata",
-    "MethodFilter",
     "MethodPolicy",
-    "Rejection",
     "RevocationCheck",
-    "StepUp",
-    "StepUpTable",
-    "Trailers",
-    "bearer_token",
-    "behaviour_of",
     "follow_key_events",
-    "handler_of_kind",
-    "insufficient_user_authentication",
-    "kind_of",
-    "method_key",
-    "reason_of",
     "step",
 ]
 
