@@ -9,10 +9,10 @@ import time
 from collections.abc import Callable
 
 import grpc
-import pytest
 import redis
 import redis.asyncio as aioredis
 
+from tests.support.rpc import code_of
 from tokensvc.config import Rate
 from tokensvc.observe.audit import AUDIT_STREAM, SECURITY_STREAM, AuditTrail, tail
 from tokensvc.store.calls import script_source
@@ -32,12 +32,6 @@ allow = ["{ADMIN}"]
 """
 #: a small per-user budget: the abuser is over it after 4 tries
 FEW = Rate(3, 60)
-
-
-def _code(call: Callable[[], object]) -> grpc.StatusCode:
-    with pytest.raises(grpc.RpcError) as err:
-        call()
-    return err.value.code()
 
 
 def _issue(svc, subject: str, bound_to: str | None = None, **fields) -> pb.TokenPair:
@@ -60,11 +54,11 @@ def test_a_stolen_bound_refresh_token_through_a_relay_limits_only_the_thief(mtls
     stolen = _issue(svc, "alice", bound_to="billing")  # billing's; sent through login
     bob = _issue(svc, "bob")
     for _ in range(4):  # past the per-user burst of 3
-        assert _code(lambda: login.Refresh(_refresh(stolen.refresh_token))) == (
+        assert code_of(lambda: login.Refresh(_refresh(stolen.refresh_token))) == (
             grpc.StatusCode.UNAUTHENTICATED
         )
     # the abuser is limited ...
-    assert _code(lambda: login.Refresh(_refresh(stolen.refresh_token))) == (
+    assert code_of(lambda: login.Refresh(_refresh(stolen.refresh_token))) == (
         grpc.StatusCode.RESOURCE_EXHAUSTED
     )
     # ... the relay's other users refresh through it as usual, and the holder too
@@ -79,7 +73,7 @@ def test_a_stolen_bound_access_token_for_list_sessions_limits_only_the_thief(mtl
     carol = _issue(svc, "carol")
     for _ in range(4):
         assert (
-            _code(
+            code_of(
                 lambda: login.ListSessions(
                     pb.ListSessionsRequest(subject="alice"),
                     metadata=(("authorization", f"Bearer {stolen.access_token}"),),
@@ -88,7 +82,7 @@ def test_a_stolen_bound_access_token_for_list_sessions_limits_only_the_thief(mtl
             == grpc.StatusCode.UNAUTHENTICATED
         )
     assert (
-        _code(
+        code_of(
             lambda: login.ListSessions(
                 pb.ListSessionsRequest(subject="alice"),
                 metadata=(("authorization", f"Bearer {stolen.access_token}"),),
@@ -130,15 +124,15 @@ def test_one_anonymous_clients_failures_do_not_block_its_network(
     dave, erin = _issue(svc, "dave"), _issue(svc, "erin")
     try:
         for _ in range(25):  # denied calls: far past the limit
-            assert _code(lambda: abuser.Issue(pb.IssueRequest(subject="x"))) == (
+            assert code_of(lambda: abuser.Issue(pb.IssueRequest(subject="x"))) == (
                 grpc.StatusCode.PERMISSION_DENIED
             )
         assert neighbour.Refresh(_refresh(dave.refresh_token)).tokens.refresh_token
         for _ in range(4):  # tries with a stolen bound token
-            assert _code(lambda: abuser.Refresh(_refresh(stolen.refresh_token))) == (
+            assert code_of(lambda: abuser.Refresh(_refresh(stolen.refresh_token))) == (
                 grpc.StatusCode.UNAUTHENTICATED
             )
-        assert _code(lambda: abuser.Refresh(_refresh(stolen.refresh_token))) == (
+        assert code_of(lambda: abuser.Refresh(_refresh(stolen.refresh_token))) == (
             grpc.StatusCode.RESOURCE_EXHAUSTED
         )
         assert neighbour.Refresh(_refresh(erin.refresh_token)).tokens.refresh_token
@@ -171,12 +165,12 @@ def test_a_refused_workload_in_a_loop_adds_no_record_per_call(mtls_service, redi
     orders, login = svc.stub("orders"), svc.stub("login")
     calls = 60
     for _ in range(calls):
-        assert _code(lambda: orders.Issue(pb.IssueRequest(subject="x"))) == (
+        assert code_of(lambda: orders.Issue(pb.IssueRequest(subject="x"))) == (
             grpc.StatusCode.PERMISSION_DENIED  # the answer stays the same
         )
     reuse = _issue(svc, "alice")
     login.Refresh(_refresh(reuse.refresh_token))
-    _code(lambda: login.Refresh(_refresh(reuse.refresh_token)))  # reuse: family revoked
+    code_of(lambda: login.Refresh(_refresh(reuse.refresh_token)))  # reuse: family revoked
     _wait_for(
         "reuse_detected in the trail",
         lambda: any(r["event"] == "reuse_detected" for r in _records(redis_url)),
