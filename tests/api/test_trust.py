@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import Callable
 
 import grpc
 import redis
 import redis.asyncio as aioredis
 
+from tests.support import wait_until
 from tests.support.rpc import code_of
 from tokensvc.config import Rate
 from tokensvc.observe.audit import AUDIT_STREAM, SECURITY_STREAM, AuditTrail, tail
@@ -153,13 +152,6 @@ def _records(url: str, stream: str = AUDIT_STREAM) -> list[dict[str, str]]:
         client.close()
 
 
-def _wait_for(what: str, condition: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
-
-
 def test_a_refused_workload_in_a_loop_adds_no_record_per_call(mtls_service, redis_url):
     svc = mtls_service(POLICY, rate_auth_failures=FEW)
     orders, login = svc.stub("orders"), svc.stub("login")
@@ -170,10 +162,11 @@ def test_a_refused_workload_in_a_loop_adds_no_record_per_call(mtls_service, redi
         )
     reuse = _issue(svc, "alice")
     login.Refresh(_refresh(reuse.refresh_token))
-    code_of(lambda: login.Refresh(_refresh(reuse.refresh_token)))  # reuse: family revoked
-    _wait_for(
-        "reuse_detected in the trail",
+    reused = code_of(lambda: login.Refresh(_refresh(reuse.refresh_token)))
+    assert reused == grpc.StatusCode.UNAUTHENTICATED  # reuse: family revoked
+    wait_until(
         lambda: any(r["event"] == "reuse_detected" for r in _records(redis_url)),
+        what="reuse_detected in the trail",
     )
     mine = [r for r in _records(redis_url) if r.get("peer") == ORDERS]
     # the 4 calls within the burst and the one over it, and one rate_limited record
@@ -182,9 +175,9 @@ def test_a_refused_workload_in_a_loop_adds_no_record_per_call(mtls_service, redi
     # a periodic count of the calls refused without a record each
     running = svc.server.running
     svc.server.loop.call_soon_threadsafe(running.audit.report_suppressed)
-    _wait_for(
-        "a suppressed record",
+    wait_until(
         lambda: any(r["event"] == "suppressed" for r in _records(redis_url)),
+        what="a suppressed record",
     )
     suppressed = [r for r in _records(redis_url) if r["event"] == "suppressed"]
     assert suppressed[0]["peer"] == ORDERS and suppressed[0]["reason"] == "denied"
