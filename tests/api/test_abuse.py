@@ -9,6 +9,7 @@ import grpc
 import pytest
 import redis
 
+from tests.support.rpc import refused
 from tokensvc.api.admission import Caller, network_of
 from tokensvc.config import Rate
 from tokensvc.families.tokens import tag_of
@@ -28,12 +29,6 @@ allow = ["{ADMIN}"]
 """
 
 
-def _refused(call) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as err:
-        call()
-    return err.value
-
-
 def _retry_after(err: grpc.RpcError) -> int:
     trailers = dict(err.trailing_metadata() or ())
     return int(trailers["retry-after"])
@@ -46,7 +41,7 @@ def test_issue_is_limited_per_subject_across_replicas(make_settings, start_serve
     stub_a.Issue(pb.IssueRequest(subject="alice"))
     stub_a.Issue(pb.IssueRequest(subject="alice"))
     stub_b.Issue(pb.IssueRequest(subject="alice"))
-    err = _refused(lambda: stub_b.Issue(pb.IssueRequest(subject="alice")))
+    err = refused(lambda: stub_b.Issue(pb.IssueRequest(subject="alice")))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert 1 <= _retry_after(err) <= 20  # one token every 20 s
     assert stub_a.Issue(pb.IssueRequest(subject="bob")).tokens.access_token  # per subject
@@ -78,7 +73,7 @@ def test_one_users_failures_through_a_relay_never_refuse_another_users_refresh(m
     ]
     for _ in range(5):  # well past the per-user burst of 3
         for request in garbage:
-            assert _refused(lambda r=request: orders.Refresh(r)).code() == (
+            assert refused(lambda r=request: orders.Refresh(r)).code() == (
                 grpc.StatusCode.UNAUTHENTICATED
             )
     # every user of the relay refreshes as usual -- alice too: a token that does not prove
@@ -96,11 +91,11 @@ def test_a_flood_far_beyond_one_user_limits_the_relaying_peer_and_only_it(mtls_s
     login, orders, billing = svc.stub("login"), svc.stub("orders"), svc.stub("billing")
     pair = login.Issue(pb.IssueRequest(subject="alice")).tokens
     for _ in range(11):  # each naming another session: only the relay-wide count grows
-        assert _refused(lambda: orders.Refresh(_forged(secrets.token_hex(32)))).code() == (
+        assert refused(lambda: orders.Refresh(_forged(secrets.token_hex(32)))).code() == (
             grpc.StatusCode.UNAUTHENTICATED
         )
     good = pb.RefreshRequest(refresh_token=pair.refresh_token)
-    err = _refused(lambda: orders.Refresh(good))
+    err = refused(lambda: orders.Refresh(good))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert orders.GetKeys(pb.GetKeysRequest()).jwks  # public keys stay reachable
     assert billing.Refresh(good).tokens.refresh_token  # another peer is not limited
@@ -131,7 +126,7 @@ def test_per_peer_refresh_limit_refuses_before_rotating(mtls_service):
     orders.Refresh(pb.RefreshRequest(refresh_token=tokens[0].refresh_token))
     orders.Refresh(pb.RefreshRequest(refresh_token=tokens[1].refresh_token))
     third = pb.RefreshRequest(refresh_token=tokens[2].refresh_token)
-    err = _refused(lambda: orders.Refresh(third))
+    err = refused(lambda: orders.Refresh(third))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert svc.stub("billing").Refresh(third).tokens  # still the current token: not rotated
 
@@ -141,7 +136,7 @@ def test_per_peer_introspect_limit(mtls_service):
     orders = svc.stub("orders")
     for _ in range(2):
         orders.Introspect(pb.IntrospectRequest(token="a.b.c"))
-    err = _refused(lambda: orders.Introspect(pb.IntrospectRequest(token="a.b.c")))
+    err = refused(lambda: orders.Introspect(pb.IntrospectRequest(token="a.b.c")))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert not svc.stub("billing").Introspect(pb.IntrospectRequest(token="a.b.c")).active
 
@@ -156,10 +151,10 @@ def test_lock_revokes_everything_and_refuses_issue_until_unlocked(mtls_service, 
     for pair in pairs:
         assert not admin.Introspect(pb.IntrospectRequest(token=pair.access_token)).active
         refresh = pb.RefreshRequest(refresh_token=pair.refresh_token)
-        assert _refused(lambda r=refresh: login.Refresh(r)).code() == (
+        assert refused(lambda r=refresh: login.Refresh(r)).code() == (
             grpc.StatusCode.UNAUTHENTICATED
         )
-    err = _refused(lambda: login.Issue(pb.IssueRequest(subject="alice")))
+    err = refused(lambda: login.Issue(pb.IssueRequest(subject="alice")))
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "locked" in (err.details() or "")
     assert login.Issue(pb.IssueRequest(subject="bob")).tokens  # only alice
@@ -181,16 +176,16 @@ def test_lock_and_unlock_validate_input(mtls_service):
         lambda: admin.UnlockSubject(pb.UnlockSubjectRequest(subject="x" * 1000)),
         lambda: admin.LockSubject(pb.LockSubjectRequest(subject="a", reason="r" * 600)),
     ):
-        assert _refused(call).code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert refused(call).code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_oversized_metadata_and_messages_are_refused_by_the_transport(tokensvc):
     stub = tokensvc.stub()
     huge_header = (("x-junk", "a" * 40_000),)
-    err = _refused(lambda: stub.GetKeys(pb.GetKeysRequest(), metadata=huge_header))
+    err = refused(lambda: stub.GetKeys(pb.GetKeysRequest(), metadata=huge_header))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     big = pb.IssueRequest(subject="alice", roles=["r" * 1000] * 100)  # ~100 kB
-    err = _refused(lambda: stub.Issue(big))
+    err = refused(lambda: stub.Issue(big))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert stub.GetKeys(pb.GetKeysRequest()).jwks  # the server is unharmed
 
@@ -205,12 +200,12 @@ def test_a_blocked_peer_keeps_issue_and_revoke_and_revoked_tokens_do_not_count(m
     dead = login.Issue(pb.IssueRequest(subject="alice")).tokens
     login.Revoke(pb.RevokeRequest(session_id=dead.session_id))
     for _ in range(6):  # revoked: refused, audited, not counted
-        err = _refused(lambda: login.Refresh(pb.RefreshRequest(refresh_token=dead.refresh_token)))
+        err = refused(lambda: login.Refresh(pb.RefreshRequest(refresh_token=dead.refresh_token)))
         assert err.code() == grpc.StatusCode.UNAUTHENTICATED
     bogus = pb.RefreshRequest(refresh_token="tsr1_" + "0" * 64 + "_" + "1" * 64)
     for _ in range(4):
-        _refused(lambda: login.Refresh(bogus))
-    assert _refused(lambda: login.Refresh(bogus)).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        refused(lambda: login.Refresh(bogus))
+    assert refused(lambda: login.Refresh(bogus)).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     fresh = login.Issue(pb.IssueRequest(subject="bob")).tokens  # still issuing
     assert login.Revoke(pb.RevokeRequest(session_id=fresh.session_id)).revoked_sessions == 1
 
@@ -233,10 +228,10 @@ def test_refused_issue_calls_cost_no_signature(mtls_service, monkeypatch):
     for _ in range(2):
         login.Issue(pb.IssueRequest(subject="alice"))
     for _ in range(3):
-        err = _refused(lambda: login.Issue(pb.IssueRequest(subject="alice")))
+        err = refused(lambda: login.Issue(pb.IssueRequest(subject="alice")))
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     admin.LockSubject(pb.LockSubjectRequest(subject="bob"))
     for _ in range(3):
-        err = _refused(lambda: login.Issue(pb.IssueRequest(subject="bob")))
+        err = refused(lambda: login.Issue(pb.IssueRequest(subject="bob")))
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED
     assert signed == ["alice", "alice"]

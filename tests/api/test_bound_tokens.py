@@ -8,6 +8,7 @@ import json
 import grpc
 import pytest
 
+from tests.support.rpc import refused
 from tokensvc.config import Rate
 from tokensvc_client.peer import certificate_thumbprint
 from tokensvc_client.v1 import tokensvc_pb2 as pb
@@ -20,12 +21,6 @@ POLICY = f'[rpc.Issue]\nallow = ["{LOGIN}", "{ORDERS}"]\n'
 
 def _cnf(access_token: str) -> dict:
     return json.loads(b64url_decode(access_token.split(".")[1])).get("cnf", {})
-
-
-def _refused(call) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as err:
-        call()
-    return err.value
 
 
 def test_a_workload_binds_its_tokens_to_its_own_certificate(mtls_service, dev_pki):
@@ -47,7 +42,7 @@ def test_a_workload_binds_its_tokens_to_its_own_certificate(mtls_service, dev_pk
 
     # a thief with another certificate gets nothing, and the family is untouched
     stolen = pb.RefreshRequest(refresh_token=pair.refresh_token)
-    err = _refused(lambda: billing.Refresh(stolen))
+    err = refused(lambda: billing.Refresh(stolen))
     assert err.code() == grpc.StatusCode.UNAUTHENTICATED
     assert err.details() == "certificate_mismatch"
     new = orders.Refresh(stolen).tokens
@@ -61,9 +56,7 @@ def test_a_login_service_binds_tokens_to_another_workloads_certificate(mtls_serv
     pair = svc.stub("login").Issue(pb.IssueRequest(subject="bob", cnf_x5t_s256=thumb)).tokens
     assert _cnf(pair.access_token) == {"x5t#S256": thumb}
     refresh = pb.RefreshRequest(refresh_token=pair.refresh_token)
-    assert _refused(lambda: svc.stub("login").Refresh(refresh)).details() == (
-        "certificate_mismatch"
-    )
+    assert refused(lambda: svc.stub("login").Refresh(refresh)).details() == "certificate_mismatch"
     assert svc.stub("billing").Refresh(refresh).tokens
 
 
@@ -85,14 +78,12 @@ def test_unbound_tokens_refresh_from_anywhere(mtls_service):
 )
 def test_bad_binding_requests_are_invalid_arguments(mtls_service, request_):
     login = mtls_service(POLICY).stub("login")
-    assert _refused(lambda: login.Issue(request_)).code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused(lambda: login.Issue(request_)).code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_binding_to_the_caller_needs_a_client_certificate(stub):
     # plaintext development mode: there is no certificate to bind to
-    err = _refused(
-        lambda: stub.Issue(pb.IssueRequest(subject="a", bind_to_client_certificate=True))
-    )
+    err = refused(lambda: stub.Issue(pb.IssueRequest(subject="a", bind_to_client_certificate=True)))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -124,13 +115,13 @@ def test_a_thief_of_bound_tokens_is_limited_and_cannot_lock_their_holder_out(mtl
     listing = pb.ListSessionsRequest(subject="orders-svc")
     bearer = (("authorization", f"Bearer {pair.access_token}"),)
     for _ in range(4):  # the 4th failure is over the burst of 3
-        assert _refused(lambda: billing.Refresh(stolen)).details() == "certificate_mismatch"
-        assert _refused(lambda: login.ListSessions(listing, metadata=bearer)).details() == (
+        assert refused(lambda: billing.Refresh(stolen)).details() == "certificate_mismatch"
+        assert refused(lambda: login.ListSessions(listing, metadata=bearer)).details() == (
             "certificate_mismatch"
         )
     # the thieves are limited, as the peers they are
-    assert _refused(lambda: billing.Refresh(stolen)).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert _refused(lambda: login.ListSessions(listing, metadata=bearer)).code() == (
+    assert refused(lambda: billing.Refresh(stolen)).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused(lambda: login.ListSessions(listing, metadata=bearer)).code() == (
         grpc.StatusCode.RESOURCE_EXHAUSTED
     )
     # the holder lists and refreshes as usual

@@ -10,6 +10,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
+from tests.support.rpc import refused
 from tokensvc.api.decoding import NOT_DECODABLE
 from tokensvc.security.policy import DEFAULT_RULES
 from tokensvc_client.channels import channel
@@ -31,12 +32,6 @@ def _undecodable(message: object) -> bytes:
     return b"\x0a\x05ab"  # field 1, length 5, two bytes present
 
 
-def _refusal(call) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as err:
-        call()
-    return err.value
-
-
 def test_undecodable_requests_are_invalid_argument_on_every_rpc(mtls_service, caplog):
     svc = mtls_service(POLICY)
     admin = svc.pki["admin"]
@@ -55,13 +50,13 @@ def _every_rpc(channel: grpc.Channel, caplog: pytest.LogCaptureFixture) -> None:
         body = _undecodable(method.input_type)
         if method.server_streaming:
             call = channel.unary_stream(path)(body)
-            err = _refusal(lambda c=call: next(iter(c)))
+            err = refused(lambda c=call: next(iter(c)))
         else:
-            err = _refusal(lambda p=path, b=body: channel.unary_unary(p)(b))
+            err = refused(lambda p=path, b=body: channel.unary_unary(p)(b))
         assert (err.code(), err.details()) == (grpc.StatusCode.INVALID_ARGUMENT, NOT_DECODABLE), (
             method.name
         )
-    health = _refusal(
+    health = refused(
         lambda: channel.unary_unary("/grpc.health.v1.Health/Check")(
             _undecodable(health_pb2.HealthCheckRequest.DESCRIPTOR)
         )
@@ -79,7 +74,7 @@ def test_the_refusal_log_carries_no_token(tokensvc, caplog):
     encoded = secret.encode()
     body = bytes([0x0A, len(encoded)]) + encoded + b"\x0a\x02\xff\xfe"
     caplog.set_level(logging.DEBUG)
-    err = _refusal(lambda: stub_channel.unary_unary("/tokensvc.v1.TokenService/Refresh")(body))
+    err = refused(lambda: stub_channel.unary_unary("/tokensvc.v1.TokenService/Refresh")(body))
     assert (err.code(), err.details()) == (grpc.StatusCode.INVALID_ARGUMENT, NOT_DECODABLE)
     assert NOT_DECODABLE in caplog.text
     assert secret not in caplog.text and "a" * 40 not in caplog.text

@@ -79,7 +79,7 @@ def test_revoke_subject_logs_out_everywhere_and_only_that_subject(stub):
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert _active(stub, bob.access_token) and _active(stub, bob.refresh_token)
     # a new login after the revocation works
-    time.sleep(0.01)
+    time.sleep(0.01)  # a later millisecond than the watermark (nothing else marks it)
     fresh = _issue(stub, "alice")
     assert _active(stub, fresh.access_token)
     fresh2 = stub.Refresh(pb.RefreshRequest(refresh_token=fresh.refresh_token)).tokens

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import Callable
 
 import grpc
-import pytest
 import redis
 import redis.asyncio as aioredis
 
+from tests.support import wait_until
+from tests.support.rpc import code_of
 from tokensvc.config import Rate
 from tokensvc.observe.audit import AUDIT_STREAM, SECURITY_STREAM, AuditTrail, tail
 from tokensvc.store.calls import script_source
@@ -32,12 +31,6 @@ allow = ["{ADMIN}"]
 """
 #: a small per-user budget: the abuser is over it after 4 tries
 FEW = Rate(3, 60)
-
-
-def _code(call: Callable[[], object]) -> grpc.StatusCode:
-    with pytest.raises(grpc.RpcError) as err:
-        call()
-    return err.value.code()
 
 
 def _issue(svc, subject: str, bound_to: str | None = None, **fields) -> pb.TokenPair:
@@ -60,11 +53,11 @@ def test_a_stolen_bound_refresh_token_through_a_relay_limits_only_the_thief(mtls
     stolen = _issue(svc, "alice", bound_to="billing")  # billing's; sent through login
     bob = _issue(svc, "bob")
     for _ in range(4):  # past the per-user burst of 3
-        assert _code(lambda: login.Refresh(_refresh(stolen.refresh_token))) == (
+        assert code_of(lambda: login.Refresh(_refresh(stolen.refresh_token))) == (
             grpc.StatusCode.UNAUTHENTICATED
         )
     # the abuser is limited ...
-    assert _code(lambda: login.Refresh(_refresh(stolen.refresh_token))) == (
+    assert code_of(lambda: login.Refresh(_refresh(stolen.refresh_token))) == (
         grpc.StatusCode.RESOURCE_EXHAUSTED
     )
     # ... the relay's other users refresh through it as usual, and the holder too
@@ -79,7 +72,7 @@ def test_a_stolen_bound_access_token_for_list_sessions_limits_only_the_thief(mtl
     carol = _issue(svc, "carol")
     for _ in range(4):
         assert (
-            _code(
+            code_of(
                 lambda: login.ListSessions(
                     pb.ListSessionsRequest(subject="alice"),
                     metadata=(("authorization", f"Bearer {stolen.access_token}"),),
@@ -88,7 +81,7 @@ def test_a_stolen_bound_access_token_for_list_sessions_limits_only_the_thief(mtl
             == grpc.StatusCode.UNAUTHENTICATED
         )
     assert (
-        _code(
+        code_of(
             lambda: login.ListSessions(
                 pb.ListSessionsRequest(subject="alice"),
                 metadata=(("authorization", f"Bearer {stolen.access_token}"),),
@@ -130,15 +123,15 @@ def test_one_anonymous_clients_failures_do_not_block_its_network(
     dave, erin = _issue(svc, "dave"), _issue(svc, "erin")
     try:
         for _ in range(25):  # denied calls: far past the limit
-            assert _code(lambda: abuser.Issue(pb.IssueRequest(subject="x"))) == (
+            assert code_of(lambda: abuser.Issue(pb.IssueRequest(subject="x"))) == (
                 grpc.StatusCode.PERMISSION_DENIED
             )
         assert neighbour.Refresh(_refresh(dave.refresh_token)).tokens.refresh_token
         for _ in range(4):  # tries with a stolen bound token
-            assert _code(lambda: abuser.Refresh(_refresh(stolen.refresh_token))) == (
+            assert code_of(lambda: abuser.Refresh(_refresh(stolen.refresh_token))) == (
                 grpc.StatusCode.UNAUTHENTICATED
             )
-        assert _code(lambda: abuser.Refresh(_refresh(stolen.refresh_token))) == (
+        assert code_of(lambda: abuser.Refresh(_refresh(stolen.refresh_token))) == (
             grpc.StatusCode.RESOURCE_EXHAUSTED
         )
         assert neighbour.Refresh(_refresh(erin.refresh_token)).tokens.refresh_token
@@ -159,27 +152,21 @@ def _records(url: str, stream: str = AUDIT_STREAM) -> list[dict[str, str]]:
         client.close()
 
 
-def _wait_for(what: str, condition: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
-
-
 def test_a_refused_workload_in_a_loop_adds_no_record_per_call(mtls_service, redis_url):
     svc = mtls_service(POLICY, rate_auth_failures=FEW)
     orders, login = svc.stub("orders"), svc.stub("login")
     calls = 60
     for _ in range(calls):
-        assert _code(lambda: orders.Issue(pb.IssueRequest(subject="x"))) == (
+        assert code_of(lambda: orders.Issue(pb.IssueRequest(subject="x"))) == (
             grpc.StatusCode.PERMISSION_DENIED  # the answer stays the same
         )
     reuse = _issue(svc, "alice")
     login.Refresh(_refresh(reuse.refresh_token))
-    _code(lambda: login.Refresh(_refresh(reuse.refresh_token)))  # reuse: family revoked
-    _wait_for(
-        "reuse_detected in the trail",
+    reused = code_of(lambda: login.Refresh(_refresh(reuse.refresh_token)))
+    assert reused == grpc.StatusCode.UNAUTHENTICATED  # reuse: family revoked
+    wait_until(
         lambda: any(r["event"] == "reuse_detected" for r in _records(redis_url)),
+        what="reuse_detected in the trail",
     )
     mine = [r for r in _records(redis_url) if r.get("peer") == ORDERS]
     # the 4 calls within the burst and the one over it, and one rate_limited record
@@ -188,9 +175,9 @@ def test_a_refused_workload_in_a_loop_adds_no_record_per_call(mtls_service, redi
     # a periodic count of the calls refused without a record each
     running = svc.server.running
     svc.server.loop.call_soon_threadsafe(running.audit.report_suppressed)
-    _wait_for(
-        "a suppressed record",
+    wait_until(
         lambda: any(r["event"] == "suppressed" for r in _records(redis_url)),
+        what="a suppressed record",
     )
     suppressed = [r for r in _records(redis_url) if r["event"] == "suppressed"]
     assert suppressed[0]["peer"] == ORDERS and suppressed[0]["reason"] == "denied"

@@ -28,7 +28,8 @@ import grpc
 from tests.support import ServerThread
 from tests.support.protected import Setup, start_server
 from tokensvc_client import Claims, current_claims
-from tokensvc_client._auth import Authenticator, Rejection, step
+from tokensvc_client._auth import Authenticator, step
+from tokensvc_client._rejection import Rejection
 from tokensvc_client.jwks import KeyRequest
 from tokensvc_client.verifier import KeySet
 

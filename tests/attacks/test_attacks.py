@@ -57,7 +57,8 @@ from tests.attacks.forge import (
     with_signature,
 )
 from tests.attacks.targets import Answer, Protected, bearer, decide
-from tokensvc_client._auth import Authenticator, Rejection
+from tokensvc_client._auth import Authenticator
+from tokensvc_client._rejection import Rejection
 from tokensvc_client.errors import InvalidToken, Reason
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 from tokensvc_client.v1 import tokensvc_pb2_grpc

@@ -25,7 +25,8 @@ from jwcrypto import jwk
 from tests.attacks.forge import Forge, b64url, json_bytes
 from tests.attacks.targets import KINDS, Answer, Protected, bearer, decide
 from tests.attacks.test_attacks import CASES, Case
-from tokensvc_client._auth import Authenticator, Rejection
+from tokensvc_client._auth import Authenticator
+from tokensvc_client._rejection import Rejection
 from tokensvc_client.errors import Reason
 from tokensvc_client.jwks import DEFAULT_MIN_REFETCH_INTERVAL
 from tokensvc_client.verifier import Claims, KeySet

@@ -25,7 +25,8 @@ from jwcrypto import jwk
 from tests.attacks.forge import DROP, EcKey, apply_changes, b64url, valid_claims
 from tests.attacks.targets import decide
 from tokensvc.families.tokens import sign_access_token
-from tokensvc_client._auth import Authenticator, Rejection
+from tokensvc_client._auth import Authenticator
+from tokensvc_client._rejection import Rejection
 from tokensvc_client.errors import InvalidToken
 from tokensvc_client.verifier import Claims, KeySet, Verifier, b64url_decode
 

@@ -25,6 +25,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.support import ServerThread
+from tests.support.feed import Feed
 from tests.support.protected import Setup, start_server
 from tokensvc_client import DEFAULT_EXEMPT, TokenClient, current_claims_or_none
 
@@ -180,6 +181,15 @@ def bearer(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
 
+def refusal(protected: Protected, token: str) -> grpc.RpcError | None:
+    """The error of one call with ``token``, or None if it was accepted."""
+    try:
+        protected.call("unary_unary", bearer(token))
+    except grpc.RpcError as err:
+        return err
+    return None
+
+
 @pytest.fixture
 def make_protected() -> Iterator[Callable[..., Protected]]:
     """``make_protected(service, kind, cache_kw={}, server_credentials=None,
@@ -219,3 +229,19 @@ def make_protected() -> Iterator[Callable[..., Protected]]:
 def client(tokensvc: ServerThread) -> Iterator[TokenClient]:
     with TokenClient(tokensvc.target, insecure=True) as c:
         yield c
+
+
+@pytest.fixture
+def make_feed() -> Iterator[Callable[..., Feed]]:
+    """``make_feed(target, kind="sync", **feed_kw)`` -> a started :class:`Feed`, closed
+    after the test."""
+    started: list[Feed] = []
+
+    def make(target: str, kind: str = "sync", **kw: Any) -> Feed:
+        feed = Feed(target, kind, **kw)
+        started.append(feed)
+        return feed
+
+    yield make
+    for feed in reversed(started):
+        feed.close()

@@ -10,14 +10,12 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.client.conftest import Protected, bearer
-from tests.client.test_revocation_feed import PROPAGATION_BOUND, Feed, make_feed, refusal
+from tests.client.conftest import Protected, bearer, refusal
 from tests.support import ServerThread, wait_until
+from tests.support.feed import PROPAGATION_BOUND, Feed
 from tokensvc_client import Jwks, JwksCache, TokenClient
 from tokensvc_client.jwks import KEY_EVENT_INTERVAL, KeyRequest
 from tokensvc_client.v1 import tokensvc_pb2 as pb
-
-__all__ = ["make_feed"]  # the fixture, used here
 
 
 @pytest.mark.parametrize("kind", ["sync", "aio"])

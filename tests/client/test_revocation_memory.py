@@ -20,7 +20,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from tokensvc_client import Claims, RevocationSet
-from tokensvc_client.revocation_feed import Backoff
+from tokensvc_client._feed_core import Backoff
 from tokensvc_client.revocations import FALLBACK_TTL_SECONDS
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 from tokensvc_client.verifier import claims_from_dict

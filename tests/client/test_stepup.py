@@ -29,7 +29,7 @@ from tokensvc_client import (
     StepUp,
     from_rpc_error,
 )
-from tokensvc_client._auth import MethodFilter
+from tokensvc_client._handlers import MethodFilter
 
 SERVERS = ["sync", "aio"]
 ROLE_DENIED = (grpc.StatusCode.PERMISSION_DENIED, "insufficient role")

@@ -9,6 +9,7 @@ session uses one token; tests tell their keys apart by kid, never by counting ob
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -19,7 +20,17 @@ from typing import Any
 
 import pytest
 
-from tokensvc.config import Settings
+from tokensvc.config import Rate, Settings
+from tokensvc_client.verifier import b64url_decode
+
+#: settings of the tests that issue until something happens
+UNLIMITED = {"rate_issue": Rate(0, 1)}
+
+
+def kid_of(token: str) -> str:
+    """The ``kid`` of a JWT's header."""
+    return str(json.loads(b64url_decode(token.split(".")[0]))["kid"])
+
 
 MODULES = ("/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so")
 LABEL = "tokensvc-test"

@@ -12,7 +12,8 @@ import pytest
 import redis
 from jwcrypto import jwe, jwk
 
-from tests.keys.test_pkcs11_backend import UNLIMITED, _kid, _wait
+from tests.keys.conftest import UNLIMITED, kid_of
+from tests.support import wait_until
 from tokensvc.keys.ring import ACTIVE_KEY, RING_KEY, VERSION_KEY, KeyRingError
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 
@@ -53,7 +54,7 @@ def _verify_all(stub, tokens: list[str], issuer: str) -> None:
     keys = {k["kid"]: k for k in json.loads(stub.GetKeys(pb.GetKeysRequest()).jwks)["keys"]}
     for token in tokens:
         assert stub.Introspect(pb.IntrospectRequest(token=token)).active
-        key = jwt.PyJWK(keys[_kid(token)]).key
+        key = jwt.PyJWK(keys[kid_of(token)]).key
         assert jwt.decode(token, key, algorithms=["ES256"], audience="mesh", issuer=issuer)
 
 
@@ -71,7 +72,9 @@ def test_local_to_pkcs11_by_rotation_with_tokens_of_both_verifying(
     moved = start_server(make_settings(**softhsm.settings(key_backend="pkcs11", **common)))
     a, b = local.stub(), moved.stub()
     before = a.Issue(pb.IssueRequest(subject="migrating")).tokens.access_token
-    assert _kid(before) == old == _kid(b.Issue(pb.IssueRequest(subject="m")).tokens.access_token)
+    assert (
+        kid_of(before) == old == kid_of(b.Issue(pb.IssueRequest(subject="m")).tokens.access_token)
+    )
 
     ring = b.RotateKeys(pb.RotateKeysRequest()).keys  # the ordinary, planned rotation
     (new,) = [k.kid for k in ring if k.state == "pending"]
@@ -80,10 +83,10 @@ def test_local_to_pkcs11_by_rotation_with_tokens_of_both_verifying(
 
     def signs_new(stub) -> str | None:
         token = stub.Issue(pb.IssueRequest(subject="migrating")).tokens.access_token
-        return token if _kid(token) == new else None
+        return token if kid_of(token) == new else None
 
-    after_a = _wait(lambda: signs_new(a), what="replica a to sign with the pkcs11 key")
-    after_b = _wait(lambda: signs_new(b), what="replica b to sign with the pkcs11 key")
+    after_a = wait_until(lambda: signs_new(a), what="replica a to sign with the pkcs11 key")
+    after_b = wait_until(lambda: signs_new(b), what="replica b to sign with the pkcs11 key")
     states = {k.kid: k.state for k in a.ListKeys(pb.ListKeysRequest()).keys}
     assert states == {old: "retired", new: "active"}  # the local key stays published
     for stub in (a, b):

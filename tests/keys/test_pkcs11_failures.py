@@ -17,7 +17,8 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from jwcrypto import jwk
 
-from tests.keys.test_pkcs11_backend import UNLIMITED, _kid, _wait
+from tests.keys.conftest import UNLIMITED, kid_of
+from tests.support import wait_until
 from tokensvc.keys.ring import RING_KEY
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 
@@ -37,7 +38,7 @@ def test_token_removed_under_load_is_unavailable_and_recovers(
     channel = srv.channel()
     stub = srv.stub()
     pair = stub.Issue(pb.IssueRequest(subject="load-0")).tokens
-    kid = _kid(pair.access_token)
+    kid = kid_of(pair.access_token)
     codes: Counter[str] = Counter()
     kids: set[str] = set()
     stop = threading.Event()
@@ -49,7 +50,7 @@ def test_token_removed_under_load_is_unavailable_and_recovers(
                 return
             try:
                 reply = local.Issue(pb.IssueRequest(subject=f"load-{worker}-{i}"))
-                kids.add(_kid(reply.tokens.access_token))
+                kids.add(kid_of(reply.tokens.access_token))
                 codes["OK"] += 1
             except grpc.RpcError as err:
                 codes[err.code().name] += 1
@@ -61,19 +62,19 @@ def test_token_removed_under_load_is_unavailable_and_recovers(
     token_dir = softhsm.token_path()
     away = softhsm.tokendir.parent / "away"  # out of the token directory SoftHSM scans
     try:
-        _wait(lambda: codes["OK"] > 0, what="load running")
+        wait_until(lambda: codes["OK"] > 0, what="load running")
         token_dir.rename(away)  # the token is gone: its objects, its PIN, everything
-        _wait(lambda: codes["UNAVAILABLE"] > 0, what="UNAVAILABLE under load")
+        wait_until(lambda: codes["UNAVAILABLE"] > 0, what="UNAVAILABLE under load")
         with pytest.raises(grpc.RpcError) as refused:
             stub.Refresh(pb.RefreshRequest(refresh_token=pair.refresh_token))
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-        _wait(lambda: _health(channel) == NOT_SERVING, what="NOT_SERVING")
+        wait_until(lambda: _health(channel) == NOT_SERVING, what="NOT_SERVING")
     finally:
         if away.exists():
             away.rename(token_dir)
-    _wait(lambda: _health(channel) == SERVING, what="SERVING again")
+    wait_until(lambda: _health(channel) == SERVING, what="SERVING again")
     before = codes["OK"]
-    _wait(lambda: codes["OK"] > before + 5, what="issuing again")
+    wait_until(lambda: codes["OK"] > before + 5, what="issuing again")
     stop.set()
     for worker in workers:
         worker.join(30)
@@ -81,7 +82,7 @@ def test_token_removed_under_load_is_unavailable_and_recovers(
     assert kids == {kid}  # every token the token's key signed, none signed elsewhere
     # the refresh token refused during the outage was not consumed
     again = stub.Refresh(pb.RefreshRequest(refresh_token=pair.refresh_token)).tokens
-    assert _kid(again.access_token) == kid
+    assert kid_of(again.access_token) == kid
     assert "cannot sign" in caplog.text and "PKCS#11" in caplog.text  # the reason, logged
     channel.close()
 
@@ -143,7 +144,7 @@ def test_active_key_object_missing_at_start_up_is_one_line_exit_2(
 ):
     settings = hsm_settings()
     srv = start_server(settings)
-    kid = _kid(srv.stub().Issue(pb.IssueRequest(subject="x")).tokens.access_token)
+    kid = kid_of(srv.stub().Issue(pb.IssueRequest(subject="x")).tokens.access_token)
     srv.stop()
     client = redis.Redis.from_url(redis_url)
     record = json.loads(client.hget(RING_KEY, kid))

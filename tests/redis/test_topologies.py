@@ -19,6 +19,7 @@ import pytest
 import redis
 
 from tests.support import ServerThread, scaled, until_available, wait_until
+from tests.support.rpc import code_of
 from tests.support.topology import (
     NOT_YET,
     Cluster,
@@ -141,12 +142,6 @@ def test_no_client_retries_a_command_on_its_own():
 # --- helpers ------------------------------------------------------------------------------
 
 
-def _code(fn: Callable[[], Any]) -> grpc.StatusCode:
-    with pytest.raises(grpc.RpcError) as err:
-        fn()
-    return err.value.code()
-
-
 def _issue(stub: Stub, subject: str) -> pb.TokenPair:
     return stub.Issue(pb.IssueRequest(subject=subject), timeout=10).tokens
 
@@ -198,16 +193,16 @@ def test_cluster_full_flow(
     first = pairs["user-0"]
     second = _refresh(stub, first.refresh_token)
     assert _active(stub, second.access_token)
-    assert _code(lambda: _refresh(stub, first.refresh_token)) == grpc.StatusCode.UNAUTHENTICATED
+    assert code_of(lambda: _refresh(stub, first.refresh_token)) == grpc.StatusCode.UNAUTHENTICATED
     assert not _active(stub, second.access_token)
-    assert _code(lambda: _refresh(stub, second.refresh_token)) == grpc.StatusCode.UNAUTHENTICATED
+    assert code_of(lambda: _refresh(stub, second.refresh_token)) == grpc.StatusCode.UNAUTHENTICATED
 
     # revocation by subject (watermark + index in the subject's slot), session and jti
     extra = _issue(stub, "user-1")
     assert stub.Revoke(pb.RevokeRequest(subject="user-1")).revoked_sessions == 2
     for pair in (pairs["user-1"], extra):
         assert not _active(stub, pair.access_token)
-        assert _code(lambda p=pair: _refresh(stub, p.refresh_token)) == (
+        assert code_of(lambda p=pair: _refresh(stub, p.refresh_token)) == (
             grpc.StatusCode.UNAUTHENTICATED
         )
     assert _active(stub, pairs["user-2"].access_token)  # other subjects untouched
@@ -255,14 +250,14 @@ def test_cluster_revocation_feed_and_a_retry_after_a_lost_event(
 
     assert stub.Revoke(pb.RevokeRequest(session_id=pair.session_id)).revoked_sessions == 1
     assert events() == [(b"session", pair.session_id.encode())]
-    assert _code(lambda: _refresh(stub, reused.refresh_token)) == grpc.StatusCode.UNAUTHENTICATED
+    assert code_of(lambda: _refresh(stub, reused.refresh_token)) == grpc.StatusCode.UNAUTHENTICATED
     assert events()[-1] == (b"session", rotated.session_id.encode())
 
     with cluster.client() as conn:
         conn.delete(REVOCATIONS)  # as if the appends after the scripts had been lost
     # the callers retry (their first attempt answered UNAVAILABLE)
     assert stub.Revoke(pb.RevokeRequest(session_id=pair.session_id)).revoked_sessions == 0
-    assert _code(lambda: _refresh(stub, reused.refresh_token)) == grpc.StatusCode.UNAUTHENTICATED
+    assert code_of(lambda: _refresh(stub, reused.refresh_token)) == grpc.StatusCode.UNAUTHENTICATED
     assert sorted(events()) == sorted(
         [(b"session", pair.session_id.encode()), (b"session", rotated.session_id.encode())]
     )
@@ -313,7 +308,7 @@ def test_cluster_wait_goes_to_the_primary_of_the_revoked_slot(
         pb.RevokeRequest(session_id=lonely.session_id),
         pb.RevokeRequest(token=lonely.access_token),
     ):
-        assert _code(lambda r=request: stub.Revoke(r)) == grpc.StatusCode.UNAVAILABLE
+        assert code_of(lambda r=request: stub.Revoke(r)) == grpc.StatusCode.UNAVAILABLE
     assert not _active(stub, lonely.access_token)  # written on the primary all the same
 
 
@@ -392,7 +387,7 @@ def test_sentinel_failover_keeps_every_acknowledged_revocation(
         # WAIT is real: with the replica frozen a revocation is not acknowledged
         pair = _issue(stub, "frozen-replica")
         with frozen(group.replica):
-            code = _code(lambda: stub.Revoke(pb.RevokeRequest(session_id=pair.session_id)))
+            code = code_of(lambda: stub.Revoke(pb.RevokeRequest(session_id=pair.session_id)))
         assert code == grpc.StatusCode.UNAVAILABLE
         assert not _active(stub, pair.access_token)  # in force on the primary
         wait_until(
@@ -436,7 +431,7 @@ def test_sentinel_failover_keeps_every_acknowledged_revocation(
             pair = revocation.pair
             assert not until_available(lambda p=pair: _active(stub, p.access_token)), revocation
             if revocation.kind != "access_token":
-                code = _code(
+                code = code_of(
                     lambda p=pair: until_available(lambda: _refresh(stub, p.refresh_token))
                 )
                 assert code == grpc.StatusCode.UNAUTHENTICATED, revocation

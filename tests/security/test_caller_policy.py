@@ -9,6 +9,7 @@ import grpc
 import pytest
 
 from tests.support import MtlsService, audit_entries, events_of
+from tests.support.rpc import code_of
 from tokensvc.cli.devcerts import DevCA
 from tokensvc.config import ConfigError
 from tokensvc.security.policy import CallerPolicy
@@ -30,19 +31,13 @@ allow = ["{ADMIN}"]
 """
 
 
-def _code(call) -> grpc.StatusCode:
-    with pytest.raises(grpc.RpcError) as err:
-        call()
-    return err.value.code()
-
-
 def test_default_policy_opens_only_keys_refresh_and_introspect(mtls_service):
     svc: MtlsService = mtls_service("")
     orders = svc.stub("orders")
     assert orders.GetKeys(pb.GetKeysRequest()).jwks
     assert not orders.Introspect(pb.IntrospectRequest(token="x.y.z")).active
     refused = orders.Refresh
-    assert _code(lambda: refused(pb.RefreshRequest(refresh_token="tsr1_x"))) == (
+    assert code_of(lambda: refused(pb.RefreshRequest(refresh_token="tsr1_x"))) == (
         grpc.StatusCode.UNAUTHENTICATED  # admitted: the refresh token is the credential
     )
     for call in (
@@ -51,10 +46,10 @@ def test_default_policy_opens_only_keys_refresh_and_introspect(mtls_service):
         lambda: orders.LockSubject(pb.LockSubjectRequest(subject="alice")),
         lambda: orders.UnlockSubject(pb.UnlockSubjectRequest(subject="alice")),
     ):
-        assert _code(call) == grpc.StatusCode.PERMISSION_DENIED
+        assert code_of(call) == grpc.StatusCode.PERMISSION_DENIED
     # even the login workload is nobody until the policy lists it
     assert (
-        _code(lambda: svc.stub("login").Issue(pb.IssueRequest(subject="alice")))
+        code_of(lambda: svc.stub("login").Issue(pb.IssueRequest(subject="alice")))
         == grpc.StatusCode.PERMISSION_DENIED
     )
 
@@ -66,11 +61,11 @@ def test_listed_identities_may_call_what_the_policy_grants(mtls_service):
     assert orders.Introspect(pb.IntrospectRequest(token=pair.access_token)).active
     assert orders.Refresh(pb.RefreshRequest(refresh_token=pair.refresh_token)).tokens.access_token
     assert (
-        _code(lambda: orders.Issue(pb.IssueRequest(subject="mallory")))
+        code_of(lambda: orders.Issue(pb.IssueRequest(subject="mallory")))
         == grpc.StatusCode.PERMISSION_DENIED
     )
     assert (
-        _code(lambda: login.LockSubject(pb.LockSubjectRequest(subject="alice")))
+        code_of(lambda: login.LockSubject(pb.LockSubjectRequest(subject="alice")))
         == grpc.StatusCode.PERMISSION_DENIED
     )
     assert admin.Revoke(pb.RevokeRequest(session_id=pair.session_id)).revoked_sessions == 1
@@ -81,7 +76,7 @@ def test_a_denied_call_is_audited_with_the_peer_identity(mtls_service, redis_url
     svc = mtls_service(POLICY)
     stub = svc.stub("orders")
     assert (
-        _code(lambda: stub.Issue(pb.IssueRequest(subject="alice")))
+        code_of(lambda: stub.Issue(pb.IssueRequest(subject="alice")))
         == grpc.StatusCode.PERMISSION_DENIED
     )
     entries = audit_entries(redis_url, lambda e: "denied" in events_of(e), "a denied event")
@@ -112,7 +107,7 @@ def test_common_name_is_an_identity_only_when_enabled(make_settings, start_serve
         assert pb_grpc.TokenServiceStub(chan).Issue(pb.IssueRequest(subject="alice")).tokens
     with channel(target, ca=ca.ca_path, cert=other.cert, key=other.key) as chan:
         stub = pb_grpc.TokenServiceStub(chan)
-        code = _code(lambda: stub.Issue(pb.IssueRequest(subject="alice")))
+        code = code_of(lambda: stub.Issue(pb.IssueRequest(subject="alice")))
         assert code == grpc.StatusCode.PERMISSION_DENIED
 
 
@@ -126,11 +121,11 @@ def test_tls_without_client_ca_has_no_identities(make_settings, start_server, de
         stub = pb_grpc.TokenServiceStub(chan)
         assert stub.GetKeys(pb.GetKeysRequest()).jwks  # open to anyone
         assert (
-            _code(lambda: stub.Introspect(pb.IntrospectRequest(token="a.b.c")))
+            code_of(lambda: stub.Introspect(pb.IntrospectRequest(token="a.b.c")))
             == grpc.StatusCode.PERMISSION_DENIED  # needs an authenticated peer
         )
         assert (
-            _code(lambda: stub.Issue(pb.IssueRequest(subject="alice")))
+            code_of(lambda: stub.Issue(pb.IssueRequest(subject="alice")))
             == grpc.StatusCode.PERMISSION_DENIED
         )
 

@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-import pytest
 import redis
 
+from tests.support import wait_until
+from tests.support.rpc import code_of
 from tokensvc.config import Rate
 from tokensvc.families.tokens import refresh_hash
 from tokensvc.store import family_key
@@ -22,12 +22,6 @@ def _refresh(stub, token):
 
 def _active(stub, token) -> bool:
     return stub.Introspect(pb.IntrospectRequest(token=token)).active
-
-
-def _code(fn) -> grpc.StatusCode:
-    with pytest.raises(grpc.RpcError) as err:
-        fn()
-    return err.value.code()
 
 
 def test_refresh_rotates_and_spends_the_presented_token(stub):
@@ -47,26 +41,26 @@ def test_refresh_rotates_and_spends_the_presented_token(stub):
 def test_reuse_of_a_rotated_token_revokes_the_whole_family(stub):
     first = stub.Issue(pb.IssueRequest(subject="alice")).tokens
     second = _refresh(stub, first.refresh_token)
-    assert _code(lambda: _refresh(stub, first.refresh_token)) == grpc.StatusCode.UNAUTHENTICATED
+    assert code_of(lambda: _refresh(stub, first.refresh_token)) == grpc.StatusCode.UNAUTHENTICATED
     # the thief's replay killed the legitimate holder's tokens too
     assert not _active(stub, second.refresh_token)
     assert not _active(stub, second.access_token)
     assert not _active(stub, first.access_token)
-    assert _code(lambda: _refresh(stub, second.refresh_token)) == grpc.StatusCode.UNAUTHENTICATED
+    assert code_of(lambda: _refresh(stub, second.refresh_token)) == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_reuse_does_not_touch_other_sessions_of_the_subject(stub):
     victim = stub.Issue(pb.IssueRequest(subject="alice")).tokens
     other = stub.Issue(pb.IssueRequest(subject="alice")).tokens
     _refresh(stub, victim.refresh_token)
-    _code(lambda: _refresh(stub, victim.refresh_token))
+    code_of(lambda: _refresh(stub, victim.refresh_token))
     assert _active(stub, other.access_token) and _active(stub, other.refresh_token)
 
 
 def test_a_guessed_token_for_a_known_session_does_not_revoke_it(stub):
     pair = stub.Issue(pb.IssueRequest(subject="alice")).tokens
     forged = f"tsr1_{pair.session_id}_{'0' * 64}"
-    assert _code(lambda: _refresh(stub, forged)) == grpc.StatusCode.UNAUTHENTICATED
+    assert code_of(lambda: _refresh(stub, forged)) == grpc.StatusCode.UNAUTHENTICATED
     assert _active(stub, pair.refresh_token) and _active(stub, pair.access_token)
 
 
@@ -112,9 +106,8 @@ def test_only_hashes_of_refresh_tokens_are_stored(stub, redis_url):
 def test_refresh_token_idle_expiry(make_settings, start_server):
     stub = start_server(make_settings(refresh_idle_ttl=1)).stub()
     pair = stub.Issue(pb.IssueRequest(subject="alice")).tokens
-    time.sleep(1.2)
-    assert _code(lambda: _refresh(stub, pair.refresh_token)) == grpc.StatusCode.UNAUTHENTICATED
-    assert not _active(stub, pair.refresh_token)
+    wait_until(lambda: not _active(stub, pair.refresh_token), what="the refresh token idle")
+    assert code_of(lambda: _refresh(stub, pair.refresh_token)) == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_absolute_family_lifetime_ends_the_session(make_settings, start_server, redis_url):
@@ -124,7 +117,8 @@ def test_absolute_family_lifetime_ends_the_session(make_settings, start_server, 
     assert pair.access_expires_at.seconds <= pair.refresh_expires_at.seconds
     nxt = _refresh(stub, pair.refresh_token)
     assert nxt.refresh_expires_at.seconds <= pair.refresh_expires_at.seconds
-    time.sleep(max(0.0, pair.refresh_expires_at.seconds + 1 - time.time()))
-    assert _code(lambda: _refresh(stub, nxt.refresh_token)) == grpc.StatusCode.UNAUTHENTICATED
+    client = redis.Redis.from_url(redis_url)
+    wait_until(lambda: not client.exists(family_key(pair.session_id)), what="the family gone")
+    assert code_of(lambda: _refresh(stub, nxt.refresh_token)) == grpc.StatusCode.UNAUTHENTICATED
     assert not _active(stub, nxt.access_token)
     assert not redis.Redis.from_url(redis_url).exists(family_key(pair.session_id))

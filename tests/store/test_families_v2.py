@@ -97,6 +97,7 @@ def test_grace_window_replays_the_same_successor_only_as_specified(make_settings
 
     u1 = stub.Issue(pb.IssueRequest(subject="erin")).tokens
     u2 = _refresh(stub, u1.refresh_token)
+    # a sleep: only spending u1 (what is tested) would tell that the window has closed
     time.sleep(1.1)
     assert _refused(stub, u1.refresh_token) == "reused"  # after the window
     assert not _active(stub, u2.refresh_token)
@@ -197,6 +198,8 @@ def test_an_ended_session_is_expired_or_revoked_never_a_guess(make_settings, sta
     logged_out = stub.Issue(pb.IssueRequest(subject="ivan")).tokens
     stub.Revoke(pb.RevokeRequest(token=logged_out.refresh_token))
     assert [_refused(stub, logged_out.refresh_token) for _ in range(3)] == ["revoked"] * 3
+    # a sleep past the token's own end: the answer below is read from the token, so the
+    # moment is its exp, not the family leaving Redis
     time.sleep(max(0.0, ended.refresh_expires_at.seconds + 1.1 - time.time()))
     # the family has left Redis; the token itself says when its session ended
     assert [_refused(stub, ended.refresh_token) for _ in range(3)] == ["expired"] * 3

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,7 @@ from starlette.testclient import TestClient
 from tests.support import ServerThread
 from tokensvc.config import Settings
 from tokensvc_client import web
+from tokensvc_client.web.refresh import StoredSession
 
 ORIGIN = "https://testserver"
 #: what a same-origin fetch() of the app's own JavaScript sends
@@ -69,6 +71,24 @@ class Web:
 
     def session_cookie(self) -> str | None:
         return self.client.cookies.get(self.backend.settings.session_cookie)
+
+    def _stored(self) -> StoredSession:
+        cookie = self.session_cookie()
+        assert cookie is not None, "no session cookie"
+        stored = self.backend.cookies.session({self.backend.settings.session_cookie: cookie})
+        assert stored is not None, "the session cookie does not open"
+        return stored
+
+    def wait_until_expired(self) -> None:
+        """Until the session's access token has expired on the helper's clock."""
+        # a sleep to the token's exp: the token service accepts it for --leeway longer,
+        # so nothing observable marks the moment the helper stops using it
+        time.sleep(max(0.0, self._stored().tokens.access_expires_at - time.time()) + 0.05)
+
+    def wait_until_due(self) -> None:
+        """Until the session's access token is due for refresh (half its lifetime here)."""
+        # a sleep: "due" is the helper's own reading of its clock, nothing else marks it
+        time.sleep(max(0.0, self._stored().refresh_at - time.time()) + 0.05)
 
 
 def build_app(backend: web.WebBackend, acts: list[str]) -> Starlette:

@@ -15,23 +15,12 @@ CLEARED = f"{SESSION}=; Max-Age=0; Path=/; Secure; HttpOnly; SameSite=Strict"
 TTL = 2
 
 
-def _wait_until_expired(w) -> None:
-    stored = w.backend.cookies.session({SESSION: w.session_cookie()})
-    time.sleep(max(0.0, stored.tokens.access_expires_at - time.time()) + 0.05)
-
-
-def _wait_until_due(w) -> None:
-    """Until the access token is due for refresh (half its lifetime here)."""
-    stored = w.backend.cookies.session({SESSION: w.session_cookie()})
-    time.sleep(max(0.0, stored.refresh_at - time.time()) + 0.05)
-
-
 def test_twenty_concurrent_requests_at_expiry_refresh_once(make_web):
     w = make_web(access_ttl=TTL)
     w.login()
     first_jti = w.client.get("/me").json()["jti"]
     old_cookie = w.session_cookie()
-    _wait_until_expired(w)
+    w.wait_until_expired()
     assert w.audit.count("refreshed") == 0
 
     # 20 requests (tabs, parallel fetches) all carrying the expired session's cookie
@@ -68,7 +57,7 @@ def test_the_page_keeps_working_across_expiries(make_web):
         response = w.client.get("/me")
         assert response.status_code == 200
         seen.add(response.json()["jti"])
-        _wait_until_expired(w)
+        w.wait_until_expired()
     assert w.client.get("/me").status_code == 200
     assert len(seen) == 2 and w.audit.count("refreshed") == 2
 
@@ -77,7 +66,7 @@ def test_revoked_session_is_401_and_cookies_cleared(make_web):
     w = make_web(access_ttl=TTL)
     sid = w.login().json()["sid"]
     w.server.stub().Revoke(pb.RevokeRequest(session_id=sid))
-    _wait_until_due(w)
+    w.wait_until_due()
     response = w.client.get("/me")
     assert response.status_code == 401
     assert response.json() == {"error": "unauthenticated"}
@@ -90,7 +79,7 @@ def test_ended_session_redirects_to_login_when_configured(make_web):
     w = make_web(access_ttl=TTL, login_url="/login", public_paths=["/public"])
     sid = w.login().json()["sid"]
     w.server.stub().Revoke(pb.RevokeRequest(session_id=sid))
-    _wait_until_due(w)
+    w.wait_until_due()
     cookie = w.session_cookie()
     response = w.client.get("/me", follow_redirects=False)
     assert response.status_code == 303 and response.headers["location"] == "/login"
@@ -109,7 +98,7 @@ def test_reused_refresh_token_ends_the_session(make_web):
     stored = w.backend.cookies.session({SESSION: w.session_cookie()})
     # someone else spent the refresh token (a stolen copy): the next refresh is reuse
     w.server.stub().Refresh(pb.RefreshRequest(refresh_token=stored.tokens.refresh_token))
-    _wait_until_due(w)
+    w.wait_until_due()
     response = w.client.get("/me")
     assert response.status_code == 401 and CLEARED in response.headers.get_list("set-cookie")
 
@@ -117,11 +106,11 @@ def test_reused_refresh_token_ends_the_session(make_web):
 def test_tokensvc_down_keeps_a_valid_token_and_never_clears(make_web):
     w = make_web(access_ttl=TTL)
     w.login()
-    _wait_until_due(w)  # due, not yet expired
+    w.wait_until_due()  # due, not yet expired
     w.server.stop()
     still = w.client.get("/me")
     assert still.status_code == 200  # the current token is valid: keep serving
-    _wait_until_expired(w)
+    w.wait_until_expired()
     down = w.client.get("/me", headers=GOOD)
     assert down.status_code == 503
     assert not any(c.startswith(f"{SESSION}=") for c in down.headers.get_list("set-cookie"))
@@ -165,7 +154,7 @@ def test_two_replicas_refreshing_one_session_converge_in_the_grace_window(
     a, b = _replicas(make_web, make_settings, start_server, grace=5)
     sid = a.login().json()["sid"]
     cookie = a.session_cookie()
-    _wait_until_due(a)
+    a.wait_until_due()
     # both replicas receive a request with the same due cookie: each refreshes it
     first = a.client.get("/me", headers={"cookie": f"{SESSION}={cookie}"})
     second = b.client.get("/me", headers={"cookie": f"{SESSION}={cookie}"})
@@ -184,7 +173,7 @@ def test_without_a_grace_window_the_second_replica_ends_the_session(
     a, b = _replicas(make_web, make_settings, start_server, grace=0)
     a.login()
     cookie = a.session_cookie()
-    _wait_until_due(a)
+    a.wait_until_due()
     assert a.client.get("/me", headers={"cookie": f"{SESSION}={cookie}"}).status_code == 200
     lost = b.client.get("/me", headers={"cookie": f"{SESSION}={cookie}"})
     assert lost.status_code == 401  # reuse: tokensvc revoked the family (strict mode)

@@ -4,7 +4,6 @@ refusal, tampered cookie, devices, logout; every logger at DEBUG)."""
 from __future__ import annotations
 
 import logging
-import time
 
 from tests.web.conftest import GOOD
 
@@ -25,7 +24,7 @@ def test_no_token_or_cookie_in_logs(make_web, caplog):
 
     w.login()
     collect()
-    time.sleep(1.1)
+    w.wait_until_due()
     assert w.client.get("/me").status_code == 200  # refreshed
     collect()
     w.client.post("/act", headers={"origin": "https://evil.test"})

@@ -37,7 +37,6 @@ The admitted caller is kept in a context variable for the handler (binding, audi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import ipaddress
@@ -55,6 +54,7 @@ from tokensvc.errors import Denial, Denied, LimitKind, NotAuthenticated, RateLim
 from tokensvc.observe.audit import AuditTrail
 from tokensvc.security.policy import CallerPolicy
 from tokensvc.store import FamilyStore, Limit, peer_limit_key
+from tokensvc_client.cache import BoundedCache
 from tokensvc_client.peer import ANONYMOUS, Peer, peer_of
 
 log = logging.getLogger("tokensvc.guard")
@@ -155,7 +155,8 @@ class Guard:
             if rate.enabled
         }
         self.common_names = settings.allow_cn_identities
-        self._blocked: dict[str, float] = {}
+        #: local blocks: key -> until (clock); the oldest dropped first when full
+        self._blocked: BoundedCache[str, float] = BoundedCache(_BLOCKED_MAX)
         self._refusals: set[str] = set()
 
     async def admit(self, rpc: str, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
@@ -234,10 +235,7 @@ class Guard:
             raise RateLimited("too many failed authentications; retry later", left)
 
     def _block(self, key: str, wait_ms: int) -> None:
-        if len(self._blocked) >= _BLOCKED_MAX:
-            with contextlib.suppress(StopIteration, KeyError):
-                del self._blocked[next(iter(self._blocked))]
-        self._blocked[key] = self.clock() + wait_ms / 1000
+        self._blocked.put(key, self.clock() + wait_ms / 1000)
 
     def _budgets(self, caller: Caller) -> list[tuple[str, str, Limit, str, LimitKind]]:
         """What a failure of ``caller`` counts against: (Redis counter, key, limit, local

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from tokensvc import config
+from tokensvc.redis import connection
 
 
 def add_redis_args(cmd: argparse.ArgumentParser) -> None:
@@ -46,10 +47,7 @@ def redis_url(args: argparse.Namespace) -> str:
     """
     url = args.redis_url or os.environ.get("TOKENSVC_REDIS_URL") or None
     if url is not None:
-        if not url.startswith(config.REDIS_SCHEMES):
-            raise config.ConfigError(
-                f"--redis-url must start with one of {', '.join(config.REDIS_SCHEMES)}"
-            )
+        connection.check_url(url)
         return str(url)
     directory = data_dir(args)
     # the embedded Redis of tokensvc.runtime.server.start: RedisProcess(data_dir / "redis",

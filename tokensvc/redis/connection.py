@@ -85,6 +85,8 @@ RedisClient: TypeAlias = aioredis.Redis | RedisCluster
 
 SENTINEL_SCHEME = "redis+sentinel"
 CLUSTER_SCHEME = "redis+cluster"
+#: Every ``--redis-url`` scheme: one server (plain, TLS, unix socket), Sentinel, Cluster.
+SCHEMES = ("redis", "rediss", "unix", SENTINEL_SCHEME, CLUSTER_SCHEME)
 DEFAULT_SENTINEL_PORT = 26379
 DEFAULT_REDIS_PORT = 6379
 
@@ -132,28 +134,23 @@ def redis_client(url: str, timeout: float, watchdog: Watchdog | None = None) -> 
     ``watchdog``, ``timeout`` is enforced per connection by it instead of per command.
 
     Raises:
-        ConfigError: the URL is malformed or of an unknown scheme.
+        ConfigError: the URL is malformed or of an unknown scheme (:func:`check_url`).
     """
-    scheme = url.partition("://")[0].lower()
-    if scheme == SENTINEL_SCHEME:
-        return _sentinel_client(parse_sentinel_url(url), timeout, watchdog)
-    if scheme == CLUSTER_SCHEME:
-        return _cluster_client(parse_cluster_url(url), timeout, watchdog)
-    if scheme in ("redis", "rediss", "unix"):
-        client = aioredis.Redis.from_url(
-            url,
-            socket_timeout=None if watchdog else timeout,
-            socket_connect_timeout=timeout,
-            retry=_no_retry(),
-            retry_on_timeout=False,
-            maint_notifications_config=_no_maint(),
-        )
-        _watch_pool(client, watchdog)
-        return client
-    raise ConfigError(
-        "--redis-url must start with one of redis://, rediss://, unix://, "
-        f"{SENTINEL_SCHEME}://, {CLUSTER_SCHEME}://"
+    target = check_url(url)
+    if isinstance(target, SentinelTarget):
+        return _sentinel_client(target, timeout, watchdog)
+    if isinstance(target, ClusterTarget):
+        return _cluster_client(target, timeout, watchdog)
+    client = aioredis.Redis.from_url(
+        url,
+        socket_timeout=None if watchdog else timeout,
+        socket_connect_timeout=timeout,
+        retry=_no_retry(),
+        retry_on_timeout=False,
+        maint_notifications_config=_no_maint(),
     )
+    _watch_pool(client, watchdog)
+    return client
 
 
 def _watch_pool(client: aioredis.Redis, watchdog: Watchdog | None) -> None:
@@ -356,18 +353,28 @@ def parse_cluster_url(url: str) -> ClusterTarget:
     return ClusterTarget(_hosts(url, hosts, DEFAULT_REDIS_PORT), username, password)
 
 
-def check_url(url: str) -> None:
-    """Validate a Sentinel or Cluster URL at start-up (others are checked by redis-py).
+def check_url(url: str) -> SentinelTarget | ClusterTarget | None:
+    """THE ``--redis-url`` check, for ``serve``'s configuration, every command that takes
+    ``--redis-url`` and :func:`redis_client`: the scheme (one of :data:`SCHEMES`, lower
+    case), a numeric port in range, and the whole Sentinel or Cluster form.
+
+    Returns:
+        The parsed Sentinel or Cluster target; ``None`` for a one-server URL (whose other
+        parts redis-py checks when it connects).
 
     Raises:
         ConfigError: naming what is wrong (password hidden).
     """
-    if url.startswith("redis+sentinel://"):
-        parse_sentinel_url(url)
-    elif url.startswith("redis+cluster://"):
-        parse_cluster_url(url)
-    else:
-        try:
-            urlsplit(url).port  # noqa: B018 -- raises for a port that is not a number
-        except ValueError as err:
-            raise ConfigError(f"--redis-url: {err}") from None
+    if url.startswith(f"{SENTINEL_SCHEME}://"):
+        return parse_sentinel_url(url)
+    if url.startswith(f"{CLUSTER_SCHEME}://"):
+        return parse_cluster_url(url)
+    if not url.startswith(tuple(f"{scheme}://" for scheme in SCHEMES)):
+        raise ConfigError(
+            f"--redis-url must start with one of {', '.join(f'{s}://' for s in SCHEMES)}"
+        )
+    try:
+        urlsplit(url).port  # noqa: B018 -- raises for a port that is not a number
+    except ValueError as err:
+        raise ConfigError(f"--redis-url: {err}") from None
+    return None

@@ -1,6 +1,9 @@
 """Client library of tokensvc: stubs, TokenClient, AuthInterceptor, call credentials."""
 
-from tokensvc_client._auth import DEFAULT_EXEMPT, MethodPolicy, Rejection, RevocationCheck, StepUp
+from tokensvc_client._auth import DEFAULT_EXEMPT, MethodPolicy, RevocationCheck
+from tokensvc_client._feed_core import FeedStale
+from tokensvc_client._rejection import Rejection
+from tokensvc_client._stepup import StepUp
 from tokensvc_client.aio import AsyncTokenClient
 from tokensvc_client.aio_interceptor import AioAuthInterceptor
 from tokensvc_client.channels import aio_channel, channel, channel_credentials
@@ -24,12 +27,7 @@ from tokensvc_client.interceptor import AuthInterceptor
 from tokensvc_client.jwks import AsyncJwksCache, JwksCache
 from tokensvc_client.jwks_http import HttpsJwksSource
 from tokensvc_client.results import Introspection, Jwks, SessionInfo, TokenPair
-from tokensvc_client.revocation_feed import (
-    FEED_CHANNEL_OPTIONS,
-    AioRevocationFeed,
-    FeedStale,
-    RevocationFeed,
-)
+from tokensvc_client.revocation_feed import FEED_CHANNEL_OPTIONS, AioRevocationFeed, RevocationFeed
 from tokensvc_client.revocations import RevocationSet
 from tokensvc_client.verifier import Claims, KeySet, Verifier
 

@@ -11,26 +11,17 @@ call's TLS peer -- certificate binding (RFC 8705) -- is decided by
 
 Its parts live next door: rejections in :mod:`tokensvc_client._rejection`, step-up
 requirements in :mod:`tokensvc_client._stepup`, method names and handlers in
-:mod:`tokensvc_client._handlers`; the names the interceptors use are importable from here.
+:mod:`tokensvc_client._handlers`; import their names from there.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable, Generator, Iterable, Mapping
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 from tokensvc_client import _metrics
-from tokensvc_client._handlers import (
-    Handler,
-    Kind,
-    MethodFilter,
-    behaviour_of,
-    handler_of_kind,
-    kind_of,
-    method_key,
-)
+from tokensvc_client._handlers import Handler, MethodFilter
 from tokensvc_client._rejection import (
     CERTIFICATE_MISMATCH,
     CHECK_FAILED,
@@ -38,48 +29,25 @@ from tokensvc_client._rejection import (
     KEYS_UNAVAILABLE,
     UNBOUND,
     Rejection,
-    Trailers,
     reason_of,
 )
 from tokensvc_client._stepup import StepUp, StepUpTable, insufficient_user_authentication
+from tokensvc_client.cache import BoundedCache
 from tokensvc_client.errors import InvalidToken, Reason
 from tokensvc_client.jwks import CURRENT, KeyRequest
 from tokensvc_client.peer import holds_bound_certificate, peer_of
 from tokensvc_client.verifier import Claims, KeySet, Verifier
 from tokensvc_client.wire import Metadata, bearer_token
 
-# The decision's names, and those of its parts (_rejection, _stepup, _handlers) that are
-# imported from here.
 __all__ = [
-    "CERTIFICATE_MISMATCH",
-    "CHECK_FAILED",
     "DEFAULT_EXEMPT",
-    "INSUFFICIENT_ROLE",
-    "KEYS_UNAVAILABLE",
-    "UNBOUND",
     "Authenticator",
     "Decision",
-    "Handler",
     "HandlerMemo",
     "HasAuthContext",
-    "Kind",
-    "Memo",
-    "Metadata",
-    "MethodFilter",
     "MethodPolicy",
-    "Rejection",
     "RevocationCheck",
-    "StepUp",
-    "StepUpTable",
-    "Trailers",
-    "bearer_token",
-    "behaviour_of",
     "follow_key_events",
-    "handler_of_kind",
-    "insufficient_user_authentication",
-    "kind_of",
-    "method_key",
-    "reason_of",
     "step",
 ]
 
@@ -103,30 +71,7 @@ RevocationCheck = Callable[[Claims], bool]
 Decision = Generator[KeyRequest, KeySet | None, Claims | Rejection]
 
 
-class Memo:
-    """A bounded map (oldest entry dropped first: O(1), no lock; a racing thread at worst
-    drops one entry more) for what is worth remembering per exact input."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._entries: dict[Any, Any] = {}
-
-    def get(self, key: Any) -> Any:
-        return self._entries.get(key)
-
-    def put(self, key: Any, value: Any) -> None:
-        if self.size <= 0:
-            return
-        if len(self._entries) >= self.size:
-            with contextlib.suppress(RuntimeError, StopIteration, KeyError):
-                del self._entries[next(iter(self._entries))]
-        self._entries[key] = value
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
-class HandlerMemo(Memo):
+class HandlerMemo(BoundedCache[tuple[int, int], tuple[Handler, Claims, Handler]]):
     """Handlers already wrapped for a verified token's claims: a warm call reuses the
     wrapper instead of building one (the same claims object comes back from the
     verifier's cache while the token stays valid)."""
@@ -135,7 +80,7 @@ class HandlerMemo(Memo):
         key = (id(handler), id(claims))
         hit = self.get(key)
         if hit is not None and hit[0] is handler and hit[1] is claims:  # ids not reused
-            return cast("Handler", hit[2])
+            return hit[2]
         made = build()
         self.put(key, (handler, claims, made))  # holding both keeps their ids unique
         return made
@@ -187,14 +132,14 @@ class Authenticator:
         # the decision for an exact authorization value: value -> token here, token ->
         # claims in the verifier's cache (which re-checks exp and the key on every hit);
         # revocation, step-up and policy are decided on every call
-        self._tokens = Memo(verifier.cache_size)
+        self._tokens: BoundedCache[str, str] = BoundedCache(verifier.cache_size)
 
     def _token(self, metadata: Metadata) -> str:
         """:func:`bearer_token`, remembered per exact value of a lone header."""
         values = [value for key, value in metadata or () if key.lower() == "authorization"]
         if len(values) != 1 or not isinstance(values[0], str):
             return bearer_token(metadata)  # raises the right reason
-        token: str | None = self._tokens.get(values[0])
+        token = self._tokens.get(values[0])
         if token is None:
             token = bearer_token(metadata)
             self._tokens.put(values[0], token)

@@ -19,6 +19,7 @@ import grpc
 
 from tokensvc_client._handlers import method_key
 from tokensvc_client._rejection import Rejection
+from tokensvc_client.cache import BoundedCache
 from tokensvc_client.errors import REASON_TRAILER, Reason
 
 # Printable ASCII but space, double quote and backslash: safe inside a quoted auth-param
@@ -115,20 +116,19 @@ class StepUpTable:
             key=lambda item: len(item[0]),
             reverse=True,
         )
-        self._memo: dict[str, StepUp | None] = {}
+        # method -> (its requirement or None,): a hit is never mistaken for "none required"
+        self._memo: BoundedCache[str, tuple[StepUp | None]] = BoundedCache(self._MEMO_MAX)
 
     def __len__(self) -> int:
         return len(self._exact) + len(self._prefixes)
 
     def lookup(self, method: str) -> StepUp | None:
         """The requirement for ``method``, or ``None``."""
-        try:
-            return self._memo[method]
-        except KeyError:
-            pass
+        hit = self._memo.get(method)
+        if hit is not None:
+            return hit[0]
         found = self._exact.get(method)
         if found is None:
             found = next((v for k, v in self._prefixes if method.startswith(k)), None)
-        if len(self._memo) < self._MEMO_MAX:
-            self._memo[method] = found
+        self._memo.put(method, (found,))
         return found

@@ -32,19 +32,15 @@ import grpc.aio
 from tokensvc_client._auth import (
     DEFAULT_EXEMPT,
     Authenticator,
-    Handler,
     HandlerMemo,
-    Kind,
     MethodPolicy,
-    Rejection,
     RevocationCheck,
-    StepUp,
-    behaviour_of,
     follow_key_events,
-    handler_of_kind,
-    kind_of,
     step,
 )
+from tokensvc_client._handlers import Handler, Kind, behaviour_of, handler_of_kind, kind_of
+from tokensvc_client._rejection import Rejection
+from tokensvc_client._stepup import StepUp
 from tokensvc_client.context import claims_set
 from tokensvc_client.jwks import AsyncJwksCache, KeyRequest
 from tokensvc_client.verifier import DEFAULT_LEEWAY_SECONDS, Claims, Verifier

@@ -34,19 +34,15 @@ from tokensvc_client._auth import (
     DEFAULT_EXEMPT,
     Authenticator,
     Decision,
-    Handler,
     HandlerMemo,
-    Kind,
     MethodPolicy,
-    Rejection,
     RevocationCheck,
-    StepUp,
-    behaviour_of,
     follow_key_events,
-    handler_of_kind,
-    kind_of,
     step,
 )
+from tokensvc_client._handlers import Handler, Kind, behaviour_of, handler_of_kind, kind_of
+from tokensvc_client._rejection import Rejection
+from tokensvc_client._stepup import StepUp
 from tokensvc_client.context import context_with
 from tokensvc_client.jwks import JwksCache, KeyRequest
 from tokensvc_client.verifier import DEFAULT_LEEWAY_SECONDS, Claims, Verifier
@@ -56,14 +52,7 @@ if TYPE_CHECKING:
 else:
     _ServerInterceptor = grpc.ServerInterceptor
 
-__all__ = [
-    "DEFAULT_EXEMPT",
-    "AuthInterceptor",
-    "MethodPolicy",
-    "Rejection",
-    "RevocationCheck",
-    "StepUp",
-]
+__all__ = ["AuthInterceptor"]
 
 #: Produces the claims inside the handler's thread, or aborts the call through its context.
 _Resolve = Callable[[grpc.ServicerContext], Claims]

@@ -30,7 +30,7 @@ restored) makes the feed drop its position and start over the same way. While th
 the last known set stays in force. Down longer than ``max_staleness`` seconds, the feed is
 *stale*: by default calls keep being checked against the last known set (counted in
 ``stale_checks``, a warning logged at most once a minute); with ``fail_closed=True`` every
-check raises :class:`FeedStale`, which the interceptors answer with UNAVAILABLE
+check raises :class:`~tokensvc_client.FeedStale`, which the interceptors answer with UNAVAILABLE
 ``authorization check failed``.
 
 What is held and what a check costs: :mod:`tokensvc_client.revocations`.
@@ -57,8 +57,7 @@ from typing import Any, Final, Protocol
 import grpc
 import grpc.aio
 
-from tokensvc_client._feed_core import STALE_WARNING_INTERVAL as STALE_WARNING_INTERVAL
-from tokensvc_client._feed_core import Backoff, FeedStale, FeedStats, _FeedCore
+from tokensvc_client._feed_core import FeedStats, _FeedCore
 from tokensvc_client.revocations import RevocationSet
 from tokensvc_client.v1 import tokensvc_pb2_grpc
 from tokensvc_client.verifier import Claims
@@ -66,9 +65,6 @@ from tokensvc_client.verifier import Claims
 __all__ = [
     "FEED_CHANNEL_OPTIONS",
     "AioRevocationFeed",
-    "Backoff",
-    "FeedStale",
-    "FeedStats",
     "RevocationFeed",
 ]
 
@@ -161,9 +157,10 @@ class RevocationFeed(_FeedBase):
             :func:`~tokensvc_client.channels.channel`, with :data:`FEED_CHANNEL_OPTIONS`);
             the caller keeps owning it.
         max_staleness: seconds the feed may be down before it is stale.
-        fail_closed: stale, refuse every call (:class:`FeedStale`, answered UNAVAILABLE)
-            instead of checking against the last known set.
-        backoff: ``(base, cap)`` seconds of the reconnection backoff (:class:`Backoff`).
+        fail_closed: stale, refuse every call (:class:`~tokensvc_client.FeedStale`,
+            answered UNAVAILABLE) instead of checking against the last known set.
+        backoff: ``(base, cap)`` seconds of the reconnection backoff
+            (:class:`~tokensvc_client._feed_core.Backoff`).
         clock: current UNIX time, for the entries' expiry.
         metadata: sent with every ``WatchRevocations`` call.
         revocations: the set to fill (default: a new one).

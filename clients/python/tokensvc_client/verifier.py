@@ -24,7 +24,6 @@ its revocation source; both call this module first.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import re
 import time
@@ -35,6 +34,7 @@ from typing import Any, Final
 from jwcrypto import jwa, jwk
 
 from tokensvc_client import _metrics
+from tokensvc_client.cache import BoundedCache
 from tokensvc_client.errors import InvalidToken, KeysUnavailable, Reason
 
 ALGORITHM: Final = "ES256"
@@ -113,8 +113,7 @@ class ParsedToken:
 # Header segments that passed _check_header, mapped to their kid. Every token of one key
 # has the same header, so this small bounded map spares the header's decoding and checks
 # on a first sight; a segment is only stored after passing every check.
-_ACCEPTED_HEADERS: dict[str, str] = {}
-_ACCEPTED_HEADERS_MAX: Final = 64
+_ACCEPTED_HEADERS: BoundedCache[str, str] = BoundedCache(64)
 
 
 def _check_header(segment: str) -> str:
@@ -135,10 +134,7 @@ def _check_header(segment: str) -> str:
     kid = header.get("kid")
     if not isinstance(kid, str) or not kid:
         raise InvalidToken(Reason.BAD_HEADER, "kid missing")
-    if len(_ACCEPTED_HEADERS) >= _ACCEPTED_HEADERS_MAX:
-        with contextlib.suppress(RuntimeError, StopIteration, KeyError):  # racing threads
-            del _ACCEPTED_HEADERS[next(iter(_ACCEPTED_HEADERS))]
-    _ACCEPTED_HEADERS[segment] = kid
+    _ACCEPTED_HEADERS.put(segment, kid)
     return kid
 
 
@@ -350,7 +346,9 @@ class Verifier:
         # still in the key set. Revocation is checked by the callers on every call, hit or
         # not. Only tokens that passed every check are stored.
         self._cache_size = cache_size
-        self._cache: dict[str, tuple[Claims, str, jwk.JWK | None]] = {}
+        self._cache: BoundedCache[str, tuple[Claims, str, jwk.JWK | None]] = BoundedCache(
+            cache_size
+        )
 
     @property
     def cache_size(self) -> int:
@@ -376,12 +374,7 @@ class Verifier:
         parsed = parse(token, self.max_token_bytes)
         self.check_signature(parsed, keys)
         claims = self.check_claims(parsed)
-        if self._cache_size:
-            if len(self._cache) >= self._cache_size:
-                # drop the oldest entry (dicts keep insertion order): O(1), bounded
-                with contextlib.suppress(RuntimeError, StopIteration):  # racing threads
-                    self._cache.pop(next(iter(self._cache)), None)
-            self._cache[token] = (claims, parsed.kid, keys.get(parsed.kid))
+        self._cache.put(token, (claims, parsed.kid, keys.get(parsed.kid)))
         return claims
 
     @staticmethod

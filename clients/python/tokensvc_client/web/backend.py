@@ -38,7 +38,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from tokensvc_client._auth import Authenticator, Rejection, RevocationCheck, step
+from tokensvc_client._auth import Authenticator, RevocationCheck, step
+from tokensvc_client._rejection import Rejection
 from tokensvc_client.aio import AsyncTokenClient
 from tokensvc_client.channels import Pem
 from tokensvc_client.errors import (

@@ -30,16 +30,20 @@ Memory is bounded: at most ``max_sessions`` remembered sessions, each kept for
 from __future__ import annotations
 
 import asyncio
-import collections
 import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
+from tokensvc_client.cache import BoundedCache
 from tokensvc_client.results import TokenPair
 
 __all__ = ["Refresher", "StoredSession"]
 
 DEFAULT_MAX_SESSIONS = 100_000
+
+K = TypeVar("K")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,15 +93,13 @@ class Refresher:
         self._margin = margin
         self._memory = memory
         self._clock = clock
-        self._max = max_sessions
         #: digest of the refresh token being spent -> its refresh under way
         self._flights: dict[bytes, asyncio.Future[StoredSession]] = {}
+        # both oldest first, so in the order they are to be forgotten
         #: digest of a spent refresh token -> (session id, forget at)
-        self._spent: collections.OrderedDict[bytes, tuple[str, float]] = collections.OrderedDict()
+        self._spent: BoundedCache[bytes, tuple[str, float]] = BoundedCache(max_sessions)
         #: session id -> (its newest session, forget at)
-        self._latest: collections.OrderedDict[str, tuple[StoredSession, float]] = (
-            collections.OrderedDict()
-        )
+        self._latest: BoundedCache[str, tuple[StoredSession, float]] = BoundedCache(max_sessions)
 
     def newest(self, stored: StoredSession) -> StoredSession:
         """``stored``, or the session's newer pair if ``stored``'s refresh token was spent
@@ -131,10 +133,8 @@ class Refresher:
         fresh = StoredSession.of(pair, now, self._margin)
         until = now + self._memory
         if self._memory > 0:
-            self._spent[_digest(stored.tokens.refresh_token)] = (pair.session_id, until)
-            self._latest[pair.session_id] = (fresh, until)
-            self._latest.move_to_end(pair.session_id)
-            self._bound()
+            self._spent.put(_digest(stored.tokens.refresh_token), (pair.session_id, until))
+            self._latest.put(pair.session_id, (fresh, until))
         return fresh
 
     def _landed(self, key: bytes, done: asyncio.Future[StoredSession]) -> None:
@@ -144,13 +144,13 @@ class Refresher:
             done.exception()  # retrieved: no "exception was never retrieved" warning
 
     def _forget(self, now: float) -> None:
-        while self._spent and next(iter(self._spent.values()))[1] <= now:
-            self._spent.popitem(last=False)
-        while self._latest and next(iter(self._latest.values()))[1] <= now:
-            self._latest.popitem(last=False)
+        _forget_until(self._spent, now)
+        _forget_until(self._latest, now)
 
-    def _bound(self) -> None:
-        while len(self._spent) > self._max:
-            self._spent.popitem(last=False)
-        while len(self._latest) > self._max:
-            self._latest.popitem(last=False)
+
+def _forget_until(memory: BoundedCache[K, tuple[T, float]], now: float) -> None:
+    """Drop the entries of ``memory`` (oldest first, "forget at" last) due by ``now``."""
+    oldest = memory.oldest()
+    while oldest is not None and oldest[1][1] <= now:
+        memory.pop(oldest[0])
+        oldest = memory.oldest()
