@@ -93,6 +93,7 @@ class Settings:
     allow_cn_identities: bool = False
     max_watchers_per_client: int = 16
     max_reflection_per_client: int = 4
+    max_health_watches_per_client: int = 16
     max_concurrent_streams: int = 100
     max_connections: int = 10_000
     self_audience: str = "tokensvc"
@@ -223,6 +224,8 @@ def _check_bounds(s: Settings) -> None:
         raise ConfigError("--max-watchers-per-client must be between 1 and 10000")
     if not 1 <= s.max_reflection_per_client <= 1_000:
         raise ConfigError("--max-reflection-per-client must be between 1 and 1000")
+    if not 1 <= s.max_health_watches_per_client <= 10_000:
+        raise ConfigError("--max-health-watches-per-client must be between 1 and 10000")
     if not 1 <= s.max_concurrent_streams <= 10_000:
         raise ConfigError("--max-concurrent-streams must be between 1 and 10000")
     if not 1 <= s.max_connections <= 1_000_000:
@@ -350,6 +353,11 @@ _OPTIONS: dict[str, tuple[str, type]] = {
     ),
     "max_reflection_per_client": (
         "concurrent server-reflection streams per client (identity, else network) per process",
+        int,
+    ),
+    "max_health_watches_per_client": (
+        "concurrent grpc.health.v1 Health.Watch streams per client (identity, else network) "
+        "per process",
         int,
     ),
     "max_concurrent_streams": ("concurrent calls per gRPC connection (HTTP/2 setting)", int),

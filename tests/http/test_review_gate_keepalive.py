@@ -1,8 +1,10 @@
-"""Review: a full JWKS gate admits a new client only by dropping a connection still in its
-TLS handshake. Connections past the handshake -- kept alive with one ordinary GET per
-``READ_TIMEOUT`` (5 s by default), about 50 requests a second for every slot of a default
-gate -- are never evicted, so 16 addresses (IPv4 addresses or IPv6 /64s: one /56 has 256)
-holding their cap of keep-alive connections lock every other verifier out of the JWKS.
+"""Review (fixed): a full JWKS gate admitted a new client only by dropping a connection
+still in its TLS handshake. Connections past the handshake that had been served -- the
+response written, the client never sending its TLS ``close_notify``, held up to asyncio's
+30 s TLS shutdown timeout; or kept alive between requests -- were never evicted, so 16
+addresses (IPv4 addresses or IPv6 /64s: one /56 has 256) holding their cap of them locked
+every other verifier out of the JWKS. Now the largest holder's oldest idle connection (no
+request in progress) makes room (tests/http/test_gate_eviction.py covers which one).
 
 A real tokensvc with the HTTPS listener on loopback, the gate's limits lowered (as in
 tests/http/test_http_gate_full.py); clients at distinct loopback source addresses.
@@ -10,12 +12,11 @@ READ_TIMEOUT is raised so the test need not send its keep-alive requests."""
 
 from __future__ import annotations
 
+import socket
 import ssl
 
-import pytest
-
 from tests.http.test_http_gate_full import _connect, _get, _wait
-from tests.http.test_http_jwks import JWKS, _client_context, http_port
+from tests.http.test_http_jwks import JWKS, _client_context, _closed_within, http_port
 from tokensvc.http import gate
 
 HOSTILE = [f"127.0.0.{n}" for n in range(2, 19)]  # 17 clients
@@ -41,11 +42,6 @@ def _keep_alive(tls: ssl.SSLSocket) -> None:
     assert head.startswith(b"HTTP/1.1 200 ")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding (unfixed): idle keep-alive connections of the largest "
-    "holders are never evicted from a full JWKS gate",
-)
 def test_keep_alive_holders_do_not_lock_a_new_client_out(
     make_settings, start_server, dev_pki, monkeypatch
 ):
@@ -77,6 +73,19 @@ def test_keep_alive_holders_do_not_lock_a_new_client_out(
         except (OSError, ssl.SSLError) as err:
             answer = repr(err).encode()
         assert answer.startswith(b"HTTP/1.1 200 "), (answer[:80], the_gate.refused)
+        # one served, idle connection of a largest holder made room for it
+        assert the_gate.evicted == 1 and the_gate.refused == 0
+        _wait(lambda: the_gate.connections == gate.MAX_CONNECTIONS)  # full again
+        # (the hostile sockets all read the server's close_notify: count on the gate's side)
+        assert sorted(the_gate.held.get(s, 0) for s in HOSTILE) == [1] + [PER_CLIENT] * 16
+        # and a hostile client cannot take a slot back from its peers: with one more it
+        # would hold as many as the largest holders
+        again = next(s for s in HOSTILE if the_gate.held.get(s, 0) < PER_CLIENT)
+        with socket.create_connection(
+            ("127.0.0.1", port), timeout=10, source_address=(again, 0)
+        ) as sock:
+            assert _closed_within(sock, 10)  # refused
+        assert the_gate.evicted == 1 and the_gate.refused == 1
     finally:
         for tls in hostile:
             tls.close()

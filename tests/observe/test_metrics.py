@@ -243,7 +243,9 @@ def test_every_audit_event_kind_has_a_counter():
         kinds |= set(re.findall(r'audit\.record\(\s*"([a-z_]+)"', source))
         for pair in re.findall(r'event = "([a-z_]+)" if .* else "([a-z_]+)"', source):
             kinds |= set(pair)
+        kinds |= set(re.findall(r'\bevent = "([a-z_]+)"$', source, re.MULTILINE))
     assert kinds >= {"issued", "refreshed", "reuse_detected", "denied", "auth_failed"}
+    assert "bound_token_misuse" in kinds
     assert kinds <= set(metrics.DISABLED.events)
 
 

@@ -20,9 +20,11 @@
   user's session, not every user behind the same login service or web backend. A token
   bound to another certificate (:meth:`Guard.mismatched`) counts against that session as
   this peer presents it: the thief is limited, neither the holder nor the relay's other
-  users are. Over a limit, this replica refuses the session's (or, over the relay-wide
-  limit, the peer's :data:`GUESSABLE`) calls locally (RESOURCE_EXHAUSTED) until the wait
-  is over. A peer's own failures (policy denials) count against the peer with
+  users are; it is audited as the security event ``bound_token_misuse`` (with its
+  session id; never suppressed, see :mod:`tokensvc.observe.audit`). Over a limit, this
+  replica refuses the session's (or, over the relay-wide limit, the peer's
+  :data:`GUESSABLE`) calls locally (RESOURCE_EXHAUSTED) until the wait is over. A peer's
+  own failures (policy denials) count against the peer with
   ``--rate-auth-failures`` and never refuse its Refresh: over that limit its refused calls
   are still refused as before, but without an audit record or a Redis round trip each
   for at least 10 s (:data:`QUIET_MIN_MS`); the trail gets a periodic ``suppressed``
@@ -50,7 +52,7 @@ from typing import Any
 import grpc.aio
 
 from tokensvc.config import Rate, Settings
-from tokensvc.errors import Denial, Denied, LimitKind, NotAuthenticated, RateLimited
+from tokensvc.errors import AuthFailure, Denial, Denied, LimitKind, NotAuthenticated, RateLimited
 from tokensvc.observe.audit import AuditTrail
 from tokensvc.security.policy import CallerPolicy
 from tokensvc.store import FamilyStore, Limit, peer_limit_key
@@ -268,13 +270,23 @@ class Guard:
             return
         caller = current_caller()
         event = "denied" if isinstance(err, Denied) else "auth_failed"
-        if caller.presented is None and self._left(f"quiet:{caller.key}"):
+        stolen = err.reason is AuthFailure.CERTIFICATE_MISMATCH
+        if stolen:  # a bound token from another workload: a security event, never quieted
+            event = "bound_token_misuse"
+        elif caller.presented is None and self._left(f"quiet:{caller.key}"):
             self.audit.suppress(caller.name, event)
             return
         reason = f"{rpc}: {err.message}"
         if caller.peer.refused:
             reason += f" (no identity: {caller.peer.refused})"
-        self.audit.record(event, peer=caller.name, reason=reason, rpc=rpc, code=err.reason)
+        self.audit.record(
+            event,
+            peer=caller.name,
+            session_id=_session_of(caller.presented) if stolen else "",
+            reason=reason,
+            rpc=rpc,
+            code=err.reason,
+        )
         if isinstance(err, NotAuthenticated) and not err.reason.is_guess:
             return
         budgets = self._budgets(caller)
@@ -296,6 +308,13 @@ class Guard:
             self._block(local, wait)
             self.audit.record("rate_limited", peer=caller.name, reason=kind, rpc=rpc)
             log.warning("over the failed-authentication limit: %s (peer %s)", key, caller.name)
+
+
+def _session_of(presented: str | None) -> str:
+    """The session id a presented credential's key names ("" for none, e.g. a subject)."""
+    if presented is None or not presented.startswith("session:"):
+        return ""
+    return presented.removeprefix("session:").partition("@")[0]
 
 
 def _as_presented_by(credential: str, caller: Caller) -> str:

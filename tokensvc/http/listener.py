@@ -153,7 +153,7 @@ def _error(status: int, message: str, **headers: str) -> web.Response:
     return response
 
 
-class _Handler(web.RequestHandler):
+class _Handler(gate.Handler):
     """aiohttp's connection handler with our error answers: fixed bodies, 431 for header
     limits, and hostile input logged in one line rather than with a traceback."""
 

@@ -6,19 +6,21 @@ milliseconds), for the background task :meth:`AuditTrail.run`, which appends the
 capped stream ``ts:audit`` in batches: one call of a script doing ``XADD ts:audit MAXLEN ~
 <maxlen> * field value ...`` per record (one command per batch, not one per record), at
 most every 50 ms or as soon as 256 records wait. It also logs the event at once on the
-``tokensvc.observe.audit`` logger (WARNING for ``reuse_detected``, ``denied``, ``auth_failed`` and
-``locked``, INFO for everything else) -- except the routine, high-volume ``issued`` and
-``refreshed``, which are logged only with ``log_routine`` (``--audit-log-all``); the stream
-always has every event.
+``tokensvc.observe.audit`` logger (WARNING for ``reuse_detected``, ``bound_token_misuse``,
+``denied``, ``auth_failed`` and ``locked``, INFO for everything else) -- except the
+routine, high-volume ``issued`` and ``refreshed``, which are logged only with
+``log_routine`` (``--audit-log-all``); the stream always has every event.
 
-Security events (:data:`SECURITY_EVENTS`: reuse, revocations, locks, key changes) are
-also appended, first, to ``ts:audit:security``, which only they trim: the noise of refused
-calls can evict them from ``ts:audit`` but not from there (``tokensvc audit tail
---security``). Noise is bounded at the source too: the admission guard refuses a peer
-over its limit without a record per call and reports the count with :meth:`suppress`
-(a ``suppressed`` record per peer every 10 s), and the WARNING/INFO lines of the events a
-caller can cause at will (``denied``, ``auth_failed``, ``rate_limited``) are logged at most
-20 times per event and 10 s, then summed up in one line.
+Security events (:data:`SECURITY_EVENTS`: reuse, a bound token presented by another
+certificate, revocations, locks, key changes) are also appended, first, to
+``ts:audit:security``, which only they trim: the noise of refused calls can evict them
+from ``ts:audit`` but not from there (``tokensvc audit tail --security``), and their log
+lines are never rate-limited. Noise is bounded at the source too: the admission guard
+refuses a peer over its limit without a record per call and reports the count with
+:meth:`suppress` (a ``suppressed`` record per peer every 10 s), and the WARNING/INFO
+lines of the events a caller can cause at will (``denied``, ``auth_failed``,
+``rate_limited``) are logged at most 20 times per event *and peer* and 10 s, then summed
+up in one line per event: one peer's garbage cannot silence another peer's failures.
 
 If Redis is unreachable the records stay queued and the task retries with backoff
 (0.1 s doubling to 5 s). The queue is bounded (10 000 records by default): when it is full
@@ -63,14 +65,31 @@ SECURITY_STREAM: Final = "ts:audit:security"
 log = logging.getLogger("tokensvc.audit")
 
 #: Events logged at WARNING; every other event is INFO.
-WARNING_EVENTS: Final = frozenset({"reuse_detected", "denied", "auth_failed", "locked"})
-#: Events that are also written to :data:`SECURITY_STREAM`.
-SECURITY_EVENTS: Final = frozenset(
-    {"reuse_detected", "revoked", "locked", "unlocked", "keys_rotated", "key_retired"}
+WARNING_EVENTS: Final = frozenset(
+    {"reuse_detected", "bound_token_misuse", "denied", "auth_failed", "locked"}
 )
-#: WARNING lines per event and :data:`WARN_INTERVAL` for the events a caller can cause at
-#: will (``denied``, ``auth_failed``); beyond, one summary line per interval.
+#: Events that are also written to :data:`SECURITY_STREAM` (and always logged).
+#: ``bound_token_misuse``: a token bound to one certificate presented with another
+#: (RFC 8705 ``certificate_mismatch``: it was stolen); a caller causes it only with a
+#: genuine bound token, and the failed-authentication limits bound how often.
+SECURITY_EVENTS: Final = frozenset(
+    {
+        "reuse_detected",
+        "bound_token_misuse",
+        "revoked",
+        "locked",
+        "unlocked",
+        "keys_rotated",
+        "key_retired",
+    }
+)
+#: Log lines per event, peer and :data:`WARN_INTERVAL` for the events a caller can cause
+#: at will (``denied``, ``auth_failed``, ``rate_limited``); beyond, one summary line per
+#: event and interval.
 LOG_BURST: Final = 20
+#: Peers whose lines are counted apart per interval; beyond, the others share one budget
+#: per event (bounds the memory, and the lines, of a flood from ever new peers).
+LOG_PEERS_MAX: Final = 1024
 #: How often the calls refused without an audit record each are reported, seconds.
 SUPPRESSED_INTERVAL: Final = 10.0
 #: One per Issue / Refresh: logged only with ``log_routine`` (always in the stream).
@@ -96,6 +115,8 @@ FOLLOW_BLOCK_MS: Final = 1000
 REDACTED: Final = "[redacted]"
 #: Events any caller can cause at will: their log lines are rate-limited (:data:`LOG_BURST`).
 _CALLER_CAUSED: Final = frozenset({"denied", "auth_failed", "rate_limited"})
+#: The shared log budget of the peers beyond :data:`LOG_PEERS_MAX` (not a peer name).
+_OTHER_PEERS: Final = "(other peers)"
 #: Marks a queued security record not yet written to the security stream (never stored).
 _SECURITY_PENDING: Final = "\0security"
 _TOKEN_LIKE = re.compile(re.escape(REFRESH_TOKEN_PREFIX) + r"|eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]")
@@ -174,7 +195,8 @@ class AuditTrail:
         self._last_drop_warning = float("-inf")
         self._last_error_warning = float("-inf")
         self._write_failures = 0
-        self._logged: collections.Counter[str] = collections.Counter()  # this interval
+        #: lines per (event, peer) this interval
+        self._logged: collections.Counter[tuple[str, str]] = collections.Counter()
         self._log_interval_start = float("-inf")
         self._suppressed: collections.Counter[tuple[str, str]] = collections.Counter()
         self._suppressed_report: asyncio.TimerHandle | None = None
@@ -237,28 +259,45 @@ class AuditTrail:
 
     def _log(self, event: str, fields: dict[str, str]) -> None:
         """Log the event: WARNING or INFO; the events a caller can cause at will at most
-        :data:`LOG_BURST` times per event and interval (the stream still has each)."""
+        :data:`LOG_BURST` times per event, peer and interval (the stream still has each)."""
         level = logging.WARNING if event in WARNING_EVENTS else logging.INFO
         if event in _CALLER_CAUSED:
             now = time.monotonic()
             if now - self._log_interval_start >= WARN_INTERVAL:
                 self._report_unlogged()
                 self._log_interval_start = now
-            self._logged[event] += 1
-            if self._logged[event] > LOG_BURST:
+            budget = (event, fields.get("peer", ""))
+            if budget not in self._logged and len(self._logged) >= LOG_PEERS_MAX:
+                budget = (event, _OTHER_PEERS)
+            self._logged[budget] += 1
+            if self._logged[budget] > LOG_BURST:
                 return
         log.log(level, "audit %s", fields.get("event", ""), extra=fields)
 
     def _report_unlogged(self) -> None:
-        for event, n in sorted(self._logged.items()):
+        """One line per event whose lines were cut short this interval: how many, from how
+        many peers, and the peer with the most."""
+        unlogged: dict[str, collections.Counter[str]] = {}
+        for (event, peer), n in self._logged.items():
             if n > LOG_BURST:
-                log.warning(
-                    "audit: %d more %s events in %.0f s not logged (they are in the stream)",
-                    n - LOG_BURST,
-                    event,
-                    WARN_INTERVAL,
-                    extra={"unlogged": n - LOG_BURST, "x_event": event},
-                )
+                unlogged.setdefault(event, collections.Counter())[peer] = n - LOG_BURST
+        for event, peers in sorted(unlogged.items()):
+            total = sum(peers.values())
+            noisiest = peers.most_common(1)[0][0]
+            log.warning(
+                "audit: %d more %s events in %.0f s from %d peers not logged "
+                "(they are in the stream)",
+                total,
+                event,
+                WARN_INTERVAL,
+                len(peers),
+                extra={
+                    "unlogged": total,
+                    "x_event": event,
+                    "peers": len(peers),
+                    "noisiest_peer": noisiest,
+                },
+            )
         self._logged.clear()
 
     def suppress(self, peer: str, event: str) -> None:

@@ -165,6 +165,8 @@ class ServerMetrics:
             "reuse_detected": lambda f: self.reuse.add(1),
             "revoked": lambda f: self.revocations.add(1, {"target": label(f.get("target", ""))}),
             "auth_failed": self._on_auth_failed,
+            # a certificate_mismatch, audited as a security event: the same series
+            "bound_token_misuse": self._on_auth_failed,
             "denied": self._on_denied,
             "rate_limited": lambda f: self.rate_limited.add(
                 1, {"limit": label(f.get("reason", ""))}

@@ -20,6 +20,7 @@ from grpc_health.v1._async import HealthServicer
 from opentelemetry.sdk.trace import TracerProvider
 
 from tokensvc.api.decoding import DecodingGuard
+from tokensvc.api.health import CappedHealth
 from tokensvc.api.reflection import ReflectionGate, add_reflection
 from tokensvc.api.revocation_hub import RevocationHub
 from tokensvc.api.servicer import TokenService
@@ -294,13 +295,17 @@ def _grpc_server(
 
 
 async def _add_services(
-    server: grpc.aio.Server, service: TokenService, reflection_gate: ReflectionGate
+    server: grpc.aio.Server,
+    service: TokenService,
+    reflection_gate: ReflectionGate,
+    settings: Settings,
 ) -> HealthServicer:
-    """Register the token service, health (SERVING) and reflection; returns the health
-    servicer. Every handler checks decoding: an undecodable request is INVALID_ARGUMENT."""
+    """Register the token service, health (SERVING; Watch capped per client) and
+    reflection; returns the health servicer. Every handler checks decoding: an undecodable
+    request is INVALID_ARGUMENT."""
     registrar = cast(grpc.aio.Server, DecodingGuard(server))
     tokensvc_pb2_grpc.add_TokenServiceServicer_to_server(service, registrar)
-    health = HealthServicer()
+    health = CappedHealth(settings)
     health_pb2_grpc.add_HealthServicer_to_server(health, registrar)
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -419,7 +424,7 @@ async def _assemble(
     service = TokenService(
         settings, domain.store, domain.keyring, audit, domain.policy, domain.hub, clock=clock
     )
-    health = await _add_services(server, service, ReflectionGate(settings, domain.policy))
+    health = await _add_services(server, service, ReflectionGate(settings, domain.policy), settings)
     port = _bind(server, settings)
     await server.start()
     http, metrics_http = await _start_listeners(settings, domain.keyring, meters, undo)
