@@ -103,11 +103,14 @@ class Denial(enum.StrEnum):
     OTHER_SUBJECT = "other_subject"
     #: Issue for a locked subject: the subject's state, not the caller's failure
     SUBJECT_LOCKED = "subject_locked"
+    #: Exchange or MintTransactionToken beyond what the exchange policy or the narrowing
+    #: rules allow (the handler audits it as ``exchange_denied``)
+    EXCHANGE = "exchange_policy"
 
     @property
     def is_callers(self) -> bool:
         """Whether the caller failed (audited and counted by the admission guard)."""
-        return self is not Denial.SUBJECT_LOCKED
+        return self not in (Denial.SUBJECT_LOCKED, Denial.EXCHANGE)
 
 
 class LimitKind(enum.StrEnum):

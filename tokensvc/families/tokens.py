@@ -194,15 +194,17 @@ def _compact_json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-def sign_access_token(key: jwk.JWK, kid: str, claims: dict[str, Any]) -> str:
-    """Sign claims as a compact ES256 JWS with ``typ: at+jwt`` (RFC 9068)."""
-    data = signing_input(kid, claims)
+def sign_access_token(key: jwk.JWK, kid: str, claims: dict[str, Any], typ: str = TOKEN_TYPE) -> str:
+    """Sign claims as a compact ES256 JWS with ``typ: at+jwt`` (RFC 9068), or another
+    ``typ`` (``txntoken+jwt`` for a Transaction Token)."""
+    data = signing_input(kid, claims, typ)
     return compact_jws(data, _ES256.sign(key, data.encode("ascii")))
 
 
-def signing_input(kid: str, claims: dict[str, Any]) -> str:
-    """``header.payload`` of an access token: what an ES256 signer signs (SHA-256 of it)."""
-    header = _b64url(_compact_json({"alg": ALGORITHM, "typ": TOKEN_TYPE, "kid": kid}))
+def signing_input(kid: str, claims: dict[str, Any], typ: str = TOKEN_TYPE) -> str:
+    """``header.payload`` of an access token (or, with its ``typ``, a Transaction Token):
+    what an ES256 signer signs (SHA-256 of it)."""
+    header = _b64url(_compact_json({"alg": ALGORITHM, "typ": typ, "kid": kid}))
     return f"{header}.{_b64url(_compact_json(claims))}"
 
 
