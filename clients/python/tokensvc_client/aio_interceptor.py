@@ -31,6 +31,7 @@ import grpc.aio
 
 from tokensvc_client._auth import (
     DEFAULT_EXEMPT,
+    ActorChain,
     Authenticator,
     Handler,
     HandlerMemo,
@@ -39,15 +40,18 @@ from tokensvc_client._auth import (
     Rejection,
     RevocationCheck,
     StepUp,
+    TransactionTokens,
+    Verified,
     behaviour_of,
     follow_key_events,
     handler_of_kind,
     kind_of,
     step,
 )
+from tokensvc_client._chains import annotate_span
 from tokensvc_client.context import claims_set
 from tokensvc_client.jwks import AsyncJwksCache, KeyRequest
-from tokensvc_client.verifier import DEFAULT_LEEWAY_SECONDS, Claims, Verifier
+from tokensvc_client.verifier import DEFAULT_LEEWAY_SECONDS, Verifier
 
 if TYPE_CHECKING:
     _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
@@ -69,7 +73,8 @@ class AioAuthInterceptor(_ServerInterceptor):
     ``invalid token: <reason code>``; passes the claims of valid ones to the handler.
 
     Arguments as for :class:`~tokensvc_client.interceptor.AuthInterceptor` (including
-    ``step_up`` and ``require_binding``, with the same rejections and trailers), with
+    ``step_up``, ``require_binding``, ``trust_domain``, ``require_txn_token`` and
+    ``actor_chains``, with the same rejections and trailers), with
     ``keys`` an :class:`~tokensvc_client.jwks.AsyncJwksCache`. The hooks are plain
     functions called on the event loop: they must not block.
     """
@@ -87,6 +92,9 @@ class AioAuthInterceptor(_ServerInterceptor):
         policy: MethodPolicy | None = None,
         step_up: Mapping[str, StepUp] | None = None,
         require_binding: bool = False,
+        trust_domain: str | None = None,
+        require_txn_token: Iterable[str] = (),
+        actor_chains: Mapping[str, ActorChain] | None = None,
     ) -> None:
         self._keys = keys
         self._auth = Authenticator(
@@ -96,6 +104,10 @@ class AioAuthInterceptor(_ServerInterceptor):
             policy=policy,
             step_up=step_up,
             require_binding=require_binding,
+            transactions=TransactionTokens.of(
+                trust_domain, require_txn_token, issuer=issuer, leeway=leeway, clock=clock
+            ),
+            actor_chains=actor_chains,
         )
         follow_key_events(revocation_check, keys)  # new keys verify within a second
         self._wrapped = HandlerMemo(_WRAPPED_MAX)
@@ -109,17 +121,19 @@ class AioAuthInterceptor(_ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method in self._auth.exempt:
             return handler  # type: ignore[return-value]  # None: gRPC answers UNIMPLEMENTED
-        decision = self._auth.decide(method, handler_call_details.invocation_metadata)
+        decision = self._auth.decide_call(method, handler_call_details.invocation_metadata)
         outcome = step(decision, None)
         while isinstance(outcome, KeyRequest):
             outcome = step(decision, await self._keys.answer(outcome))
         if isinstance(outcome, Rejection):
             return _aborting_handler(outcome, kind_of(handler))
-        if self._auth.checks_binding(outcome):  # never for unbound tokens by default
-            check = functools.partial(self._auth.check_binding, method, outcome)
-            return _with_claims(handler, outcome, check)
-        claims = outcome
-        return self._wrapped.wrapped(handler, claims, lambda: _with_claims(handler, claims, None))
+        verified = outcome
+        if self._auth.checks_binding(verified.claims):  # never for unbound tokens by default
+            check = functools.partial(self._auth.check_binding, method, verified.claims)
+            return _with_claims(handler, verified, check)
+        return self._wrapped.wrapped(
+            handler, verified, lambda: _with_claims(handler, verified, None)
+        )
 
 
 @functools.lru_cache(maxsize=256)
@@ -144,16 +158,19 @@ async def _check(context: _Context, check: _BindingCheck) -> None:
         await _abort(context, rejection)
 
 
-def _with_claims(handler: Handler, claims: Claims, check: _BindingCheck | None) -> Handler:
-    """``handler`` with ``claims`` set around its behaviour, inside the call's own task,
-    once ``check`` (if any) accepted the call."""
+def _with_claims(handler: Handler, verified: Verified, check: _BindingCheck | None) -> Handler:
+    """``handler`` with ``verified`` set around its behaviour, inside the call's own task,
+    once ``check`` (if any) accepted the call (the transaction id put on the span)."""
+    txn = verified.transaction.transaction_id if verified.transaction is not None else None
     behaviour = behaviour_of(handler)
     if handler.response_streaming and not inspect.iscoroutinefunction(behaviour):
 
         async def streaming(request: Any, context: _Context) -> AsyncIterator[Any]:
             if check is not None:
                 await _check(context, check)
-            with claims_set(claims):
+            if txn is not None:
+                annotate_span(txn)
+            with claims_set(verified):
                 async for response in behaviour(request, context):
                     yield response
 
@@ -162,7 +179,9 @@ def _with_claims(handler: Handler, claims: Claims, check: _BindingCheck | None) 
     async def call(request: Any, context: _Context) -> Any:
         if check is not None:
             await _check(context, check)
-        with claims_set(claims):
+        if txn is not None:
+            annotate_span(txn)
+        with claims_set(verified):
             return await behaviour(request, context)
 
     return handler_of_kind(kind_of(handler), call, handler)
