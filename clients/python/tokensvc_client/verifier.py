@@ -1,5 +1,5 @@
 """The one place that decides whether an access token -- or a Transaction Token -- is
-acceptable (docs/design.md, Verification rules; docs/call-chains.md).
+acceptable (docs/design.md, Verification rules); Transaction Tokens: docs/call-chains.md.
 
 Used by the server's Introspect and Exchange and by :class:`~tokensvc_client.AuthInterceptor`
 alike. The two token kinds are told apart by their JOSE ``typ`` and nothing else: an
