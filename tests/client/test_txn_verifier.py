@@ -153,3 +153,21 @@ def test_the_actor_chain_of_an_access_token():
     for _ in range(MAX_ACT_NESTING):
         deep = {"sub": "a", "act": deep}
     assert _reason(lambda: actor_chain({"act": deep})) is Reason.BAD_CLAIMS
+
+
+def test_the_txn_token_metadata_entry():
+    from tokensvc_client.wire import txn_token
+
+    assert txn_token((("authorization", "Bearer x"),)) is None
+    assert txn_token((("txn-token", "a.b.c"),)) == "a.b.c"
+    for bad in (
+        (("txn-token", "a.b.c"), ("txn-token", "d.e.f")),  # the draft: exactly one token
+        (("txn-token", "a.b.c d"),),
+        (("txn-token", ""),),
+        (("txn-token", b"a.b.c"),),
+    ):
+        assert _reason(lambda b=bad: txn_token(b)) is Reason.MALFORMED
+    seen: set[str] = set()
+    assert txn_token((("txn-token", "a.b.c"),), seen) == "a.b.c" and seen == {"a.b.c"}
+    doubled = (("txn-token", "a.b.c"), ("txn-token", "a.b.c"))
+    assert _reason(lambda: txn_token(doubled, seen)) is Reason.MALFORMED  # seen or not

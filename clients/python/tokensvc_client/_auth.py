@@ -213,11 +213,14 @@ class Authenticator:
         self.step_up = table if len(table) else None
         self.require_binding = bool(require_binding)
         self.transactions = transactions
+        self._txn_values: set[str] = set()  # txn-token values already seen well-formed
         chains = ActorChainTable(actor_chains or {})
         self.actor_chains = chains if len(chains) else None
         # one Verified per (claims, transaction claims) objects, as long as the verifiers'
         # caches return the same ones: warm calls reuse their wrapped handler
         self._verified = Memo(verifier.cache_size)
+        # a Transaction Token's revocation view, per (cached) claims object
+        self._revocation_views = Memo(verifier.cache_size)
         # the decision for an exact authorization value: value -> token here, token ->
         # claims in the verifier's cache (which re-checks exp and the key on every hit);
         # revocation, step-up and policy are decided on every call
@@ -304,7 +307,7 @@ class Authenticator:
     ) -> _TxnDecision:
         """The call's Transaction Token: verified, not revoked (its session), or required."""
         try:
-            token = txn_token(metadata)
+            token = txn_token(metadata, self._txn_values)
             if token is None:
                 if method in rules.required:
                     raise InvalidToken(Reason.MISSING)
@@ -318,7 +321,7 @@ class Authenticator:
                 if newer is None:
                     raise
                 claims = rules.verifier.verify(token, newer)
-            if self._revoked(claims.for_revocation()):
+            if self.revocation_check is not None and self._revoked(self._view(claims)):
                 raise InvalidToken(Reason.REVOKED)
         except InvalidToken as err:
             log.info("rejected call to %s: txn-token %s", method, err)
@@ -326,6 +329,15 @@ class Authenticator:
         except _HookFailed:
             return CHECK_FAILED
         return claims, token
+
+    def _view(self, claims: TransactionClaims) -> Claims:
+        """:meth:`TransactionClaims.for_revocation`, built once per claims object."""
+        hit = self._revocation_views.get(id(claims))
+        if hit is not None and hit[0] is claims:
+            return cast("Claims", hit[1])
+        view = claims.for_revocation()
+        self._revocation_views.put(id(claims), (claims, view))
+        return view
 
     def verified(
         self,

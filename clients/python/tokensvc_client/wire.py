@@ -47,8 +47,11 @@ def bearer_token(metadata: Metadata) -> str:
 TXN_TOKEN_HEADER: Final = "txn-token"
 
 
-def txn_token(metadata: Metadata) -> str | None:
+def txn_token(metadata: Metadata, seen: set[str] | None = None) -> str | None:
     """The Transaction Token of the one ``txn-token`` entry; ``None`` without one.
+
+    ``seen``: values already found well-formed, skipped over (and added to while it holds
+    fewer than 4096).
 
     Raises:
         InvalidToken: ``MALFORMED`` for several entries (the draft: exactly one token), a
@@ -60,6 +63,13 @@ def txn_token(metadata: Metadata) -> str | None:
     if len(values) > 1:
         raise InvalidToken(Reason.MALFORMED, "more than one txn-token entry")
     value = values[0]
+    if seen is not None and value in seen:
+        return value  # only str values are ever added
     if not isinstance(value, str) or value.split() != [value]:
         raise InvalidToken(Reason.MALFORMED, "txn-token is not one token")
+    if seen is not None and len(seen) < _SEEN_MAX:
+        seen.add(value)
     return value
+
+
+_SEEN_MAX: Final = 4096
