@@ -73,6 +73,7 @@ class AuthFailure(enum.StrEnum):
     UNBOUND = "unbound"
     INSUFFICIENT_ROLE = "insufficient_role"
     INSUFFICIENT_USER_AUTHENTICATION = "insufficient_user_authentication"
+    ACTOR_CHAIN = "actor_chain"
     #: a refresh token the service did not make (bad MAC), or a family it does not know
     UNKNOWN = "unknown"
     #: bound (RFC 8705) to another certificate than the presenting peer's
