@@ -95,7 +95,7 @@ FOLLOW_BLOCK_MS: Final = 1000
 
 REDACTED: Final = "[redacted]"
 #: Events any caller can cause at will: their log lines are rate-limited (:data:`LOG_BURST`).
-_CALLER_CAUSED: Final = frozenset({"denied", "auth_failed", "rate_limited"})
+_CALLER_CAUSED: Final = frozenset({"denied", "auth_failed", "rate_limited", "exchange_denied"})
 #: Marks a queued security record not yet written to the security stream (never stored).
 _SECURITY_PENDING: Final = "\0security"
 _TOKEN_LIKE = re.compile(re.escape(REFRESH_TOKEN_PREFIX) + r"|eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]")
