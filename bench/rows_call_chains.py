@@ -10,7 +10,8 @@ import time
 from bench.interceptor_rows import METHOD
 from bench.run import AUDIENCE, ISSUER, Bench, Target
 from tokensvc_client import KeySet, TokenClient
-from tokensvc_client._auth import Authenticator, TransactionTokens
+from tokensvc_client._auth import Authenticator
+from tokensvc_client._chains import TransactionTokens
 from tokensvc_client.context import Verified
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 from tokensvc_client.verifier import Verifier

@@ -1,13 +1,7 @@
 """Client library of tokensvc: stubs, TokenClient, AuthInterceptor, call credentials."""
 
-from tokensvc_client._auth import (
-    DEFAULT_EXEMPT,
-    ActorChain,
-    MethodPolicy,
-    Rejection,
-    RevocationCheck,
-    StepUp,
-)
+from tokensvc_client._auth import DEFAULT_EXEMPT, MethodPolicy, Rejection, RevocationCheck, StepUp
+from tokensvc_client._chains import ActorChain
 from tokensvc_client.aio import AsyncTokenClient
 from tokensvc_client.aio_interceptor import AioAuthInterceptor
 from tokensvc_client.channels import aio_channel, channel, channel_credentials

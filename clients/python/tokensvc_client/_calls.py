@@ -278,8 +278,8 @@ def mint_transaction_token(
     Transaction Token (``replace``), or for the calling workload itself (no token)."""
     if replace and not subject_token:
         raise ValueError("a replacement needs the Transaction Token to replace")
-    kinds = {None: WORKLOAD_TOKEN_TYPE, False: "", True: TXN_TOKEN_TYPE}
-    kind = kinds[None if subject_token is None else replace]
+    # the calling workload acting on its own; a replacement; "" (an access token, the default)
+    kind = WORKLOAD_TOKEN_TYPE if subject_token is None else (TXN_TOKEN_TYPE if replace else "")
     request = pb.MintTransactionTokenRequest(
         subject_token=subject_token or "",
         subject_token_type=kind,

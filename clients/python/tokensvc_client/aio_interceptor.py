@@ -31,7 +31,6 @@ import grpc.aio
 
 from tokensvc_client._auth import (
     DEFAULT_EXEMPT,
-    ActorChain,
     Authenticator,
     Handler,
     HandlerMemo,
@@ -40,16 +39,14 @@ from tokensvc_client._auth import (
     Rejection,
     RevocationCheck,
     StepUp,
-    TransactionTokens,
-    Verified,
     behaviour_of,
     follow_key_events,
     handler_of_kind,
     kind_of,
     step,
 )
-from tokensvc_client._chains import annotate_span
-from tokensvc_client.context import claims_set
+from tokensvc_client._chains import ActorChain, TransactionTokens, annotate_span
+from tokensvc_client.context import Verified, claims_set
 from tokensvc_client.jwks import AsyncJwksCache, KeyRequest
 from tokensvc_client.verifier import DEFAULT_LEEWAY_SECONDS, Verifier
 

@@ -32,7 +32,6 @@ import grpc
 
 from tokensvc_client._auth import (
     DEFAULT_EXEMPT,
-    ActorChain,
     Authenticator,
     CallDecision,
     Handler,
@@ -42,16 +41,14 @@ from tokensvc_client._auth import (
     Rejection,
     RevocationCheck,
     StepUp,
-    TransactionTokens,
-    Verified,
     behaviour_of,
     follow_key_events,
     handler_of_kind,
     kind_of,
     step,
 )
-from tokensvc_client._chains import annotate_span
-from tokensvc_client.context import context_with
+from tokensvc_client._chains import ActorChain, TransactionTokens, annotate_span
+from tokensvc_client.context import Verified, context_with
 from tokensvc_client.jwks import JwksCache, KeyRequest
 from tokensvc_client.verifier import DEFAULT_LEEWAY_SECONDS, Verifier
 
