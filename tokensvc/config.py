@@ -21,6 +21,10 @@ from tokensvc.redis import connection
 ACCESS_TTL_CAP = 900
 #: The longest --refresh-grace-seconds (a replay window, not a second token lifetime).
 MAX_REFRESH_GRACE = 60
+#: The longest --txn-token-ttl-cap: Transaction Tokens live for one request's call chain.
+MAX_TXN_TOKEN_TTL = 3600
+#: The deepest --max-act-depth (a verifier follows at most 16 nested act claims).
+MAX_ACT_DEPTH = 16
 
 __all__ = ["ConfigError", "Rate", "Settings", "add_arguments", "load", "parse_args"]
 
@@ -106,6 +110,11 @@ class Settings:
     pkcs11_pin_file: Path | None = None
     pkcs11_sessions: int = 4
     pkcs11_timeout: float = 2.0
+    trust_domain: str = "tokensvc.local"
+    txn_token_ttl: int = 60
+    txn_token_ttl_cap: int = 300
+    max_act_depth: int = 4
+    max_txn_context_bytes: int = 1024
 
     @property
     def host(self) -> str:
@@ -267,6 +276,20 @@ def _check_key_backend(s: Settings) -> None:
         raise ConfigError("--pkcs11-timeout must be above 0 and at most 60 seconds")
 
 
+def _check_call_chains(s: Settings) -> None:
+    """Token exchange and Transaction Tokens (docs/call-chains.md)."""
+    if not s.trust_domain or any(c.isspace() for c in s.trust_domain):
+        raise ConfigError("--trust-domain must be a non-empty name without spaces")
+    if not 1 <= s.txn_token_ttl_cap <= MAX_TXN_TOKEN_TTL:
+        raise ConfigError(f"--txn-token-ttl-cap must be between 1 and {MAX_TXN_TOKEN_TTL} seconds")
+    if not 1 <= s.txn_token_ttl <= s.txn_token_ttl_cap:
+        raise ConfigError("--txn-token-ttl must be between 1 and --txn-token-ttl-cap seconds")
+    if not 1 <= s.max_act_depth <= MAX_ACT_DEPTH:
+        raise ConfigError(f"--max-act-depth must be between 1 and {MAX_ACT_DEPTH}")
+    if not 64 <= s.max_txn_context_bytes <= 2048:
+        raise ConfigError("--max-txn-context-bytes must be between 64 and 2048")
+
+
 _CHECKS: tuple[Callable[[Settings], None], ...] = (
     _check_listen,
     _check_lifetimes,
@@ -279,6 +302,7 @@ _CHECKS: tuple[Callable[[Settings], None], ...] = (
     _check_key_rotation,
     _check_bounds,
     _check_key_backend,
+    _check_call_chains,
 )
 
 
@@ -368,6 +392,18 @@ _OPTIONS: dict[str, tuple[str, type]] = {
     "pkcs11_pin_file": ("file holding the token's user PIN (mode 0600; never a flag)", Path),
     "pkcs11_sessions": ("PKCS#11 operations in flight at most (sessions, threads)", int),
     "pkcs11_timeout": ("seconds to wait for a free session and for the token's answer", float),
+    "trust_domain": ("the trust domain: aud of every Transaction Token", str),
+    "txn_token_ttl": ("default Transaction Token lifetime, seconds", int),
+    "txn_token_ttl_cap": (
+        "longest Transaction Token lifetime a caller may ask for, seconds "
+        f"(max {MAX_TXN_TOKEN_TTL})",
+        int,
+    ),
+    "max_act_depth": ("most workloads in an exchanged token's act chain", int),
+    "max_txn_context_bytes": (
+        "largest tctx and rctx of a Transaction Token, bytes of compact JSON each",
+        int,
+    ),
     "refresh_grace_seconds": (
         "seconds a just-rotated refresh token may be re-presented for the same successor "
         "(lost replies; 0 = strict, max 60)",

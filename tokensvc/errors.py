@@ -73,6 +73,7 @@ class AuthFailure(enum.StrEnum):
     UNBOUND = "unbound"
     INSUFFICIENT_ROLE = "insufficient_role"
     INSUFFICIENT_USER_AUTHENTICATION = "insufficient_user_authentication"
+    ACTOR_CHAIN = "actor_chain"
     #: a refresh token the service did not make (bad MAC), or a family it does not know
     UNKNOWN = "unknown"
     #: bound (RFC 8705) to another certificate than the presenting peer's
@@ -103,11 +104,14 @@ class Denial(enum.StrEnum):
     OTHER_SUBJECT = "other_subject"
     #: Issue for a locked subject: the subject's state, not the caller's failure
     SUBJECT_LOCKED = "subject_locked"
+    #: Exchange or MintTransactionToken beyond what the exchange policy or the narrowing
+    #: rules allow (the handler audits it as ``exchange_denied``)
+    EXCHANGE = "exchange_policy"
 
     @property
     def is_callers(self) -> bool:
         """Whether the caller failed (audited and counted by the admission guard)."""
-        return self is not Denial.SUBJECT_LOCKED
+        return self not in (Denial.SUBJECT_LOCKED, Denial.EXCHANGE)
 
 
 class LimitKind(enum.StrEnum):

@@ -218,9 +218,9 @@ def test_refused_issue_calls_cost_no_signature(mtls_service, monkeypatch):
     signed: list[str] = []
     sign = tokens.sign_access_token
 
-    def counting(key, kid, claims):
+    def counting(key, kid, claims, *typ):
         signed.append(claims["sub"])
-        return sign(key, kid, claims)
+        return sign(key, kid, claims, *typ)
 
     monkeypatch.setattr(tokens, "sign_access_token", counting)
     svc = mtls_service(POLICY, rate_issue=Rate(2, 60))

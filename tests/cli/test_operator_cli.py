@@ -321,3 +321,22 @@ def test_audit_tail_and_rewrap_describe_themselves(capsys):
         usage = capsys.readouterr().out
         assert "Reads Redis directly" in usage or "Talks to Redis directly" in usage
         assert "--data-dir" in usage
+
+
+def test_exchange_from_the_shell(tokensvc, capsys, monkeypatch):
+    """Plaintext development mode: no identities, so the act claim names the address."""
+    where = ["--insecure", "--target", tokensvc.target]
+    assert cli.main(["issue", "alice", "--role", "a", "--role", "b", *where, "-o", "json"]) == 0
+    pair = _json(capsys)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(pair["access_token"] + "\n"))
+    argv = ["exchange", "--audience", "orders", "--role", "a", *where, "-o", "json"]
+    assert cli.main(argv) == 0
+    got = _json(capsys)
+    assert got["session_id"] == pair["session_id"] and got["roles"] == ["a"]
+    assert got["token_type"] == "Bearer" and got["issued_token_type"].endswith(":access_token")
+    assert cli.main(["introspect", got["access_token"], *where, "-o", "json"]) == 0
+    assert _json(capsys)["audience"] == ["orders"]
+    # wider than the subject token: refused, exit 1 with the reason
+    argv = ["exchange", pair["access_token"], "--audience", "x", "--role", "admin", *where]
+    assert cli.main(argv) == 1
+    assert "subset" in capsys.readouterr().err

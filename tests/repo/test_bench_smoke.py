@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench import service_rows
+from bench import rows_call_chains, service_rows
 from bench.run import modules
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 WITH_SERVER_CPU = [
     "limit.grpc_noop",
     *service_rows.ROWS,
+    *rows_call_chains.SERVER_ROWS,
     "rpc.protected_noop",
     "rpc.unprotected_noop",
 ]

@@ -66,6 +66,28 @@ def test_protected_service_example_runs(tokensvc):
     ]
 
 
+def test_call_chain_example_runs(tokensvc):
+    """examples/call_chain.py (docs/call-chains.md) against a plaintext tokensvc, as against
+    `make run`: billing sees alice, the edge's transaction and two exchanges; revoking the
+    session ends the chain at the first hop."""
+    env = dict(os.environ, TOKENSVC=tokensvc.target, TOKENSVC_ISSUER="https://tokensvc.test")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "call_chain.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    edge = "insecure:127.0.0.1"  # plaintext mode: the workloads have no mTLS identity
+    assert done.stdout.splitlines() == [
+        "billing saw alice with scope orders:read and tctx {'order': '42'}",
+        f"in the edge's transaction: True, requested by {edge}",
+        f"through 2 exchanges: {edge} <- {edge}",
+        "after revoking the session: UNAUTHENTICATED",
+    ]
+
+
 def test_readme_kek_recipe_writes_a_private_kek(tmp_path):
     (recipe,) = [
         b

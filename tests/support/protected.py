@@ -52,6 +52,7 @@ class Setup:
         worker_prefix: name prefix of the blocking server's worker threads.
         health: also serve the standard health service.
         load: load the key cache (one fetch) before the server starts.
+        client_kw: how the key cache's token client reaches tokensvc (TLS settings).
     """
 
     handler: grpc.GenericRpcHandler
@@ -63,6 +64,7 @@ class Setup:
     worker_prefix: str = "protected-worker"
     health: bool = False
     load: bool = False
+    client_kw: Mapping[str, Any] = field(default_factory=lambda: {"insecure": True})
 
 
 def _add_port(server: Any, credentials: grpc.ServerCredentials | None) -> int:
@@ -76,7 +78,7 @@ def _interceptor_kw(service: ServerThread, setup: Setup) -> dict[str, Any]:
 
 
 def _start_sync(service: ServerThread, setup: Setup) -> tuple[str, Callable[[], None]]:
-    client = TokenClient(service.target, insecure=True)
+    client = TokenClient(service.target, **setup.client_kw)
 
     def fetch() -> Jwks:
         setup.fetches.append(threading.current_thread().name)
@@ -113,7 +115,7 @@ def _start_aio(service: ServerThread, setup: Setup) -> tuple[str, Callable[[], N
         return asyncio.run_coroutine_threadsafe(coro, loop).result(30)
 
     async def start() -> tuple[grpc.aio.Server, AsyncTokenClient, int]:
-        client = AsyncTokenClient(service.target, insecure=True)
+        client = AsyncTokenClient(service.target, **setup.client_kw)
 
         async def fetch() -> Jwks:
             setup.fetches.append(threading.current_thread().name)

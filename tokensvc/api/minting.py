@@ -1,5 +1,6 @@
 """What the RPC groups share about tokens: minting access tokens and answering with a pair
-(:class:`Minter`), and verifying presented ones against the key ring (:class:`Verification`).
+(:class:`Minter`), and verifying presented ones -- access tokens and Transaction Tokens --
+against the key ring (:class:`Verification`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,13 @@ from tokensvc.keys.ring import KeyRing, SigningUnavailable
 from tokensvc_client.errors import InvalidToken, Reason
 from tokensvc_client.peer import holds_bound_certificate
 from tokensvc_client.v1 import tokensvc_pb2 as pb
-from tokensvc_client.verifier import Claims, Verifier
+from tokensvc_client.verifier import (
+    TOKEN_TYPE,
+    Claims,
+    TransactionClaims,
+    TransactionVerifier,
+    Verifier,
+)
 from tokensvc_client.wire import GRACE_HEADER
 
 log = logging.getLogger("tokensvc.service")
@@ -69,10 +76,19 @@ class Minter:
             KeyUnavailable: the key's token cannot sign now (never signed another way).
         """
         claims = self.claims(base, sid, now, family_expires_ms)
+        return await self.sign(claims), claims["exp"]
+
+    async def sign(self, claims: dict[str, Any], typ: str = TOKEN_TYPE) -> str:
+        """Sign complete ``claims`` (an exchanged access token, or a Transaction Token with
+        its ``typ``) with the active key.
+
+        Raises:
+            KeyUnavailable: the key's token cannot sign now (never signed another way).
+        """
         try:
-            return await self.keyring.sign_token(claims), claims["exp"]
+            return await self.keyring.sign_token(claims, typ)
         except SigningUnavailable as err:  # the pool and health log each change of state
-            log.debug("signing key unavailable sid=%s: %s", sid, err)
+            log.debug("signing key unavailable sid=%s: %s", claims.get("sid", ""), err)
             raise KeyUnavailable() from None
 
     def ready(self) -> None:
@@ -125,6 +141,13 @@ class Verification:
             max_token_bytes=validation.MAX_TOKEN,
             clock=clock,
         )
+        self._transactions = TransactionVerifier(
+            settings.trust_domain,
+            issuer=settings.issuer,
+            leeway=settings.leeway,
+            max_token_bytes=validation.MAX_TOKEN,
+            clock=clock,
+        )
 
     async def verify(self, token: str) -> Claims:
         """Claims of a valid token of any audience.
@@ -141,6 +164,19 @@ class Verification:
             InvalidToken: the token is not acceptable.
         """
         return await self._verify(token, self._own)
+
+    async def verify_transaction(self, token: str) -> TransactionClaims:
+        """Claims of a valid Transaction Token of this trust domain.
+
+        Raises:
+            InvalidToken: the token is not acceptable (an access token: ``bad_type``).
+        """
+        try:
+            return self._transactions.verify(token, self.keyring.public)
+        except InvalidToken as err:
+            if err.reason is not Reason.UNKNOWN_KEY or not await self.keyring.reload_if_stale():
+                raise
+        return self._transactions.verify(token, self.keyring.public)
 
     async def _verify(self, token: str, verifier: Verifier) -> Claims:
         """Verify, reloading the ring once on an unknown kid."""

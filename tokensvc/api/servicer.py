@@ -2,10 +2,11 @@
 
 The groups (:class:`~tokensvc.api.token_rpcs.TokenRpcs`,
 :class:`~tokensvc.api.refresh.RefreshRpcs`, :class:`~tokensvc.api.sessions.SessionRpcs`,
-:class:`~tokensvc.api.admin.AdminRpcs`) each receive the narrow collaborators they use
-(:mod:`tokensvc.api.ports`); this module builds them once and delegates. Every RPC is
-admitted first by the :class:`~tokensvc.api.admission.Guard` (caller policy, rate limits;
-see :func:`tokensvc.api.status.rpc`), and what it does is audited.
+:class:`~tokensvc.api.admin.AdminRpcs`, :class:`~tokensvc.api.exchange.CallChainRpcs`) each
+receive the narrow collaborators they use (:mod:`tokensvc.api.ports`); this module builds
+them once and delegates. Every RPC is admitted first by the
+:class:`~tokensvc.api.admission.Guard` (caller policy, rate limits; see
+:func:`tokensvc.api.status.rpc`), and what it does is audited.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import grpc.aio
 
 from tokensvc.api.admin import AdminRpcs
 from tokensvc.api.admission import Guard
+from tokensvc.api.exchange import CallChainRpcs
 from tokensvc.api.minting import Minter, Verification
 from tokensvc.api.ports import Clock
 from tokensvc.api.refresh import RefreshRpcs
@@ -53,7 +55,8 @@ class TokenService(pb_grpc.TokenServiceServicer):
         clock: Clock = time.time,
     ) -> None:
         hub = hub or RevocationHub(store.redis, max_per_client=settings.max_watchers_per_client)
-        self.guard = Guard(settings, store, audit, policy or CallerPolicy.default())
+        policy = policy or CallerPolicy.default()
+        self.guard = Guard(settings, store, audit, policy)
         minter = Minter(settings, keyring)
         verification = Verification(settings, keyring, clock)
         refresh_tokens = tokens.RefreshTokens(keyring.secret("refresh-mac"))
@@ -69,6 +72,9 @@ class TokenService(pb_grpc.TokenServiceServicer):
             clock=clock,
         )  # fmt: skip
         self.sessions = SessionRpcs(store, self.guard, hub, verification, subject_tags, clock=clock)
+        self.call_chains = CallChainRpcs(
+            settings, store, audit, minter, verification, policy, clock=clock
+        )
         self.admin = AdminRpcs(
             store, keyring, audit, Lifecycle.from_settings(settings), subject_tags,
             subject_ttl_ms=self.tokens.subject_ttl_ms,
@@ -137,6 +143,22 @@ class TokenService(pb_grpc.TokenServiceServicer):
     ) -> AsyncIterator[pb.RevocationEvent]:
         async for event in self.sessions.watch_revocations(request, context):
             yield event
+
+    # -- CallChainRpcs ------------------------------------------------------------------
+
+    @rpc
+    async def Exchange(
+        self, request: pb.ExchangeRequest, context: _C[pb.ExchangeRequest, pb.ExchangeResponse]
+    ) -> pb.ExchangeResponse:
+        return await self.call_chains.exchange(request)
+
+    @rpc
+    async def MintTransactionToken(
+        self,
+        request: pb.MintTransactionTokenRequest,
+        context: _C[pb.MintTransactionTokenRequest, pb.MintTransactionTokenResponse],
+    ) -> pb.MintTransactionTokenResponse:
+        return await self.call_chains.mint_transaction_token(request)
 
     # -- AdminRpcs -----------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Tokens from the shell: ``tokensvc issue``, ``refresh`` and ``introspect``.
+"""Tokens from the shell: ``tokensvc issue``, ``refresh``, ``introspect`` and ``exchange``.
 
 What the login service and the mesh's services do with a client library, a newcomer can do
 from a terminal (grpcurl is not on a fresh machine): issue a pair for a subject, rotate it,
@@ -7,9 +7,11 @@ ask whether a token is active. The commands take the transport flags of
 line (:mod:`tokensvc.cli.output`), like every other command; a pair is printed one field a
 line (tokens are too wide for columns).
 
-A token given on the command line lands in the shell's history: ``refresh`` and
-``introspect`` read it from standard input when the argument is ``-`` or left out
-(``tokensvc issue alice -o json | jq -r .refresh_token | tokensvc refresh``).
+A token given on the command line lands in the shell's history: ``refresh``,
+``introspect`` and ``exchange`` read it from standard input when the argument is ``-`` or
+left out (``tokensvc issue alice -o json | jq -r .refresh_token | tokensvc refresh``).
+``exchange`` trades an access token for one to call another audience (RFC 8693,
+docs/call-chains.md) as the workload of ``--cert``.
 ``introspect`` exits 0 for an active token and 1 for any other (scripts can test it).
 """
 
@@ -32,7 +34,7 @@ def _command(commands: Any, name: str, text: str) -> argparse.ArgumentParser:
 
 
 def add_commands(commands: Any) -> None:
-    """Add ``issue``, ``refresh`` and ``introspect`` to the CLI."""
+    """Add ``issue``, ``refresh``, ``introspect`` and ``exchange`` to the CLI."""
     issue = _command(
         commands, "issue", "issue an access and refresh token pair for a subject (Issue)"
     )
@@ -71,6 +73,39 @@ def add_commands(commands: Any) -> None:
             help=f"{what}, or - to read it from standard input (keeps it out of the shell's "
             "history) [default: -]",
         )
+    exchange = _command(
+        commands,
+        "exchange",
+        "exchange an access token for one to call another audience, naming this workload "
+        "(--cert) in its act claim (Exchange, RFC 8693)",
+    )
+    exchange.add_argument(
+        "token",
+        nargs="?",
+        default="-",
+        help="the access token received (subject token), or - to read it from standard "
+        "input [default: -]",
+    )
+    exchange.add_argument(
+        "--audience",
+        action="append",
+        default=[],
+        required=True,
+        help="the audience of the new token (repeat) [default: none; required]",
+    )
+    exchange.add_argument(
+        "--role",
+        action="append",
+        dest="roles",
+        default=[],
+        help="a role of the new token, a subset of the subject token's (repeat) "
+        "[default: all the policy lets pass]",
+    )
+    exchange.add_argument(
+        "--impersonate",
+        action="store_true",
+        help="no act claim naming this workload (only where the policy allows) [default: off]",
+    )
 
 
 def _token(args: argparse.Namespace) -> str:
@@ -103,6 +138,14 @@ def _call(stub: Any, args: argparse.Namespace) -> Any:
     if args.rpc == "refresh":
         refresh = pb.RefreshRequest(refresh_token=_token(args))
         return stub.Refresh(refresh, timeout=args.timeout).tokens
+    if args.rpc == "exchange":
+        exchange = pb.ExchangeRequest(
+            subject_token=_token(args),
+            audience=args.audience,
+            roles=args.roles,
+            impersonate=args.impersonate,
+        )
+        return stub.Exchange(exchange, timeout=args.timeout)
     return stub.Introspect(pb.IntrospectRequest(token=_token(args)), timeout=args.timeout)
 
 

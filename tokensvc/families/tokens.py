@@ -195,9 +195,13 @@ def _compact_json(value: Any) -> str:
 
 
 def sign_access_token(
-    key: jwk.JWK | ec.EllipticCurvePrivateKey, kid: str, claims: dict[str, Any]
+    key: jwk.JWK | ec.EllipticCurvePrivateKey,
+    kid: str,
+    claims: dict[str, Any],
+    typ: str = TOKEN_TYPE,
 ) -> str:
-    """Sign claims as a compact ES256 JWS with ``typ: at+jwt`` (RFC 9068).
+    """Sign claims as a compact ES256 JWS with ``typ: at+jwt`` (RFC 9068), or another
+    ``typ`` (``txntoken+jwt`` for a Transaction Token).
 
     ``key`` is best the ``cryptography`` private key itself (a local signer keeps it, see
     :class:`tokensvc.keys.local.SigningKey`): signing then goes straight to OpenSSL, with
@@ -207,7 +211,7 @@ def sign_access_token(
     jwcrypto stays the verifier's library.
     """
     private = key if isinstance(key, ec.EllipticCurvePrivateKey) else key.get_op_key("sign")
-    data = signing_input(kid, claims).encode("ascii")
+    data = signing_input(kid, claims, typ).encode("ascii")
     r, s = decode_dss_signature(private.sign(data, _ECDSA_SHA256))
     return compact_jws_bytes(data, r.to_bytes(32, "big") + s.to_bytes(32, "big"))
 
@@ -216,14 +220,15 @@ _ECDSA_SHA256: Final = ec.ECDSA(hashes.SHA256())
 
 
 @functools.lru_cache(maxsize=64)
-def _header(kid: str) -> str:
-    """An access token's encoded JOSE header (a handful of kids in a ring's life)."""
-    return _b64url(_compact_json({"alg": ALGORITHM, "typ": TOKEN_TYPE, "kid": kid}))
+def _header(kid: str, typ: str) -> str:
+    """A token's encoded JOSE header (a handful of kids in a ring's life, two typs)."""
+    return _b64url(_compact_json({"alg": ALGORITHM, "typ": typ, "kid": kid}))
 
 
-def signing_input(kid: str, claims: dict[str, Any]) -> str:
-    """``header.payload`` of an access token: what an ES256 signer signs (SHA-256 of it)."""
-    return f"{_header(kid)}.{_b64url(_compact_json(claims))}"
+def signing_input(kid: str, claims: dict[str, Any], typ: str = TOKEN_TYPE) -> str:
+    """``header.payload`` of an access token (or, with its ``typ``, a Transaction Token):
+    what an ES256 signer signs (SHA-256 of it)."""
+    return f"{_header(kid, typ)}.{_b64url(_compact_json(claims))}"
 
 
 def compact_jws_bytes(data: bytes, signature: bytes) -> str:

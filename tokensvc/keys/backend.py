@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from tokensvc.errors import TokensvcError
+from tokensvc_client.verifier import TOKEN_TYPE
 
 #: the record field naming a key's backend (absent: ``local``)
 BACKEND_FIELD = "backend"
@@ -49,9 +50,9 @@ class Signer(Protocol):
     @property
     def kid(self) -> str: ...
 
-    async def sign_token(self, claims: dict[str, Any]) -> str:
+    async def sign_token(self, claims: dict[str, Any], typ: str = TOKEN_TYPE) -> str:
         """The compact ES256 JWS of ``claims`` (:func:`tokensvc.families.tokens.sign_access_token`'s
-        format), signed with this key.
+        format; ``typ``: the JOSE type, a Transaction Token's for those), signed with this key.
 
         Raises:
             SigningUnavailable: the key's holder cannot sign now.

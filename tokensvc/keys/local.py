@@ -24,7 +24,7 @@ from jwcrypto import jwe, jwk
 
 from tokensvc.families import tokens
 from tokensvc.keys.backend import LOCAL, KeyRingError
-from tokensvc_client.verifier import ALGORITHM, b64url_decode
+from tokensvc_client.verifier import ALGORITHM, TOKEN_TYPE, b64url_decode
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,8 +42,8 @@ class SigningKey:
             raise KeyRingError(f"signing key {self.kid} is not an EC private key")
         object.__setattr__(self, "private", private)
 
-    async def sign_token(self, claims: dict[str, Any]) -> str:
-        return tokens.sign_access_token(self.private, self.kid, claims)
+    async def sign_token(self, claims: dict[str, Any], typ: str = TOKEN_TYPE) -> str:
+        return tokens.sign_access_token(self.private, self.kid, claims, typ)
 
 
 class LocalBackend:

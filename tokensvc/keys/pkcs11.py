@@ -37,6 +37,7 @@ from tokensvc.families import tokens
 from tokensvc.keys.backend import BACKEND_FIELD, PKCS11, KeyRingError, SigningUnavailable
 from tokensvc.keys.local import public_jwk
 from tokensvc.keys.token_pool import TokenPool
+from tokensvc_client.verifier import TOKEN_TYPE
 
 log = logging.getLogger("tokensvc.keyring")
 _P256_OID = "1.2.840.10045.3.1.7"
@@ -53,8 +54,8 @@ class Pkcs11Signer:
     def kid(self) -> str:
         return self._kid
 
-    async def sign_token(self, claims: dict[str, Any]) -> str:
-        data = tokens.signing_input(self._kid, claims)
+    async def sign_token(self, claims: dict[str, Any], typ: str = TOKEN_TYPE) -> str:
+        data = tokens.signing_input(self._kid, claims, typ)
         digest = hashlib.sha256(data.encode("ascii")).digest()
         raw = await self._backend.sign(self._kid, digest)
         return tokens.compact_jws(data, raw)

@@ -63,7 +63,7 @@ from tokensvc.keys.local import LocalBackend, SigningKey, jwe_kid, undecryptable
 from tokensvc.redis.connection import RedisClient
 from tokensvc.store import guarded, text
 from tokensvc.store.keyspace import AUDIT_STREAM, REVOCATIONS, RING_VERSION
-from tokensvc_client.verifier import KeySet, b64url_decode
+from tokensvc_client.verifier import TOKEN_TYPE, KeySet, b64url_decode
 
 __all__ = [
     "KeyRing",
@@ -255,13 +255,14 @@ class KeyRing:
             raise KeyRingError("no active signing key")
         return self._signing
 
-    async def sign_token(self, claims: dict[str, Any]) -> str:
-        """An access token for ``claims``, signed by the active key's backend.
+    async def sign_token(self, claims: dict[str, Any], typ: str = TOKEN_TYPE) -> str:
+        """An access token for ``claims`` (a Transaction Token with its ``typ``), signed by
+        the active key's backend.
 
         Raises:
             SigningUnavailable: the active key's backend cannot sign now.
         """
-        return await self.signing.sign_token(claims)
+        return await self.signing.sign_token(claims, typ)
 
     def check_signing(self) -> None:
         """Raise :class:`SigningUnavailable` if the active key's backend is known to be

@@ -114,7 +114,7 @@ FOLLOW_BLOCK_MS: Final = 1000
 
 REDACTED: Final = "[redacted]"
 #: Events any caller can cause at will: their log lines are rate-limited (:data:`LOG_BURST`).
-_CALLER_CAUSED: Final = frozenset({"denied", "auth_failed", "rate_limited"})
+_CALLER_CAUSED: Final = frozenset({"denied", "auth_failed", "rate_limited", "exchange_denied"})
 #: The shared log budget of the peers beyond :data:`LOG_PEERS_MAX` (not a peer name).
 _OTHER_PEERS: Final = "(other peers)"
 #: Marks a queued security record not yet written to the security stream (never stored).

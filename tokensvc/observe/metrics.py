@@ -153,6 +153,15 @@ class ServerMetrics:
         )
         self.rotations = counter("keys.rotations", "{rotation}", "Key rotations by kind")
         self.retirements = counter("keys.retirements", "{key}", "Pending keys retired")
+        self.exchanged = counter(
+            "tokens.exchanged", "{token}", "Access tokens exchanged (RFC 8693), by kind"
+        )
+        self.txn_minted = counter(
+            "txn_tokens.minted", "{token}", "Transaction Tokens minted, replacements apart"
+        )
+        self.exchange_denials = counter(
+            "exchange.denials", "{call}", "Exchanges and mints refused by the exchange policy"
+        )
         self.suppressed = counter(
             "audit.suppressed",
             "{call}",
@@ -178,6 +187,15 @@ class ServerMetrics:
             ),
             "keys_rotated": lambda f: self.rotations.add(1, {"kind": label(f.get("reason", ""))}),
             "key_retired": lambda f: self.retirements.add(1),
+            "exchanged": lambda f: self.exchanged.add(
+                1, {"kind": "impersonation" if f.get("impersonated") == "1" else "delegation"}
+            ),
+            "txn_token_minted": lambda f: self.txn_minted.add(
+                1, {"replacement": f.get("replaced") == "1"}
+            ),
+            "exchange_denied": lambda f: self.exchange_denials.add(
+                1, {"rpc": label(f.get("rpc", ""))}
+            ),
             "suppressed": lambda f: self.suppressed.add(
                 int(f.get("calls", "0") or 0), {"event": label(f.get("reason", ""))}
             ),

@@ -29,13 +29,32 @@ Server reflection (``[rpc.ServerReflectionInfo]``, :data:`REFLECTION`) is by def
 to the admin identities (those any admin RPC admits) and to callers on a loopback address;
 a table for it replaces that default. Unknown RPC names or keys are an error at start-up:
 a typo must not silently open or close an RPC.
+
+Call chains (docs/call-chains.md): ``Exchange`` and ``MintTransactionToken`` admit any
+authenticated peer by default, and then do only what a table for the calling identity
+allows (nothing without one; refusals are PERMISSION_DENIED, audited ``exchange_denied``)::
+
+    [exchange."spiffe://example.org/ns/shop/sa/frontend"]
+    subject_audiences = ["frontend"]  # subject tokens must be addressed to this workload
+    audiences = ["orders", "billing"] # the audiences it may ask for
+    roles = ["orders:read"]           # optional: the most the result may carry
+    impersonate = false               # true: may ask for a result without an act claim
+
+    [transaction_tokens."spiffe://example.org/ns/edge/sa/gateway"]
+    subject_audiences = ["shop"]      # may mint from access tokens addressed to these
+    scopes = ["orders.read"]          # optional: the most a minted scope may hold
+    own_scopes = ["nightly.reindex"]  # may mint for itself (no user) with these scopes
+    replace = true                    # may get narrowing replacements of a Txn-Token
+
+With ``--insecure`` (no identities) these tables are not enforced, like the RPC rules;
+the narrowing rules (role and scope subsets, expiry, act depth) always hold.
 """
 
 from __future__ import annotations
 
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,11 +91,43 @@ DEFAULT_RULES: Mapping[str, Rule] = {
     "ListSessions": Rule(),  # or the subject itself, with its own token (tokensvc.api.sessions)
     "WatchRevocations": Rule(frozenset({ANY_AUTHENTICATED})),
     "ServerReflectionInfo": Rule(),  # by default: see CallerPolicy.admits_reflection
+    # the [exchange.*] and [transaction_tokens.*] tables decide what each caller may do
+    "Exchange": Rule(frozenset({ANY_AUTHENTICATED})),
+    "MintTransactionToken": Rule(frozenset({ANY_AUTHENTICATED})),
 }
 #: The reflection service's one RPC (grpc.reflection.v1alpha.ServerReflection).
 REFLECTION = "ServerReflectionInfo"
 #: The admin RPCs: whom they admit may also use reflection by default.
 ADMIN_RPCS = ("LockSubject", "UnlockSubject", "ListKeys", "RotateKeys", "RetireKey")
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeRule:
+    """What one workload may get from ``Exchange`` (a ``[exchange."ID"]`` table)."""
+
+    #: the subject token must be addressed to one of these (tokens this workload received)
+    subject_audiences: frozenset[str]
+    #: the audiences it may ask for
+    audiences: frozenset[str]
+    #: the most the result may carry (None: whatever the subject token has)
+    roles: frozenset[str] | None = None
+    #: may ask for a result without an ``act`` claim naming it
+    impersonate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionRule:
+    """What one workload may get from ``MintTransactionToken`` (a
+    ``[transaction_tokens."ID"]`` table)."""
+
+    #: may mint from access tokens addressed to one of these (empty: not from access tokens)
+    subject_audiences: frozenset[str] = frozenset()
+    #: the most a scope minted from an access token may hold (None: its roles)
+    scopes: frozenset[str] | None = None
+    #: may mint for itself, with these scopes at most (empty: not for itself)
+    own_scopes: frozenset[str] = frozenset()
+    #: may get (narrowing) replacements of Transaction Tokens
+    replace: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,6 +137,10 @@ class CallerPolicy:
     rules: Mapping[str, Rule]
     #: RPCs the policy file lists (the others keep their defaults)
     listed: frozenset[str] = frozenset()
+    #: ``[exchange."ID"]`` tables by identity
+    exchange: Mapping[str, ExchangeRule] = field(default_factory=dict)
+    #: ``[transaction_tokens."ID"]`` tables by identity
+    transaction_tokens: Mapping[str, TransactionRule] = field(default_factory=dict)
 
     @classmethod
     def default(cls) -> CallerPolicy:
@@ -102,9 +157,12 @@ class CallerPolicy:
             doc = tomllib.loads(text)
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{source}: not valid TOML: {err}") from None
-        unknown = set(doc) - {"rpc"}
+        unknown = set(doc) - {"rpc", "exchange", "transaction_tokens"}
         if unknown:
-            raise ConfigError(f"{source}: unknown table(s) {sorted(unknown)}; expected [rpc.NAME]")
+            raise ConfigError(
+                f"{source}: unknown table(s) {sorted(unknown)}; expected [rpc.NAME], "
+                '[exchange."ID"] or [transaction_tokens."ID"]'
+            )
         rules = dict(DEFAULT_RULES)
         tables = doc.get("rpc", {})
         if not isinstance(tables, dict):
@@ -115,7 +173,15 @@ class CallerPolicy:
                     f"{source}: unknown RPC {name!r}; known: {', '.join(sorted(DEFAULT_RULES))}"
                 )
             rules[name] = _rule(f"{source}: [rpc.{name}]", table)
-        return cls(rules, frozenset(tables))
+        exchange = {
+            identity: _exchange_rule(f'{source}: [exchange."{identity}"]', table)
+            for identity, table in _identity_tables(source, "exchange", doc).items()
+        }
+        minting = {
+            identity: _transaction_rule(f'{source}: [transaction_tokens."{identity}"]', table)
+            for identity, table in _identity_tables(source, "transaction_tokens", doc).items()
+        }
+        return cls(rules, frozenset(tables), exchange, minting)
 
     @classmethod
     def from_file(cls, path: Path) -> CallerPolicy:
@@ -156,6 +222,7 @@ class CallerPolicy:
     def common_names(self) -> list[str]:
         """The ``cn:NAME`` identities the policy lists (sorted)."""
         names = {name for rule in self.rules.values() for name in rule.allow}
+        names.update(self.exchange, self.transaction_tokens)
         return sorted(name for name in names if name.startswith(CN_PREFIX))
 
 
@@ -178,3 +245,72 @@ def _rule(where: str, table: Any) -> Rule:
     if not isinstance(anonymous, bool):
         raise ConfigError(f"{where}: anonymous must be true or false")
     return Rule(frozenset(allow), anonymous)
+
+
+def _identity_tables(source: str, kind: str, doc: Mapping[str, Any]) -> dict[str, Any]:
+    tables = doc.get(kind, {})
+    if not isinstance(tables, dict):
+        raise ConfigError(f'{source}: {kind} must be a table of [{kind}."ID"] tables')
+    for identity in tables:
+        if not is_identity(identity):
+            raise ConfigError(
+                f"{source}: [{kind}.{identity!r}] does not name an identity: write a SPIFFE "
+                "ID (quoted) or cn:NAME"
+            )
+    return tables
+
+
+def _names(where: str, table: Mapping[str, Any], key: str, *, required: bool) -> frozenset[str]:
+    value = table.get(key)
+    if value is None and not required:
+        return frozenset()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{where}: {key} must be a list of non-empty strings")
+    if required and not value:
+        raise ConfigError(f"{where}: {key} must name at least one")
+    return frozenset(value)
+
+
+def _flag(where: str, table: Mapping[str, Any], key: str) -> bool:
+    value = table.get(key, False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: {key} must be true or false")
+    return value
+
+
+def _known_keys(where: str, table: Any, keys: frozenset[str]) -> Mapping[str, Any]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table")
+    unknown = set(table) - keys
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {sorted(unknown)}; expected {', '.join(sorted(keys))}"
+        )
+    return table
+
+
+_EXCHANGE_KEYS = frozenset({"subject_audiences", "audiences", "roles", "impersonate"})
+_TRANSACTION_KEYS = frozenset({"subject_audiences", "scopes", "own_scopes", "replace"})
+
+
+def _exchange_rule(where: str, table: Any) -> ExchangeRule:
+    table = _known_keys(where, table, _EXCHANGE_KEYS)
+    return ExchangeRule(
+        subject_audiences=_names(where, table, "subject_audiences", required=True),
+        audiences=_names(where, table, "audiences", required=True),
+        roles=_names(where, table, "roles", required=False) if "roles" in table else None,
+        impersonate=_flag(where, table, "impersonate"),
+    )
+
+
+def _transaction_rule(where: str, table: Any) -> TransactionRule:
+    table = _known_keys(where, table, _TRANSACTION_KEYS)
+    rule = TransactionRule(
+        subject_audiences=_names(where, table, "subject_audiences", required=False),
+        scopes=_names(where, table, "scopes", required=False) if "scopes" in table else None,
+        own_scopes=_names(where, table, "own_scopes", required=False),
+        replace=_flag(where, table, "replace"),
+    )
+    if not (rule.subject_audiences or rule.own_scopes or rule.replace):
+        raise ConfigError(f"{where}: allows nothing: set subject_audiences, own_scopes or replace")
+    return rule

@@ -1,6 +1,7 @@
 """Client library of tokensvc: stubs, TokenClient, AuthInterceptor, call credentials."""
 
 from tokensvc_client._auth import DEFAULT_EXEMPT, MethodPolicy, RevocationCheck
+from tokensvc_client._chains import ActorChain
 from tokensvc_client._feed_core import FeedStale
 from tokensvc_client._rejection import Rejection
 from tokensvc_client._stepup import StepUp
@@ -8,7 +9,17 @@ from tokensvc_client.aio import AsyncTokenClient
 from tokensvc_client.aio_interceptor import AioAuthInterceptor
 from tokensvc_client.channels import aio_channel, channel, channel_credentials
 from tokensvc_client.client import TokenClient
-from tokensvc_client.context import NoClaims, current_claims, current_claims_or_none
+from tokensvc_client.context import (
+    NoClaims,
+    TransactionLogFilter,
+    current_access_token,
+    current_claims,
+    current_claims_or_none,
+    current_transaction,
+    current_transaction_or_none,
+    outgoing_txn_token,
+    sending_txn_token,
+)
 from tokensvc_client.credentials import TokenCredentials, token_call_credentials
 from tokensvc_client.errors import (
     InvalidArgument,
@@ -26,20 +37,41 @@ from tokensvc_client.errors import (
 from tokensvc_client.interceptor import AuthInterceptor
 from tokensvc_client.jwks import AsyncJwksCache, JwksCache
 from tokensvc_client.jwks_http import HttpsJwksSource
-from tokensvc_client.results import Introspection, Jwks, SessionInfo, TokenPair
+from tokensvc_client.propagation import (
+    AioTransactionPropagator,
+    TransactionPropagator,
+    aio_transaction_propagators,
+)
+from tokensvc_client.results import (
+    ExchangedToken,
+    Introspection,
+    Jwks,
+    SessionInfo,
+    TokenPair,
+    TransactionToken,
+)
 from tokensvc_client.revocation_feed import FEED_CHANNEL_OPTIONS, AioRevocationFeed, RevocationFeed
 from tokensvc_client.revocations import RevocationSet
-from tokensvc_client.verifier import Claims, KeySet, Verifier
+from tokensvc_client.verifier import (
+    Claims,
+    KeySet,
+    TransactionClaims,
+    TransactionVerifier,
+    Verifier,
+)
 
 __all__ = [
     "DEFAULT_EXEMPT",
     "FEED_CHANNEL_OPTIONS",
+    "ActorChain",
     "AioAuthInterceptor",
     "AioRevocationFeed",
+    "AioTransactionPropagator",
     "AsyncJwksCache",
     "AsyncTokenClient",
     "AuthInterceptor",
     "Claims",
+    "ExchangedToken",
     "FeedStale",
     "HttpsJwksSource",
     "Introspection",
@@ -65,14 +97,25 @@ __all__ = [
     "TokenCredentials",
     "TokenPair",
     "TokenServiceError",
+    "TransactionClaims",
+    "TransactionLogFilter",
+    "TransactionPropagator",
+    "TransactionToken",
+    "TransactionVerifier",
     "Unauthenticated",
     "Unavailable",
     "Verifier",
     "aio_channel",
+    "aio_transaction_propagators",
     "channel",
     "channel_credentials",
+    "current_access_token",
     "current_claims",
     "current_claims_or_none",
+    "current_transaction",
+    "current_transaction_or_none",
     "from_rpc_error",
+    "outgoing_txn_token",
+    "sending_txn_token",
     "token_call_credentials",
 ]

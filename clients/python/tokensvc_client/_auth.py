@@ -8,6 +8,9 @@ rule. The decision covers everything the call's metadata tells: the token, revoc
 step-up requirements (:class:`StepUp`, RFC 9470) and the method policy. What needs the
 call's TLS peer -- certificate binding (RFC 8705) -- is decided by
 :meth:`Authenticator.check_binding` once the handler runs, where the peer is known.
+A call's Transaction Token (``txn-token`` metadata) and its access token's actor chain
+are decided here too (:mod:`tokensvc_client._chains`); a decision's success is a
+:class:`~tokensvc_client.context.Verified`, what the handler's context then holds.
 
 Its parts live next door: rejections in :mod:`tokensvc_client._rejection`, step-up
 requirements in :mod:`tokensvc_client._stepup`, method names and handlers in
@@ -18,10 +21,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Generator, Iterable, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from tokensvc_client import _metrics
-from tokensvc_client._handlers import Handler, MethodFilter
+from tokensvc_client._chains import (
+    ACTOR_CHAIN_DENIED,
+    ActorChain,
+    ActorChainTable,
+    TransactionTokens,
+    invalid_txn_token,
+)
+from tokensvc_client._handlers import (
+    Handler,
+    MethodFilter,
+)
 from tokensvc_client._rejection import (
     CERTIFICATE_MISMATCH,
     CHECK_FAILED,
@@ -33,15 +46,17 @@ from tokensvc_client._rejection import (
 )
 from tokensvc_client._stepup import StepUp, StepUpTable, insufficient_user_authentication
 from tokensvc_client.cache import BoundedCache
+from tokensvc_client.context import Verified
 from tokensvc_client.errors import InvalidToken, Reason
 from tokensvc_client.jwks import CURRENT, KeyRequest
 from tokensvc_client.peer import holds_bound_certificate, peer_of
-from tokensvc_client.verifier import Claims, KeySet, Verifier
-from tokensvc_client.wire import Metadata, bearer_token
+from tokensvc_client.verifier import Claims, KeySet, TransactionClaims, Verifier
+from tokensvc_client.wire import Metadata, bearer_token, txn_token
 
 __all__ = [
     "DEFAULT_EXEMPT",
     "Authenticator",
+    "CallDecision",
     "Decision",
     "HandlerMemo",
     "HasAuthContext",
@@ -69,14 +84,21 @@ MethodPolicy = Callable[[str, Claims], Rejection | None]
 RevocationCheck = Callable[[Claims], bool]
 #: What :meth:`Authenticator.decide` yields, is sent, and returns.
 Decision = Generator[KeyRequest, KeySet | None, Claims | Rejection]
+#: :meth:`Authenticator.decide_call`'s: the whole verified call (what the interceptors use).
+CallDecision = Generator[KeyRequest, KeySet | None, Verified | Rejection]
+_Outcome = TypeVar("_Outcome")
+#: The Transaction Token part of a decision: its claims and token, none, or a rejection.
+_TxnDecision = Generator[
+    KeyRequest, KeySet | None, tuple[TransactionClaims, str] | Rejection | None
+]
 
 
-class HandlerMemo(BoundedCache[tuple[int, int], tuple[Handler, Claims, Handler]]):
-    """Handlers already wrapped for a verified token's claims: a warm call reuses the
-    wrapper instead of building one (the same claims object comes back from the
-    verifier's cache while the token stays valid)."""
+class HandlerMemo(BoundedCache[tuple[int, int], tuple[Handler, Verified, Handler]]):
+    """Handlers already wrapped for a verified call: a warm call reuses the wrapper instead
+    of building one (the same :class:`Verified` comes back while its tokens stay valid:
+    see :meth:`Authenticator.verified`)."""
 
-    def wrapped(self, handler: Handler, claims: Claims, build: Callable[[], Handler]) -> Handler:
+    def wrapped(self, handler: Handler, claims: Verified, build: Callable[[], Handler]) -> Handler:
         key = (id(handler), id(claims))
         hit = self.get(key)
         if hit is not None and hit[0] is handler and hit[1] is claims:  # ids not reused
@@ -108,6 +130,10 @@ class Authenticator:
             and :class:`StepUpTable`. Checked after revocation, before ``policy``.
         require_binding: refuse tokens not bound to a client certificate (``unbound``);
             see :meth:`check_binding`.
+        transactions: optional; verify the ``txn-token`` metadata entry (see
+            :class:`~tokensvc_client._chains.TransactionTokens`).
+        actor_chains: optional actor-chain requirements by method or prefix; see
+            :class:`~tokensvc_client._chains.ActorChain`. Checked after step-up.
     """
 
     def __init__(
@@ -119,6 +145,8 @@ class Authenticator:
         policy: MethodPolicy | None = None,
         step_up: Mapping[str, StepUp] | None = None,
         require_binding: bool = False,
+        transactions: TransactionTokens | None = None,
+        actor_chains: Mapping[str, ActorChain] | None = None,
     ) -> None:
         if verifier.audience is None:
             raise ValueError("an interceptor's verifier must check an audience")
@@ -129,6 +157,17 @@ class Authenticator:
         table = StepUpTable(step_up or {})
         self.step_up = table if len(table) else None
         self.require_binding = bool(require_binding)
+        self.transactions = transactions
+        self._txn_values: set[str] = set()  # txn-token values already seen well-formed
+        chains = ActorChainTable(actor_chains or {})
+        self.actor_chains = chains if len(chains) else None
+        # one Verified per (claims, transaction claims) objects, as long as the verifiers'
+        # caches return the same ones: warm calls reuse their wrapped handler
+        self._verified: BoundedCache[tuple[int, int], Verified] = BoundedCache(verifier.cache_size)
+        # a Transaction Token's revocation view, per (cached) claims object
+        self._revocation_views: BoundedCache[int, tuple[TransactionClaims, Claims]] = BoundedCache(
+            verifier.cache_size
+        )
         # the decision for an exact authorization value: value -> token here, token ->
         # claims in the verifier's cache (which re-checks exp and the key on every hit);
         # revocation, step-up and policy are decided on every call
@@ -150,15 +189,22 @@ class Authenticator:
         _metrics.TOTALS.refused[reason_of(rejection)] += 1
 
     def decide(self, method: str, metadata: Metadata) -> Decision:
-        """Decide one call; a generator that yields key requests (see the module doc)."""
+        """Decide one call; a generator that yields key requests (see the module doc) and
+        returns the access token's claims or a rejection."""
+        outcome = yield from self.decide_call(method, metadata)
+        return outcome if isinstance(outcome, Rejection) else outcome.claims
+
+    def decide_call(self, method: str, metadata: Metadata) -> CallDecision:
+        """:meth:`decide`, returning the whole :class:`Verified` call (its Transaction Token
+        too): what the handler's context holds."""
         outcome = yield from self._decide(method, metadata)
         if isinstance(outcome, Rejection):
             self._count(outcome)
-        elif not self.checks_binding(outcome):  # else check_binding counts it
+        elif not self.checks_binding(outcome.claims):  # else check_binding counts it
             _metrics.TOTALS.allowed += 1
         return outcome
 
-    def _decide(self, method: str, metadata: Metadata) -> Decision:
+    def _decide(self, method: str, metadata: Metadata) -> CallDecision:
         try:
             token = self._token(metadata)
             keys = yield CURRENT
@@ -173,7 +219,8 @@ class Authenticator:
                 newer = yield KeyRequest(lacking=keys)
                 if newer is None:
                     raise
-                claims = self.verifier.verify(token, newer)
+                keys = newer
+                claims = self.verifier.verify(token, keys)
             if self._revoked(claims):
                 raise InvalidToken(Reason.REVOKED)
         except InvalidToken as err:
@@ -182,11 +229,78 @@ class Authenticator:
             return Rejection.invalid_token(err.reason)
         except _HookFailed:
             return CHECK_FAILED
+        transaction = None
+        if self.transactions is not None:
+            found = yield from self._transaction(self.transactions, method, metadata, keys)
+            if isinstance(found, Rejection):
+                return found
+            transaction = found
         if self.step_up is not None:
             denial = self._check_step_up(method, claims)
             if denial is not None:
                 return denial
-        return self._apply_policy(method, claims)
+        if self.actor_chains is not None:
+            required = self.actor_chains.lookup(method)
+            if required is not None and not required.accepts(claims):
+                log.info("denied call to %s: actor chain %s", method, claims.actors)
+                return ACTOR_CHAIN_DENIED
+        outcome = self._apply_policy(method, claims)
+        if isinstance(outcome, Rejection):
+            return outcome
+        return self.verified(outcome, token, transaction)
+
+    def _transaction(
+        self, rules: TransactionTokens, method: str, metadata: Metadata, keys: KeySet
+    ) -> _TxnDecision:
+        """The call's Transaction Token: verified, not revoked (its session), or required."""
+        try:
+            token = txn_token(metadata, self._txn_values)
+            if token is None:
+                if method in rules.required:
+                    raise InvalidToken(Reason.MISSING)
+                return None
+            try:
+                claims = rules.verifier.verify(token, keys)
+            except InvalidToken as err:
+                if err.reason is not Reason.UNKNOWN_KEY:
+                    raise
+                newer = yield KeyRequest(lacking=keys)
+                if newer is None:
+                    raise
+                claims = rules.verifier.verify(token, newer)
+            if self.revocation_check is not None and self._revoked(self._view(claims)):
+                raise InvalidToken(Reason.REVOKED)
+        except InvalidToken as err:
+            log.info("rejected call to %s: txn-token %s", method, err)
+            return invalid_txn_token(err.reason)
+        except _HookFailed:
+            return CHECK_FAILED
+        return claims, token
+
+    def _view(self, claims: TransactionClaims) -> Claims:
+        """:meth:`TransactionClaims.for_revocation`, built once per claims object."""
+        hit = self._revocation_views.get(id(claims))
+        if hit is not None and hit[0] is claims:
+            return hit[1]
+        view = claims.for_revocation()
+        self._revocation_views.put(id(claims), (claims, view))
+        return view
+
+    def verified(
+        self,
+        claims: Claims,
+        token: str,
+        transaction: tuple[TransactionClaims, str] | None,
+    ) -> Verified:
+        """The :class:`Verified` of a call, the same object for the same (cached) claims."""
+        txn = transaction[0] if transaction is not None else None
+        key = (id(claims), id(txn))
+        hit = self._verified.get(key)
+        if hit is not None and hit.claims is claims and hit.transaction is txn:
+            return hit
+        made = Verified(claims, token, txn, transaction[1] if transaction is not None else None)
+        self._verified.put(key, made)  # holding both objects keeps their ids unique
+        return made
 
     def _check_step_up(self, method: str, claims: Claims) -> Rejection | None:
         required = self.step_up.lookup(method) if self.step_up is not None else None
@@ -277,11 +391,13 @@ class _HookFailed(Exception):
     """A hook raised; the call is refused (fail closed)."""
 
 
-def step(decision: Decision, reply: KeySet | None) -> Claims | Rejection | KeyRequest:
+def step(
+    decision: Generator[KeyRequest, KeySet | None, _Outcome], reply: KeySet | None
+) -> _Outcome | KeyRequest:
     """Advance a decision (``reply`` ``None`` starts it): its next key request, or its
     result."""
     try:
         return decision.send(reply)
     except StopIteration as done:
-        result: Claims | Rejection = done.value
+        result: _Outcome = done.value
         return result

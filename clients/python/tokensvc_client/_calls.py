@@ -8,6 +8,7 @@ the parser of its response. :class:`~tokensvc_client.client.TokenClient` and
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,7 +18,14 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from tokensvc_client.errors import RpcFailed
-from tokensvc_client.results import Introspection, Jwks, SessionInfo, TokenPair
+from tokensvc_client.results import (
+    ExchangedToken,
+    Introspection,
+    Jwks,
+    SessionInfo,
+    TokenPair,
+    TransactionToken,
+)
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 
 Resp = TypeVar("Resp", bound=Message)
@@ -31,7 +39,12 @@ Method = Literal[
     "LockSubject",
     "UnlockSubject",
     "ListSessions",
+    "Exchange",
+    "MintTransactionToken",
 ]
+#: RFC 8693 / draft-ietf-oauth-transaction-tokens-10 subject token types
+TXN_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:txn_token"
+WORKLOAD_TOKEN_TYPE = "urn:tokensvc:params:oauth:token-type:workload"
 #: Call metadata (gRPC headers) of one call.
 Metadata = tuple[tuple[str, str], ...]
 
@@ -224,3 +237,67 @@ def _sessions(response: pb.ListSessionsResponse) -> list[SessionInfo]:
         )
         for s in response.sessions
     ]
+
+
+def exchange(
+    subject_token: str,
+    audience: Iterable[str],
+    *,
+    roles: Iterable[str] = (),
+    impersonate: bool = False,
+) -> Call[pb.ExchangeResponse, ExchangedToken]:
+    """Build an Exchange call."""
+    request = pb.ExchangeRequest(
+        subject_token=subject_token,
+        audience=list(audience),
+        roles=list(roles),
+        impersonate=impersonate,
+    )
+    return Call("Exchange", request, _exchanged)
+
+
+def _exchanged(response: pb.ExchangeResponse) -> ExchangedToken:
+    return ExchangedToken(
+        access_token=response.access_token,
+        expires_at=_seconds(response.expires_at),
+        session_id=response.session_id,
+        roles=tuple(response.roles),
+    )
+
+
+def mint_transaction_token(
+    subject_token: str | None,
+    scope: Iterable[str],
+    *,
+    replace: bool = False,
+    request_details: dict[str, object] | None = None,
+    request_context: dict[str, object] | None = None,
+    lifetime_seconds: int = 0,
+) -> Call[pb.MintTransactionTokenResponse, TransactionToken]:
+    """Build a MintTransactionToken call: from an access token, a replacement of a
+    Transaction Token (``replace``), or for the calling workload itself (no token)."""
+    if replace and not subject_token:
+        raise ValueError("a replacement needs the Transaction Token to replace")
+    # the calling workload acting on its own; a replacement; "" (an access token, the default)
+    kind = WORKLOAD_TOKEN_TYPE if subject_token is None else (TXN_TOKEN_TYPE if replace else "")
+    request = pb.MintTransactionTokenRequest(
+        subject_token=subject_token or "",
+        subject_token_type=kind,
+        scope=list(scope),
+        request_details=_json(request_details),
+        request_context=_json(request_context),
+        lifetime_seconds=lifetime_seconds,
+    )
+    return Call("MintTransactionToken", request, _transaction_token)
+
+
+def _json(value: dict[str, object] | None) -> str:
+    return "" if value is None else json.dumps(value, separators=(",", ":"))
+
+
+def _transaction_token(response: pb.MintTransactionTokenResponse) -> TransactionToken:
+    return TransactionToken(
+        txn_token=response.txn_token,
+        expires_at=_seconds(response.expires_at),
+        txn=response.txn,
+    )

@@ -12,6 +12,8 @@ import grpc
 
 from tokensvc_client.errors import REASON_TRAILER, Reason
 
+#: The prefix of a rejected Transaction Token's message (its reason code follows).
+TXN_PREFIX = "invalid txn-token: "
 #: Trailing metadata of a rejection: a tuple, so a :class:`Rejection` stays hashable.
 Trailers = tuple[tuple[str, str], ...]
 
@@ -51,9 +53,12 @@ INSUFFICIENT_ROLE = Rejection(
 
 def reason_of(rejection: Rejection) -> str:
     """The stable reason code of a rejection (a metric attribute): ``invalid token: X``
-    gives X, else its ``tokensvc-reason`` trailer, else its status code's name."""
+    gives X, ``invalid txn-token: X`` gives ``txn_token:X``, else its ``tokensvc-reason``
+    trailer, else its status code's name."""
     prefix = "invalid token: "
     if rejection.message.startswith(prefix):
         return rejection.message[len(prefix) :]
+    if rejection.message.startswith(TXN_PREFIX):
+        return "txn_token:" + rejection.message[len(TXN_PREFIX) :]
     trailers = dict(rejection.trailing_metadata)
     return trailers.get(REASON_TRAILER) or rejection.code.name.lower()

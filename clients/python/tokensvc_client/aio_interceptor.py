@@ -38,12 +38,13 @@ from tokensvc_client._auth import (
     follow_key_events,
     step,
 )
+from tokensvc_client._chains import ActorChain, TransactionTokens, annotate_span
 from tokensvc_client._handlers import Handler, Kind, behaviour_of, handler_of_kind, kind_of
 from tokensvc_client._rejection import Rejection
 from tokensvc_client._stepup import StepUp
-from tokensvc_client.context import claims_set
+from tokensvc_client.context import Verified, claims_set
 from tokensvc_client.jwks import AsyncJwksCache, KeyRequest
-from tokensvc_client.verifier import DEFAULT_LEEWAY_SECONDS, Claims, Verifier
+from tokensvc_client.verifier import DEFAULT_LEEWAY_SECONDS, Verifier
 
 if TYPE_CHECKING:
     _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
@@ -65,7 +66,8 @@ class AioAuthInterceptor(_ServerInterceptor):
     ``invalid token: <reason code>``; passes the claims of valid ones to the handler.
 
     Arguments as for :class:`~tokensvc_client.interceptor.AuthInterceptor` (including
-    ``step_up`` and ``require_binding``, with the same rejections and trailers), with
+    ``step_up``, ``require_binding``, ``trust_domain``, ``require_txn_token`` and
+    ``actor_chains``, with the same rejections and trailers), with
     ``keys`` an :class:`~tokensvc_client.jwks.AsyncJwksCache`. The hooks are plain
     functions called on the event loop: they must not block.
     """
@@ -83,6 +85,9 @@ class AioAuthInterceptor(_ServerInterceptor):
         policy: MethodPolicy | None = None,
         step_up: Mapping[str, StepUp] | None = None,
         require_binding: bool = False,
+        trust_domain: str | None = None,
+        require_txn_token: Iterable[str] = (),
+        actor_chains: Mapping[str, ActorChain] | None = None,
     ) -> None:
         self._keys = keys
         self._auth = Authenticator(
@@ -92,6 +97,10 @@ class AioAuthInterceptor(_ServerInterceptor):
             policy=policy,
             step_up=step_up,
             require_binding=require_binding,
+            transactions=TransactionTokens.of(
+                trust_domain, require_txn_token, issuer=issuer, leeway=leeway, clock=clock
+            ),
+            actor_chains=actor_chains,
         )
         follow_key_events(revocation_check, keys)  # new keys verify within a second
         self._wrapped = HandlerMemo(_WRAPPED_MAX)
@@ -105,17 +114,19 @@ class AioAuthInterceptor(_ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method in self._auth.exempt:
             return handler  # type: ignore[return-value]  # None: gRPC answers UNIMPLEMENTED
-        decision = self._auth.decide(method, handler_call_details.invocation_metadata)
+        decision = self._auth.decide_call(method, handler_call_details.invocation_metadata)
         outcome = step(decision, None)
         while isinstance(outcome, KeyRequest):
             outcome = step(decision, await self._keys.answer(outcome))
         if isinstance(outcome, Rejection):
             return _aborting_handler(outcome, kind_of(handler))
-        if self._auth.checks_binding(outcome):  # never for unbound tokens by default
-            check = functools.partial(self._auth.check_binding, method, outcome)
-            return _with_claims(handler, outcome, check)
-        claims = outcome
-        return self._wrapped.wrapped(handler, claims, lambda: _with_claims(handler, claims, None))
+        verified = outcome
+        if self._auth.checks_binding(verified.claims):  # never for unbound tokens by default
+            check = functools.partial(self._auth.check_binding, method, verified.claims)
+            return _with_claims(handler, verified, check)
+        return self._wrapped.wrapped(
+            handler, verified, lambda: _with_claims(handler, verified, None)
+        )
 
 
 @functools.lru_cache(maxsize=256)
@@ -140,16 +151,19 @@ async def _check(context: _Context, check: _BindingCheck) -> None:
         await _abort(context, rejection)
 
 
-def _with_claims(handler: Handler, claims: Claims, check: _BindingCheck | None) -> Handler:
-    """``handler`` with ``claims`` set around its behaviour, inside the call's own task,
-    once ``check`` (if any) accepted the call."""
+def _with_claims(handler: Handler, verified: Verified, check: _BindingCheck | None) -> Handler:
+    """``handler`` with ``verified`` set around its behaviour, inside the call's own task,
+    once ``check`` (if any) accepted the call (the transaction id put on the span)."""
+    txn = verified.transaction.transaction_id if verified.transaction is not None else None
     behaviour = behaviour_of(handler)
     if handler.response_streaming and not inspect.iscoroutinefunction(behaviour):
 
         async def streaming(request: Any, context: _Context) -> AsyncIterator[Any]:
             if check is not None:
                 await _check(context, check)
-            with claims_set(claims):
+            if txn is not None:
+                annotate_span(txn)
+            with claims_set(verified):
                 async for response in behaviour(request, context):
                     yield response
 
@@ -158,7 +172,9 @@ def _with_claims(handler: Handler, claims: Claims, check: _BindingCheck | None) 
     async def call(request: Any, context: _Context) -> Any:
         if check is not None:
             await _check(context, check)
-        with claims_set(claims):
+        if txn is not None:
+            annotate_span(txn)
+        with claims_set(verified):
             return await behaviour(request, context)
 
     return handler_of_kind(kind_of(handler), call, handler)

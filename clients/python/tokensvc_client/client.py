@@ -21,7 +21,14 @@ from tokensvc_client import _calls
 from tokensvc_client._refresh_retry import GraceWindow, trailing
 from tokensvc_client.channels import Pem, channel
 from tokensvc_client.errors import from_rpc_error
-from tokensvc_client.results import Introspection, Jwks, SessionInfo, TokenPair
+from tokensvc_client.results import (
+    ExchangedToken,
+    Introspection,
+    Jwks,
+    SessionInfo,
+    TokenPair,
+    TransactionToken,
+)
 from tokensvc_client.v1 import tokensvc_pb2_grpc
 
 Result = TypeVar("Result")
@@ -196,6 +203,53 @@ class TokenClient:
     def introspect(self, token: str) -> Introspection:
         """Ask the service whether ``token`` (access or refresh) is active."""
         return self._invoke(_calls.introspect(token))
+
+    def exchange(
+        self,
+        subject_token: str,
+        audience: Iterable[str],
+        *,
+        roles: Iterable[str] = (),
+        impersonate: bool = False,
+    ) -> ExchangedToken:
+        """Exchange an access token this workload received (e.g.
+        :func:`~tokensvc_client.context.current_access_token`) for one to call
+        ``audience`` (RFC 8693; docs/call-chains.md). The result carries ``roles`` (a
+        subset; empty: all the policy lets pass), expires no later, keeps the session, is
+        bound to this workload's certificate when it presents one, and names this workload
+        in its ``act`` claim unless ``impersonate`` (only where the policy allows).
+        """
+        return self._invoke(
+            _calls.exchange(subject_token, audience, roles=roles, impersonate=impersonate)
+        )
+
+    def mint_transaction_token(
+        self,
+        subject_token: str | None,
+        scope: Iterable[str],
+        *,
+        replace: bool = False,
+        request_details: dict[str, object] | None = None,
+        request_context: dict[str, object] | None = None,
+        lifetime_seconds: int = 0,
+    ) -> TransactionToken:
+        """A Transaction Token (draft-ietf-oauth-transaction-tokens-10; docs/call-chains.md)
+        for ``scope``: at the edge from a user's access token ``subject_token``; with
+        ``replace``, a narrower replacement of the Transaction Token ``subject_token``
+        (e.g. :func:`~tokensvc_client.context.outgoing_txn_token`); with ``subject_token``
+        ``None``, for this workload acting on its own. ``request_details`` becomes the
+        immutable ``tctx``, ``request_context`` the ``rctx`` (e.g. ``{"req_ip": ...}``).
+        """
+        return self._invoke(
+            _calls.mint_transaction_token(
+                subject_token,
+                scope,
+                replace=replace,
+                request_details=request_details,
+                request_context=request_context,
+                lifetime_seconds=lifetime_seconds,
+            )
+        )
 
     def get_keys(self) -> Jwks:
         """Fetch the public keys that verify access tokens."""

@@ -30,9 +30,10 @@ class TokenServiceError(Exception):
 class Reason(enum.StrEnum):
     """Stable reason codes for a rejected token.
 
-    All but the last two reject the token (UNAUTHENTICATED ``invalid token: <code>``); the
-    last two deny a valid token a method's step-up requirements (PERMISSION_DENIED, code in
-    the ``tokensvc-reason`` trailer).
+    All but the last three reject the token (UNAUTHENTICATED ``invalid token: <code>``, or
+    ``invalid txn-token: <code>`` for the Transaction Token); the last three deny a valid
+    token a method's requirements (PERMISSION_DENIED, code in the ``tokensvc-reason``
+    trailer).
     """
 
     MALFORMED = "malformed"
@@ -59,6 +60,8 @@ class Reason(enum.StrEnum):
     #: the user must authenticate again: another ``acr`` or a more recent ``auth_time``
     #: (RFC 9470); the ``www-authenticate`` trailer says which
     INSUFFICIENT_USER_AUTHENTICATION = "insufficient_user_authentication"
+    #: the token's actor chain (RFC 8693 ``act``) is not one the method accepts
+    ACTOR_CHAIN = "actor_chain"
 
 
 class InvalidToken(TokenServiceError):

@@ -33,19 +33,20 @@ import grpc
 from tokensvc_client._auth import (
     DEFAULT_EXEMPT,
     Authenticator,
-    Decision,
+    CallDecision,
     HandlerMemo,
     MethodPolicy,
     RevocationCheck,
     follow_key_events,
     step,
 )
+from tokensvc_client._chains import ActorChain, TransactionTokens, annotate_span
 from tokensvc_client._handlers import Handler, Kind, behaviour_of, handler_of_kind, kind_of
 from tokensvc_client._rejection import Rejection
 from tokensvc_client._stepup import StepUp
-from tokensvc_client.context import context_with
+from tokensvc_client.context import Verified, context_with
 from tokensvc_client.jwks import JwksCache, KeyRequest
-from tokensvc_client.verifier import DEFAULT_LEEWAY_SECONDS, Claims, Verifier
+from tokensvc_client.verifier import DEFAULT_LEEWAY_SECONDS, Verifier
 
 if TYPE_CHECKING:
     _ServerInterceptor = grpc.ServerInterceptor[Any, Any]
@@ -54,8 +55,8 @@ else:
 
 __all__ = ["AuthInterceptor"]
 
-#: Produces the claims inside the handler's thread, or aborts the call through its context.
-_Resolve = Callable[[grpc.ServicerContext], Claims]
+#: Produces the verified call inside the handler's thread, or aborts it through its context.
+_Resolve = Callable[[grpc.ServicerContext], Verified]
 
 #: Handlers wrapped for the claims of recent tokens (see HandlerMemo).
 _WRAPPED_MAX = 1024
@@ -94,6 +95,20 @@ class AuthInterceptor(_ServerInterceptor):
             certificate_mismatch``. The binding is checked when the handler starts (the
             TLS peer is unknown before), so after ``step_up`` and ``policy``; unbound
             tokens cost nothing extra unless ``require_binding`` is set.
+        trust_domain: verify the Transaction Token of a call (``txn-token`` metadata,
+            draft-ietf-oauth-transaction-tokens-10) when it carries one: signature,
+            ``typ`` ``txntoken+jwt``, ``aud`` this trust domain, expiry, and revocation of
+            its session through ``revocation_check``; a bad one is UNAUTHENTICATED
+            ``invalid txn-token: <reason code>``. Handlers read its claims with
+            :func:`~tokensvc_client.context.current_transaction`; the
+            :class:`~tokensvc_client.propagation.TransactionPropagator` forwards it.
+            ``None`` (default): the entry is ignored.
+        require_txn_token: methods and prefixes (as ``exempt``) refused without a
+            Transaction Token (``invalid txn-token: missing_token``); needs
+            ``trust_domain``.
+        actor_chains: ``{method or prefix: ActorChain}``: the actor chains (RFC 8693
+            ``act`` of exchanged tokens) each method accepts; others are PERMISSION_DENIED
+            ``actor chain not accepted`` (trailer ``tokensvc-reason: actor_chain``).
 
     If no key set could ever be fetched, calls get UNAVAILABLE ``token keys unavailable``;
     if a hook raises, UNAVAILABLE ``authorization check failed`` (fail closed).
@@ -112,6 +127,9 @@ class AuthInterceptor(_ServerInterceptor):
         policy: MethodPolicy | None = None,
         step_up: Mapping[str, StepUp] | None = None,
         require_binding: bool = False,
+        trust_domain: str | None = None,
+        require_txn_token: Iterable[str] = (),
+        actor_chains: Mapping[str, ActorChain] | None = None,
     ) -> None:
         self._keys = keys
         self._auth = Authenticator(
@@ -121,6 +139,10 @@ class AuthInterceptor(_ServerInterceptor):
             policy=policy,
             step_up=step_up,
             require_binding=require_binding,
+            transactions=TransactionTokens.of(
+                trust_domain, require_txn_token, issuer=issuer, leeway=leeway, clock=clock
+            ),
+            actor_chains=actor_chains,
         )
         follow_key_events(revocation_check, keys)  # new keys verify within a second
         self._wrapped = HandlerMemo(_WRAPPED_MAX)
@@ -134,20 +156,20 @@ class AuthInterceptor(_ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method in self._auth.exempt:
             return handler
-        decision = self._auth.decide(method, handler_call_details.invocation_metadata)
+        decision = self._auth.decide_call(method, handler_call_details.invocation_metadata)
         outcome = self._step_without_io(decision)
         if isinstance(outcome, Rejection):
             return _aborting_handler(outcome, kind_of(handler))
-        if isinstance(outcome, Claims):
-            claims = outcome
-            if not self._auth.checks_binding(claims):  # the warm path of unbound tokens
+        if isinstance(outcome, Verified):
+            verified = outcome
+            if not self._auth.checks_binding(verified.claims):  # the warm path: unbound
                 return self._wrapped.wrapped(
-                    handler, claims, lambda: _with_claims(handler, lambda _context: claims)
+                    handler, verified, lambda: _with_claims(handler, lambda _context: verified)
                 )
-            return _with_claims(handler, lambda context: self._bound(method, claims, context))
+            return _with_claims(handler, lambda context: self._bound(method, verified, context))
         pending = outcome
 
-        def resolve(context: grpc.ServicerContext) -> Claims:
+        def resolve(context: grpc.ServicerContext) -> Verified:
             result = self._step_with_io(decision, pending)
             if isinstance(result, Rejection):
                 _abort(context, result)
@@ -155,24 +177,24 @@ class AuthInterceptor(_ServerInterceptor):
 
         return _with_claims(handler, resolve)
 
-    def _bound(self, method: str, claims: Claims, context: grpc.ServicerContext) -> Claims:
-        """``claims`` if their certificate binding holds for the call, else abort."""
-        if self._auth.checks_binding(claims):
-            rejection = self._auth.check_binding(method, claims, context)
+    def _bound(self, method: str, verified: Verified, context: grpc.ServicerContext) -> Verified:
+        """``verified`` if its certificate binding holds for the call, else abort."""
+        if self._auth.checks_binding(verified.claims):
+            rejection = self._auth.check_binding(method, verified.claims, context)
             if rejection is not None:
                 _abort(context, rejection)
-        return claims
+        return verified
 
-    def _step_without_io(self, decision: Decision) -> Claims | Rejection | KeyRequest:
+    def _step_without_io(self, decision: CallDecision) -> Verified | Rejection | KeyRequest:
         """Run the decision as far as the cache answers without fetching."""
         outcome = step(decision, None)
         while isinstance(outcome, KeyRequest) and not self._keys.needs_fetch(outcome):
             outcome = step(decision, self._keys.cached(outcome))
         return outcome
 
-    def _step_with_io(self, decision: Decision, request: KeyRequest) -> Claims | Rejection:
+    def _step_with_io(self, decision: CallDecision, request: KeyRequest) -> Verified | Rejection:
         """Finish the decision, fetching keys as needed (blocking)."""
-        outcome: Claims | Rejection | KeyRequest = request
+        outcome: Verified | Rejection | KeyRequest = request
         while isinstance(outcome, KeyRequest):
             outcome = step(decision, self._keys.answer(outcome))
         return outcome
@@ -195,6 +217,14 @@ def _abort(context: grpc.ServicerContext, rejection: Rejection) -> NoReturn:
     context.abort(rejection.code, rejection.message)
 
 
+def _context_for(verified: Verified) -> Context:
+    """The handler's context: ``verified`` held, the transaction on the span."""
+    ctx = context_with(verified)
+    if verified.transaction is not None:
+        annotate_span(verified.transaction.transaction_id)
+    return ctx
+
+
 def _with_claims(handler: Handler, resolve: _Resolve) -> Handler:
     """``handler`` with its behaviour run in a context holding the resolved claims.
 
@@ -205,13 +235,13 @@ def _with_claims(handler: Handler, resolve: _Resolve) -> Handler:
     if handler.response_streaming:
 
         def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            ctx = context_with(resolve(context))
+            ctx = _context_for(resolve(context))
             yield from _iterate_in(ctx, ctx.run(behaviour, request, context))
 
         return handler_of_kind(kind_of(handler), streaming, handler)
 
     def unary(request: Any, context: grpc.ServicerContext) -> Any:
-        return context_with(resolve(context)).run(behaviour, request, context)
+        return _context_for(resolve(context)).run(behaviour, request, context)
 
     return handler_of_kind(kind_of(handler), unary, handler)
 

@@ -107,3 +107,35 @@ class SessionInfo:
     last_refreshed_at: float
     expires_at: float
     active: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangedToken:
+    """An access token for another audience (RFC 8693 token exchange).
+
+    Attributes:
+        access_token: send it as ``authorization: Bearer <access_token>`` to that audience.
+        expires_at: epoch seconds; never later than the subject token's.
+        session_id: the subject token's session (revoking it revokes this token).
+        roles: the roles granted (a subset of the subject token's).
+    """
+
+    access_token: str = field(repr=False)
+    expires_at: float
+    session_id: str
+    roles: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionToken:
+    """A Transaction Token (draft-ietf-oauth-transaction-tokens-10).
+
+    Attributes:
+        txn_token: send it as ``txn-token`` metadata (never as an access token).
+        expires_at: epoch seconds.
+        txn: the transaction id, the same for every replacement.
+    """
+
+    txn_token: str = field(repr=False)
+    expires_at: float
+    txn: str

@@ -1,12 +1,16 @@
-"""The one place that decides whether an access token is acceptable
-(docs/design.md, Verification rules).
+"""The one place that decides whether an access token -- or a Transaction Token -- is
+acceptable (docs/design.md, Verification rules); Transaction Tokens: docs/call-chains.md.
 
-Used by the server's Introspect and by :class:`~tokensvc_client.AuthInterceptor` alike.
+Used by the server's Introspect and Exchange and by :class:`~tokensvc_client.AuthInterceptor`
+alike. The two token kinds are told apart by their JOSE ``typ`` and nothing else: an
+access token (``at+jwt``) is never accepted where a Transaction Token (``txntoken+jwt``,
+draft-ietf-oauth-transaction-tokens-10) is expected, nor the other way round.
 
 Verification is three steps, each rejecting with one stable :class:`Reason`:
 
 1. :func:`parse` -- shape only: size cap, exactly three canonical base64url segments, a
-   strictly parsed header with ``alg`` ES256, ``typ`` at+jwt, a ``kid`` and nothing else
+   strictly parsed header with ``alg`` ES256, ``typ`` at+jwt (``txntoken+jwt`` for
+   :class:`TransactionVerifier`), a ``kid`` and nothing else
    (so no ``jwk``/``jku``/``x5u``/``x5c``/``crit``/``zip``), a 64-byte raw R||S signature.
 2. :meth:`Verifier.check_signature` -- ``kid`` looked up in a :class:`KeySet` that came from
    the configured JWKS source (never from the token), r and s in range, then jwcrypto's
@@ -39,6 +43,11 @@ from tokensvc_client.errors import InvalidToken, KeysUnavailable, Reason
 
 ALGORITHM: Final = "ES256"
 TOKEN_TYPE: Final = "at+jwt"
+#: JOSE ``typ`` of a Transaction Token (draft-ietf-oauth-transaction-tokens-10).
+TXN_TOKEN_TYPE: Final = "txntoken+jwt"
+#: How deep a verifier follows nested ``act`` claims before calling the token malformed
+#: (the service mints far fewer: ``--max-act-depth``).
+MAX_ACT_NESTING: Final = 16
 #: Refresh tokens start with this prefix; see tokensvc.families.tokens.
 REFRESH_TOKEN_PREFIX: Final = "tsr1_"
 DEFAULT_MAX_TOKEN_BYTES: Final = 4096
@@ -51,6 +60,7 @@ _ES256: Final = jwa.JWA.signing_alg(ALGORITHM)
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
 _ALLOWED_HEADER: Final = frozenset({"alg", "typ", "kid"})
 _ACCEPTED_TYP: Final = frozenset({"at+jwt", "application/at+jwt"})
+_ACCEPTED_TXN_TYP: Final = frozenset({TXN_TOKEN_TYPE, "application/txntoken+jwt"})
 # Exclusive bound: 10000-01-01T00:00:00Z, the first instant a protobuf Timestamp cannot hold.
 _MAX_NUMERIC_DATE: Final = 253_402_300_800
 
@@ -110,13 +120,15 @@ class ParsedToken:
     kid: str
 
 
-# Header segments that passed _check_header, mapped to their kid. Every token of one key
-# has the same header, so this small bounded map spares the header's decoding and checks
-# on a first sight; a segment is only stored after passing every check.
-_ACCEPTED_HEADERS: BoundedCache[str, str] = BoundedCache(64)
+# Header segments that passed _check_header for a set of accepted types, mapped to their
+# kid. Every token of one key and type has the same header, so this small bounded map
+# spares the header's decoding and checks on a first sight; a segment is only stored
+# after passing every check, and only for the types it was checked against (an access
+# token's header never opens the door for a Transaction Token, nor the other way round).
+_ACCEPTED_HEADERS: BoundedCache[tuple[str, frozenset[str]], str] = BoundedCache(64)
 
 
-def _check_header(segment: str) -> str:
+def _check_header(segment: str, accepted: frozenset[str] = _ACCEPTED_TYP) -> str:
     """Check a JOSE header segment (exactly alg=ES256, typ, kid); return the kid."""
     try:
         header = strict_json_object(b64url_decode(segment))
@@ -129,17 +141,23 @@ def _check_header(segment: str) -> str:
     if extra:
         raise InvalidToken(Reason.BAD_HEADER, f"unexpected header {sorted(extra)!r}"[:80])
     typ = header.get("typ")
-    if not isinstance(typ, str) or typ.lower() not in _ACCEPTED_TYP:
+    if not isinstance(typ, str) or typ.lower() not in accepted:
         raise InvalidToken(Reason.BAD_TYPE, repr(typ)[:40])
     kid = header.get("kid")
     if not isinstance(kid, str) or not kid:
         raise InvalidToken(Reason.BAD_HEADER, "kid missing")
-    _ACCEPTED_HEADERS.put(segment, kid)
+    _ACCEPTED_HEADERS.put((segment, accepted), kid)
     return kid
 
 
-def parse(token: str, max_bytes: int = DEFAULT_MAX_TOKEN_BYTES) -> ParsedToken:
-    """Check the shape and header of a compact ES256 JWS access token.
+def parse(
+    token: str,
+    max_bytes: int = DEFAULT_MAX_TOKEN_BYTES,
+    *,
+    accepted: frozenset[str] = _ACCEPTED_TYP,
+) -> ParsedToken:
+    """Check the shape and header of a compact ES256 JWS access token (or, with
+    ``accepted`` the Transaction Token types, of a Transaction Token).
 
     Raises:
         InvalidToken: with the first rule the token breaks.
@@ -157,7 +175,7 @@ def parse(token: str, max_bytes: int = DEFAULT_MAX_TOKEN_BYTES) -> ParsedToken:
         payload, signature = b64url_decode(parts[1]), b64url_decode(parts[2])
     except ValueError as err:
         raise InvalidToken(Reason.MALFORMED, str(err)) from None
-    kid = _ACCEPTED_HEADERS.get(parts[0]) or _check_header(parts[0])
+    kid = _ACCEPTED_HEADERS.get((parts[0], accepted)) or _check_header(parts[0], accepted)
     if len(signature) != 64:
         raise InvalidToken(Reason.BAD_SIGNATURE, "not a 64-byte R||S signature")
     signing_input = token[: token.rindex(".")].encode("ascii")
@@ -244,6 +262,10 @@ class Claims:
     #: The ``kid`` of the key that signed the token (its JOSE header); empty when the
     #: claims did not come from a verified token (e.g. :func:`claims_from_dict` alone).
     key_id: str = ""
+    #: The actor chain of an exchanged token (RFC 8693 ``act``): the workload that made
+    #: the last exchange first, then the earlier ones; empty for a token never exchanged
+    #: (or exchanged by impersonation).
+    actors: tuple[str, ...] = ()
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -273,6 +295,25 @@ def _date(claims: Mapping[str, Any], name: str) -> int:
 
 def _optional_date(claims: Mapping[str, Any], name: str) -> int | None:
     return None if claims.get(name) is None else _date(claims, name)
+
+
+def actor_chain(claims: Mapping[str, Any]) -> tuple[str, ...]:
+    """The ``sub`` of each nested ``act`` (RFC 8693 4.1), outermost (current actor) first.
+
+    Raises:
+        InvalidToken: ``BAD_CLAIMS`` for an ``act`` that is not an object with a string
+            ``sub``, or nested deeper than :data:`MAX_ACT_NESTING`.
+    """
+    actors: list[str] = []
+    act = claims.get("act")
+    while act is not None:
+        if len(actors) >= MAX_ACT_NESTING:
+            raise InvalidToken(Reason.BAD_CLAIMS, "act nested too deep")
+        if not isinstance(act, dict) or not isinstance(act.get("sub"), str) or not act["sub"]:
+            raise InvalidToken(Reason.BAD_CLAIMS, "act must be an object with a sub")
+        actors.append(act["sub"])
+        act = act.get("act")
+    return tuple(actors)
 
 
 def claims_from_dict(claims: Mapping[str, Any], *, key_id: str = "") -> Claims:
@@ -307,6 +348,7 @@ def claims_from_dict(claims: Mapping[str, Any], *, key_id: str = "") -> Claims:
         auth_time=_optional_date(claims, "auth_time"),
         cnf_x5t_s256=thumbprint,
         key_id=key_id,
+        actors=actor_chain(claims),
         raw=claims,
     )
 
@@ -422,4 +464,172 @@ class Verifier:
             raise InvalidToken(Reason.WRONG_ISSUER)
         if self.audience is not None and self.audience not in claims.audience:
             raise InvalidToken(Reason.WRONG_AUDIENCE)
+        return claims
+
+
+# -- Transaction Tokens (draft-ietf-oauth-transaction-tokens-10) ----------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionClaims:
+    """The verified claims of a Transaction Token (draft-ietf-oauth-transaction-tokens-10,
+    section "Txn-Token Format"; docs/call-chains.md)."""
+
+    #: ``aud``: the trust domain the token is valid in
+    trust_domain: str
+    #: ``txn``: the transaction's id, the same in every replacement
+    transaction_id: str
+    #: ``sub``: the principal of the transaction (a user, or a workload acting on its own)
+    subject: str
+    #: ``scope`` (space-delimited in the token): the purpose of the transaction
+    scope: tuple[str, ...]
+    #: ``req_wl``: the workload that requested this token (its mTLS identity)
+    requesting_workload: str
+    issued_at: int
+    expires_at: int
+    #: ``req_wl_chain`` (tokensvc): every workload that requested the token or one it
+    #: replaces, the edge first, ``requesting_workload`` last (the draft asks a replacement
+    #: to keep this call chain and leaves the mechanism open)
+    workload_chain: tuple[str, ...] = ()
+    #: ``tctx``: the immutable transaction context
+    context: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    #: ``rctx``: the request context (e.g. ``req_ip``)
+    request_context: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    #: ``sid`` (tokensvc): the session of the subject token ("" for a workload's own
+    #: transaction): revoking the session ends the transaction's tokens
+    session_id: str = ""
+    #: ``jti`` (tokensvc): this token's id
+    token_id: str = ""
+    issuer: str = ""
+    key_id: str = ""
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def for_revocation(self) -> Claims:
+        """The token as a revocation check sees an access token (session, jti, subject,
+        issue time, signing key): one revocation source serves both kinds."""
+        return Claims(
+            issuer=self.issuer,
+            subject=self.subject,
+            audience=(self.trust_domain,),
+            expires_at=self.expires_at,
+            issued_at=self.issued_at,
+            not_before=self.issued_at,
+            token_id=self.token_id or self.transaction_id,
+            session_id=self.session_id,
+            client_id="",
+            roles=self.scope,
+            key_id=self.key_id,
+        )
+
+
+def _object(claims: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    value = claims.get(name, {})
+    if not isinstance(value, dict):
+        raise InvalidToken(Reason.BAD_CLAIMS, f"{name} must be a JSON object")
+    return value
+
+
+def transaction_claims_from_dict(
+    claims: Mapping[str, Any], *, key_id: str = ""
+) -> TransactionClaims:
+    """Type-check a Transaction Token's claims (no time or audience checks): every claim
+    the draft requires (``iat``, ``aud``, ``exp``, ``txn``, ``sub``, ``scope``,
+    ``req_wl``) present and of its type; ``tctx``/``rctx`` objects when present."""
+    aud = claims.get("aud")
+    audience = (aud,) if isinstance(aud, str) else _str_list(claims, "aud")
+    if len(audience) != 1 or not audience[0]:
+        raise InvalidToken(Reason.BAD_CLAIMS, "aud must name one trust domain")
+    scope = _str(claims, "scope", required=True, nonempty=True)
+    chain = _str_list(claims, "req_wl_chain")
+    requester = _str(claims, "req_wl", required=True, nonempty=True)
+    if chain and chain[-1] != requester:
+        raise InvalidToken(Reason.BAD_CLAIMS, "req_wl_chain must end with req_wl")
+    return TransactionClaims(
+        trust_domain=audience[0],
+        transaction_id=_str(claims, "txn", required=True, nonempty=True),
+        subject=_str(claims, "sub", required=True, nonempty=True),
+        scope=tuple(scope.split()),
+        requesting_workload=requester,
+        issued_at=_date(claims, "iat"),
+        expires_at=_date(claims, "exp"),
+        workload_chain=chain or (requester,),
+        context=_object(claims, "tctx"),
+        request_context=_object(claims, "rctx"),
+        session_id=_str(claims, "sid", required=False),
+        token_id=_str(claims, "jti", required=False),
+        issuer=_str(claims, "iss", required=False),
+        key_id=key_id,
+        raw=claims,
+    )
+
+
+class TransactionVerifier:
+    """Verifies Transaction Tokens for one trust domain (the draft's "Txn-Token
+    Validation": signature, ``aud`` = the trust domain, not expired), with the same
+    header, signature and claim-type rules as :class:`Verifier`.
+
+    Args:
+        trust_domain: the only accepted ``aud``.
+        issuer: if set, the ``iss`` every token must carry (tokensvc always sets it; the
+            draft makes it optional).
+        leeway, max_token_bytes, clock, cache_size: as for :class:`Verifier`.
+    """
+
+    def __init__(
+        self,
+        trust_domain: str,
+        *,
+        issuer: str | None = None,
+        leeway: int = DEFAULT_LEEWAY_SECONDS,
+        max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES,
+        clock: Callable[[], float] = time.time,
+        cache_size: int = 4096,
+    ) -> None:
+        if not trust_domain:
+            raise ValueError("a Transaction Token verifier needs a trust domain")
+        self.trust_domain = trust_domain
+        self.issuer = issuer
+        self.leeway = leeway
+        self.max_token_bytes = max_token_bytes
+        self.clock = clock
+        self._cache_size = cache_size
+        self._cache: BoundedCache[str, tuple[TransactionClaims, jwk.JWK | None]] = BoundedCache(
+            cache_size
+        )
+
+    @property
+    def cache_size(self) -> int:
+        return self._cache_size
+
+    def verify(self, token: str, keys: KeySet) -> TransactionClaims:
+        """Every check except revocation (see :meth:`TransactionClaims.for_revocation`).
+
+        Raises:
+            InvalidToken: ``BAD_TYPE`` for an access token (or anything but a Transaction
+                Token), ``WRONG_AUDIENCE`` for another trust domain, ``EXPIRED``, ...
+        """
+        hit = self._cache.get(token) if self._cache_size else None
+        if hit is not None:
+            claims, key = hit
+            if keys.get(claims.key_id) is key and self.clock() < claims.expires_at:
+                return claims
+            self._cache.pop(token, None)
+        parsed = parse(token, self.max_token_bytes, accepted=_ACCEPTED_TXN_TYP)
+        Verifier.check_signature(parsed, keys)
+        try:
+            raw = strict_json_object(parsed.payload)
+        except ValueError as err:
+            raise InvalidToken(Reason.MALFORMED, str(err)) from None
+        claims = transaction_claims_from_dict(raw, key_id=parsed.kid)
+        now = self.clock()
+        if now >= claims.expires_at:
+            raise InvalidToken(Reason.EXPIRED)
+        if claims.issued_at > now + self.leeway:
+            raise InvalidToken(Reason.NOT_YET_VALID)
+        if self.issuer is not None and claims.issuer != self.issuer:
+            raise InvalidToken(Reason.WRONG_ISSUER)
+        if claims.trust_domain != self.trust_domain:
+            raise InvalidToken(Reason.WRONG_AUDIENCE)
+        if self._cache_size:
+            self._cache.put(token, (claims, keys.get(parsed.kid)))
         return claims

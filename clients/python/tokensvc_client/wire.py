@@ -40,3 +40,36 @@ def bearer_token(metadata: Metadata) -> str:
     if token.split() != [token]:  # empty, or whitespace inside (str.split runs in C)
         raise InvalidToken(Reason.MALFORMED, "bearer value is not one token")
     return token
+
+
+#: Invocation metadata key carrying a Transaction Token (the draft's ``Txn-Token`` HTTP
+#: header, lower-case as gRPC metadata keys are).
+TXN_TOKEN_HEADER: Final = "txn-token"
+
+
+def txn_token(metadata: Metadata, seen: set[str] | None = None) -> str | None:
+    """The Transaction Token of the one ``txn-token`` entry; ``None`` without one.
+
+    ``seen``: values already found well-formed, skipped over (and added to while it holds
+    fewer than 4096).
+
+    Raises:
+        InvalidToken: ``MALFORMED`` for several entries (the draft: exactly one token), a
+            binary value or one that is not a single token.
+    """
+    values = [value for key, value in metadata or () if key.lower() == TXN_TOKEN_HEADER]
+    if not values:
+        return None
+    if len(values) > 1:
+        raise InvalidToken(Reason.MALFORMED, "more than one txn-token entry")
+    value = values[0]
+    if seen is not None and value in seen:
+        return value  # only str values are ever added
+    if not isinstance(value, str) or value.split() != [value]:
+        raise InvalidToken(Reason.MALFORMED, "txn-token is not one token")
+    if seen is not None and len(seen) < _SEEN_MAX:
+        seen.add(value)
+    return value
+
+
+_SEEN_MAX: Final = 4096

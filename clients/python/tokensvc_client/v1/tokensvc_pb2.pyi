@@ -787,3 +787,182 @@ class ListSessionsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListSessionsResponse: _TypeAlias = ListSessionsResponse  # noqa: Y015
+
+@_typing.final
+class ExchangeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBJECT_TOKEN_FIELD_NUMBER: _builtins.int
+    SUBJECT_TOKEN_TYPE_FIELD_NUMBER: _builtins.int
+    AUDIENCE_FIELD_NUMBER: _builtins.int
+    ROLES_FIELD_NUMBER: _builtins.int
+    IMPERSONATE_FIELD_NUMBER: _builtins.int
+    subject_token: _builtins.str
+    """The access token to exchange (refresh tokens and Transaction Tokens are refused)."""
+    subject_token_type: _builtins.str
+    """RFC 8693 token type of subject_token; empty means
+    "urn:ietf:params:oauth:token-type:access_token", the only one accepted.
+    """
+    impersonate: _builtins.bool
+    """No `act` claim naming the caller (impersonation): only where the policy allows it."""
+    @_builtins.property
+    def audience(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The audience the new token is for (required): one the policy lets this workload ask."""
+
+    @_builtins.property
+    def roles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The roles the new token carries: a subset of the subject token's. Empty: all of them
+        the policy allows this workload to pass on.
+        """
+
+    def __init__(
+        self,
+        *,
+        subject_token: _builtins.str = ...,
+        subject_token_type: _builtins.str = ...,
+        audience: _abc.Iterable[_builtins.str] | None = ...,
+        roles: _abc.Iterable[_builtins.str] | None = ...,
+        impersonate: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "impersonate", b"impersonate", "roles", b"roles", "subject_token", b"subject_token", "subject_token_type", b"subject_token_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExchangeRequest: _TypeAlias = ExchangeRequest  # noqa: Y015
+
+@_typing.final
+class ExchangeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCESS_TOKEN_FIELD_NUMBER: _builtins.int
+    ISSUED_TOKEN_TYPE_FIELD_NUMBER: _builtins.int
+    TOKEN_TYPE_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    ROLES_FIELD_NUMBER: _builtins.int
+    access_token: _builtins.str
+    issued_token_type: _builtins.str
+    """"urn:ietf:params:oauth:token-type:access_token"."""
+    token_type: _builtins.str
+    """Always "Bearer"."""
+    session_id: _builtins.str
+    """The subject token's session: revoking it revokes this token too."""
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def roles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The roles granted (RFC 8693 `scope` of the response)."""
+
+    def __init__(
+        self,
+        *,
+        access_token: _builtins.str = ...,
+        issued_token_type: _builtins.str = ...,
+        token_type: _builtins.str = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        session_id: _builtins.str = ...,
+        roles: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token", "expires_at", b"expires_at", "issued_token_type", b"issued_token_type", "roles", b"roles", "session_id", b"session_id", "token_type", b"token_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExchangeResponse: _TypeAlias = ExchangeResponse  # noqa: Y015
+
+@_typing.final
+class MintTransactionTokenRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBJECT_TOKEN_FIELD_NUMBER: _builtins.int
+    SUBJECT_TOKEN_TYPE_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    REQUEST_DETAILS_FIELD_NUMBER: _builtins.int
+    REQUEST_CONTEXT_FIELD_NUMBER: _builtins.int
+    AUDIENCE_FIELD_NUMBER: _builtins.int
+    LIFETIME_SECONDS_FIELD_NUMBER: _builtins.int
+    subject_token: _builtins.str
+    """An access token the edge received (its subject and session become the transaction's),
+    a Transaction Token to replace, or empty with subject_token_type
+    "urn:tokensvc:params:oauth:token-type:workload" for a workload acting on its own.
+    """
+    subject_token_type: _builtins.str
+    """RFC 8693 token type: empty or "urn:ietf:params:oauth:token-type:access_token",
+    "urn:ietf:params:oauth:token-type:txn_token" (replacement), or
+    "urn:tokensvc:params:oauth:token-type:workload" (the caller itself, no subject_token).
+    """
+    request_details: _builtins.str
+    """JSON object: the immutable transaction context (`tctx`). Size-capped. Not allowed
+    on a replacement, which keeps the replaced token's.
+    """
+    request_context: _builtins.str
+    """JSON object: the request context (`rctx`), e.g. {"req_ip": "203.0.113.7"}. Size-capped.
+    Not allowed on a replacement, which keeps the replaced token's.
+    """
+    audience: _builtins.str
+    """Empty, or the trust domain (the token's only audience): anything else is refused."""
+    lifetime_seconds: _builtins.int
+    """Lifetime wanted, seconds; 0 means the service's default. Capped by the service."""
+    @_builtins.property
+    def scope(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The purpose of the transaction (required): a subset of the subject token's roles (or
+        of a replaced token's scope, or of the scopes the policy allows a workload itself).
+        """
+
+    def __init__(
+        self,
+        *,
+        subject_token: _builtins.str = ...,
+        subject_token_type: _builtins.str = ...,
+        scope: _abc.Iterable[_builtins.str] | None = ...,
+        request_details: _builtins.str = ...,
+        request_context: _builtins.str = ...,
+        audience: _builtins.str = ...,
+        lifetime_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "lifetime_seconds", b"lifetime_seconds", "request_context", b"request_context", "request_details", b"request_details", "scope", b"scope", "subject_token", b"subject_token", "subject_token_type", b"subject_token_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MintTransactionTokenRequest: _TypeAlias = MintTransactionTokenRequest  # noqa: Y015
+
+@_typing.final
+class MintTransactionTokenResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TXN_TOKEN_FIELD_NUMBER: _builtins.int
+    ISSUED_TOKEN_TYPE_FIELD_NUMBER: _builtins.int
+    TOKEN_TYPE_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    TXN_FIELD_NUMBER: _builtins.int
+    txn_token: _builtins.str
+    """The Transaction Token (a JWT of type txntoken+jwt): send it as `txn-token` metadata."""
+    issued_token_type: _builtins.str
+    """"urn:ietf:params:oauth:token-type:txn_token"."""
+    token_type: _builtins.str
+    """Always "N_A" (RFC 8693: not an access token)."""
+    txn: _builtins.str
+    """The transaction id (`txn`), the same for every replacement."""
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        txn_token: _builtins.str = ...,
+        issued_token_type: _builtins.str = ...,
+        token_type: _builtins.str = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        txn: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "issued_token_type", b"issued_token_type", "token_type", b"token_type", "txn", b"txn", "txn_token", b"txn_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MintTransactionTokenResponse: _TypeAlias = MintTransactionTokenResponse  # noqa: Y015

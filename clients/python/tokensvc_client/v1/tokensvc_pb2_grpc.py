@@ -96,6 +96,16 @@ class TokenServiceStub:
                 request_serializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.ListSessionsRequest.SerializeToString,
                 response_deserializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.ListSessionsResponse.FromString,
                 _registered_method=True)
+        self.Exchange = channel.unary_unary(
+                '/tokensvc.v1.TokenService/Exchange',
+                request_serializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.ExchangeRequest.SerializeToString,
+                response_deserializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.ExchangeResponse.FromString,
+                _registered_method=True)
+        self.MintTransactionToken = channel.unary_unary(
+                '/tokensvc.v1.TokenService/MintTransactionToken',
+                request_serializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.MintTransactionTokenRequest.SerializeToString,
+                response_deserializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.MintTransactionTokenResponse.FromString,
+                _registered_method=True)
 
 
 class TokenServiceServicer:
@@ -196,6 +206,28 @@ class TokenServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Exchange(self, request, context):
+        """Exchange trades an access token the calling workload received (the subject token)
+        for one to call another audience (RFC 8693 token exchange). The result is never
+        broader: an audience the exchange policy allows this workload, roles a subset, an
+        expiry no later, the same session (revoking it revokes the result), bound to the
+        caller's certificate when it presents one, and an `act` claim naming the caller
+        (delegation) unless the policy lets it impersonate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MintTransactionToken(self, request, context):
+        """MintTransactionToken issues a Transaction Token (draft-ietf-oauth-transaction-tokens-10)
+        for the call chain of one request: at the edge from a user's access token (or for a
+        workload acting on its own), or as a replacement of a Transaction Token that only
+        narrows it. Its requesting workload (`req_wl`) is the caller's mTLS identity.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TokenServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -258,6 +290,16 @@ def add_TokenServiceServicer_to_server(servicer, server):
                     servicer.ListSessions,
                     request_deserializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.ListSessionsRequest.FromString,
                     response_serializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.ListSessionsResponse.SerializeToString,
+            ),
+            'Exchange': grpc.unary_unary_rpc_method_handler(
+                    servicer.Exchange,
+                    request_deserializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.ExchangeRequest.FromString,
+                    response_serializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.ExchangeResponse.SerializeToString,
+            ),
+            'MintTransactionToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.MintTransactionToken,
+                    request_deserializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.MintTransactionTokenRequest.FromString,
+                    response_serializer=tokensvc__client_dot_v1_dot_tokensvc__pb2.MintTransactionTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -586,6 +628,60 @@ class TokenService:
             '/tokensvc.v1.TokenService/ListSessions',
             tokensvc__client_dot_v1_dot_tokensvc__pb2.ListSessionsRequest.SerializeToString,
             tokensvc__client_dot_v1_dot_tokensvc__pb2.ListSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Exchange(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokensvc.v1.TokenService/Exchange',
+            tokensvc__client_dot_v1_dot_tokensvc__pb2.ExchangeRequest.SerializeToString,
+            tokensvc__client_dot_v1_dot_tokensvc__pb2.ExchangeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MintTransactionToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokensvc.v1.TokenService/MintTransactionToken',
+            tokensvc__client_dot_v1_dot_tokensvc__pb2.MintTransactionTokenRequest.SerializeToString,
+            tokensvc__client_dot_v1_dot_tokensvc__pb2.MintTransactionTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -77,6 +77,20 @@ class TokenServiceStub:
     """ListSessions lists a subject's sessions (refresh families). Admin
     identities, or the subject itself with its own access token.
     """
+    Exchange: _grpc.UnaryUnaryMultiCallable[_tokensvc_pb2.ExchangeRequest, _tokensvc_pb2.ExchangeResponse]
+    """Exchange trades an access token the calling workload received (the subject token)
+    for one to call another audience (RFC 8693 token exchange). The result is never
+    broader: an audience the exchange policy allows this workload, roles a subset, an
+    expiry no later, the same session (revoking it revokes the result), bound to the
+    caller's certificate when it presents one, and an `act` claim naming the caller
+    (delegation) unless the policy lets it impersonate.
+    """
+    MintTransactionToken: _grpc.UnaryUnaryMultiCallable[_tokensvc_pb2.MintTransactionTokenRequest, _tokensvc_pb2.MintTransactionTokenResponse]
+    """MintTransactionToken issues a Transaction Token (draft-ietf-oauth-transaction-tokens-10)
+    for the call chain of one request: at the edge from a user's access token (or for a
+    workload acting on its own), or as a replacement of a Transaction Token that only
+    narrows it. Its requesting workload (`req_wl`) is the caller's mTLS identity.
+    """
 
 @_typing.type_check_only
 class TokenServiceAsyncStub(TokenServiceStub):
@@ -123,6 +137,20 @@ class TokenServiceAsyncStub(TokenServiceStub):
     ListSessions: _aio.UnaryUnaryMultiCallable[_tokensvc_pb2.ListSessionsRequest, _tokensvc_pb2.ListSessionsResponse]  # type: ignore[assignment]
     """ListSessions lists a subject's sessions (refresh families). Admin
     identities, or the subject itself with its own access token.
+    """
+    Exchange: _aio.UnaryUnaryMultiCallable[_tokensvc_pb2.ExchangeRequest, _tokensvc_pb2.ExchangeResponse]  # type: ignore[assignment]
+    """Exchange trades an access token the calling workload received (the subject token)
+    for one to call another audience (RFC 8693 token exchange). The result is never
+    broader: an audience the exchange policy allows this workload, roles a subset, an
+    expiry no later, the same session (revoking it revokes the result), bound to the
+    caller's certificate when it presents one, and an `act` claim naming the caller
+    (delegation) unless the policy lets it impersonate.
+    """
+    MintTransactionToken: _aio.UnaryUnaryMultiCallable[_tokensvc_pb2.MintTransactionTokenRequest, _tokensvc_pb2.MintTransactionTokenResponse]  # type: ignore[assignment]
+    """MintTransactionToken issues a Transaction Token (draft-ietf-oauth-transaction-tokens-10)
+    for the call chain of one request: at the edge from a user's access token (or for a
+    workload acting on its own), or as a replacement of a Transaction Token that only
+    narrows it. Its requesting workload (`req_wl`) is the caller's mTLS identity.
     """
 
 class TokenServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -239,6 +267,32 @@ class TokenServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_tokensvc_pb2.ListSessionsResponse, _abc.Awaitable[_tokensvc_pb2.ListSessionsResponse]]:
         """ListSessions lists a subject's sessions (refresh families). Admin
         identities, or the subject itself with its own access token.
+        """
+
+    @_abc_1.abstractmethod
+    def Exchange(
+        self,
+        request: _tokensvc_pb2.ExchangeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tokensvc_pb2.ExchangeResponse, _abc.Awaitable[_tokensvc_pb2.ExchangeResponse]]:
+        """Exchange trades an access token the calling workload received (the subject token)
+        for one to call another audience (RFC 8693 token exchange). The result is never
+        broader: an audience the exchange policy allows this workload, roles a subset, an
+        expiry no later, the same session (revoking it revokes the result), bound to the
+        caller's certificate when it presents one, and an `act` claim naming the caller
+        (delegation) unless the policy lets it impersonate.
+        """
+
+    @_abc_1.abstractmethod
+    def MintTransactionToken(
+        self,
+        request: _tokensvc_pb2.MintTransactionTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tokensvc_pb2.MintTransactionTokenResponse, _abc.Awaitable[_tokensvc_pb2.MintTransactionTokenResponse]]:
+        """MintTransactionToken issues a Transaction Token (draft-ietf-oauth-transaction-tokens-10)
+        for the call chain of one request: at the edge from a user's access token (or for a
+        workload acting on its own), or as a replacement of a Transaction Token that only
+        narrows it. Its requesting workload (`req_wl`) is the caller's mTLS identity.
         """
 
 def add_TokenServiceServicer_to_server(servicer: TokenServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
