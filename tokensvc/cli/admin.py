@@ -25,8 +25,8 @@ from typing import Any
 
 from tokensvc import config
 from tokensvc.cli import local
-from tokensvc.cli.output import add_output_arg, emit, printable, row
-from tokensvc.cli.transport import TransportError, add_transport_args, explain, open_channel
+from tokensvc.cli.output import add_output_arg, emit, row
+from tokensvc.cli.transport import CallFailed, add_transport_args, call_server
 
 
 def _rpc_command(commands: Any, name: str, text: str, rpc: str) -> argparse.ArgumentParser:
@@ -152,21 +152,10 @@ def _rows(reply: Any) -> list[dict[str, Any]]:
 
 
 def _cmd_rpc(args: argparse.Namespace) -> int:
-    import grpc
-
-    from tokensvc_client.v1 import tokensvc_pb2_grpc as pb_grpc
-
     try:
-        chan = open_channel(args)
-    except (TransportError, ValueError, OSError) as err:
-        print(f"tokensvc {args.rpc}: {err}", file=sys.stderr)
-        return 2
-    with chan:
-        try:
-            reply = _call(pb_grpc.TokenServiceStub(chan), args)
-        except grpc.RpcError as err:
-            print(f"tokensvc {args.rpc}: {printable(explain(err, args))}", file=sys.stderr)
-            return 1
+        reply = call_server(args, lambda stub: _call(stub, args))
+    except CallFailed as failed:
+        return failed.exit_code
     emit(_rows(reply), args.output, sys.stdout)
     return _say_what_was_revoked(args, reply)
 

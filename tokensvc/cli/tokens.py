@@ -21,8 +21,8 @@ import argparse
 import sys
 from typing import Any
 
-from tokensvc.cli.output import add_output_arg, emit_one, printable, row
-from tokensvc.cli.transport import TransportError, add_transport_args, explain, open_channel
+from tokensvc.cli.output import add_output_arg, emit_one, row
+from tokensvc.cli.transport import CallFailed, add_transport_args, call_server
 
 
 def _command(commands: Any, name: str, text: str) -> argparse.ArgumentParser:
@@ -150,24 +150,10 @@ def _call(stub: Any, args: argparse.Namespace) -> Any:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import grpc
-
-    from tokensvc_client.v1 import tokensvc_pb2_grpc as pb_grpc
-
     try:
-        chan = open_channel(args)
-    except (TransportError, ValueError, OSError) as err:
-        print(f"tokensvc {args.rpc}: {err}", file=sys.stderr)
-        return 2
-    with chan:
-        try:
-            reply = _call(pb_grpc.TokenServiceStub(chan), args)
-        except ValueError as err:
-            print(f"tokensvc {args.rpc}: {err}", file=sys.stderr)
-            return 2
-        except grpc.RpcError as err:
-            print(f"tokensvc {args.rpc}: {printable(explain(err, args))}", file=sys.stderr)
-            return 1
+        reply = call_server(args, lambda stub: _call(stub, args))
+    except CallFailed as failed:
+        return failed.exit_code
     emit_one(row(reply), args.output, sys.stdout)
     if args.rpc == "introspect" and not reply.active:
         return 1

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from collections.abc import Callable
 from typing import Any
 
 from tokensvc.config import env_flag, is_loopback
@@ -167,3 +169,42 @@ def transport_hint(text: str, args: argparse.Namespace) -> str:
     if "connect" in text:
         return f" (is tokensvc running on {target}?)"
     return ""
+
+
+class CallFailed(Exception):
+    """A command's call failed; ``exit_code`` is what the command returns (its one line is
+    already on stderr)."""
+
+    def __init__(self, exit_code: int) -> None:
+        super().__init__(exit_code)
+        self.exit_code = exit_code
+
+
+def call_server(args: argparse.Namespace, call: Callable[[Any], Any]) -> Any:
+    """Open the channel by the rule above, make ``call(stub)`` on a TokenService stub and
+    return its reply. Every failure is one line on stderr, prefixed ``tokensvc RPC:``:
+    bad transport flags, unreadable files or bad input (``ValueError``) exit 2, a failed
+    call exits 1 with :func:`explain`'s hint.
+
+    Raises:
+        CallFailed: with the exit code, after printing the line.
+    """
+    import grpc
+
+    from tokensvc.cli.output import printable
+    from tokensvc_client.v1 import tokensvc_pb2_grpc as pb_grpc
+
+    try:
+        chan = open_channel(args)
+    except (TransportError, ValueError, OSError) as err:
+        print(f"tokensvc {args.rpc}: {printable(str(err))}", file=sys.stderr)
+        raise CallFailed(2) from None
+    with chan:
+        try:
+            return call(pb_grpc.TokenServiceStub(chan))
+        except ValueError as err:
+            print(f"tokensvc {args.rpc}: {printable(str(err))}", file=sys.stderr)
+            raise CallFailed(2) from None
+        except grpc.RpcError as err:
+            print(f"tokensvc {args.rpc}: {printable(explain(err, args))}", file=sys.stderr)
+            raise CallFailed(1) from None
