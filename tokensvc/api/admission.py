@@ -39,14 +39,12 @@ The admitted caller is kept in a context variable for the handler (binding, audi
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import ipaddress
 import logging
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
-from dataclasses import dataclass
 from typing import Any
 
 import grpc.aio
@@ -73,15 +71,41 @@ _REFUSALS_MAX = 1024
 QUIET_MIN_MS = 10_000
 
 
-@dataclass(frozen=True, slots=True)
 class Caller:
-    """The admitted caller of one RPC."""
+    """The admitted caller of one RPC.
 
-    peer: Peer
-    address: str
-    #: limiter key of the end user's credential this call presents on a peer's behalf
-    #: ("" when it names none, e.g. a malformed refresh token); None: not a relayed call
-    presented: str | None = None
+    The address is read from the call (``context.peer()``) only when something asks for it
+    (a log line or audit record of an anonymous caller, a per-peer limit), not per call.
+    """
+
+    __slots__ = ("_address", "_context", "peer", "presented")
+
+    def __init__(
+        self,
+        peer: Peer,
+        address: str | None = None,
+        presented: str | None = None,
+        *,
+        context: grpc.aio.ServicerContext[Any, Any] | None = None,
+    ) -> None:
+        self.peer = peer
+        self._address = address
+        self._context = context
+        #: limiter key of the end user's credential this call presents on a peer's behalf
+        #: ("" when it names none, e.g. a malformed refresh token); None: not a relayed call
+        self.presented = presented
+
+    @property
+    def address(self) -> str:
+        """The caller's network address (``10.0.0.1``, ``::1``)."""
+        if self._address is None:
+            context, self._context = self._context, None
+            self._address = address_of(context.peer() or "") if context is not None else ""
+        return self._address
+
+    def presenting(self, presented: str | None) -> Caller:
+        """This caller presenting ``presented`` (see :meth:`Guard.presenting`)."""
+        return Caller(self.peer, self.address, presented)
 
     @property
     def name(self) -> str:
@@ -163,8 +187,9 @@ class Guard:
 
     async def admit(self, rpc: str, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
         """Admit a call or raise :class:`Denied` / :class:`RateLimited`."""
-        peer = peer_of(context, common_names=self.common_names)
-        caller = Caller(peer, address_of(context.peer() or ""))
+        # a plaintext port (--insecure) has no certificates: no auth context to read
+        peer = peer_of(context, common_names=self.common_names) if self.enforce else ANONYMOUS
+        caller = Caller(peer, context=context)
         _current.set(caller)
         if peer.refused and peer.refused not in self._refusals:
             if len(self._refusals) < _REFUSALS_MAX:
@@ -204,7 +229,7 @@ class Guard:
             RateLimited: that credential is over the failed-authentication limit, or this
                 peer is over it for the credential (:meth:`mismatched`).
         """
-        caller = dataclasses.replace(current_caller(), presented=credential)
+        caller = current_caller().presenting(credential)
         _current.set(caller)
         if credential:
             self._check_blocked(credential)
@@ -218,7 +243,7 @@ class Guard:
         caller = current_caller()
         if caller.presented:
             presented = _as_presented_by(caller.presented, caller)
-            _current.set(dataclasses.replace(caller, presented=presented))
+            _current.set(caller.presenting(presented))
 
     def _left(self, key: str) -> int:
         """Milliseconds ``key`` stays blocked here (0: not blocked)."""

@@ -29,7 +29,7 @@ from tokensvc.errors import (
     TokensvcError,
 )
 from tokensvc.observe import tracing
-from tokensvc.store import StoreUnavailable, call_deadline
+from tokensvc.store import StoreUnavailable, call_deadline, enter_deadline, leave_deadline
 
 log = logging.getLogger("tokensvc.rpc")
 
@@ -72,6 +72,28 @@ Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Re
 StreamHandler = Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], AsyncIterator[Resp]]
 
 
+async def _refuse(
+    servicer: Guarded, name: str, context: grpc.aio.ServicerContext[Any, Any], err: Exception
+) -> None:
+    """Answer the status code of ``err`` raised by admission or the handler (never returns:
+    ``context.abort`` raises)."""
+    if isinstance(err, ServiceError):
+        if isinstance(err, NotAuthenticated | Denied):
+            await servicer.rejected(name, err)
+        if isinstance(err, RateLimited):
+            context.set_trailing_metadata((("retry-after", str(err.retry_after)),))
+        await context.abort(status_of(err), err.message)
+    elif isinstance(err, StoreUnavailable):
+        log.warning("rpc=%s token store unavailable: %s", name, err)
+        await context.abort(status_of(err), _UNAVAILABLE_MESSAGE)
+    else:
+        correlation = uuid.uuid4().hex
+        log.exception("rpc=%s internal error correlation_id=%s", name, correlation)
+        await context.abort(
+            grpc.StatusCode.INTERNAL, f"internal error (correlation id {correlation})"
+        )
+
+
 @contextlib.asynccontextmanager
 async def _statuses(
     servicer: Guarded, name: str, context: grpc.aio.ServicerContext[Any, Any]
@@ -82,39 +104,40 @@ async def _statuses(
         await servicer.admit(name, context)
         with call_deadline(context.time_remaining()):  # how long a moving slot is retried
             yield
-    except ServiceError as err:
-        if isinstance(err, NotAuthenticated | Denied):
-            await servicer.rejected(name, err)
-        if isinstance(err, RateLimited):
-            context.set_trailing_metadata((("retry-after", str(err.retry_after)),))
-        await context.abort(status_of(err), err.message)
-    except StoreUnavailable as err:
-        log.warning("rpc=%s token store unavailable: %s", name, err)
-        await context.abort(status_of(err), _UNAVAILABLE_MESSAGE)
     except grpc.aio.AbortError:
         raise
-    except Exception:
-        correlation = uuid.uuid4().hex
-        log.exception("rpc=%s internal error correlation_id=%s", name, correlation)
-        await context.abort(
-            grpc.StatusCode.INTERNAL, f"internal error (correlation id {correlation})"
-        )
+    except Exception as err:
+        await _refuse(servicer, name, context, err)
 
 
 def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
     """Decorate an async servicer method: the caller is admitted first (policy, limits);
     a request that was not valid protobuf is refused (:mod:`tokensvc.api.decoding`); domain
-    errors -> status codes, no tracebacks out."""
+    errors -> status codes, no tracebacks out.
+
+    :func:`_statuses` written out inline: this runs on every unary call, and a context
+    manager generator costs more than the rest of the wrapper."""
     name = method.__name__
 
     @functools.wraps(method)
     async def wrapper(
         self: Guarded, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
     ) -> Resp:
-        async with _statuses(self, name, context):
-            if request is UNDECODABLE:
-                raise BadRequest(NOT_DECODABLE)
-            return await method(self, request, context)
+        tracing.serving(context)  # for the trace id of log lines and audit records
+        try:
+            await self.admit(name, context)
+            # how long a moving slot is retried (call_deadline, without a generator)
+            deadline = enter_deadline(context.time_remaining())
+            try:
+                if request is UNDECODABLE:
+                    raise BadRequest(NOT_DECODABLE)
+                return await method(self, request, context)
+            finally:
+                leave_deadline(deadline)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as err:
+            await _refuse(self, name, context, err)
         raise AssertionError("context.abort returned")  # pragma: no cover
 
     setattr(wrapper, CHECKS_DECODING, True)

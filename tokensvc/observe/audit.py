@@ -53,6 +53,7 @@ from tokensvc.observe import metrics
 from tokensvc.observe.tracing import current_trace_id
 from tokensvc.proc.tasks import cancelled_since, cancelling_count
 from tokensvc.redis.connection import RedisClient
+from tokensvc.redis.lean import script_for
 from tokensvc.store import guarded, text
 from tokensvc.store.calls import script_source
 from tokensvc_client.verifier import REFRESH_TOKEN_PREFIX
@@ -184,7 +185,7 @@ class AuditTrail:
         self.security_maxlen = security_maxlen
         self.queue_max = queue_max
         self.log_routine = log_routine
-        self._append = redis.register_script(script_source("audit_append.lua"))
+        self._append = script_for(redis, script_source("audit_append.lua"))
         self._queue: collections.deque[dict[str, str]] = collections.deque()
         self._wakeup = asyncio.Event()  # something is queued
         self._full = asyncio.Event()  # a whole batch is queued

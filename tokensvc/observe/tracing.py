@@ -26,6 +26,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from tokensvc.observe.quiet_spans import server_interceptor
+from tokensvc.redis import lean
 
 log = logging.getLogger("tokensvc.telemetry")
 
@@ -76,6 +77,7 @@ def setup_tracing(provider: TracerProvider | None = None) -> TracerProvider | No
         instrumentor.uninstrument()
     if provider is not None:
         instrumentor.instrument(tracer_provider=provider)
+    lean.trace_with(provider)  # the hot scripts bypass redis-py's instrumented client
     return provider
 
 

@@ -15,7 +15,10 @@
 
 Timeouts are per connection, not per command, when a client is made with a
 :class:`tokensvc.redis.watchdog.Watchdog` (the server's): see that module. Without one
-(command-line tools) the socket timeout applies per command as usual.
+(command-line tools) the socket timeout applies per command as usual. A client made with a
+watchdog (one server or Sentinel, not Cluster) also carries a
+:class:`tokensvc.redis.lean.LeanLink`: the hot scripts go through it, on connections its
+own pool makes, under the same rules.
 
 Every client sends each command exactly once: no retry on a connection error or a
 timeout at any level (a Refresh whose reply was lost would be re-sent with a spent token
@@ -78,6 +81,7 @@ from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
 
 from tokensvc.errors import ConfigError
+from tokensvc.redis.lean import LeanLink
 from tokensvc.redis.watchdog import Watchdog
 
 #: What :func:`redis_client` returns: one server or Sentinel primary, or a cluster.
@@ -141,7 +145,7 @@ def redis_client(url: str, timeout: float, watchdog: Watchdog | None = None) -> 
         return _sentinel_client(target, timeout, watchdog)
     if isinstance(target, ClusterTarget):
         return _cluster_client(target, timeout, watchdog)
-    client = aioredis.Redis.from_url(
+    client = LeanRedis.from_url(
         url,
         socket_timeout=None if watchdog else timeout,
         socket_connect_timeout=timeout,
@@ -149,17 +153,34 @@ def redis_client(url: str, timeout: float, watchdog: Watchdog | None = None) -> 
         retry_on_timeout=False,
         maint_notifications_config=_no_maint(),
     )
+    assert isinstance(client, LeanRedis)  # from_url builds the class it is called on
     _watch_pool(client, watchdog)
     return client
 
 
-def _watch_pool(client: aioredis.Redis, watchdog: Watchdog | None) -> None:
+def _watch_pool(client: LeanRedis, watchdog: Watchdog | None) -> None:
     if watchdog is not None:  # before any connection exists: from_url picked the class
         pool = client.connection_pool
         pool.connection_class = watchdog.connection_class(pool.connection_class)
+        # the server's client: its hot scripts take the lean path (tokensvc.redis.lean)
+        client.lean = LeanLink(client)
 
 
-class SentinelPrimary(aioredis.Redis):
+class LeanRedis(aioredis.Redis):
+    """A redis-py client that may carry a :class:`~tokensvc.redis.lean.LeanLink` for the
+    hot scripts (the server's, made with a watchdog); :meth:`aclose` closes it too."""
+
+    lean: LeanLink | None = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        try:
+            if self.lean is not None:
+                await self.lean.aclose()
+        finally:
+            await super().aclose(close_connection_pool)
+
+
+class SentinelPrimary(LeanRedis):
     """The client of a Sentinel-managed primary; :meth:`aclose` also closes the
     connections to the sentinels."""
 

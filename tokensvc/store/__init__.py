@@ -13,7 +13,14 @@ May import: redis, proc, families, errors.
 
 from __future__ import annotations
 
-from tokensvc.store.calls import StoreUnavailable, call_deadline, guarded, text
+from tokensvc.store.calls import (
+    StoreUnavailable,
+    call_deadline,
+    enter_deadline,
+    guarded,
+    leave_deadline,
+    text,
+)
 from tokensvc.store.families import (
     AccessState,
     FamilyOps,
@@ -53,10 +60,12 @@ __all__ = [
     "StoreUnavailable",
     "Successor",
     "call_deadline",
+    "enter_deadline",
     "family_key",
     "guarded",
     "issue_limit_key",
     "jti_key",
+    "leave_deadline",
     "peer_limit_key",
     "revocations_in_force",
     "sessions_key",

@@ -8,7 +8,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from importlib import resources
 from typing import Any, Final
 
@@ -56,11 +56,22 @@ def call_deadline(seconds_left: float | None) -> Iterator[None]:
     """Within the block, :func:`guarded` retries a moving slot only until ``seconds_left``
     from now (the gRPC call's remaining time; ``None``: :data:`SLOT_MOVE_BUDGET` per
     Redis call)."""
-    token = _deadline.set(None if seconds_left is None else time.monotonic() + seconds_left)
+    token = enter_deadline(seconds_left)
     try:
         yield
     finally:
-        _deadline.reset(token)
+        leave_deadline(token)
+
+
+def enter_deadline(seconds_left: float | None) -> Token[float | None]:
+    """:func:`call_deadline`'s entry, for a hot path that cannot afford a generator: pass
+    what it returns to :func:`leave_deadline` (in a ``finally``)."""
+    return _deadline.set(None if seconds_left is None else time.monotonic() + seconds_left)
+
+
+def leave_deadline(token: Token[float | None]) -> None:
+    """:func:`call_deadline`'s exit (see :func:`enter_deadline`)."""
+    _deadline.reset(token)
 
 
 def _slot_moving(err: Exception) -> bool:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 
 from redis.asyncio.cluster import RedisCluster
-from redis.commands.core import AsyncScript
 from redis.exceptions import MovedError
 
 from tokensvc.redis.connection import RedisClient
+from tokensvc.redis.lean import Script, script_for
 from tokensvc.store.calls import StoreUnavailable, guarded, script_source
 from tokensvc.store.keyspace import REVOCATIONS, fence_key
 
@@ -20,9 +20,10 @@ FeedEvent = tuple[str, str, int, int]
 class StoreCore:
     """The Redis connection, the registered scripts and the feed/replication helpers.
 
-    Every operation is one Lua script (registered once, called by SHA; redis-py reloads it
-    on NOSCRIPT), so a failure half-way never leaves a family half-written. Each part of
-    the store registers its scripts in :meth:`_register_scripts`.
+    Every operation is one Lua script (registered once, called by SHA; reloaded on
+    NOSCRIPT; through the client's lean link where it has one, :mod:`tokensvc.redis.lean`),
+    so a failure half-way never leaves a family half-written. Each part of the store
+    registers its scripts in :meth:`_register_scripts`.
     """
 
     def __init__(
@@ -38,14 +39,14 @@ class StoreCore:
         self.wait_timeout = wait_timeout
         self.feed_ttl_ms = feed_ttl_ms
         self._inline_feed = not isinstance(redis, RedisCluster)
-        self._scripts: list[AsyncScript] = []
+        self._scripts: list[Script] = []
         self._register_scripts()
 
     def _register_scripts(self) -> None:
         """Register the scripts of this part of the store (each part extends it)."""
 
-    def _register(self, name: str, *, gcra: bool = False, feed: bool = False) -> AsyncScript:
-        script = self.redis.register_script(script_source(name, gcra=gcra, feed=feed))
+    def _register(self, name: str, *, gcra: bool = False, feed: bool = False) -> Script:
+        script = script_for(self.redis, script_source(name, gcra=gcra, feed=feed))
         self._scripts.append(script)
         return script
 

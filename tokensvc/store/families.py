@@ -45,9 +45,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from redis.commands.core import AsyncScript
-
 from tokensvc.families.tokens import tag_of
+from tokensvc.redis.lean import Script
 from tokensvc.store.calls import guarded, text
 from tokensvc.store.core import StoreCore
 from tokensvc.store.keyspace import (
@@ -175,9 +174,9 @@ _FAMILY_FIELDS = (
 class FamilyOps(StoreCore):
     """Issue, Refresh, Introspect and ListSessions on refresh families."""
 
-    _issue: AsyncScript
-    _refresh: AsyncScript
-    _read_state: AsyncScript
+    _issue: Script
+    _refresh: Script
+    _read_state: Script
 
     def _register_scripts(self) -> None:
         super()._register_scripts()

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from redis.commands.core import AsyncScript
-
+from tokensvc.redis.lean import Script
 from tokensvc.store.calls import guarded
 from tokensvc.store.core import StoreCore
 
@@ -34,7 +33,7 @@ NO_LIMIT = Limit()
 class LimitOps(StoreCore):
     """Counting events against a limiter key (see :func:`tokensvc.store.peer_limit_key`)."""
 
-    _rate: AsyncScript
+    _rate: Script
 
     def _register_scripts(self) -> None:
         super()._register_scripts()

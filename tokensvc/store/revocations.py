@@ -7,9 +7,8 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
-from redis.commands.core import AsyncScript
-
 from tokensvc.redis.connection import RedisClient
+from tokensvc.redis.lean import Script
 from tokensvc.store.calls import guarded, text
 from tokensvc.store.core import FeedEvent, StoreCore
 from tokensvc.store.keyspace import (
@@ -25,10 +24,10 @@ from tokensvc.store.keyspace import (
 class RevocationOps(StoreCore):
     """Revoke, RevokeSubject, LockSubject/UnlockSubject and emergency key revocation."""
 
-    _revoke_family: AsyncScript
-    _revoke_subject: AsyncScript
-    _revoke_jti: AsyncScript
-    _unlock: AsyncScript
+    _revoke_family: Script
+    _revoke_subject: Script
+    _revoke_jti: Script
+    _unlock: Script
 
     def _register_scripts(self) -> None:
         super()._register_scripts()
