@@ -379,13 +379,14 @@ def test_sentinel_failover_keeps_every_acknowledged_revocation(
         settings = make_settings(
             redis_url=group.url,
             redis_wait_replicas=1,
-            redis_wait_timeout=0.3,
+            redis_wait_timeout=min(scaled(0.3), 1.5),  # a busy replica acknowledges late
             rate_auth_failures=Rate(0, 1),  # the checks below present revoked tokens
         )
         stub = start_server(settings).stub()
 
-        # WAIT is real: with the replica frozen a revocation is not acknowledged
-        pair = _issue(stub, "frozen-replica")
+        # WAIT is real: with the replica frozen a revocation is not acknowledged (Issue
+        # waits for the replica too: on a busy machine its first WAIT may time out)
+        pair = until_available(lambda: _issue(stub, "frozen-replica"))
         with frozen(group.replica):
             code = code_of(lambda: stub.Revoke(pb.RevokeRequest(session_id=pair.session_id)))
         assert code == grpc.StatusCode.UNAVAILABLE
@@ -426,7 +427,7 @@ def test_sentinel_failover_keeps_every_acknowledged_revocation(
         assert traffic.failed_calls > 0  # the failover was noticed
 
         # every acknowledged revocation is in force on the new primary
-        assert _active(stub, _issue(stub, "after-failover").access_token)
+        assert _active(stub, until_available(lambda: _issue(stub, "after-failover")).access_token)
         for revocation in traffic.acknowledged:
             pair = revocation.pair
             assert not until_available(lambda p=pair: _active(stub, p.access_token)), revocation
