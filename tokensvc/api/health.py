@@ -41,11 +41,16 @@ class ClientStreams:
         self.common_names = common_names
         self._open: dict[str, int] = {}
 
-    async def enter(self, context: Context, refusal: str) -> str:
-        """Admit a stream or abort the call RESOURCE_EXHAUSTED with ``refusal``; returns
-        the key to :meth:`leave` with when the stream ends."""
+    def caller(self, context: Context) -> Caller:
+        """Who opens the stream: the identity, else the network it comes from."""
         peer = peer_of(context, common_names=self.common_names)
-        key = Caller(peer, address_of(context.peer() or "")).key
+        return Caller(peer, address_of(context.peer() or ""))
+
+    async def enter(self, context: Context, refusal: str, caller: Caller | None = None) -> str:
+        """Admit a stream of ``caller`` (default: :meth:`caller` of ``context``) or abort the
+        call RESOURCE_EXHAUSTED with ``refusal``; returns the key to :meth:`leave` with when
+        the stream ends."""
+        key = (caller or self.caller(context)).key
         held = self._open.get(key, 0)
         if held >= self.max_per_client:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)

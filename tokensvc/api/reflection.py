@@ -24,11 +24,10 @@ import grpc
 import grpc.aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from tokensvc.api.admission import Caller, address_of
+from tokensvc.api.health import ClientStreams
 from tokensvc.config import Settings
 from tokensvc.handlers import Context
 from tokensvc.security.policy import CallerPolicy
-from tokensvc_client.peer import peer_of
 
 #: The reflection service's full name (it lists itself among the services).
 SERVICE_NAME = reflection.SERVICE_NAME
@@ -53,31 +52,21 @@ class ReflectionGate:
 
     def __init__(self, settings: Settings, policy: CallerPolicy) -> None:
         self.enforce = not settings.insecure
-        self.common_names = settings.allow_cn_identities
         self.policy = policy
-        self.max_per_client = settings.max_reflection_per_client
-        self._open: dict[str, int] = {}
+        self.streams = ClientStreams(
+            settings.max_reflection_per_client, common_names=settings.allow_cn_identities
+        )
 
     async def enter(self, context: Context) -> str:
         """Admit a stream (or abort the call); the key to :meth:`leave` with."""
-        peer = peer_of(context, common_names=self.common_names)
-        caller = Caller(peer, address_of(context.peer() or ""))
-        if self.enforce and not self.policy.admits_reflection(peer, is_loopback(caller.address)):
+        caller = self.streams.caller(context)
+        admitted = self.policy.admits_reflection(caller.peer, is_loopback(caller.address))
+        if self.enforce and not admitted:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, DENIED)
-        key = caller.key
-        held = self._open.get(key, 0)
-        if held >= self.max_per_client:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, TOO_MANY)
-        self._open[key] = held + 1
-        return key
+        return await self.streams.enter(context, TOO_MANY, caller)
 
     def leave(self, key: str) -> None:
-        held = self._open.pop(key, 1) - 1
-        if held > 0:
-            self._open[key] = held
-
-    def open_streams(self, key: str) -> int:
-        return self._open.get(key, 0)
+        self.streams.leave(key)
 
 
 class _Reflection(reflection.aio.ReflectionServicer):  # type: ignore[misc,name-defined]
