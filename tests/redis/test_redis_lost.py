@@ -122,3 +122,27 @@ def test_serve_restarts_its_embedded_redis_and_serves_again(tmp_path):
     (died,) = [r for r in logs if r["level"] == "ERROR" and "exited" in r["msg"]]
     assert "embedded redis-server" in died["msg"] and "restarting" in died["msg"]
     assert any("restarted" in r["msg"] for r in logs if r["level"] == "WARNING")
+
+
+def test_the_embedded_redis_dies_with_a_killed_serve(tmp_path):
+    """SIGKILL leaves tokensvc no time to stop its Redis: the kernel's parent-death signal
+    does (set by setpriv, no Python code between fork and exec)."""
+    data = tmp_path / "data"
+    serve = Serve("--insecure", "--listen", f"127.0.0.1:{free_port()}", "--data-dir", str(data))
+    try:
+        serve.wait_listening()
+        url = f"unix://{socket_path(data.resolve() / 'redis')}"
+        pid = int(redis.Redis.from_url(url).info("server")["process_id"])
+        serve.proc.kill()
+        serve.proc.wait(timeout=20)
+
+        def gone() -> bool:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            return False
+
+        wait_until(gone, timeout=20, what="the embedded redis-server to die with serve")
+    finally:
+        serve.stop()

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shlex
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -172,6 +173,10 @@ def _cmd_audit_tail(args: argparse.Namespace) -> int:
     table = _AuditTable(args.output)
 
     async def run() -> None:
+        # Ctrl-C ends --follow at the next XREAD block (1 s): a flag, not a cancellation
+        # that a Redis read in flight could swallow
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGINT, stop.set)
         # socket timeout above the XREAD BLOCK of --follow
         client = redis_client(url, 10.0)
         try:
@@ -181,6 +186,7 @@ def _cmd_audit_tail(args: argparse.Namespace) -> int:
                 follow=args.follow,
                 write=table.write,
                 security=args.security,
+                stop=stop,
             )
         finally:
             await client.aclose()

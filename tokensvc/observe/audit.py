@@ -488,10 +488,11 @@ async def tail(
     follow: bool = False,
     write: Callable[[str], None] = print,
     security: bool = False,
+    stop: asyncio.Event | None = None,
 ) -> None:
     """Write the last ``count`` entries of the stream, oldest first, one JSON object per
     line (``{"id": ..., "ts": ..., "event": ..., ...}``); with ``follow``, keep writing new
-    entries until cancelled.
+    entries until cancelled or ``stop`` is set (seen within one ``XREAD`` block, 1 s).
 
     ``security``: only the security events (:data:`SECURITY_EVENTS`), from
     :data:`SECURITY_STREAM`, completed with the security events in ``stream`` older than
@@ -510,7 +511,7 @@ async def tail(
     entries: Iterable[Any] = reversed(newest[:count]) if count > 0 else ()
     for entry_id, fields in entries:
         write(_line(entry_id, fields))
-    while follow:
+    while follow and not (stop is not None and stop.is_set()):
         if cancelled_since(baseline):
             raise asyncio.CancelledError
         reply: Any = await guarded(

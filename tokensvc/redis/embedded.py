@@ -25,6 +25,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -95,11 +96,18 @@ def _private(directory: Path) -> None:
             entry.chmod(info.st_mode & 0o700)
 
 
-def _child_setup() -> None:
-    """``preexec_fn`` of redis-server: files it creates are the user's alone, and it dies
-    with us (two syscalls: safe between fork and exec)."""
-    os.umask(0o077)
-    die_with_parent()
+#: util-linux's ``setpriv``: starts redis-server with a parent-death signal without any
+#: Python code between fork and exec (a ``preexec_fn`` in a process with gRPC's threads can
+#: crash the child: dlopen or malloc locks held by another thread at the fork).
+_SETPRIV = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+
+
+def _with_parent_death(args: list[str]) -> tuple[list[str], Callable[[], None] | None]:
+    """``args`` that make redis-server get SIGTERM when we die, and the ``preexec_fn`` that
+    does it where ``setpriv`` is missing (the kernel's PR_SET_PDEATHSIG either way)."""
+    if _SETPRIV is not None:
+        return [_SETPRIV, "--pdeathsig", "TERM", *args], None
+    return args, die_with_parent
 
 
 def free_port() -> int:
@@ -245,12 +253,14 @@ class RedisProcess:
             args += ["--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
         # args are our own binary path and settings, never request input
         assert self._lock is not None
+        argv, preexec = _with_parent_death(args)
         self.process = subprocess.Popen(  # noqa: S603
-            args,
+            argv,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             pass_fds=(self._lock.fileno(),),  # the lock lives as long as the server
-            preexec_fn=_child_setup,
+            umask=0o077,  # the files it creates are the user's alone
+            preexec_fn=preexec,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
