@@ -83,7 +83,10 @@ def test_each_worker_is_a_scrape_target_and_the_targets_add_up(tmp_path, redis_u
         targets = (metrics_port, metrics_port + 1)
         assert sum(_issued(port)[0] for port in targets) == 0
         for _ in range(CHANNELS):
-            with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as chan:
+            # a subchannel pool of its own: a new connection each time (gRPC's global pool
+            # may hand a closing channel's connection, so one worker, to the next channel)
+            options = [("grpc.use_local_subchannel_pool", 1)]
+            with grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=options) as chan:
                 stub = pb_grpc.TokenServiceStub(chan)
                 for _ in range(CALLS):
                     stub.Issue(pb.IssueRequest(subject="scraped"), timeout=10)
