@@ -64,12 +64,15 @@ def server_names() -> set[str]:
         meters.audit_event(event, {"reason": "Issue: x", "target": "subject", "bound": "0"})
     meters.rpc_duration.record(0.001, {"rpc.method": "x/y", "rpc.response.status_code": "OK"})
     ring = SimpleNamespace(records={"k": {"state": "active", "activated_ms": time.time() * 1000}})
-    hub = SimpleNamespace(watcher_count=0, sent=0, held=0)
+    hub = SimpleNamespace(watcher_count=0, sent=0, held=0, resyncs=0)
     audit = SimpleNamespace(pending=0, dropped=0, write_failures=0)
     with tempfile.TemporaryDirectory() as pki:
         cert = DevCA(Path(pki)).issue("server", hosts=("localhost",), server=True).cert
         errors = Counter({"ConnectionError": 1})
-        meters.observe(metrics.State(ring, 100, hub, audit, errors, tls_cert=cert))
+        retries = Counter({"TryAgainError": 1})
+        meters.observe(
+            metrics.State(ring, 100, hub, audit, errors, tls_cert=cert, slot_retries=retries)
+        )
         text = meters.render()[0].decode()  # the certificate gauge reads the file now
     metrics.observe_listeners(meters, [SimpleNamespace(connections=1, refused=0)])
     try:

@@ -75,6 +75,8 @@ class State:
     redis_errors: Counter[str] = field(default_factory=Counter)
     #: the server's TLS certificate file (its remaining life is a gauge)
     tls_cert: Path | None = None
+    #: Redis commands retried because their Cluster slot was moving, by error kind
+    slot_retries: Counter[str] = field(default_factory=Counter)
 
 
 def certificate_seconds_left(path: Path, now: float) -> float | None:
@@ -289,6 +291,9 @@ class ServerMetrics:
                   value(lambda: hub.sent))  # fmt: skip
             gauge("feed.events.held", "{event}", "Revocations in force held for new watchers",
                   value(lambda: hub.held))  # fmt: skip
+            total("feed.resyncs", "{resync}",
+                  "Times the revocation stream lost history and the feed was rebuilt",
+                  value(lambda: hub.resyncs))  # fmt: skip
         if audit is not None:
             gauge("audit.queue.depth", "{record}", "Audit records waiting for Redis",
                   value(lambda: audit.pending))  # fmt: skip
@@ -315,6 +320,13 @@ class ServerMetrics:
             "{error}",
             "Redis calls that failed as unavailable, by error kind",
             lambda: [Observation(n, {"kind": kind}) for kind, n in errors.items()],
+        )
+        retries = state.slot_retries
+        total(
+            "redis.slot_retries",
+            "{retry}",
+            "Redis commands sent again because their Cluster slot was moving (they had not run)",
+            lambda: [Observation(n, {"kind": kind}) for kind, n in retries.items()],
         )
 
 

@@ -39,7 +39,7 @@ from tokensvc.runtime.draining import Drain, stream_limits
 from tokensvc.runtime.startup import check_redis, unavailable
 from tokensvc.security.policy import CallerPolicy
 from tokensvc.store import FamilyStore, StoreUnavailable
-from tokensvc.store.calls import UNAVAILABLE
+from tokensvc.store.calls import SLOT_RETRIES, UNAVAILABLE
 from tokensvc_client.v1 import tokensvc_pb2, tokensvc_pb2_grpc
 
 log = logging.getLogger("tokensvc.server")
@@ -419,6 +419,7 @@ async def _assemble(
             audit,
             UNAVAILABLE,
             tls_cert=None if settings.insecure else settings.tls_cert,
+            slot_retries=SLOT_RETRIES,
         )
     )
     service = TokenService(
