@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from bench.rows_family import family_bytes
-from tests.support import audit_entries, events_of
+from tests.support import audit_entries, events_of, scaled
 from tests.support.legacy import old_issue, old_refresh
 from tests.support.topology import frozen_until_second_wait, replica_of
 from tokensvc.config import Rate
@@ -128,15 +128,20 @@ def test_fifty_concurrent_refreshes_in_grace_mode_make_one_successor(
     assert events.count("refresh_replayed") == 49 and events.count("refreshed") == 1
 
 
+#: The client's deadline in the lost-reply tests: below the server's WAIT timeout.
+DEADLINE = scaled(0.75)
+
+
 def _slow_reply_server(make_settings, start_server, grace: int):
-    # a rotation is committed, then the server waits for a replica (WAIT, 1.5 s) before it
-    # answers: with the replica frozen the client's 0.75 s deadline loses the reply, and
-    # the unconfirmed rotation answers UNAVAILABLE (after the client has given up)
+    # a rotation is committed, then the server waits for a replica (WAIT, 1.5 s scaled)
+    # before it answers: with the replica frozen the client's deadline (half that: DEADLINE)
+    # loses the reply, and the unconfirmed rotation answers UNAVAILABLE (after the client
+    # has given up); every bound scales with TOKENSVC_TEST_TIME_FACTOR on a busy machine
     settings = make_settings(
         refresh_grace_seconds=grace,
         redis_wait_replicas=1,
-        redis_wait_timeout=1.5,
-        redis_timeout=2.0,
+        redis_wait_timeout=scaled(1.5),
+        redis_timeout=scaled(2.0),
     )
     srv = start_server(settings)
     # issued through a server without WAIT (Issue waits for the replicas too)
@@ -153,7 +158,7 @@ def test_a_lost_refresh_reply_is_retried_once_for_the_same_successor(
     with replica_of(tmp_path / "replica", redis_server) as replica:
         # the first attempt's WAIT is not confirmed in time; the retry's is
         with (
-            TokenClient(srv.target, insecure=True, timeout=0.75) as tokens,
+            TokenClient(srv.target, insecure=True, timeout=DEADLINE) as tokens,
             frozen_until_second_wait(redis_server, replica),
         ):
             new = tokens.refresh(pair.refresh_token)
@@ -164,7 +169,7 @@ def test_a_lost_refresh_reply_is_retried_once_for_the_same_successor(
             assert tokens.introspect(new.access_token).active
 
         async def aio() -> None:
-            async with AsyncTokenClient(srv.target, insecure=True, timeout=0.75) as atokens:
+            async with AsyncTokenClient(srv.target, insecure=True, timeout=DEADLINE) as atokens:
                 new = await atokens.refresh(other.refresh_token)
                 assert (await atokens.introspect(new.refresh_token)).active
 
@@ -174,7 +179,10 @@ def test_a_lost_refresh_reply_is_retried_once_for_the_same_successor(
 
 def test_a_strict_server_refresh_is_never_retried(make_settings, start_server, redis_url):
     srv, (pair, _) = _slow_reply_server(make_settings, start_server, grace=0)
-    with TokenClient(srv.target, insecure=True, timeout=0.75) as tokens, pytest.raises(Unavailable):
+    with (
+        TokenClient(srv.target, insecure=True, timeout=DEADLINE) as tokens,
+        pytest.raises(Unavailable),
+    ):
         tokens.refresh(pair.refresh_token)
     family = redis.Redis.from_url(redis_url).hgetall(family_key(pair.session_id))
     # rotated once, not revoked: a retry would have presented the spent token (reuse)
