@@ -340,3 +340,9 @@ def test_exchange_from_the_shell(tokensvc, capsys, monkeypatch):
     argv = ["exchange", pair["access_token"], "--audience", "x", "--role", "admin", *where]
     assert cli.main(argv) == 1
     assert "subset" in capsys.readouterr().err
+
+
+def test_a_key_id_starting_with_a_dash_is_given_after_double_dash():
+    """A kid is base64url: a quarter of them start with "-" (argparse would take a flag)."""
+    args = cli.build_parser().parse_args(["keys", "retire", "--insecure", "--", "-AbC_d"])
+    assert args.kid == "-AbC_d" and args.insecure

@@ -54,7 +54,11 @@ def add_commands(commands: Any) -> None:
         help="with --now: remove every older key from the JWK Set (compromised key) [default: off]",
     )
     retire = _rpc_command(sub, "retire", "abandon a pending key", "keys retire")
-    retire.add_argument("kid", help="the pending key's id (see `tokensvc keys list`)")
+    retire.add_argument(
+        "kid",
+        help="the pending key's id (see `tokensvc keys list`); one starting with '-' goes "
+        "after --, as in `tokensvc keys retire [flags] -- -AbC...`",
+    )
     env = os.environ.get
     rewrap = sub.add_parser(
         "rewrap",
