@@ -197,8 +197,9 @@ def test_an_emergency_key_rotation_reaches_the_interceptor(
 
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
-    """A Redis of this test alone (append-only file in tmp_path), to restart."""
-    proc = RedisProcess(tmp_path / "own-redis").start()
+    """A Redis of this test alone (append-only file in tmp_path), to restart; on a unix
+    socket, so no other process can take its address while it is down."""
+    proc = RedisProcess(tmp_path / "own-redis", unix_socket=True).start()
     yield proc
     proc.stop()
 

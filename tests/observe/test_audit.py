@@ -356,7 +356,7 @@ def test_cancelling_run_at_any_point_writes_each_record_exactly_once(redis_url):
 
 def test_run_keeps_records_while_redis_is_down_and_writes_them_when_back(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="tokensvc.audit")
-    proc = RedisProcess(tmp_path / "redis", prefer_system=True).start()
+    proc = RedisProcess(tmp_path / "redis", unix_socket=True, prefer_system=True).start()
 
     async def main() -> None:
         r = client(proc.url)
@@ -400,7 +400,8 @@ def test_run_keeps_records_while_redis_is_down_and_writes_them_when_back(tmp_pat
 
 def test_queue_bound_drops_the_oldest_and_reports_the_count(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="tokensvc.audit")
-    proc = RedisProcess(tmp_path / "redis", prefer_system=True)  # not started yet
+    # not started yet
+    proc = RedisProcess(tmp_path / "redis", unix_socket=True, prefer_system=True)
 
     async def main() -> AuditTrail:
         r = client(proc.url)
@@ -432,7 +433,8 @@ def test_queue_bound_drops_the_oldest_and_reports_the_count(tmp_path, caplog):
 
 
 def test_run_drops_over_the_bound_while_redis_is_down_and_never_crashes(tmp_path):
-    proc = RedisProcess(tmp_path / "redis", prefer_system=True)  # never started
+    # never started: a socket nobody listens on
+    proc = RedisProcess(tmp_path / "redis", unix_socket=True, prefer_system=True)
 
     async def main() -> None:
         r = client(proc.url)

@@ -14,7 +14,8 @@ from tokensvc_client.v1 import tokensvc_pb2 as pb
 
 @pytest.fixture
 def own_redis(tmp_path) -> Iterator[RedisProcess]:
-    proc = RedisProcess(tmp_path / "own-redis").start()
+    # a unix socket: no other process can take its address while it is down
+    proc = RedisProcess(tmp_path / "own-redis", unix_socket=True).start()
     yield proc
     proc.stop()
 
