@@ -15,7 +15,7 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests.support import wait_until
+from tests.support import audit_entries, wait_until
 from tests.support.topology import paused_scripts
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 from tokensvc_client.v1 import tokensvc_pb2_grpc as pb_grpc
@@ -109,7 +109,13 @@ def test_sigterm_finishes_in_flight_calls(tmp_path, redis_url):
     try:
         with grpc.insecure_channel(target) as channel:
             stub = pb_grpc.TokenServiceStub(channel)
-            stub.Issue(pb.IssueRequest(subject="warm-up"), timeout=5)
+            warm = stub.Issue(pb.IssueRequest(subject="warm-up"), timeout=5).tokens
+            # its audit record written: the only script the pause then holds is the Issue's
+            audit_entries(
+                redis_url,
+                lambda entries: any(e.get("session_id") == warm.session_id for e in entries),
+                what="the warm-up's audit record",
+            )
             admin = redis.Redis.from_url(redis_url, decode_responses=True)
             admin.execute_command("CLIENT", "PAUSE", "1500", "WRITE")
             future = stub.Issue.future(pb.IssueRequest(subject="alice"), timeout=10)
