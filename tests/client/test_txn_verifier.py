@@ -8,6 +8,9 @@ import json
 import pytest
 
 from tests.attacks.forge import DROP, EcKey, apply_changes
+from tokensvc_client._auth import Authenticator
+from tokensvc_client._chains import TransactionTokens
+from tokensvc_client._rejection import Rejection
 from tokensvc_client.errors import InvalidToken, Reason
 from tokensvc_client.verifier import (
     MAX_ACT_NESTING,
@@ -167,7 +170,35 @@ def test_the_txn_token_metadata_entry():
         (("txn-token", b"a.b.c"),),
     ):
         assert _reason(lambda b=bad: txn_token(b)) is Reason.MALFORMED
-    seen: set[str] = set()
-    assert txn_token((("txn-token", "a.b.c"),), seen) == "a.b.c" and seen == {"a.b.c"}
+    seen = {"a.b.c"}  # values a verifier accepted before: their form is not checked again
+    assert txn_token((("txn-token", "a.b.c"),), seen) == "a.b.c"
+    # txn_token never adds: only the interceptor does, after verification (a client
+    # sending junk fills nothing)
+    assert txn_token((("txn-token", "x.y.z"),), seen) == "x.y.z" and seen == {"a.b.c"}
     doubled = (("txn-token", "a.b.c"), ("txn-token", "a.b.c"))
     assert _reason(lambda: txn_token(doubled, seen)) is Reason.MALFORMED  # seen or not
+
+
+def test_the_interceptor_remembers_only_verified_txn_token_values():
+    """What a client sends never fills the memo of well-formed values: junk that is
+    well-formed but does not verify is not kept; a verified value is, up to the cache size."""
+    access = Verifier(ISSUER, "orders", clock=lambda: NOW, cache_size=8)
+    rules = TransactionTokens.of(DOMAIN, (), issuer=ISSUER, leeway=30, clock=lambda: NOW)
+    auth = Authenticator(access, transactions=rules)
+    bearer = ("authorization", f"Bearer {_sign(_access_claims(), typ='at+jwt')}")
+
+    def decide(txn: str) -> object:
+        decision = auth.decide_call("/shop.Orders/Get", (bearer, ("txn-token", txn)))
+        try:
+            next(decision)  # a key request
+            decision.send(KEYS)
+        except StopIteration as done:
+            return done.value
+        raise AssertionError("more than one key request")
+
+    for i in range(50):
+        assert isinstance(decide(f"junk.{i}.x"), Rejection)
+    assert len(auth._txn_values) == 0
+    good = _sign(_txn_claims())
+    assert not isinstance(decide(good), Rejection)
+    assert good in auth._txn_values and len(auth._txn_values) <= access.cache_size

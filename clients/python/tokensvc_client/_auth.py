@@ -158,7 +158,9 @@ class Authenticator:
         self.step_up = table if len(table) else None
         self.require_binding = bool(require_binding)
         self.transactions = transactions
-        self._txn_values: set[str] = set()  # txn-token values already seen well-formed
+        # txn-token values a verifier accepted (their form is not checked again); only
+        # verified values go in, evicting the oldest: a client cannot fill it
+        self._txn_values: BoundedCache[str, bool] = BoundedCache(verifier.cache_size)
         chains = ActorChainTable(actor_chains or {})
         self.actor_chains = chains if len(chains) else None
         # one Verified per (claims, transaction claims) objects, as long as the verifiers'
@@ -270,6 +272,7 @@ class Authenticator:
                 claims = rules.verifier.verify(token, newer)
             if self.revocation_check is not None and self._revoked(self._view(claims)):
                 raise InvalidToken(Reason.REVOKED)
+            self._txn_values.put(token, True)
         except InvalidToken as err:
             log.info("rejected call to %s: txn-token %s", method, err)
             return invalid_txn_token(err.reason)

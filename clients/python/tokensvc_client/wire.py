@@ -6,7 +6,7 @@ module holds those rules once so neither side imports the other's private module
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from typing import Final
 
 from tokensvc_client.errors import InvalidToken, Reason
@@ -47,11 +47,11 @@ def bearer_token(metadata: Metadata) -> str:
 TXN_TOKEN_HEADER: Final = "txn-token"
 
 
-def txn_token(metadata: Metadata, seen: set[str] | None = None) -> str | None:
+def txn_token(metadata: Metadata, seen: Container[str] | None = None) -> str | None:
     """The Transaction Token of the one ``txn-token`` entry; ``None`` without one.
 
-    ``seen``: values already found well-formed, skipped over (and added to while it holds
-    fewer than 4096).
+    ``seen``: values a verifier accepted before, whose form need not be checked again (the
+    caller adds to it only after verification: what a client sends never fills it).
 
     Raises:
         InvalidToken: ``MALFORMED`` for several entries (the draft: exactly one token), a
@@ -64,12 +64,7 @@ def txn_token(metadata: Metadata, seen: set[str] | None = None) -> str | None:
         raise InvalidToken(Reason.MALFORMED, "more than one txn-token entry")
     value = values[0]
     if seen is not None and value in seen:
-        return value  # only str values are ever added
+        return str(value)  # only verified str values are ever added
     if not isinstance(value, str) or value.split() != [value]:
         raise InvalidToken(Reason.MALFORMED, "txn-token is not one token")
-    if seen is not None and len(seen) < _SEEN_MAX:
-        seen.add(value)
     return value
-
-
-_SEEN_MAX: Final = 4096
