@@ -3,7 +3,8 @@ INVALID_ARGUMENT, for every RPC the server registers.
 
 gRPC calls a method's request deserializer before any of our code runs; when it raises,
 grpc.aio logs an ERROR traceback and answers UNKNOWN with the exception text. So every
-handler is registered through :class:`DecodingGuard`: its deserializer turns a parse
+handler is registered through :func:`guarded` (the innermost of the server's registration
+wrappers, :class:`tokensvc.handlers.Registrar`): its deserializer turns a parse
 failure into :data:`UNDECODABLE` (logged once, at INFO, without a traceback), and the call
 is refused ``INVALID_ARGUMENT`` :data:`NOT_DECODABLE`. The token service's own methods
 refuse it inside the wrapper they already have (:func:`tokensvc.api.status.rpc`, marked
@@ -16,8 +17,8 @@ the method reads it.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Final
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -37,11 +38,6 @@ log = logging.getLogger("tokensvc.decoding")
 NOT_DECODABLE: Final = "request is not valid protobuf/UTF-8"
 #: Attribute of a behaviour that refuses :data:`UNDECODABLE` itself.
 CHECKS_DECODING: Final = "_tokensvc_checks_decoding"
-
-if TYPE_CHECKING:
-    GenericHandler = grpc.GenericRpcHandler[Any, Any]
-else:
-    GenericHandler = grpc.GenericRpcHandler
 
 
 class _Undecodable:
@@ -102,9 +98,9 @@ def _checked_stream(behaviour: Behaviour) -> Behaviour:
     return checked
 
 
-def guarded(handler: Handler) -> Handler:
+def guarded(_method: str, handler: Handler) -> Handler:
     """``handler`` with a tolerant deserializer and a behaviour refusing what it cannot
-    parse (unchanged without a deserializer)."""
+    parse (unchanged without a deserializer); a :data:`tokensvc.handlers.MethodWrapper`."""
     if handler.request_deserializer is None:
         return handler
     deserializer = tolerant(handler.request_deserializer)
@@ -114,42 +110,3 @@ def guarded(handler: Handler) -> Handler:
         )
     check = _checked_stream if handler.request_streaming else _checked
     return wrap(handler, check, request_deserializer=deserializer)
-
-
-class _GuardedGenericHandler(GenericHandler):
-    """A generic handler whose handlers are :func:`guarded` (each built once)."""
-
-    def __init__(self, inner: GenericHandler) -> None:
-        self._inner = inner
-        self._built: dict[str, Handler] = {}
-
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
-        method = handler_call_details.method
-        built = self._built.get(method)
-        if built is None:
-            found = self._inner.service(handler_call_details)
-            if found is None:
-                return None  # an unknown method: nothing to remember
-            built = self._built[method] = guarded(found)
-        return built
-
-
-class DecodingGuard:
-    """Stands in for a ``grpc.aio.Server`` where generated code registers handlers
-    (``add_XServicer_to_server(servicer, DecodingGuard(server))``, reflection's
-    ``enable_server_reflection``) and registers them :func:`guarded`."""
-
-    def __init__(self, server: grpc.aio.Server) -> None:
-        self._server = server
-
-    def add_generic_rpc_handlers(self, handlers: Sequence[GenericHandler]) -> None:
-        self._server.add_generic_rpc_handlers([_GuardedGenericHandler(h) for h in handlers])
-
-    def add_registered_method_handlers(
-        self, service_name: str, method_handlers: Mapping[str, Handler]
-    ) -> None:
-        guarded_handlers = {name: guarded(h) for name, h in method_handlers.items()}
-        # (newer than the type stubs)
-        self._server.add_registered_method_handlers(  # type: ignore[attr-defined]
-            service_name, guarded_handlers
-        )

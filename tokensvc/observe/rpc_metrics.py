@@ -1,27 +1,27 @@
-"""The RPC duration histogram, recorded by a grpc.aio server interceptor.
+"""The RPC duration histogram, recorded by a wrapper every handler is registered with.
 
 ``opentelemetry-instrumentation-grpc`` creates spans but records no metrics, and gRPC's own
-OpenTelemetry plugin does not report server metrics under ``grpc.aio``; so this interceptor
-times each call itself. It follows the OpenTelemetry RPC semantic conventions 1.44:
-``rpc.server.call.duration`` in seconds with ``rpc.system.name="grpc"``, ``rpc.method``
-(``package.Service/Method``; calls of methods the server does not serve are not recorded,
-so the attribute stays bounded) and ``rpc.response.status_code`` (the gRPC code's name,
-``OK`` included). A streaming call (WatchRevocations, Health.Watch, reflection) is
-measured over its whole stream.
+OpenTelemetry plugin does not report server metrics under ``grpc.aio``; so tokensvc times
+each call itself, in a wrapper applied once per method when the services register
+(:class:`tokensvc.handlers.Registrar`; a grpc.aio interceptor would cost more per call). It
+follows the OpenTelemetry RPC semantic conventions 1.44: ``rpc.server.call.duration`` in
+seconds with ``rpc.system.name="grpc"``, ``rpc.method`` (``package.Service/Method``; calls
+of methods the server does not serve are not recorded, so the attribute stays bounded) and
+``rpc.response.status_code`` (the gRPC code's name, ``OK`` included). A streaming call
+(WatchRevocations, Health.Watch, reflection) is measured over its whole stream.
 
-Installed only when metrics are exported (:func:`interceptors` returns nothing otherwise).
+Installed only when metrics are exported (:func:`wrappers` returns nothing otherwise).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 import grpc.aio
 
-from tokensvc.handlers import Behaviour, Context, Handler, Wrapped, wrap
+from tokensvc.handlers import Behaviour, Context, Handler, MethodWrapper, wrap
 from tokensvc.observe.metrics import ServerMetrics
 
 _BY_VALUE = {code.value[0]: code.name for code in grpc.StatusCode}
@@ -38,25 +38,14 @@ def _status(context: grpc.aio.ServicerContext[Any, Any], failed: BaseException |
     return _BY_VALUE.get(int(code), "UNKNOWN")
 
 
-class RpcTimer(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+class RpcTimer:
     """Times every call (any shape, see :mod:`tokensvc.handlers`) into
-    ``metrics.rpc_duration``."""
+    ``metrics.rpc_duration``; :meth:`wrapper` is its method wrapper."""
 
     def __init__(self, metrics: ServerMetrics) -> None:
         self.histogram = metrics.rpc_duration
-        self._timed = Wrapped(self._wrap)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
-        details: grpc.HandlerCallDetails,
-    ) -> Any:
-        handler = await continuation(details)
-        if handler is None:
-            return handler
-        return self._timed(details.method, handler)
-
-    def _wrap(self, method: str, handler: Handler) -> Handler:
+    def wrapper(self, method: str, handler: Handler) -> Handler:
         attributes = {"rpc.system.name": "grpc", "rpc.method": method.lstrip("/")}
         return wrap(handler, lambda behaviour: self._time(behaviour, attributes))
 
@@ -80,6 +69,7 @@ class RpcTimer(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         return timed
 
 
-def interceptors(metrics: ServerMetrics) -> list[Any]:
-    """The interceptor to install, or none when metrics are off (no cost per call)."""
-    return [RpcTimer(metrics)] if metrics.enabled else []
+def wrappers(metrics: ServerMetrics) -> list[MethodWrapper]:
+    """The method wrapper to register handlers with, or none when metrics are off (no cost
+    per call)."""
+    return [RpcTimer(metrics).wrapper] if metrics.enabled else []

@@ -3,32 +3,23 @@
 
 gRPC's own ``server.stop(grace)`` lets in-flight calls finish, but calls that reach the
 server just as it stops are dropped, and their callers see ``CANCELLED``, which clients do
-not retry. So a stopping server first *drains*: the :class:`Drain` interceptor (first in
-the chain, so a refused call costs nothing else) answers every new call ``UNAVAILABLE``
-while the connections stay open, and only once the calls in flight are done does the
-server stop.
+not retry. So a stopping server first *drains*: :class:`Drain`, the outermost of the wrappers
+every handler is registered with (:class:`tokensvc.handlers.Registrar`; a refused call costs
+nothing else), answers every new call ``UNAVAILABLE`` while the connections stay open, and
+only once the calls in flight are done does the server stop.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import time
 from typing import Any, Final
 
 import grpc
 import grpc.aio
 
 from tokensvc.config import Settings
-from tokensvc.handlers import (
-    KINDS,
-    Behaviour,
-    Context,
-    Handler,
-    Wrapped,
-    handler_of_kind,
-    kind_of,
-    wrap,
-)
+from tokensvc.handlers import Behaviour, Context, Handler, wrap
 
 #: Streams that last until the server stops, whatever the drain waits for: not counted
 #: (a health watcher is told NOT_SERVING when the drain starts, and the stop ends it).
@@ -36,9 +27,10 @@ ENDLESS: Final = frozenset({"/grpc.health.v1.Health/Watch"})
 _MESSAGE = "tokensvc is shutting down; retry (another replica will answer)"
 
 
-class Drain(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+class Drain:
     """Counts the calls in flight; after :meth:`start` refuses new ones UNAVAILABLE.
 
+    :meth:`wrapper` is the method wrapper (:data:`tokensvc.handlers.MethodWrapper`) doing it.
     The count covers the handler's whole run (a stream until its last message).
     """
 
@@ -48,11 +40,8 @@ class Drain(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self._idle = asyncio.Event()
         self._idle.set()
         self._released = asyncio.Event()
-        self._last_arrival = 0.0  # loop time of the newest call
+        self._last_arrival = 0.0  # time.monotonic() of the newest call
         self._held = 0  # refused calls waiting for release()
-        self._counted = Wrapped(lambda _method, handler: wrap(handler, self._count))
-        # one refusing handler per shape; it never reads the request
-        self._refusals = {kind: handler_of_kind(kind, self._refuse) for kind in KINDS}
 
     def start(self) -> None:
         """Refuse new calls from now on (they wait for :meth:`release`)."""
@@ -71,13 +60,12 @@ class Drain(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         """Wait until no new call has arrived for ``period`` s (at most ``timeout`` s):
         calls still queued inside gRPC, not yet handed to us, would be CANCELLED by the
         stop."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while loop.time() < deadline:
-            wait = self._last_arrival + period - loop.time()
+        deadline = time.monotonic() + timeout
+        while (now := time.monotonic()) < deadline:
+            wait = self._last_arrival + period - now
             if wait <= 0:
                 return
-            await asyncio.sleep(min(wait, deadline - loop.time()))
+            await asyncio.sleep(min(wait, deadline - now))
 
     async def _hold(self) -> None:
         self._held += 1
@@ -94,24 +82,16 @@ class Drain(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return False
         return True
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        self._last_arrival = asyncio.get_running_loop().time()
-        if self.draining:
-            return self._refusals[kind_of(handler)]
-        method = handler_call_details.method
-        if method in ENDLESS:
-            return handler
-        return self._counted(method, handler)
+    def wrapper(self, method: str, handler: Handler) -> Handler:
+        """``handler`` refusing calls once draining, and counted unless it is
+        :data:`ENDLESS`; a :data:`tokensvc.handlers.MethodWrapper`."""
+        return wrap(handler, self._admit if method in ENDLESS else self._count)
 
     def _count(self, behaviour: Behaviour) -> Behaviour:
         async def counted(request: Any, context: Context) -> Any:
+            self._last_arrival = time.monotonic()
+            if self.draining:
+                await self._refuse(context)  # never reads the request
             self._enter()
             try:
                 return await behaviour(request, context)
@@ -120,7 +100,16 @@ class Drain(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
         return counted
 
-    async def _refuse(self, _request: Any, context: Context) -> None:
+    def _admit(self, behaviour: Behaviour) -> Behaviour:
+        async def admitted(request: Any, context: Context) -> Any:
+            self._last_arrival = time.monotonic()
+            if self.draining:
+                await self._refuse(context)
+            return await behaviour(request, context)
+
+        return admitted
+
+    async def _refuse(self, context: Context) -> None:
         await self._hold()
         await context.abort(grpc.StatusCode.UNAVAILABLE, _MESSAGE)
 

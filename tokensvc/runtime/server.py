@@ -19,12 +19,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from opentelemetry.sdk.trace import TracerProvider
 
-from tokensvc.api.decoding import DecodingGuard
+from tokensvc.api import decoding
 from tokensvc.api.health import CappedHealth
 from tokensvc.api.reflection import ReflectionGate, add_reflection
 from tokensvc.api.revocation_hub import RevocationHub
 from tokensvc.api.servicer import TokenService
 from tokensvc.config import Rate, Settings
+from tokensvc.handlers import MethodWrapper, Registrar
 from tokensvc.http.listener import Document, HttpJwks, metrics_on_public_port, start_http
 from tokensvc.keys.backend import SigningUnavailable, pkcs11_backend
 from tokensvc.keys.ring import KeyRing, Lifecycle, load_kek
@@ -270,17 +271,12 @@ async def _build_domain(settings: Settings, redis: _Redis) -> _Domain:
     return _Domain(policy, keyring, store, hub)
 
 
-def _grpc_server(
-    settings: Settings, drain: Drain, meters: metrics.ServerMetrics, provider: TracerProvider | None
-) -> grpc.aio.Server:
-    """The gRPC server with its interceptors and transport caps (not yet serving)."""
+def _grpc_server(settings: Settings, provider: TracerProvider | None) -> grpc.aio.Server:
+    """The gRPC server with its transport caps and, when traces are exported, the tracing
+    interceptor (not yet serving). The drain and the RPC metrics wrap each handler once at
+    registration instead (:func:`_add_services`)."""
     return grpc.aio.server(
-        # the drain first: a call refused during shutdown costs nothing else
-        interceptors=[
-            drain,
-            *rpc_metrics.interceptors(meters),
-            *tracing.server_interceptors(provider),
-        ],
+        interceptors=tracing.server_interceptors(provider),
         options=[
             # only the workers of one `serve` share a port (tokensvc.proc.ownership makes
             # sure no other process serves it); a single process does not share it
@@ -299,11 +295,13 @@ async def _add_services(
     service: TokenService,
     reflection_gate: ReflectionGate,
     settings: Settings,
+    wrappers: list[MethodWrapper],
 ) -> HealthServicer:
     """Register the token service, health (SERVING; Watch capped per client) and
-    reflection; returns the health servicer. Every handler checks decoding: an undecodable
-    request is INVALID_ARGUMENT."""
-    registrar = cast(grpc.aio.Server, DecodingGuard(server))
+    reflection, every handler wrapped once by ``wrappers`` (outermost last) inside the
+    decoding guard (an undecodable request is INVALID_ARGUMENT); returns the health
+    servicer."""
+    registrar = cast(grpc.aio.Server, Registrar(server, [decoding.guarded, *wrappers]))
     tokensvc_pb2_grpc.add_TokenServiceServicer_to_server(service, registrar)
     health = CappedHealth(settings)
     health_pb2_grpc.add_HealthServicer_to_server(health, registrar)
@@ -407,7 +405,7 @@ async def _assemble(
     provider = tracing.setup_tracing(tracer_provider)
     meters = _setup_metrics(settings)
     drain = Drain()
-    server = _grpc_server(settings, drain, meters, provider)
+    server = _grpc_server(settings, provider)
     undo.push_async_callback(server.stop, None)
     audit = AuditTrail(redis.client, log_routine=settings.audit_log_all)
     audit.metrics = meters
@@ -425,7 +423,10 @@ async def _assemble(
     service = TokenService(
         settings, domain.store, domain.keyring, audit, domain.policy, domain.hub, clock=clock
     )
-    health = await _add_services(server, service, ReflectionGate(settings, domain.policy), settings)
+    # the drain outermost: a call refused during shutdown costs nothing else
+    wrappers = [*rpc_metrics.wrappers(meters), drain.wrapper]
+    gate = ReflectionGate(settings, domain.policy)
+    health = await _add_services(server, service, gate, settings, wrappers)
     port = _bind(server, settings)
     await server.start()
     http, metrics_http = await _start_listeners(settings, domain.keyring, meters, undo)
