@@ -31,10 +31,11 @@ redirections and ``TRYAGAIN`` (the node refused the command without running it),
 ``NOSCRIPT`` reload (the script did not run), and re-discovering the cluster layout or
 the current primary before the *next* command. redis-py follows ``MOVED``/``ASK`` and
 retries ``TRYAGAIN`` only a few times (16 attempts, under half a second: "TTL
-exhausted"), shorter than a slot migration, in which every script naming a key that does
-not exist yet is answered ``TRYAGAIN``; :func:`tokensvc.store.guarded` retries such
-refusals on with a short back-off until the gRPC call's deadline, so a migration costs
-latency, not errors.
+exhausted"); the lean Cluster link follows ``MOVED``/``ASK`` a few times and leaves
+``TRYAGAIN`` to its caller. Either is shorter than a slot migration, in which every
+script naming a key that does not exist yet is answered ``TRYAGAIN``;
+:func:`tokensvc.store.guarded` retries such refusals on with a short back-off until the
+gRPC call's deadline, so a migration costs latency, not errors.
 
 Guarantees per topology (``--redis-wait-replicas`` is ``FamilyStore.settle``):
 

@@ -15,8 +15,8 @@ what redis-py would have used: TLS and AUTH/ACL from the URL, a Sentinel-managed
 connection that asks the sentinels for the primary on every (re)connect and turns
 READONLY from a demoted primary into a connection error, and the watchdog's class (the
 per-connection timeout of :mod:`tokensvc.redis.watchdog`, which counts the commands packed
-and the replies read). Redis Cluster keeps redis-py's own path (its slot map, MOVED/ASK
-and TRYAGAIN handling are not duplicated here).
+and the replies read). Redis Cluster has its own link, :mod:`tokensvc.redis.lean_cluster`:
+the same pipes, one set per primary, routed by redis-py's own slot map.
 
 The rules are those of :mod:`tokensvc.redis.connection`:
 
@@ -169,7 +169,8 @@ def _dropped(future: asyncio.Future[Any]) -> None:
 
 
 class LeanLink:
-    """The lean connections of one redis-py client (not Cluster); see the module doc."""
+    """The lean connections of one redis-py client (one server or Sentinel; Cluster:
+    :class:`~tokensvc.redis.lean_cluster.LeanClusterLink`); see the module doc."""
 
     def __init__(self, client: aioredis.Redis, connections: int = CONNECTIONS) -> None:
         self.client = client

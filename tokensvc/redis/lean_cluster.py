@@ -114,10 +114,12 @@ class _Primary:
 
     async def close_when_answered(self) -> None:
         """Close the connections once the commands in flight on them are answered."""
-        while waiting := [f for pipe in self.pipes for f in pipe.waiting if not f.done()]:
-            await asyncio.wait(waiting)
-        for pipe in self.pipes:
-            await pipe.close()
+        try:
+            while waiting := [f for pipe in self.pipes for f in pipe.waiting if not f.done()]:
+                await asyncio.wait(waiting)
+        finally:  # also when the link is closed meanwhile
+            for pipe in self.pipes:
+                await pipe.close()
 
 
 class LeanClusterLink:
@@ -132,6 +134,7 @@ class LeanClusterLink:
         self._primaries: dict[str, _Primary] = {}
         self._seen_slots: object = None  # the slot map the primaries were last pruned by
         self._retiring: set[asyncio.Task[None]] = set()
+        self._refresh_due = _refresh_due(client)
 
     def script(self, script: AsyncScript) -> LeanClusterScript:
         """``script`` called through this link."""
@@ -158,7 +161,7 @@ class LeanClusterLink:
         self, keys: Sequence[Any], args: Sequence[Any], script: ScriptTextT | None, span: Any
     ) -> Any:
         client = self.client
-        if _refresh_due(client):
+        if self._refresh_due():
             await client.initialize()
         if self.nodes.slots_cache is not self._seen_slots:
             self._prune()
@@ -294,9 +297,11 @@ def _fill_host(err: AskError, node: ClusterNode) -> None:
 # older flag. Either way the refresh runs before a later command, never a re-send.
 
 
-def _refresh_due(client: RedisCluster) -> bool:
-    due = getattr(client, "_initialize_due", None)
-    return bool(due()) if due is not None else bool(client._initialize)
+def _refresh_due(client: RedisCluster) -> Callable[[], bool]:
+    """Whether ``client`` wants :meth:`~RedisCluster.initialize` before a command: never
+    initialized, or a refresh was asked for and is due."""
+    due: Callable[[], bool] | None = getattr(client, "_initialize_due", None)
+    return due if due is not None else lambda: bool(client._initialize)
 
 
 def _request_refresh(
