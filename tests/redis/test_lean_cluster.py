@@ -30,6 +30,7 @@ from tokensvc.redis.watchdog import Watchdog
 from tokensvc.runtime.server import redis_client
 from tokensvc.store import FamilyStore, StoreUnavailable, guarded
 from tokensvc.store.calls import SLOT_RETRIES
+from tokensvc.store.keyspace import RING_VERSION
 
 # a write (so CLIENT PAUSE WRITE holds it) whose count shows how often it ran
 _INCR = "return {KEYS[1], redis.call('INCR', KEYS[1])}"
@@ -112,6 +113,9 @@ def test_the_servers_cluster_client_sends_scripts_lean_to_the_owner_of_their_slo
             used.clear()
             state = await store.access_state("sid-unknown", "jti", 0)
             assert state.reason == "unknown_session" and state.ring_version == 0
+            with fresh.client() as conn:
+                conn.set(RING_VERSION, 7)
+            assert (await store.access_state("sid-unknown", "jti", 0)).ring_version == 7
             assert used == []
             # the command-line tools' client (no watchdog) keeps redis-py's path
             plain = redis_client(fresh.url, 5.0)
