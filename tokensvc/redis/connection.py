@@ -16,9 +16,11 @@
 Timeouts are per connection, not per command, when a client is made with a
 :class:`tokensvc.redis.watchdog.Watchdog` (the server's): see that module. Without one
 (command-line tools) the socket timeout applies per command as usual. A client made with a
-watchdog (one server or Sentinel, not Cluster) also carries a
-:class:`tokensvc.redis.lean.LeanLink`: the hot scripts go through it, on connections its
-own pool makes, under the same rules.
+watchdog also carries a lean link for the hot scripts, under the same rules: a
+:class:`tokensvc.redis.lean.LeanLink` (one server, Sentinel) on connections its own pool
+makes, or for Cluster a :class:`tokensvc.redis.lean_cluster.LeanClusterLink` on
+connections to each primary made as redis-py makes that node's, routed by redis-py's own
+slot map.
 
 Every client sends each command exactly once: no retry on a connection error or a
 timeout at any level (a Refresh whose reply was lost would be re-sent with a spent token
@@ -29,10 +31,11 @@ redirections and ``TRYAGAIN`` (the node refused the command without running it),
 ``NOSCRIPT`` reload (the script did not run), and re-discovering the cluster layout or
 the current primary before the *next* command. redis-py follows ``MOVED``/``ASK`` and
 retries ``TRYAGAIN`` only a few times (16 attempts, under half a second: "TTL
-exhausted"), shorter than a slot migration, in which every script naming a key that does
-not exist yet is answered ``TRYAGAIN``; :func:`tokensvc.store.guarded` retries such
-refusals on with a short back-off until the gRPC call's deadline, so a migration costs
-latency, not errors.
+exhausted"); the lean Cluster link follows ``MOVED``/``ASK`` a few times and leaves
+``TRYAGAIN`` to its caller. Either is shorter than a slot migration, in which every
+script naming a key that does not exist yet is answered ``TRYAGAIN``;
+:func:`tokensvc.store.guarded` retries such refusals on with a short back-off until the
+gRPC call's deadline, so a migration costs latency, not errors.
 
 Guarantees per topology (``--redis-wait-replicas`` is ``FamilyStore.settle``):
 
@@ -82,6 +85,7 @@ from redis.maint_notifications import MaintNotificationsConfig
 
 from tokensvc.errors import ConfigError
 from tokensvc.redis.lean import LeanLink
+from tokensvc.redis.lean_cluster import LeanClusterLink
 from tokensvc.redis.watchdog import Watchdog
 
 #: What :func:`redis_client` returns: one server or Sentinel primary, or a cluster.
@@ -223,10 +227,25 @@ def _sentinel_client(
     return client
 
 
+class LeanCluster(RedisCluster):
+    """A Redis Cluster client that may carry a
+    :class:`~tokensvc.redis.lean_cluster.LeanClusterLink` for the hot scripts (the
+    server's, made with a watchdog); :meth:`aclose` closes it too."""
+
+    lean: LeanClusterLink | None = None
+
+    async def aclose(self) -> None:
+        try:
+            if self.lean is not None:
+                await self.lean.aclose()
+        finally:
+            await super().aclose()
+
+
 def _cluster_client(
     target: ClusterTarget, timeout: float, watchdog: Watchdog | None
-) -> RedisCluster:
-    client = RedisCluster(
+) -> LeanCluster:
+    client = LeanCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
         username=target.username,
         password=target.password,
@@ -244,6 +263,8 @@ def _cluster_client(
         client.nodes_manager.connection_kwargs["connection_class"] = watched
         for node in client.nodes_manager.startup_nodes.values():
             node.connection_class = watched
+        # the server's client: its hot scripts take the lean path (tokensvc.redis.lean_cluster)
+        client.lean = LeanClusterLink(client)
     return client
 
 

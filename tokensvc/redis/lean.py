@@ -15,8 +15,8 @@ what redis-py would have used: TLS and AUTH/ACL from the URL, a Sentinel-managed
 connection that asks the sentinels for the primary on every (re)connect and turns
 READONLY from a demoted primary into a connection error, and the watchdog's class (the
 per-connection timeout of :mod:`tokensvc.redis.watchdog`, which counts the commands packed
-and the replies read). Redis Cluster keeps redis-py's own path (its slot map, MOVED/ASK
-and TRYAGAIN handling are not duplicated here).
+and the replies read). Redis Cluster has its own link, :mod:`tokensvc.redis.lean_cluster`:
+the same pipes, one set per primary, routed by redis-py's own slot map.
 
 The rules are those of :mod:`tokensvc.redis.connection`:
 
@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeAlias
 
 import redis.asyncio as aioredis
@@ -71,7 +71,9 @@ class _Pipe:
         self._reader: asyncio.Task[None] | None = None
         self._connecting: asyncio.Lock = asyncio.Lock()
 
-    async def ready(self, pool: aioredis.ConnectionPool) -> AbstractConnection:
+    async def ready(self, make: Callable[[], AbstractConnection]) -> AbstractConnection:
+        """The open connection, or a new one from ``make`` (made as redis-py would: by the
+        client's pool, or for a cluster node by its connection class and arguments)."""
         conn = self.conn
         if conn is not None and conn.is_connected:
             return conn
@@ -79,7 +81,7 @@ class _Pipe:
             conn = self.conn
             if conn is not None and conn.is_connected:
                 return conn
-            fresh: AbstractConnection = pool.make_connection()  # type: ignore[no-untyped-call]
+            fresh = make()
             try:
                 await fresh.connect()  # type: ignore[no-untyped-call]
             except BaseException:
@@ -98,6 +100,15 @@ class _Pipe:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.waiting.append(future)
         writer.writelines(packed)
+        return future
+
+    def send_asking(self, conn: AbstractConnection, packed: list[bytes]) -> asyncio.Future[Any]:
+        """Write ``ASKING`` and then ``packed`` in one write (Redis Cluster, after an ASK
+        redirection); the future is the command's reply, ``ASKING``'s is dropped."""
+        asking = self.send(conn, [*conn.pack_command("ASKING"), *packed])
+        asking.add_done_callback(_dropped)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.waiting.append(future)  # no await since the write: the next reply is its
         return future
 
     async def _read(
@@ -151,12 +162,20 @@ class _Pipe:
             await conn.disconnect(nowait=True)
 
 
+def _dropped(future: asyncio.Future[Any]) -> None:
+    """Read a dropped reply's outcome (no "exception was never retrieved")."""
+    if not future.cancelled():
+        future.exception()
+
+
 class LeanLink:
-    """The lean connections of one redis-py client (not Cluster); see the module doc."""
+    """The lean connections of one redis-py client (one server or Sentinel; Cluster:
+    :class:`~tokensvc.redis.lean_cluster.LeanClusterLink`); see the module doc."""
 
     def __init__(self, client: aioredis.Redis, connections: int = CONNECTIONS) -> None:
         self.client = client
         self.pool = client.connection_pool
+        self._make: Callable[[], AbstractConnection] = self.pool.make_connection
         self._pipes = [_Pipe() for _ in range(max(1, connections))]
         self._next = 0
         kwargs = self.pool.connection_kwargs
@@ -185,8 +204,12 @@ class LeanLink:
     async def _execute(self, args: Sequence[Any]) -> Any:
         pipe = self._pipes[self._next]
         self._next = (self._next + 1) % len(self._pipes)
-        conn = await pipe.ready(self.pool)
+        conn = await pipe.ready(self._make)
         return await pipe.send(conn, conn.pack_command(*args))
+
+    def script(self, script: AsyncScript) -> LeanScript:
+        """``script`` called through this link."""
+        return LeanScript(script, self)
 
     async def aclose(self) -> None:
         for pipe in self._pipes:
@@ -216,12 +239,17 @@ class LeanScript:
             return await self._link.execute(*command)
 
 
-#: What :func:`script_for` returns.
+#: What :func:`script_for` returns (a Cluster link's scripts are LeanScripts too).
 Script: TypeAlias = AsyncScript | LeanScript
 
 
-def script_for(client: Any, source: str) -> AsyncScript | LeanScript:
-    """``client.register_script(source)``, through the client's lean link if it has one."""
-    script = client.register_script(source)
+def script_for(client: Any, source: str) -> Script:
+    """``client.register_script(source)``, through the client's lean link if it has one
+    (a :class:`LeanLink`, or for Redis Cluster a
+    :class:`~tokensvc.redis.lean_cluster.LeanClusterLink`)."""
+    script: AsyncScript = client.register_script(source)
     link = getattr(client, "lean", None)
-    return LeanScript(script, link) if link is not None else script
+    if link is None:
+        return script
+    lean_script: LeanScript = link.script(script)
+    return lean_script

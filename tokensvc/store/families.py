@@ -177,12 +177,14 @@ class FamilyOps(StoreCore):
     _issue: Script
     _refresh: Script
     _read_state: Script
+    _ring_version: Script
 
     def _register_scripts(self) -> None:
         super()._register_scripts()
         self._issue = self._register("issue.lua", gcra=True)
         self._refresh = self._register("refresh.lua", feed=True)
         self._read_state = self._register("state.lua")
+        self._ring_version = self._register("ring_version.lua")
 
     #: some subject is locked under its legacy tag (see RevocationOps.find_legacy_locks)
     legacy_locks = False
@@ -321,15 +323,17 @@ class FamilyOps(StoreCore):
 
         The version is read in the same script where the ring shares the server (single
         Redis, Sentinel); on Cluster it lives on another primary and is read alongside,
-        concurrently (one more command, no more waiting)."""
+        concurrently (one more command, no more waiting), by a script of its own so that it
+        too takes the lean path (:mod:`tokensvc.redis.lean_cluster`)."""
         if self._inline_feed:
             state = await self._state(sid, jti, _ACCESS_FIELDS, ring=True)
             ring_version = state[3]
         else:
             state, version = await asyncio.gather(
-                self._state(sid, jti, _ACCESS_FIELDS), guarded(self.redis.get, RING_VERSION)
+                self._state(sid, jti, _ACCESS_FIELDS),
+                guarded(self._ring_version, keys=[RING_VERSION]),
             )
-            ring_version = int(version or 0)
+            ring_version = int(version)
         fields, watermark, jti_revoked, _ = state
         if "state" not in fields:
             return AccessState(False, "unknown_session", ring_version)
