@@ -55,11 +55,16 @@ def test_scheduled_rotation_under_traffic_fails_no_call(
     try:
         while time.monotonic() < deadline:
             client = clients[calls % 2]
+            issued = time.time()
             token = client.issue(f"user{calls}", audience=["mesh"]).access_token
             kids.add(json.loads(b64url_decode(token.split(".")[0]))["kid"])
             try:
                 protected.call("unary_unary", (("authorization", f"Bearer {token}"),))
             except grpc.RpcError as err:
+                # a 2 s token (whole seconds) can expire if this loop stalls a second on a
+                # crowded machine: that is the clock, not the rotation under test
+                if err.details() == "invalid token: expired" and time.time() - issued >= 1:
+                    continue
                 failures += 1
                 print("failed:", err.code(), err.details())
             calls += 1
