@@ -5,5 +5,5 @@ emergency rotation, KEK wrapping and rewrap, the JWKS it publishes, and the depl
 Owns: ``ring`` (the lifecycle), ``backend`` (the private-key interface), ``local`` (keys
 under the KEK), ``pkcs11`` and ``token_pool`` (keys in a PKCS#11 token; python-pkcs11 is
 imported only with ``--pkcs11-module``).
-May import: store, config, redis, proc, families, errors.
+May import: config_env, config_flags, store, config, redis, proc, families, errors.
 """

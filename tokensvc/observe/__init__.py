@@ -3,5 +3,5 @@ tracing set-up and the JSON logs.
 
 Owns: ``audit`` (records in Redis), ``metrics`` (instruments and gauges the alert rules read),
 ``rpc_metrics`` (RPC duration per method and status), ``tracing``, ``quiet_spans``, ``logs``.
-May import: store, config, redis, proc, families, errors.
+May import: config_env, config_flags, store, config, redis, proc, families, errors.
 """
