@@ -160,7 +160,7 @@ class _AuditTable:
 def _cmd_audit_tail(args: argparse.Namespace) -> int:
     from redis.exceptions import RedisError
 
-    from tokensvc.observe import audit
+    from tokensvc.observe import audit_tail
     from tokensvc.redis.connection import redis_client
     from tokensvc.store import StoreUnavailable
 
@@ -180,7 +180,7 @@ def _cmd_audit_tail(args: argparse.Namespace) -> int:
         # socket timeout above the XREAD BLOCK of --follow
         client = redis_client(url, 10.0)
         try:
-            await audit.tail(
+            await audit_tail.tail(
                 client,
                 count=args.count,
                 follow=args.follow,

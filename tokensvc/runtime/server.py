@@ -166,7 +166,8 @@ async def _maintain(
     reachable) and report readiness accordingly."""
     current = None
     baseline = cancelling_count()
-    while not cancelled_since(baseline):  # a cancel redis-py swallowed (see tokensvc.observe.audit)
+    # a cancel redis-py swallowed ends the loop too (see tokensvc.observe.audit_writer)
+    while not cancelled_since(baseline):
         await asyncio.sleep(_MAINTENANCE_INTERVAL)
         try:
             if keeper is not None:
