@@ -27,7 +27,8 @@ from tokensvc.api.servicer import TokenService
 from tokensvc.config import Rate, Settings
 from tokensvc.http.listener import Document, HttpJwks, metrics_on_public_port, start_http
 from tokensvc.keys.backend import SigningUnavailable, pkcs11_backend
-from tokensvc.keys.ring import KeyRing, Lifecycle, load_kek
+from tokensvc.keys.ring import KeyRing, load_kek
+from tokensvc.keys.rotation import Lifecycle
 from tokensvc.observe import metrics, rpc_metrics, tracing
 from tokensvc.observe.audit import AuditTrail
 from tokensvc.proc.tasks import cancelled_since, cancelling_count
