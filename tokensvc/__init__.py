@@ -9,6 +9,7 @@ Sub-packages, each named after what it owns; imports run from top to bottom only
     observe    audit trail, metrics, tracing, logs       | keys      the key ring
     security   caller policy, TLS material               | http      JWKS/discovery listener
     store      families, revocations, rate limits in Redis (+ Lua)  | config  settings
+    config_env, config_flags   loading the settings from the environment and the flags
     redis      connections, Sentinel/Cluster, watchdog, embedded redis-server
     proc       process ownership, task helpers | families  refresh-token format | errors  roots
     handlers   gRPC handler shapes: the one wrapper of the drain, decoding guard, RPC metrics

@@ -10,7 +10,7 @@ import stat
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from tokensvc import config
+from tokensvc import config_env
 from tokensvc.cli import main as cli
 from tokensvc.cli.devcerts import DEFAULT_WORKLOADS
 from tokensvc.observe import logs
@@ -57,7 +57,7 @@ def test_certs_writes_the_development_pki(tmp_path, capsys):
     (serve_line,) = [line for line in out.splitlines() if "tokensvc serve" in line]
     argv = shlex.split(serve_line)
     assert argv[:2] == ["tokensvc", "serve"]
-    settings = config.parse_args(argv[2:])
+    settings = config_env.parse_args(argv[2:])
     assert settings.tls_cert == directory / "server.pem"
     assert settings.tls_key == directory / "server.key"
     assert settings.tls_client_ca == directory / "ca.pem"

@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from jwcrypto import jwk
 
 from tests.support import ServerThread
-from tokensvc import config
+from tokensvc import config_env
 from tokensvc.cli import main as cli
 from tokensvc.cli.devcerts import DevCA
 from tokensvc.config import Settings
@@ -231,20 +231,20 @@ def test_a_garbage_kek_file_says_what_it_must_be(tmp_path):
 
 @pytest.mark.parametrize("spelling", ["1", "true", "YES", "on", "y"])
 def test_environment_booleans_accept_the_usual_spellings(spelling):
-    assert config.load(None, {"TOKENSVC_INSECURE": spelling}).insecure is True
+    assert config_env.load(None, {"TOKENSVC_INSECURE": spelling}).insecure is True
 
 
 @pytest.mark.parametrize("spelling", ["0", "false", "No", "off", ""])
 def test_environment_booleans_false(spelling):
-    assert config.env_flag("TOKENSVC_INSECURE", spelling) is False
+    assert config_env.env_flag("TOKENSVC_INSECURE", spelling) is False
     with pytest.raises(ConfigError, match="TLS needs"):  # not insecure: TLS files wanted
-        config.load(None, {"TOKENSVC_INSECURE": spelling})
+        config_env.load(None, {"TOKENSVC_INSECURE": spelling})
 
 
 @pytest.mark.parametrize("spelling", ["maybe", "2", "enabled"])
 def test_environment_booleans_refuse_the_rest(spelling, capsys, monkeypatch):
     with pytest.raises(ConfigError, match=f"TOKENSVC_INSECURE={spelling!r} is not a boolean"):
-        config.load(None, {"TOKENSVC_INSECURE": spelling})
+        config_env.load(None, {"TOKENSVC_INSECURE": spelling})
     monkeypatch.setenv("TOKENSVC_INSECURE", spelling)  # the CLI's --insecure default too
     assert cli.main(["health"]) == 2
     assert "is not a boolean" in capsys.readouterr().err
@@ -262,7 +262,7 @@ def test_unknown_tokensvc_variables_are_named():
         "TOKENSVC_PORT": "tcp://10.0.0.1:50051",
         "OTHER": "1",
     }
-    assert config.unknown_variables(env) == ["TOKENSVC_REDIS_UTL"]
+    assert config_env.unknown_variables(env) == ["TOKENSVC_REDIS_UTL"]
 
 
 def _closed_port() -> int:

@@ -7,15 +7,17 @@ import sys
 
 import pytest
 
-from tokensvc import config
+from tokensvc import config_env, config_flags
 from tokensvc.config import ConfigError
 
 
 def test_defaults_env_and_flags_merge_in_order():
     env = {"TOKENSVC_ISSUER": "https://env", "TOKENSVC_ACCESS_TTL": "300", "TOKENSVC_INSECURE": "1"}
     parser = __import__("argparse").ArgumentParser()
-    config.add_arguments(parser)
-    settings = config.load(parser.parse_args(["--access-ttl", "600", "--audience", "a, b"]), env)
+    config_flags.add_arguments(parser)
+    settings = config_env.load(
+        parser.parse_args(["--access-ttl", "600", "--audience", "a, b"]), env
+    )
     assert settings.issuer == "https://env"  # env beats default
     assert settings.access_ttl == 600  # flag beats env
     assert settings.audience == ("a", "b")
@@ -38,12 +40,12 @@ def test_defaults_env_and_flags_merge_in_order():
 )
 def test_bad_values_fail_with_one_clear_line(argv, message):
     with pytest.raises(ConfigError, match=message):
-        config.parse_args(argv)
+        config_env.parse_args(argv)
 
 
 def test_long_access_ttl_needs_the_explicit_override():
     assert (
-        config.parse_args(
+        config_env.parse_args(
             ["--insecure", "--access-ttl", "3600", "--allow-long-access-ttl"]
         ).access_ttl
         == 3600
@@ -115,7 +117,7 @@ def test_cli_reports_an_unreachable_redis_in_one_line_and_exit_2(tmp_path):
 def test_workers_default_to_the_cpus_in_production_and_one_in_development(tmp_path):
     import os
 
-    from tokensvc.config import load
+    from tokensvc.config_env import load
 
     cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
     cert.write_text("x")

@@ -15,7 +15,8 @@ from jwcrypto import jwk
 
 from tests.support import wait_until
 from tokensvc.cli.main import main as cli_main
-from tokensvc.keys.ring import RING_KEY, KeyRing, _jwe_kid, load_kek
+from tokensvc.keys.ring import KeyRing, _jwe_kid, load_kek
+from tokensvc.keys.ring_state import RING_KEY
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 
 # a key is published 1 s before it signs, rotates every 4 s, outlives its tokens by 1 s

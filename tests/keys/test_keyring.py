@@ -12,7 +12,8 @@ import redis
 import redis.asyncio as aioredis
 from jwcrypto import jwk
 
-from tokensvc.keys.ring import ACTIVE_KEY, RING_KEY, KeyRing, KeyRingError, load_kek
+from tokensvc.keys.ring import KeyRing, KeyRingError, load_kek
+from tokensvc.keys.ring_state import ACTIVE_KEY, RING_KEY
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 
 

@@ -14,7 +14,8 @@ from jwcrypto import jwe, jwk
 
 from tests.keys.conftest import UNLIMITED, kid_of
 from tests.support import wait_until
-from tokensvc.keys.ring import ACTIVE_KEY, RING_KEY, VERSION_KEY, KeyRingError
+from tokensvc.keys.ring import KeyRingError
+from tokensvc.keys.ring_state import ACTIVE_KEY, RING_KEY, VERSION_KEY
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 
 # published 1 s before it signs; a retired key stays published for its tokens' 60 s

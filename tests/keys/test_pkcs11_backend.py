@@ -11,7 +11,7 @@ import redis
 
 from tests.keys.conftest import UNLIMITED, kid_of, token_objects
 from tests.support import wait_until
-from tokensvc.keys.ring import ACTIVE_KEY, DESTROY_KEY, RING_KEY
+from tokensvc.keys.ring_state import ACTIVE_KEY, DESTROY_KEY, RING_KEY
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 from tokensvc_client.verifier import KeySet, Verifier
 

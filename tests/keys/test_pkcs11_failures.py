@@ -19,7 +19,7 @@ from jwcrypto import jwk
 
 from tests.keys.conftest import UNLIMITED, kid_of
 from tests.support import wait_until
-from tokensvc.keys.ring import RING_KEY
+from tokensvc.keys.ring_state import RING_KEY
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -29,12 +29,12 @@ from tokensvc.families.tokens import RefreshTokens, new_session_id
 from tokensvc.observe import logs
 from tokensvc.observe.audit import (
     AUDIT_STREAM,
-    BATCH_MAX,
     MAX_VALUE_CHARS,
     REDACTED,
     AuditTrail,
-    tail,
 )
+from tokensvc.observe.audit_tail import tail
+from tokensvc.observe.audit_writer import BATCH_MAX
 from tokensvc.redis.embedded import RedisProcess
 from tokensvc.store import StoreUnavailable
 

@@ -20,7 +20,8 @@ import redis
 import redis.asyncio as aioredis
 
 from tests.support import audit_entries, events_of
-from tokensvc.keys.ring import SECRET_NAMES, KeyRing, load_kek
+from tokensvc.keys.ring import KeyRing, load_kek
+from tokensvc.keys.ring_state import SECRET_NAMES
 from tokensvc.observe.logs import JsonFormatter
 from tokensvc.redis.embedded import RedisProcess
 from tokensvc.store import family_key

@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2
 from opentelemetry import environment_variables as otel_api_env
 from opentelemetry.sdk import environment_variables as otel_sdk_env
 
-from tokensvc import config
+from tokensvc import config, config_env, config_flags
 from tokensvc.cli import main as cli
 from tokensvc.cli.devcerts import write_dev_pki
 from tokensvc.keys.ring import KeyRingError, load_kek
@@ -68,9 +68,9 @@ OTEL_ENV = {
     for name, value in vars(module).items()
     if name.startswith("OTEL_") and isinstance(value, str)
 }
-SETTINGS_ENV = {"TOKENSVC_" + name.upper() for name in (*config._OPTIONS, *config._FLAGS)}
+SETTINGS_ENV = {"TOKENSVC_" + name.upper() for name in (*config_flags.OPTIONS, *config_flags.FLAGS)}
 PATH_SETTINGS = {
-    "TOKENSVC_" + name.upper() for name, (_, kind) in config._OPTIONS.items() if kind is Path
+    "TOKENSVC_" + name.upper() for name, (_, kind) in config_flags.OPTIONS.items() if kind is Path
 }
 
 
@@ -607,7 +607,7 @@ def test_settings_of_the_deployment_pass_tokensvc_validation(tmp_path):
     env = _config_env() | _literal_env()
     env["TOKENSVC_REDIS_URL"] = secret["tokensvc-redis"]["stringData"]["url"]
     env["TOKENSVC_WORKERS"] = str(_cpu_limit())
-    settings = config.load(env=_localise(env, tmp_path))
+    settings = config_env.load(env=_localise(env, tmp_path))
     assert settings.port == _dockerfile_port() and settings.host == "0.0.0.0"
     assert not settings.insecure and settings.tls_client_ca is not None
     assert settings.kek_file is not None and settings.policy_file is not None
@@ -804,7 +804,7 @@ def test_compose_environment_is_real_and_valid(tmp_path):
                 assert (pki / path.name).is_file(), f"{name}: make certs writes no {path.name}"
             elif source.startswith("."):
                 assert (DEPLOY / source).resolve().is_file(), name
-    settings = config.load(env=_localise(env, tmp_path / "root"))
+    settings = config_env.load(env=_localise(env, tmp_path / "root"))
     assert settings.port == _dockerfile_port() and not settings.insecure
     assert settings.redis_url is not None
     redis_host, redis_port = settings.redis_url.split("//")[1].split("/")[0].rsplit(":", 1)

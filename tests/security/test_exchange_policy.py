@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from tokensvc.config import ConfigError, parse_args
+from tokensvc.config import ConfigError
+from tokensvc.config_env import parse_args
 from tokensvc.security.policy import CallerPolicy, ExchangeRule, TransactionRule
 
 EDGE = "spiffe://tokensvc.test/ns/edge/sa/gateway"

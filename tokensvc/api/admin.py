@@ -12,7 +12,9 @@ from tokensvc.api.ports import AdminStore, Clock
 from tokensvc.api.times import ts as _ts
 from tokensvc.errors import BadRequest
 from tokensvc.families import tokens
-from tokensvc.keys.ring import RING_KEY, KeyRing, Lifecycle
+from tokensvc.keys.ring import KeyRing
+from tokensvc.keys.ring_state import RING_KEY
+from tokensvc.keys.rotation import Lifecycle
 from tokensvc.observe.audit import AuditTrail
 from tokensvc.store import REVOCATIONS
 from tokensvc_client.v1 import tokensvc_pb2 as pb

@@ -30,7 +30,8 @@ from tokensvc.api.token_rpcs import TokenRpcs
 from tokensvc.config import Settings
 from tokensvc.errors import Denied, NotAuthenticated
 from tokensvc.families import tokens
-from tokensvc.keys.ring import KeyRing, Lifecycle
+from tokensvc.keys.ring import KeyRing
+from tokensvc.keys.rotation import Lifecycle
 from tokensvc.observe.audit import AuditTrail
 from tokensvc.security.policy import CallerPolicy
 from tokensvc.store import FamilyStore

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
-from tokensvc import config
+from tokensvc import config, config_env, config_flags
 from tokensvc.cli import admin, local, tokens
 from tokensvc.cli.output import add_output_arg, emit, printable
 from tokensvc.cli.transport import (
@@ -48,9 +48,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from tokensvc.runtime import server, workers
     from tokensvc.store import StoreUnavailable
 
-    settings = config.load(args)
+    settings = config_env.load(args)
     setup_logging(settings.log_level)
-    for name in config.unknown_variables(os.environ):
+    for name in config_env.unknown_variables(os.environ):
         log.warning("ignoring unknown environment variable %s (see tokensvc serve --help)", name)
     try:
         claim = claim_address(settings.listen)  # held (open) while serving
@@ -160,7 +160,7 @@ class _AuditTable:
 def _cmd_audit_tail(args: argparse.Namespace) -> int:
     from redis.exceptions import RedisError
 
-    from tokensvc.observe import audit
+    from tokensvc.observe import audit_tail
     from tokensvc.redis.connection import redis_client
     from tokensvc.store import StoreUnavailable
 
@@ -180,7 +180,7 @@ def _cmd_audit_tail(args: argparse.Namespace) -> int:
         # socket timeout above the XREAD BLOCK of --follow
         client = redis_client(url, 10.0)
         try:
-            await audit.tail(
+            await audit_tail.tail(
                 client,
                 count=args.count,
                 follow=args.follow,
@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tokensvc {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the token service")
-    config.add_arguments(serve)
+    config_flags.add_arguments(serve)
     serve.set_defaults(run=_cmd_serve)
     health = commands.add_parser(
         "health",

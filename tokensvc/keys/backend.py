@@ -1,7 +1,8 @@
 """The private-key side of the key ring, behind one small interface.
 
-The ring (:mod:`tokensvc.keys.ring`) owns the lifecycle -- which key is pending, active or
-retired, on Redis's clock -- and the JWK Set it publishes. Everything that touches a
+The ring (:mod:`tokensvc.keys.ring`, its lifecycle in :mod:`tokensvc.keys.rotation`) owns
+the lifecycle -- which key is pending, active or retired, on Redis's clock -- and the JWK Set
+it publishes. Everything that touches a
 *private* key is a backend's: creating a key pair, signing with it, destroying it. Two
 backends implement it:
 

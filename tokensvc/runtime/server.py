@@ -28,7 +28,8 @@ from tokensvc.config import Rate, Settings
 from tokensvc.handlers import MethodWrapper, Registrar
 from tokensvc.http.listener import Document, HttpJwks, metrics_on_public_port, start_http
 from tokensvc.keys.backend import SigningUnavailable, pkcs11_backend
-from tokensvc.keys.ring import KeyRing, Lifecycle, load_kek
+from tokensvc.keys.ring import KeyRing, load_kek
+from tokensvc.keys.rotation import Lifecycle
 from tokensvc.observe import metrics, rpc_metrics, tracing
 from tokensvc.observe.audit import AuditTrail
 from tokensvc.proc.tasks import cancelled_since, cancelling_count
@@ -167,7 +168,8 @@ async def _maintain(
     reachable) and report readiness accordingly."""
     current = None
     baseline = cancelling_count()
-    while not cancelled_since(baseline):  # a cancel redis-py swallowed (see tokensvc.observe.audit)
+    # a cancel redis-py swallowed ends the loop too (see tokensvc.observe.audit_writer)
+    while not cancelled_since(baseline):
         await asyncio.sleep(_MAINTENANCE_INTERVAL)
         try:
             if keeper is not None:

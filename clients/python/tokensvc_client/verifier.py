@@ -23,334 +23,81 @@ ignores stray characters and non-zero padding bits), the signature length (jwcry
 any byte string in half), duplicate JSON keys, header members beyond the three we emit,
 claim types. Revocation is not decided here: the server asks Redis, the interceptor asks
 its revocation source; both call this module first.
+
+This module is the public home of every name of the verifier; the parts live in private
+siblings: the token's shape and header (``_jws``: :func:`parse`), the claim types
+(``_claims``: :class:`Claims`, :class:`TransactionClaims`) and the key set (``_keyset``:
+:class:`KeySet`). The verifiers and the signature check are here.
 """
 
 from __future__ import annotations
 
-import base64
-import json
-import re
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Final
+from collections.abc import Callable
+from typing import Final
 
 from jwcrypto import jwa, jwk
 
 from tokensvc_client import _metrics
+from tokensvc_client._claims import (
+    MAX_ACT_NESTING,
+    Claims,
+    TransactionClaims,
+    actor_chain,
+    claims_from_dict,
+    transaction_claims_from_dict,
+)
+from tokensvc_client._jws import (
+    ACCEPTED_TXN_TYP,
+    ALGORITHM,
+    DEFAULT_MAX_TOKEN_BYTES,
+    REFRESH_TOKEN_PREFIX,
+    TOKEN_TYPE,
+    TXN_TOKEN_TYPE,
+    ParsedToken,
+    b64url_decode,
+    parse,
+    strict_json_object,
+)
+from tokensvc_client._keyset import KeySet
 from tokensvc_client.cache import BoundedCache
 from tokensvc_client.errors import InvalidToken, KeysUnavailable, Reason
 
-ALGORITHM: Final = "ES256"
-TOKEN_TYPE: Final = "at+jwt"
-#: JOSE ``typ`` of a Transaction Token (draft-ietf-oauth-transaction-tokens-10).
-TXN_TOKEN_TYPE: Final = "txntoken+jwt"
-#: How deep a verifier follows nested ``act`` claims before calling the token malformed
-#: (the service mints far fewer: ``--max-act-depth``).
-MAX_ACT_NESTING: Final = 16
-#: Refresh tokens start with this prefix; see tokensvc.families.tokens.
-REFRESH_TOKEN_PREFIX: Final = "tsr1_"
-DEFAULT_MAX_TOKEN_BYTES: Final = 4096
+#: Every public name of the verifier (the classes and functions of the private parts too),
+#: and the errors it raises.
+__all__ = [
+    "ALGORITHM",
+    "DEFAULT_LEEWAY_SECONDS",
+    "DEFAULT_MAX_TOKEN_BYTES",
+    "MAX_ACT_NESTING",
+    "P256_HALF_ORDER",
+    "P256_ORDER",
+    "REFRESH_TOKEN_PREFIX",
+    "TOKEN_TYPE",
+    "TXN_TOKEN_TYPE",
+    "Claims",
+    "InvalidToken",
+    "KeySet",
+    "KeysUnavailable",
+    "ParsedToken",
+    "Reason",
+    "TransactionClaims",
+    "TransactionVerifier",
+    "Verifier",
+    "actor_chain",
+    "b64url_decode",
+    "claims_from_dict",
+    "parse",
+    "strict_json_object",
+    "transaction_claims_from_dict",
+]
+
 DEFAULT_LEEWAY_SECONDS: Final = 30
 
 # Order of the P-256 group: r and s must lie in [1, n-1] (SEC 1, 4.1.4).
 P256_ORDER: Final = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 P256_HALF_ORDER: Final = P256_ORDER // 2
 _ES256: Final = jwa.JWA.signing_alg(ALGORITHM)
-_SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
-_ALLOWED_HEADER: Final = frozenset({"alg", "typ", "kid"})
-_ACCEPTED_TYP: Final = frozenset({"at+jwt", "application/at+jwt"})
-_ACCEPTED_TXN_TYP: Final = frozenset({TXN_TOKEN_TYPE, "application/txntoken+jwt"})
-# Exclusive bound: 10000-01-01T00:00:00Z, the first instant a protobuf Timestamp cannot hold.
-_MAX_NUMERIC_DATE: Final = 253_402_300_800
-
-
-def b64url_decode(segment: str) -> bytes:
-    """Decode one unpadded, canonical base64url segment or raise ``ValueError``."""
-    if not _SEGMENT.fullmatch(segment) or len(segment) % 4 == 1:
-        raise ValueError("not base64url")
-    raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-    # Re-encoding must give the segment back: rejects non-zero trailing bits, so one
-    # token has exactly one spelling (and the jwcrypto signing input equals the token's).
-    if base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii") != segment:
-        raise ValueError("non-canonical base64url")
-    return raw
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate member {key!r}")
-        out[key] = value
-    return out
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-standard JSON constant {name}")
-
-
-def strict_json_object(raw: bytes) -> dict[str, Any]:
-    """Parse UTF-8 JSON that must be an object without duplicate members."""
-    try:
-        text = raw.decode("utf-8")
-        value = json.loads(
-            text,
-            object_pairs_hook=_no_duplicates,
-            parse_constant=_reject_constant,
-        )
-        # escaped lone surrogates ("\ud800") are valid JSON but not Unicode text; only text
-        # with a \u escape can hold one, so the re-encoding check is rarely needed
-        if "\\u" in text:
-            json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except (ValueError, RecursionError) as err:
-        raise ValueError("invalid JSON") from err
-    if not isinstance(value, dict):
-        raise ValueError("JSON is not an object")
-    return value
-
-
-@dataclass(frozen=True, slots=True)
-class ParsedToken:
-    """A token whose shape and header passed :func:`parse`; signature not yet checked."""
-
-    signing_input: bytes
-    payload: bytes
-    signature: bytes
-    kid: str
-
-
-# Header segments that passed _check_header for a set of accepted types, mapped to their
-# kid. Every token of one key and type has the same header, so this small bounded map
-# spares the header's decoding and checks on a first sight; a segment is only stored
-# after passing every check, and only for the types it was checked against (an access
-# token's header never opens the door for a Transaction Token, nor the other way round).
-_ACCEPTED_HEADERS: BoundedCache[tuple[str, frozenset[str]], str] = BoundedCache(64)
-
-
-def _check_header(segment: str, accepted: frozenset[str] = _ACCEPTED_TYP) -> str:
-    """Check a JOSE header segment (exactly alg=ES256, typ, kid); return the kid."""
-    try:
-        header = strict_json_object(b64url_decode(segment))
-    except ValueError as err:
-        raise InvalidToken(Reason.MALFORMED, str(err)) from None
-    alg = header.get("alg")
-    if alg != ALGORITHM:
-        raise InvalidToken(Reason.BAD_ALGORITHM, repr(alg)[:40])
-    extra = set(header) - _ALLOWED_HEADER
-    if extra:
-        raise InvalidToken(Reason.BAD_HEADER, f"unexpected header {sorted(extra)!r}"[:80])
-    typ = header.get("typ")
-    if not isinstance(typ, str) or typ.lower() not in accepted:
-        raise InvalidToken(Reason.BAD_TYPE, repr(typ)[:40])
-    kid = header.get("kid")
-    if not isinstance(kid, str) or not kid:
-        raise InvalidToken(Reason.BAD_HEADER, "kid missing")
-    _ACCEPTED_HEADERS.put((segment, accepted), kid)
-    return kid
-
-
-def parse(
-    token: str,
-    max_bytes: int = DEFAULT_MAX_TOKEN_BYTES,
-    *,
-    accepted: frozenset[str] = _ACCEPTED_TYP,
-) -> ParsedToken:
-    """Check the shape and header of a compact ES256 JWS access token (or, with
-    ``accepted`` the Transaction Token types, of a Transaction Token).
-
-    Raises:
-        InvalidToken: with the first rule the token breaks.
-    """
-    if not isinstance(token, str) or not token:
-        raise InvalidToken(Reason.MALFORMED, "empty")
-    if len(token) > max_bytes:
-        raise InvalidToken(Reason.TOO_LARGE, f"longer than {max_bytes}")
-    if token.startswith(REFRESH_TOKEN_PREFIX):
-        raise InvalidToken(Reason.REFRESH_AS_ACCESS)
-    parts = token.split(".")
-    if len(parts) != 3:
-        raise InvalidToken(Reason.MALFORMED, "not a compact JWS")
-    try:
-        payload, signature = b64url_decode(parts[1]), b64url_decode(parts[2])
-    except ValueError as err:
-        raise InvalidToken(Reason.MALFORMED, str(err)) from None
-    kid = _ACCEPTED_HEADERS.get((parts[0], accepted)) or _check_header(parts[0], accepted)
-    if len(signature) != 64:
-        raise InvalidToken(Reason.BAD_SIGNATURE, "not a 64-byte R||S signature")
-    signing_input = token[: token.rindex(".")].encode("ascii")
-    return ParsedToken(signing_input=signing_input, payload=payload, signature=signature, kid=kid)
-
-
-class KeySet:
-    """Immutable set of ES256 public verification keys, indexed by ``kid``.
-
-    Built only from a JWK Set obtained from the configured source (GetKeys or a pinned
-    URL). Keys that are not EC P-256, carry private material or lack a ``kid`` are refused.
-    """
-
-    __slots__ = ("_keys",)
-
-    def __init__(self, keys: Mapping[str, jwk.JWK]) -> None:
-        self._keys = dict(keys)
-
-    @classmethod
-    def from_jwks(cls, jwks_json: str) -> KeySet:
-        """Parse an RFC 7517 JWK Set.
-
-        Raises:
-            KeysUnavailable: the document is not a usable JWK Set.
-        """
-        try:
-            doc = json.loads(jwks_json)
-            entries = doc["keys"]
-            if not isinstance(entries, list):
-                raise TypeError("keys is not a list")
-            keys: dict[str, jwk.JWK] = {}
-            for entry in entries:
-                if not isinstance(entry, dict):
-                    raise TypeError("JWK is not an object")
-                if entry.get("kty") != "EC" or entry.get("crv") != "P-256" or "d" in entry:
-                    raise ValueError("only public EC P-256 keys are accepted")
-                if entry.get("use", "sig") != "sig" or entry.get("alg", ALGORITHM) != ALGORITHM:
-                    continue
-                kid = entry.get("kid")
-                if not isinstance(kid, str) or not kid:
-                    raise ValueError("JWK without kid")
-                keys[kid] = jwk.JWK(**entry)
-        except (ValueError, TypeError, KeyError) as err:
-            raise KeysUnavailable(f"unusable JWK Set: {err}") from err
-        return cls(keys)
-
-    @classmethod
-    def of(cls, keys: Iterable[jwk.JWK]) -> KeySet:
-        """Build from jwcrypto keys (public parts are taken)."""
-        return cls.from_jwks(json.dumps({"keys": [json.loads(k.export_public()) for k in keys]}))
-
-    def get(self, kid: str) -> jwk.JWK | None:
-        return self._keys.get(kid)
-
-    def __contains__(self, kid: object) -> bool:
-        return kid in self._keys
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    @property
-    def kids(self) -> frozenset[str]:
-        return frozenset(self._keys)
-
-
-@dataclass(frozen=True, slots=True)
-class Claims:
-    """The verified claims of an access token."""
-
-    issuer: str
-    subject: str
-    audience: tuple[str, ...]
-    expires_at: int
-    issued_at: int
-    not_before: int
-    token_id: str
-    session_id: str
-    client_id: str
-    roles: tuple[str, ...]
-    acr: str = ""
-    amr: tuple[str, ...] = ()
-    auth_time: int | None = None
-    cnf_x5t_s256: str = ""
-    #: The ``kid`` of the key that signed the token (its JOSE header); empty when the
-    #: claims did not come from a verified token (e.g. :func:`claims_from_dict` alone).
-    key_id: str = ""
-    #: The actor chain of an exchanged token (RFC 8693 ``act``): the workload that made
-    #: the last exchange first, then the earlier ones; empty for a token never exchanged
-    #: (or exchanged by impersonation).
-    actors: tuple[str, ...] = ()
-    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
-
-
-def _str(claims: Mapping[str, Any], name: str, *, required: bool, nonempty: bool = False) -> str:
-    value = claims.get(name)
-    if value is None and not required:
-        return ""
-    if not isinstance(value, str) or (nonempty and not value):
-        raise InvalidToken(Reason.BAD_CLAIMS, f"{name} must be a string")
-    return value
-
-
-def _str_list(claims: Mapping[str, Any], name: str) -> tuple[str, ...]:
-    value = claims.get(name, [])
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise InvalidToken(Reason.BAD_CLAIMS, f"{name} must be a list of strings")
-    return tuple(value)
-
-
-def _date(claims: Mapping[str, Any], name: str) -> int:
-    """A required NumericDate: an integer (not a bool, not a float), 0 <= v < 2**53."""
-    value = claims.get(name)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < _MAX_NUMERIC_DATE:
-        raise InvalidToken(Reason.BAD_CLAIMS, f"{name} must be an integer NumericDate")
-    return value
-
-
-def _optional_date(claims: Mapping[str, Any], name: str) -> int | None:
-    return None if claims.get(name) is None else _date(claims, name)
-
-
-def actor_chain(claims: Mapping[str, Any]) -> tuple[str, ...]:
-    """The ``sub`` of each nested ``act`` (RFC 8693 4.1), outermost (current actor) first.
-
-    Raises:
-        InvalidToken: ``BAD_CLAIMS`` for an ``act`` that is not an object with a string
-            ``sub``, or nested deeper than :data:`MAX_ACT_NESTING`.
-    """
-    actors: list[str] = []
-    act = claims.get("act")
-    while act is not None:
-        if len(actors) >= MAX_ACT_NESTING:
-            raise InvalidToken(Reason.BAD_CLAIMS, "act nested too deep")
-        if not isinstance(act, dict) or not isinstance(act.get("sub"), str) or not act["sub"]:
-            raise InvalidToken(Reason.BAD_CLAIMS, "act must be an object with a sub")
-        actors.append(act["sub"])
-        act = act.get("act")
-    return tuple(actors)
-
-
-def claims_from_dict(claims: Mapping[str, Any], *, key_id: str = "") -> Claims:
-    """Type-check a claims object into :class:`Claims` (no time or issuer checks);
-    ``key_id`` is the signing key's ``kid``, from the token's header."""
-    aud = claims.get("aud")
-    if isinstance(aud, str):
-        audience: tuple[str, ...] = (aud,)
-    else:
-        audience = _str_list(claims, "aud")
-    if not audience:
-        raise InvalidToken(Reason.BAD_CLAIMS, "aud missing")
-    cnf = claims.get("cnf")
-    thumbprint = ""
-    if cnf is not None:
-        if not isinstance(cnf, dict) or not isinstance(cnf.get("x5t#S256"), str):
-            raise InvalidToken(Reason.BAD_CLAIMS, "cnf must hold x5t#S256")
-        thumbprint = cnf["x5t#S256"]
-    return Claims(
-        issuer=_str(claims, "iss", required=True),
-        subject=_str(claims, "sub", required=True, nonempty=True),
-        audience=audience,
-        expires_at=_date(claims, "exp"),
-        issued_at=_date(claims, "iat"),
-        not_before=_date(claims, "nbf"),
-        token_id=_str(claims, "jti", required=True, nonempty=True),
-        session_id=_str(claims, "sid", required=True, nonempty=True),
-        client_id=_str(claims, "client_id", required=False),
-        roles=_str_list(claims, "roles"),
-        acr=_str(claims, "acr", required=False),
-        amr=_str_list(claims, "amr"),
-        auth_time=_optional_date(claims, "auth_time"),
-        cnf_x5t_s256=thumbprint,
-        key_id=key_id,
-        actors=actor_chain(claims),
-        raw=claims,
-    )
 
 
 class Verifier:
@@ -467,102 +214,6 @@ class Verifier:
         return claims
 
 
-# -- Transaction Tokens (draft-ietf-oauth-transaction-tokens-10) ----------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class TransactionClaims:
-    """The verified claims of a Transaction Token (draft-ietf-oauth-transaction-tokens-10,
-    section "Txn-Token Format"; docs/call-chains.md)."""
-
-    #: ``aud``: the trust domain the token is valid in
-    trust_domain: str
-    #: ``txn``: the transaction's id, the same in every replacement
-    transaction_id: str
-    #: ``sub``: the principal of the transaction (a user, or a workload acting on its own)
-    subject: str
-    #: ``scope`` (space-delimited in the token): the purpose of the transaction
-    scope: tuple[str, ...]
-    #: ``req_wl``: the workload that requested this token (its mTLS identity)
-    requesting_workload: str
-    issued_at: int
-    expires_at: int
-    #: ``req_wl_chain`` (tokensvc): every workload that requested the token or one it
-    #: replaces, the edge first, ``requesting_workload`` last (the draft asks a replacement
-    #: to keep this call chain and leaves the mechanism open)
-    workload_chain: tuple[str, ...] = ()
-    #: ``tctx``: the immutable transaction context
-    context: Mapping[str, Any] = field(default_factory=dict, compare=False)
-    #: ``rctx``: the request context (e.g. ``req_ip``)
-    request_context: Mapping[str, Any] = field(default_factory=dict, compare=False)
-    #: ``sid`` (tokensvc): the session of the subject token ("" for a workload's own
-    #: transaction): revoking the session ends the transaction's tokens
-    session_id: str = ""
-    #: ``jti`` (tokensvc): this token's id
-    token_id: str = ""
-    issuer: str = ""
-    key_id: str = ""
-    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
-
-    def for_revocation(self) -> Claims:
-        """The token as a revocation check sees an access token (session, jti, subject,
-        issue time, signing key): one revocation source serves both kinds."""
-        return Claims(
-            issuer=self.issuer,
-            subject=self.subject,
-            audience=(self.trust_domain,),
-            expires_at=self.expires_at,
-            issued_at=self.issued_at,
-            not_before=self.issued_at,
-            token_id=self.token_id or self.transaction_id,
-            session_id=self.session_id,
-            client_id="",
-            roles=self.scope,
-            key_id=self.key_id,
-        )
-
-
-def _object(claims: Mapping[str, Any], name: str) -> Mapping[str, Any]:
-    value = claims.get(name, {})
-    if not isinstance(value, dict):
-        raise InvalidToken(Reason.BAD_CLAIMS, f"{name} must be a JSON object")
-    return value
-
-
-def transaction_claims_from_dict(
-    claims: Mapping[str, Any], *, key_id: str = ""
-) -> TransactionClaims:
-    """Type-check a Transaction Token's claims (no time or audience checks): every claim
-    the draft requires (``iat``, ``aud``, ``exp``, ``txn``, ``sub``, ``scope``,
-    ``req_wl``) present and of its type; ``tctx``/``rctx`` objects when present."""
-    aud = claims.get("aud")
-    audience = (aud,) if isinstance(aud, str) else _str_list(claims, "aud")
-    if len(audience) != 1 or not audience[0]:
-        raise InvalidToken(Reason.BAD_CLAIMS, "aud must name one trust domain")
-    scope = _str(claims, "scope", required=True, nonempty=True)
-    chain = _str_list(claims, "req_wl_chain")
-    requester = _str(claims, "req_wl", required=True, nonempty=True)
-    if chain and chain[-1] != requester:
-        raise InvalidToken(Reason.BAD_CLAIMS, "req_wl_chain must end with req_wl")
-    return TransactionClaims(
-        trust_domain=audience[0],
-        transaction_id=_str(claims, "txn", required=True, nonempty=True),
-        subject=_str(claims, "sub", required=True, nonempty=True),
-        scope=tuple(scope.split()),
-        requesting_workload=requester,
-        issued_at=_date(claims, "iat"),
-        expires_at=_date(claims, "exp"),
-        workload_chain=chain or (requester,),
-        context=_object(claims, "tctx"),
-        request_context=_object(claims, "rctx"),
-        session_id=_str(claims, "sid", required=False),
-        token_id=_str(claims, "jti", required=False),
-        issuer=_str(claims, "iss", required=False),
-        key_id=key_id,
-        raw=claims,
-    )
-
-
 class TransactionVerifier:
     """Verifies Transaction Tokens for one trust domain (the draft's "Txn-Token
     Validation": signature, ``aud`` = the trust domain, not expired), with the same
@@ -614,7 +265,7 @@ class TransactionVerifier:
             if keys.get(claims.key_id) is key and self.clock() < claims.expires_at:
                 return claims
             self._cache.pop(token, None)
-        parsed = parse(token, self.max_token_bytes, accepted=_ACCEPTED_TXN_TYP)
+        parsed = parse(token, self.max_token_bytes, accepted=ACCEPTED_TXN_TYP)
         Verifier.check_signature(parsed, keys)
         try:
             raw = strict_json_object(parsed.payload)
