@@ -215,10 +215,12 @@ def test_log_levels(caplog, event, level):
 
 
 def test_routine_events_are_logged_only_when_asked_but_always_streamed(redis_url, caplog):
-    """By default the log has the security-relevant events only; issued and refreshed (one
-    per Issue / Refresh) still reach the stream, which is the audit trail."""
+    """By default the log has the security-relevant events only; issued, refreshed,
+    exchanged and txn_token_minted (one per Issue / Refresh / Exchange / Mint) still reach
+    the stream, which is the audit trail; a refused exchange is logged."""
     caplog.set_level(logging.INFO, logger="tokensvc.audit")
-    events = ["issued", "refreshed", "reuse_detected", "denied", "auth_failed", "locked"]
+    events = ["issued", "refreshed", "exchanged", "txn_token_minted", "reuse_detected"]
+    events += ["denied", "auth_failed", "locked", "exchange_denied"]
     events += ["revoked", "rate_limited", "unlocked", "keys_rotated"]
 
     async def main() -> None:
@@ -231,7 +233,7 @@ def test_routine_events_are_logged_only_when_asked_but_always_streamed(redis_url
 
     asyncio.run(main())
     logged = [r.event for r in caplog.records if r.name == "tokensvc.audit"]
-    assert logged == events[2:]
+    assert logged == events[4:]
     assert [e["event"] for e in entries(redis_url)] == events
 
 

@@ -6,10 +6,11 @@ milliseconds), for the background task :meth:`AuditTrail.run`, which appends the
 capped stream ``ts:audit`` in batches: one call of a script doing ``XADD ts:audit MAXLEN ~
 <maxlen> * field value ...`` per record (one command per batch, not one per record), at
 most every 50 ms or as soon as 256 records wait. It also logs the event at once on the
-``tokensvc.observe.audit`` logger (WARNING for ``reuse_detected``, ``bound_token_misuse``,
+``tokensvc.audit`` logger (WARNING for ``reuse_detected``, ``bound_token_misuse``,
 ``denied``, ``auth_failed`` and ``locked``, INFO for everything else) -- except the
-routine, high-volume ``issued`` and ``refreshed``, which are logged only with
-``log_routine`` (``--audit-log-all``); the stream always has every event.
+routine, high-volume ``issued``, ``refreshed``, ``exchanged`` and ``txn_token_minted``,
+which are logged only with ``log_routine`` (``--audit-log-all``); the stream always has
+every event.
 
 Security events (:data:`SECURITY_EVENTS`: reuse, a bound token presented by another
 certificate, revocations, locks, key changes) are also appended, first, to
@@ -94,8 +95,10 @@ LOG_BURST: Final = 20
 LOG_PEERS_MAX: Final = 1024
 #: How often the calls refused without an audit record each are reported, seconds.
 SUPPRESSED_INTERVAL: Final = 10.0
-#: One per Issue / Refresh: logged only with ``log_routine`` (always in the stream).
-ROUTINE_EVENTS: Final = frozenset({"issued", "refreshed"})
+#: One per Issue / Refresh / Exchange / MintTransactionToken (a call chain mints one per
+#: hop and request): logged only with ``log_routine`` (always in the stream). Refusals of
+#: any of them are not routine.
+ROUTINE_EVENTS: Final = frozenset({"issued", "refreshed", "exchanged", "txn_token_minted"})
 #: Longest value stored; longer ones are cut (ids are far shorter).
 MAX_VALUE_CHARS: Final = 256
 
