@@ -13,8 +13,9 @@ import redis.asyncio as aioredis
 from tests.support import wait_until
 from tests.support.rpc import code_of
 from tokensvc.config import Rate
-from tokensvc.observe.audit import AUDIT_STREAM, SECURITY_STREAM, AuditTrail
+from tokensvc.observe.audit import AuditTrail
 from tokensvc.observe.audit_tail import tail
+from tokensvc.observe.audit_writer import AUDIT_STREAM, SECURITY_STREAM
 from tokensvc.store.calls import script_source
 from tokensvc_client.channels import channel
 from tokensvc_client.peer import certificate_thumbprint

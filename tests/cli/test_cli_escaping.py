@@ -20,7 +20,7 @@ import redis
 from tokensvc.cli import main as cli
 from tokensvc.cli.devcerts import DevCA
 from tokensvc.cli.output import emit, printable
-from tokensvc.observe.audit import AUDIT_STREAM
+from tokensvc.observe.audit_writer import AUDIT_STREAM
 from tokensvc_client.channels import channel
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 from tokensvc_client.v1 import tokensvc_pb2_grpc as pb_grpc

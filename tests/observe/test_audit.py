@@ -27,14 +27,9 @@ from redis.maint_notifications import MaintNotificationsConfig
 from tokensvc.cli import main as cli
 from tokensvc.families.tokens import RefreshTokens, new_session_id
 from tokensvc.observe import logs
-from tokensvc.observe.audit import (
-    AUDIT_STREAM,
-    MAX_VALUE_CHARS,
-    REDACTED,
-    AuditTrail,
-)
+from tokensvc.observe.audit import MAX_VALUE_CHARS, REDACTED, AuditTrail
 from tokensvc.observe.audit_tail import tail
-from tokensvc.observe.audit_writer import BATCH_MAX
+from tokensvc.observe.audit_writer import AUDIT_STREAM, BATCH_MAX
 from tokensvc.redis.embedded import RedisProcess
 from tokensvc.store import StoreUnavailable
 

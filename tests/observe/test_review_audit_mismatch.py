@@ -16,7 +16,8 @@ import pytest
 import redis
 
 from tests.support.waiting import wait_until
-from tokensvc.observe.audit import LOG_BURST, SECURITY_STREAM
+from tokensvc.observe.audit import LOG_BURST
+from tokensvc.observe.audit_writer import SECURITY_STREAM
 from tokensvc_client.peer import certificate_thumbprint
 from tokensvc_client.v1 import tokensvc_pb2 as pb
 

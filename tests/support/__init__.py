@@ -24,7 +24,7 @@ from tokensvc.cli.devcerts import Issued
 from tokensvc.config import Settings
 from tokensvc.families.tokens import SubjectTags
 from tokensvc.keys.ring import KeyRing, load_kek
-from tokensvc.observe.audit import AUDIT_STREAM
+from tokensvc.observe.audit_writer import AUDIT_STREAM
 from tokensvc.redis.connection import redis_client
 from tokensvc.runtime import server
 from tokensvc_client.channels import channel

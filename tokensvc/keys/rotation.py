@@ -10,16 +10,16 @@ replicas agree on when a transition is due and exactly one performs it.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Final
 
-from jwcrypto import jwk
+from redis.commands.core import AsyncScript
 
-from tokensvc.keys.backend import LOCAL, KeyBackend, SigningUnavailable, backend_of
+from tokensvc.keys.backend import LOCAL, SigningUnavailable, backend_of
 from tokensvc.keys.local import jwe_kid
 from tokensvc.keys.ring_state import (
     ACTIVE_KEY,
@@ -29,7 +29,6 @@ from tokensvc.keys.ring_state import (
     VERSION_KEY,
     RingState,
 )
-from tokensvc.redis.connection import RedisClient
 from tokensvc.store import guarded, text
 
 log = logging.getLogger("tokensvc.keyring")
@@ -62,20 +61,16 @@ class Lifecycle:
 class RingRotation(RingState):
     """The lifecycle operations of the ring (see the module doc)."""
 
-    def __init__(
-        self,
-        redis: RedisClient,
-        kek: jwk.JWK,
-        previous_keks: Iterable[jwk.JWK] = (),
-        *,
-        pkcs11: KeyBackend | None = None,
-        new_keys: str = LOCAL,
-    ) -> None:
-        super().__init__(redis, kek, previous_keks, pkcs11=pkcs11, new_keys=new_keys)
-        self._lifecycle = redis.register_script(
+    @functools.cached_property
+    def _lifecycle(self) -> AsyncScript:
+        """The lifecycle script (registered on first use: no Redis call)."""
+        return self._redis.register_script(
             resources.files("tokensvc.keys").joinpath("keys.lua").read_text()
         )
-        self._replace = redis.register_script(_REPLACE_IF_UNCHANGED)
+
+    @functools.cached_property
+    def _replace(self) -> AsyncScript:
+        return self._redis.register_script(_REPLACE_IF_UNCHANGED)
 
     async def _run(self, op: str, *args: Any) -> tuple[str, int]:
         reply = await guarded(

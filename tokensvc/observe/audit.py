@@ -50,16 +50,14 @@ import contextlib
 import logging
 import re
 import time
-from typing import Final
+from typing import Final, Unpack
 
 from tokensvc.observe import metrics
 from tokensvc.observe.audit_writer import (
-    AUDIT_STREAM,
-    QUEUE_MAX,
     SECURITY_PENDING,
-    SECURITY_STREAM,
     WARN_INTERVAL,
     AuditWriter,
+    WriterOptions,
 )
 from tokensvc.observe.tracing import current_trace_id
 from tokensvc.redis.connection import RedisClient
@@ -143,28 +141,14 @@ class AuditTrail(AuditWriter):
     Call :meth:`record` from request handlers (on the event loop's thread), run
     :meth:`run` as a task for the life of the server, and cancel and await that task
     before closing the Redis client: on cancellation it writes what is still queued
-    (for up to 3 s). ``log_routine`` also logs the ``issued`` and ``refreshed`` events.
+    (for up to 3 s). ``log_routine`` also logs the :data:`ROUTINE_EVENTS`; ``options``
+    are the writer's (:class:`~tokensvc.observe.audit_writer.AuditWriter`).
     """
 
     def __init__(
-        self,
-        redis: RedisClient,
-        *,
-        stream: str = AUDIT_STREAM,
-        security_stream: str = SECURITY_STREAM,
-        maxlen: int = 100_000,
-        security_maxlen: int = 100_000,
-        queue_max: int = QUEUE_MAX,
-        log_routine: bool = False,
+        self, redis: RedisClient, *, log_routine: bool = False, **options: Unpack[WriterOptions]
     ) -> None:
-        super().__init__(
-            redis,
-            stream=stream,
-            security_stream=security_stream,
-            maxlen=maxlen,
-            security_maxlen=security_maxlen,
-            queue_max=queue_max,
-        )
+        super().__init__(redis, **options)
         self.log_routine = log_routine
         #: lines per (event, peer) this interval
         self._logged: collections.Counter[tuple[str, str]] = collections.Counter()

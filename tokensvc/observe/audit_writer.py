@@ -19,7 +19,7 @@ import collections
 import contextlib
 import logging
 import time
-from typing import Final
+from typing import Final, TypedDict
 
 from tokensvc.proc.tasks import cancelled_since, cancelling_count
 from tokensvc.redis.connection import RedisClient
@@ -55,6 +55,16 @@ def _retrieve(task: asyncio.Future[None]) -> None:
     """Mark a shielded write's exception as seen (its caller may have been cancelled)."""
     if not task.cancelled():
         task.exception()
+
+
+class WriterOptions(TypedDict, total=False):
+    """The keyword arguments of :class:`AuditWriter` (see there)."""
+
+    stream: str
+    security_stream: str
+    maxlen: int
+    security_maxlen: int
+    queue_max: int
 
 
 class AuditWriter:
