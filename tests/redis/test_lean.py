@@ -193,3 +193,41 @@ def test_a_lean_command_has_a_redis_client_span_when_traced(redis_url, traced):
     assert span.attributes["db.system"] == "redis"
     assert span.parent is not None and span.parent.span_id == spans["rpc"].context.span_id
     assert "secret-arg" not in str(dict(span.attributes))
+
+
+def test_a_connection_closed_while_connecting_is_not_kept(redis_url):
+    """A lean connection whose pipe is closed for good (its link closed, its Cluster node
+    retired) while a caller was still connecting is disconnected, not left open with a
+    reader task nobody owns."""
+    from redis.asyncio.connection import Connection
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from tokensvc.redis.lean import _Pipe
+
+    async def main() -> None:
+        gate = asyncio.Event()
+        made: list[Connection] = []
+
+        class HeldConnection(Connection):
+            async def connect(self) -> None:  # a real connection, held back until told
+                await gate.wait()
+                await super().connect()
+
+        def make() -> Connection:
+            port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+            made.append(HeldConnection(host="127.0.0.1", port=port))
+            return made[-1]
+
+        pipe = _Pipe()
+        connecting = asyncio.create_task(pipe.ready(make))
+        await asyncio.sleep(0)  # the caller is inside connect()
+        await pipe.close()
+        gate.set()
+        with pytest.raises(RedisConnectionError):
+            await connecting
+        assert pipe.conn is None and not made[0].is_connected
+        with pytest.raises(RedisConnectionError):  # and it never connects again
+            await pipe.ready(make)
+        assert len(made) == 1
+
+    asyncio.run(main())

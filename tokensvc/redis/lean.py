@@ -63,13 +63,16 @@ class _Pipe:
     """One connection of a :class:`LeanLink`: commands written in order, replies read in
     order by one reader task."""
 
-    __slots__ = ("_connecting", "_reader", "conn", "waiting")
+    __slots__ = ("_closed", "_connecting", "_reader", "conn", "waiting")
 
     def __init__(self) -> None:
         self.conn: AbstractConnection | None = None
         self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
         self._reader: asyncio.Task[None] | None = None
         self._connecting: asyncio.Lock = asyncio.Lock()
+        # closed for good (its link closed, or its Cluster node retired): never reconnects,
+        # so a caller that was connecting meanwhile cannot leave a connection nobody owns
+        self._closed = False
 
     async def ready(self, make: Callable[[], AbstractConnection]) -> AbstractConnection:
         """The open connection, or a new one from ``make`` (made as redis-py would: by the
@@ -81,9 +84,13 @@ class _Pipe:
             conn = self.conn
             if conn is not None and conn.is_connected:
                 return conn
+            if self._closed:
+                raise RedisConnectionError("connection closed")
             fresh = make()
             try:
                 await fresh.connect()  # type: ignore[no-untyped-call]
+                if self._closed:  # closed while connecting
+                    raise RedisConnectionError("connection closed")
             except BaseException:
                 await fresh.disconnect(nowait=True)
                 raise
@@ -153,6 +160,8 @@ class _Pipe:
             await conn.disconnect(nowait=True)
 
     async def close(self) -> None:
+        """Close for good (see ``_closed``)."""
+        self._closed = True
         reader, self._reader = self._reader, None
         if reader is not None:
             reader.cancel()

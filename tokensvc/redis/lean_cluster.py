@@ -167,13 +167,16 @@ class LeanClusterLink:
             self._prune()
         slot = self._slot(keys)
         node = self._owner(slot)
-        asking = loaded = False
+        asking = loaded = load = False
         redirections = 0
         while True:
             primary = self._primary(node)
             if span is not None:
                 span.set_attributes(primary.peer)
             try:
+                if load:  # inside the try: its connection failure is the node's too
+                    load = False
+                    await primary.send(("SCRIPT", "LOAD", script))
                 return await primary.send(args, asking=asking)
             except MovedError as err:  # (an AskError too: first)
                 redirections += 1
@@ -195,8 +198,7 @@ class LeanClusterLink:
             except NoScriptError:  # it did not run: load it there once, send it again
                 if loaded or script is None:
                     raise
-                loaded = True
-                await primary.send(("SCRIPT", "LOAD", script))
+                loaded = load = True
             except ClusterDownError:
                 _request_refresh(client)
                 raise
@@ -293,25 +295,21 @@ def _fill_host(err: AskError, node: ClusterNode) -> None:
         err.node_addr = (err.host, err.port)
 
 
-# redis-py's refresh requests: its own methods where it has them (redis-py >= 7), else its
-# older flag. Either way the refresh runs before a later command, never a re-send.
+# redis-py's own refresh requests (private methods of redis-py 8, the floor pyproject.toml
+# sets): the refresh runs before a later command, never as a re-send.
 
 
 def _refresh_due(client: RedisCluster) -> Callable[[], bool]:
     """Whether ``client`` wants :meth:`~RedisCluster.initialize` before a command: never
     initialized, or a refresh was asked for and is due."""
-    due: Callable[[], bool] | None = getattr(client, "_initialize_due", None)
-    return due if due is not None else lambda: bool(client._initialize)
+    due: Callable[[], bool] = client._initialize_due
+    return due
 
 
 def _request_refresh(
     client: RedisCluster, *, failed: str | None = None, also: tuple[str, int] | None = None
 ) -> None:
-    request = getattr(client, "_request_refresh", None)
-    if request is None:
-        client._initialize = True
-        return
-    request(
+    client._request_refresh(
         additional_startup_nodes_info=[also] if also is not None else None,
         last_failed_node_name=failed,
     )
