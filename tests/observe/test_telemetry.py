@@ -111,3 +111,37 @@ def test_an_exporter_in_the_environment_turns_tracing_on(monkeypatch):
         monkeypatch.delenv("OTEL_TRACES_EXPORTER")
         assert tracing.setup_tracing() is None
         assert not RedisInstrumentor().is_instrumented_by_opentelemetry
+
+
+def test_streaming_rpcs_work_and_unary_ones_are_traced_when_tracing_is_on(
+    make_settings, start_server
+):
+    """The streaming RPCs (WatchRevocations, Health.Watch, reflection) are registered as
+    coroutines (tokensvc.handlers): with tracing on they must still answer, not fail
+    UNKNOWN inside the tracing interceptor."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    srv = start_server(make_settings(), tracer_provider=provider)
+    stub = srv.stub()
+    stub.Issue(pb.IssueRequest(subject="alice"))
+
+    feed = stub.WatchRevocations(pb.WatchRevocationsRequest(), timeout=30)
+    assert next(iter(feed)).kind == pb.RevocationEvent.Kind.RESET
+    feed.cancel()
+    health = health_pb2_grpc.HealthStub(srv.channel()).Watch(
+        health_pb2.HealthCheckRequest(service=""), timeout=30
+    )
+    assert next(iter(health)).status == health_pb2.HealthCheckResponse.SERVING
+    health.cancel()
+    reflection = reflection_pb2_grpc.ServerReflectionStub(srv.channel())
+    (answer,) = reflection.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=30
+    )
+    assert "tokensvc.v1.TokenService" in {s.name for s in answer.list_services_response.service}
+
+    provider.force_flush()
+    assert "/tokensvc.v1.TokenService/Issue" in {s.name for s in exporter.get_finished_spans()}

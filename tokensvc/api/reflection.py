@@ -22,12 +22,15 @@ from typing import Any
 
 import grpc
 import grpc.aio
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from tokensvc.api.health import ClientStreams
 from tokensvc.config import Settings
 from tokensvc.handlers import Context
 from tokensvc.security.policy import CallerPolicy
+
+#: The reflection service this module serves.
+SERVICE = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
 
 #: The reflection service's full name (it lists itself among the services).
 SERVICE_NAME = reflection.SERVICE_NAME

@@ -51,8 +51,15 @@ class _Tracer:
         return getattr(self._tracer, name)
 
 
-def server_interceptor(provider: TracerProvider) -> Any:
-    """OpenTelemetry's aio server interceptor, without exception events for refusals."""
-    interceptor = aio_server_interceptor(tracer_provider=provider)  # type: ignore[no-untyped-call]
+def server_interceptor(provider: TracerProvider, untraced: frozenset[str] = frozenset()) -> Any:
+    """OpenTelemetry's aio server interceptor, without exception events for refusals, and
+    leaving the methods ``untraced`` (full names, ``/package.Service/Method``) alone."""
+
+    def traced(details: grpc.HandlerCallDetails) -> bool:
+        return details.method not in untraced
+
+    interceptor = aio_server_interceptor(  # type: ignore[no-untyped-call]
+        tracer_provider=provider, filter_=traced if untraced else None
+    )
     interceptor._tracer = _Tracer(interceptor._tracer)
     return interceptor

@@ -15,8 +15,10 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
+from collections.abc import Iterable
 from typing import Any
 
+from google.protobuf.descriptor import ServiceDescriptor
 from opentelemetry import trace
 from opentelemetry.instrumentation.redis import RedisInstrumentor
 from opentelemetry.instrumentation.utils import suppress_instrumentation
@@ -81,11 +83,25 @@ def setup_tracing(provider: TracerProvider | None = None) -> TracerProvider | No
     return provider
 
 
-def server_interceptors(provider: TracerProvider | None) -> list[Any]:
-    """gRPC aio server interceptors creating one span per RPC (none without a provider)."""
+def server_interceptors(
+    provider: TracerProvider | None, services: Iterable[ServiceDescriptor] = ()
+) -> list[Any]:
+    """gRPC aio server interceptors creating one span per RPC (none without a provider).
+
+    The server-streaming methods of ``services`` get no span: OpenTelemetry's interceptor
+    runs a streamed response with ``async for``, and every handler is registered as a
+    coroutine (:mod:`tokensvc.handlers`; ``Health.Watch`` is one of its own), which that
+    would fail UNKNOWN. Such streams (the revocation feed, health watches, reflection) last
+    as long as a connection: as spans they would say little anyway."""
     if provider is None:
         return []
-    return [server_interceptor(provider)]  # refused calls: no exception events
+    streaming = frozenset(
+        f"/{service.full_name}/{method.name}"
+        for service in services
+        for method in service.methods
+        if method.server_streaming
+    )
+    return [server_interceptor(provider, streaming)]  # refused calls: no exception events
 
 
 def serving(call: Any) -> None:

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from opentelemetry.sdk.trace import TracerProvider
 
-from tokensvc.api import decoding
+from tokensvc.api import decoding, reflection
 from tokensvc.api.health import CappedHealth
 from tokensvc.api.reflection import ReflectionGate, add_reflection
 from tokensvc.api.revocation_hub import RevocationHub
@@ -46,6 +46,12 @@ from tokensvc_client.v1 import tokensvc_pb2, tokensvc_pb2_grpc
 
 log = logging.getLogger("tokensvc.server")
 SERVICE_NAME = tokensvc_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name
+#: The services the server registers (:func:`_add_services`).
+_SERVICES = (
+    tokensvc_pb2.DESCRIPTOR.services_by_name["TokenService"],
+    health_pb2.DESCRIPTOR.services_by_name["Health"],
+    reflection.SERVICE,
+)
 _MAINTENANCE_INTERVAL = 1.0
 _QUIET = 0.05  # no new call for this long: none is queued inside gRPC (see Running.stop)
 _GOAWAY_DELAY = 0.2  # seconds for the GOAWAY to reach the clients (a round trip)
@@ -278,7 +284,7 @@ def _grpc_server(settings: Settings, provider: TracerProvider | None) -> grpc.ai
     interceptor (not yet serving). The drain and the RPC metrics wrap each handler once at
     registration instead (:func:`_add_services`)."""
     return grpc.aio.server(
-        interceptors=tracing.server_interceptors(provider),
+        interceptors=tracing.server_interceptors(provider, _SERVICES),
         options=[
             # only the workers of one `serve` share a port (tokensvc.proc.ownership makes
             # sure no other process serves it); a single process does not share it
