@@ -159,8 +159,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--audit-log-all",
         action="store_true",
         default=None,
-        help="also log the routine audit events issued and refreshed (one per Issue and "
-        "Refresh; the audit stream always has them) [env TOKENSVC_AUDIT_LOG_ALL]",
+        help="also log the routine audit events issued, refreshed, exchanged and "
+        "txn_token_minted (one per Issue, Refresh, Exchange and MintTransactionToken; the "
+        "audit stream always has them) [env TOKENSVC_AUDIT_LOG_ALL]",
     )
     parser.add_argument(
         "--metrics-client-ids",

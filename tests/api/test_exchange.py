@@ -3,6 +3,8 @@ an act claim per hop, bounded depth, refusals PERMISSION_DENIED and audited."""
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 import pytest
 
@@ -162,7 +164,8 @@ def test_the_policy_caps_the_roles_passed_on(svc):
     assert err.details() == "roles beyond what the policy lets pass"
 
 
-def test_impersonation_where_allowed_adds_no_actor_and_depth_is_bounded(svc):
+def test_impersonation_where_allowed_adds_no_actor_and_depth_is_bounded(svc, caplog):
+    caplog.set_level(logging.INFO, logger="tokensvc.audit")
     user = _user(svc)
     token = user.access_token
     for workload, audience in (("gateway", "orders"), ("orders", "billing")):
@@ -176,6 +179,9 @@ def test_impersonation_where_allowed_adds_no_actor_and_depth_is_bounded(svc):
         pb.ExchangeRequest(subject_token=token, audience=["orders"], impersonate=True)
     )
     assert payload(same.access_token)["act"] == {"sub": ORDERS, "act": {"sub": GATEWAY}}
+    # a delegation is routine (the stream has it); an impersonation is logged as well
+    logged = [r for r in caplog.records if getattr(r, "event", "") == "exchanged"]
+    assert [getattr(r, "impersonated", "") for r in logged] == ["1"]
     # delegating instead makes a chain of 3 (the limit here), and one more hop is refused
     third = svc.stub("billing").Exchange(
         pb.ExchangeRequest(subject_token=token, audience=["orders"])

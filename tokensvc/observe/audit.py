@@ -97,6 +97,9 @@ SUPPRESSED_INTERVAL: Final = 10.0
 #: hop and request): logged only with ``log_routine`` (always in the stream). Refusals of
 #: any of them are not routine.
 ROUTINE_EVENTS: Final = frozenset({"issued", "refreshed", "exchanged", "txn_token_minted"})
+#: Routine events logged all the same when a field has a value: an impersonating exchange
+#: (rare and powerful, where a delegation is one per hop and request).
+NOTABLE: Final = {"exchanged": ("impersonated", "1")}
 #: Longest value stored; longer ones are cut (ids are far shorter).
 MAX_VALUE_CHARS: Final = 256
 
@@ -129,6 +132,12 @@ def _clean(value: object) -> str:
     if _TOKEN_LIKE.search(shown):
         return REDACTED
     return shown[:MAX_VALUE_CHARS]
+
+
+def _notable(event: str, fields: dict[str, str]) -> bool:
+    """Whether a routine event is logged all the same (:data:`NOTABLE`)."""
+    rule = NOTABLE.get(event)
+    return rule is not None and fields.get(rule[0]) == rule[1]
 
 
 def _field_name(key: str) -> str:
@@ -186,7 +195,7 @@ class AuditTrail(AuditWriter):
             for key, item in extra.items():
                 if item is not None and item != "":
                     fields[_field_name(key)] = _clean(item)
-            if self.log_routine or event not in ROUTINE_EVENTS:
+            if self.log_routine or event not in ROUTINE_EVENTS or _notable(event, fields):
                 self._log(event, fields)
             self.metrics.audit_event(event, fields)
             entry = {**fields, "ts": str(time.time_ns() // 1_000_000)}

@@ -4,9 +4,10 @@
 gRPC's own ``server.stop(grace)`` lets in-flight calls finish, but calls that reach the
 server just as it stops are dropped, and their callers see ``CANCELLED``, which clients do
 not retry. So a stopping server first *drains*: :class:`Drain`, the outermost of the wrappers
-every handler is registered with (:class:`tokensvc.handlers.Registrar`; a refused call costs
-nothing else), answers every new call ``UNAVAILABLE`` while the connections stay open, and
-only once the calls in flight are done does the server stop.
+every handler is registered with (:class:`tokensvc.handlers.Registrar`: a refused call runs
+none of our other code; gRPC has decoded a unary request by then, and with traces exported
+the call has its span), answers every new call ``UNAVAILABLE`` while the connections stay
+open, and only once the calls in flight are done does the server stop.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class Drain:
         async def counted(request: Any, context: Context) -> Any:
             self._last_arrival = time.monotonic()
             if self.draining:
-                await self._refuse(context)  # never reads the request
+                await self._refuse(context)  # reads no streamed request
             self._enter()
             try:
                 return await behaviour(request, context)

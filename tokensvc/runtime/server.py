@@ -431,7 +431,7 @@ async def _assemble(
     service = TokenService(
         settings, domain.store, domain.keyring, audit, domain.policy, domain.hub, clock=clock
     )
-    # the drain outermost: a call refused during shutdown costs nothing else
+    # the drain outermost: a call refused during shutdown runs none of our other code
     wrappers = [*rpc_metrics.wrappers(meters), drain.wrapper]
     gate = ReflectionGate(settings, domain.policy)
     health = await _add_services(server, service, gate, settings, wrappers)
