@@ -104,13 +104,12 @@ class _Primary:
         self._next = (self._next + 1) % len(self.pipes)
         return pipe
 
-    async def send(self, args: Sequence[Any], *, asking: bool = False) -> Any:
+    async def send(self, args: tuple[Any, ...], *, asking: bool = False) -> Any:
         """Write ``args`` (after ``ASKING``, in the same write, if ``asking``) and return
         its reply."""
         pipe = self.pipe()
         conn = await pipe.ready(self.make)
-        packed = conn.pack_command(*args)
-        return await (pipe.send_asking(conn, packed) if asking else pipe.send(conn, packed))
+        return await (pipe.send_asking(conn, args) if asking else pipe.send(conn, args))
 
     async def close_when_answered(self) -> None:
         """Close the connections once the commands in flight on them are answered."""
@@ -158,7 +157,7 @@ class LeanClusterLink:
         return await self._execute(keys, args, script, None)
 
     async def _execute(
-        self, keys: Sequence[Any], args: Sequence[Any], script: ScriptTextT | None, span: Any
+        self, keys: Sequence[Any], args: tuple[Any, ...], script: ScriptTextT | None, span: Any
     ) -> Any:
         client = self.client
         if self._refresh_due():

@@ -19,8 +19,8 @@ from redis.asyncio.connection import AbstractConnection
 _Conn = TypeVar("_Conn", bound=AbstractConnection)
 
 
-class _Watched:
-    """Mixed into a redis-py connection class: counts commands packed and replies read, so
+class Watched:
+    """Mixed into a redis-py connection class: counts commands sent and replies read, so
     the :class:`Watchdog` can tell a connection waiting on a silent server. Two integer
     increments per command; no timer."""
 
@@ -74,18 +74,18 @@ class Watchdog:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         self.timeout = timeout
-        self._connections: weakref.WeakSet[_Watched] = weakref.WeakSet()
+        self._connections: weakref.WeakSet[Watched] = weakref.WeakSet()
         self._classes: dict[type[AbstractConnection], type[AbstractConnection]] = {}
         self.aborted = 0  # connections closed for silence, since start
 
-    def watch(self, connection: _Watched) -> None:
+    def watch(self, connection: Watched) -> None:
         self._connections.add(connection)
 
     def connection_class(self, base: type[_Conn]) -> type[_Conn]:
         """``base`` (a redis-py connection class) watched by this watchdog."""
         if base not in self._classes:
             attrs = {"watchdog": self, "__module__": __name__}
-            self._classes[base] = type(f"Watched{base.__name__}", (_Watched, base), attrs)
+            self._classes[base] = type(f"Watched{base.__name__}", (Watched, base), attrs)
         return cast(type[_Conn], self._classes[base])
 
     def check(self, interval: float) -> None:
