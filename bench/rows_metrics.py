@@ -1,7 +1,8 @@
 """Rows rpc.introspect|issue.metrics_off / .metrics_on: the same RPC under the standard load
 against a tokensvc without and with metrics (``--metrics-listen``: the Prometheus reader,
 the RPC histogram interceptor and a counter per audit event), scraped once a second as
-Prometheus would; and interceptor.warm.metrics_on: the warm interceptor decision with an
+Prometheus would, the two servers side by side and loaded in turn (three rounds per RPC,
+the median kept); and interceptor.warm.metrics_on: the warm interceptor decision with an
 OpenTelemetry SDK meter provider installed in the host process (the client library's
 figures are then exported; the call path still only increments integers)."""
 
@@ -16,7 +17,8 @@ from opentelemetry.sdk.metrics import MeterProvider
 from prometheus_client import CollectorRegistry, generate_latest
 
 from bench.interceptor_rows import _decide
-from bench.run import AUDIENCE, ISSUER, Bench, Target
+from bench.loadgen import LoadResult
+from bench.run import AUDIENCE, ISSUER, SERVICE, Bench, Target
 from bench.service_rows import issue_request
 from tokensvc.redis.embedded import free_port
 from tokensvc_client import TokenClient
@@ -55,23 +57,35 @@ def _scraper(port: int, stop: threading.Event) -> threading.Thread:
 def run(b: Bench) -> None:
     n = b.n(4000)
     issue = issue_request()
-    for suffix in ("metrics_off", "metrics_on"):
-        port = free_port()
-        extra = ("--metrics-listen", f"127.0.0.1:{port}") if suffix == "metrics_on" else ()
-        with b.serve(*extra) as server:
-            stop = threading.Event()
-            scraper = _scraper(port, stop) if extra else None
-            try:
-                client = TokenClient(server.target, insecure=True)
-                access = client.issue("bench-user").access_token
-                client.close()
-                req = pb.IntrospectRequest(token=access).SerializeToString()
-                b.measure(f"rpc.introspect.{suffix}", server, "Introspect", [req] * n)
-                b.measure(f"rpc.issue.{suffix}", server, "Issue", [issue] * n)
-            finally:
-                stop.set()
-                if scraper is not None:
-                    scraper.join(5)
+    port = free_port()
+    # both servers up at once and loaded in turn, three rounds per RPC: a burst of other
+    # work on a shared machine falls on both sides alike; each row is its median round
+    b.progress("rpc.introspect|issue.metrics_off / .metrics_on")
+    with b.serve() as off, b.serve("--metrics-listen", f"127.0.0.1:{port}") as on:
+        stop = threading.Event()
+        scraper = _scraper(port, stop)
+        try:
+            client = TokenClient(off.target, insecure=True)
+            access = client.issue("bench-user").access_token
+            client.close()
+            introspect = pb.IntrospectRequest(token=access).SerializeToString()
+            for rpc, method, request in (
+                ("introspect", "Introspect", introspect),
+                ("issue", "Issue", issue),
+            ):
+                runs: dict[str, list[LoadResult]] = {}
+                for _ in range(3):
+                    for suffix, server in (("metrics_off", off), ("metrics_on", on)):
+                        result = b.load(
+                            server.target, SERVICE + method, [request] * n, server_pid=server.pid
+                        )
+                        runs.setdefault(f"rpc.{rpc}.{suffix}", []).append(result)
+                for name, results in runs.items():
+                    results.sort(key=lambda r: r.server_cpu / len(r.latencies))
+                    b.record_load(name, results[len(results) // 2])
+        finally:
+            stop.set()
+            scraper.join(5)
 
     # the host service's SDK: a meter provider with a Prometheus reader, as a service
     # exporting its own metrics has; the client library's instruments attach to it
