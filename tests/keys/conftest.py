@@ -102,16 +102,24 @@ def hsm_settings(
 
 def token_objects(softhsm: SoftHsm, kid: str) -> dict[str, Any]:
     """What the token says about key ``kid``'s objects: {"count": n, attribute: value} of
-    its private key (through a pool of its own on the process's module)."""
+    its private key (through a pool of its own on the process's module). Read again when a
+    running server destroys them meanwhile (the handles just listed turn invalid)."""
     from pkcs11 import Attribute, ObjectClass
-    from pkcs11.exceptions import AttributeSensitive
+    from pkcs11.exceptions import AttributeSensitive, ObjectHandleInvalid
 
     from tokensvc.keys.token_pool import TokenPool
 
     pool = TokenPool(softhsm.module, softhsm.label, None, softhsm.pin_file, 1, 5.0)
 
     def inspect(session: Any) -> dict[str, Any]:
-        found = list(session.get_objects({Attribute.ID: kid.encode()}))
+        for _ in range(5):
+            try:
+                return facts_of(list(session.get_objects({Attribute.ID: kid.encode()})))
+            except ObjectHandleInvalid:
+                continue  # a server destroyed one while it was read: read what is left
+        raise AssertionError(f"the objects of {kid} keep vanishing while read")
+
+    def facts_of(found: list[Any]) -> dict[str, Any]:
         facts: dict[str, Any] = {"count": len(found)}
         for obj in found:
             if obj[Attribute.CLASS] != ObjectClass.PRIVATE_KEY:

@@ -30,7 +30,7 @@ from urllib.parse import quote, unquote
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwcrypto import jwk
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
-from pkcs11.exceptions import NoSuchKey
+from pkcs11.exceptions import NoSuchKey, PKCS11Error
 from pkcs11.util.ec import encode_named_curve_parameters
 
 from tokensvc.families import tokens
@@ -41,6 +41,8 @@ from tokensvc_client.verifier import TOKEN_TYPE
 
 log = logging.getLogger("tokensvc.keyring")
 _P256_OID = "1.2.840.10045.3.1.7"
+#: listings of a key's objects in one destroy (another destroyer may interrupt a few)
+_DESTROY_ATTEMPTS = 5
 
 
 class Pkcs11Signer:
@@ -125,13 +127,31 @@ class Pkcs11Backend:
         return Pkcs11Signer(self, kid)
 
     async def destroy(self, record: dict[str, Any]) -> None:
+        """Destroy the record's objects in the token (idempotent).
+
+        Every worker and replica destroys deleted keys on its tick, so two may find the
+        same objects and destroy them at once. The second then fails on an object the
+        first has just destroyed, while listing or destroying it (SoftHSM answers
+        CKR_OBJECT_HANDLE_INVALID, or CKR_FUNCTION_FAILED when both destroy at the same
+        instant). Raised, that would mark the token unavailable and stop this process
+        signing until it re-initialised, for an object that is gone as wanted. So after a
+        failure the objects are listed again and what is left destroyed; only a failure
+        that persists (:data:`_DESTROY_ATTEMPTS` listings) is the token's.
+        """
         kid_id = _object_id(record)
 
         def destroy(session: Any) -> int:
-            found = list(session.get_objects({Attribute.ID: kid_id}))
-            for obj in found:
-                obj.destroy()
-            return len(found)
+            destroyed = 0
+            for attempt in range(_DESTROY_ATTEMPTS):
+                try:
+                    for obj in list(session.get_objects({Attribute.ID: kid_id})):
+                        obj.destroy()
+                        destroyed += 1
+                    return destroyed
+                except PKCS11Error:
+                    if attempt + 1 == _DESTROY_ATTEMPTS:
+                        raise
+            return destroyed
 
         count = await self.pool.run(destroy)
         self._forget(str(record["kid"]))

@@ -266,8 +266,11 @@ class TokenPool:
             if self._idle:
                 return self._idle.pop(), self._generation
             try:
+                # read/write like the anchor: any session may be handed a rotation's
+                # generate or a destroy, which a read-only one refuses (CKR_SESSION_READ_ONLY,
+                # taken for a token failure) -- met as soon as signing load opens a second
                 with module.use():
-                    return self._token.open(), self._generation
+                    return self._token.open(rw=True), self._generation
             except p11e.PKCS11Error as err:
                 self._fail(err)
                 raise SigningUnavailable(self._problem or str(err)) from None
