@@ -91,6 +91,15 @@ def serve_workers(settings: Settings) -> int:
 
 
 def _supervise(settings: Settings, keeper: Keeper | None = None) -> int:
+    """Start the workers and wait for them (see :func:`serve_workers`).
+
+    Workers are spawned (a fresh interpreter), never forked: for its checks the parent has
+    opened Redis connections and, with ``--pkcs11-module``, initialised the PKCS#11 library
+    and logged in, and a PKCS#11 ``C_Initialize``, login and sessions belong to the process
+    that made them (gRPC does not support ``fork`` either). Each worker therefore
+    initialises the module, logs in and opens its sessions itself (docs/key-custody.md,
+    Workers; tests/keys/test_pkcs11_workers.py fails on forked workers).
+    """
     ctx = multiprocessing.get_context("spawn")
     procs = [
         ctx.Process(target=_worker_main, args=(settings, number), daemon=False)
