@@ -1,6 +1,7 @@
-"""gRPC method handlers of the asyncio server: their shapes, and the one wrapper every
-server-side wrapper (the drain, the decoding guard, the RPC metrics, the stream limits) uses,
-and the registrar that applies them.
+"""The one wrapper every server-side wrapper of gRPC method handlers uses (the drain, the
+decoding guard, the RPC metrics, the stream limits), and the registrar that applies them.
+The handlers' shapes (kind, behaviour, a handler of a kind) are the client library's
+:mod:`tokensvc_client.handlers`, which its interceptors use too.
 
 A ``grpc.aio`` handler is unary or streamed in its request and in its response; its behaviour
 is a coroutine function, or for streamed responses either an async generator function or a
@@ -30,12 +31,12 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import grpc
 import grpc.aio
 
+from tokensvc_client.handlers import Handler, behaviour_of, handler_of_kind, kind_of
+
 if TYPE_CHECKING:  # generic in grpc-stubs only
-    Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
     Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
     GenericHandler: TypeAlias = grpc.GenericRpcHandler[Any, Any]
 else:
-    Handler = grpc.RpcMethodHandler
     Context = grpc.aio.ServicerContext
     GenericHandler = grpc.GenericRpcHandler
 
@@ -46,30 +47,6 @@ Behaviour: TypeAlias = Callable[[Any, Context], Awaitable[Any]]
 Around: TypeAlias = Callable[[Behaviour], Behaviour]
 #: A method's wrapper: (the method's full name, its handler) -> the handler to register.
 MethodWrapper: TypeAlias = Callable[[str, Handler], Handler]
-#: (request_streaming, response_streaming)
-Kind: TypeAlias = tuple[bool, bool]
-
-_FACTORIES = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
-#: Every shape a handler can have.
-KINDS: tuple[Kind, ...] = tuple(_FACTORIES)
-
-
-def kind_of(handler: Handler) -> Kind:
-    return (handler.request_streaming, handler.response_streaming)
-
-
-def behaviour_of(handler: Handler) -> Callable[..., Any]:
-    """The behaviour function of ``handler``, whatever its shape."""
-    behaviour = (
-        handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
-    )
-    assert behaviour is not None, "a method handler has a behaviour"
-    return behaviour
 
 
 def as_coroutine(behaviour: Callable[..., Any]) -> Behaviour | None:
@@ -86,26 +63,6 @@ def as_coroutine(behaviour: Callable[..., Any]) -> Behaviour | None:
 
         return written
     return None
-
-
-def handler_of_kind(
-    kind: Kind,
-    behaviour: Callable[..., Any],
-    template: Handler | None = None,
-    *,
-    request_deserializer: Callable[[bytes], Any] | None = None,
-) -> Handler:
-    """A handler of ``kind`` running ``behaviour`` with ``template``'s (de)serialisers
-    (its request deserializer replaced by ``request_deserializer`` if given); without a
-    template, messages stay raw bytes: right for a handler that refuses the call without
-    reading it."""
-    request = template.request_deserializer if template else None
-    response = template.response_serializer if template else None
-    return _FACTORIES[kind](
-        behaviour,
-        request_deserializer=request_deserializer or request,
-        response_serializer=response,
-    )
 
 
 def wrap(

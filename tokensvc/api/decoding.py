@@ -23,15 +23,8 @@ from typing import Any, Final
 import grpc
 from google.protobuf.message import DecodeError
 
-from tokensvc.handlers import (
-    Behaviour,
-    Context,
-    Handler,
-    behaviour_of,
-    handler_of_kind,
-    kind_of,
-    wrap,
-)
+from tokensvc.handlers import Behaviour, Context, wrap
+from tokensvc_client.handlers import Handler, behaviour_of, handler_of_kind, kind_of
 
 log = logging.getLogger("tokensvc.decoding")
 

@@ -21,8 +21,9 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from tokensvc.handlers import Behaviour, Context, Handler, MethodWrapper, wrap
+from tokensvc.handlers import Behaviour, Context, MethodWrapper, wrap
 from tokensvc.observe.metrics import ServerMetrics
+from tokensvc_client.handlers import Handler
 
 _BY_VALUE = {code.value[0]: code.name for code in grpc.StatusCode}
 

@@ -20,7 +20,8 @@ import grpc
 import grpc.aio
 
 from tokensvc.config import Settings
-from tokensvc.handlers import Behaviour, Context, Handler, wrap
+from tokensvc.handlers import Behaviour, Context, wrap
+from tokensvc_client.handlers import Handler
 
 #: Streams that last until the server stops, whatever the drain waits for: not counted
 #: (a health watcher is told NOT_SERVING when the drain starts, and the stop ends it).

@@ -13,8 +13,9 @@ are decided here too (:mod:`tokensvc_client._chains`); a decision's success is a
 :class:`~tokensvc_client.context.Verified`, what the handler's context then holds.
 
 Its parts live next door: rejections in :mod:`tokensvc_client._rejection`, step-up
-requirements in :mod:`tokensvc_client._stepup`, method names and handlers in
-:mod:`tokensvc_client._handlers`; import their names from there.
+requirements in :mod:`tokensvc_client._stepup`, method names in
+:mod:`tokensvc_client._handlers`, handler shapes in :mod:`tokensvc_client.handlers`; import
+their names from there.
 """
 
 from __future__ import annotations
@@ -31,10 +32,7 @@ from tokensvc_client._chains import (
     TransactionTokens,
     invalid_txn_token,
 )
-from tokensvc_client._handlers import (
-    Handler,
-    MethodFilter,
-)
+from tokensvc_client._handlers import MethodFilter
 from tokensvc_client._rejection import (
     CERTIFICATE_MISMATCH,
     CHECK_FAILED,
@@ -48,6 +46,7 @@ from tokensvc_client._stepup import StepUp, StepUpTable, insufficient_user_authe
 from tokensvc_client.cache import BoundedCache
 from tokensvc_client.context import Verified
 from tokensvc_client.errors import InvalidToken, Reason
+from tokensvc_client.handlers import Handler
 from tokensvc_client.jwks import CURRENT, KeyRequest
 from tokensvc_client.peer import holds_bound_certificate, peer_of
 from tokensvc_client.verifier import Claims, KeySet, TransactionClaims, Verifier

@@ -1,19 +1,14 @@
-"""Method names and method handlers, as the interceptors and the decision need them.
+"""Method names, as the interceptors and the decision need them.
 
 :func:`method_key` and :class:`MethodFilter` say which methods a configuration entry (an
-exempt entry, a step-up key) names: a full method name or a prefix ending in "/". The
-rest is what the blocking and the asyncio interceptor share about gRPC method handlers:
-their kind (request/response streaming), their behaviour, and a handler of the same kind
-with another behaviour.
+exempt entry, a step-up key) names: a full method name or a prefix ending in "/". What the
+interceptors share about method handlers themselves is :mod:`tokensvc_client.handlers`.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
-
-import grpc
+from collections.abc import Iterable
 
 #: A full method name ("/pkg.Service/Method"), or a prefix: one service ("/pkg.Service/")
 #: or every method ("/").
@@ -59,53 +54,3 @@ class MethodFilter:
         return isinstance(method, str) and (
             method in self._exact or method.startswith(self._prefixes)
         )
-
-
-# -- method handlers ---------------------------------------------------------------------
-
-if TYPE_CHECKING:  # generic in grpc-stubs only
-    Handler = grpc.RpcMethodHandler[Any, Any]
-else:
-    Handler = grpc.RpcMethodHandler
-#: (request_streaming, response_streaming)
-Kind = tuple[bool, bool]
-
-_FACTORIES = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
-
-
-def kind_of(handler: Handler) -> Kind:
-    return (handler.request_streaming, handler.response_streaming)
-
-
-def behaviour_of(handler: Handler) -> Callable[..., Any]:
-    """The behaviour function of a handler, whatever its kind."""
-    behaviour = {
-        (False, False): handler.unary_unary,
-        (False, True): handler.unary_stream,
-        (True, False): handler.stream_unary,
-        (True, True): handler.stream_stream,
-    }[kind_of(handler)]
-    assert behaviour is not None
-    return behaviour
-
-
-def handler_of_kind(
-    kind: Kind, behaviour: Callable[..., Any], template: Handler | None = None
-) -> Handler:
-    """A handler of ``kind`` running ``behaviour``, with ``template``'s (de)serialisers.
-
-    Without a template messages stay raw bytes -- right for aborting handlers, which never
-    read the request of a caller that did not authenticate.
-    """
-    if template is None:
-        return _FACTORIES[kind](behaviour)
-    return _FACTORIES[kind](
-        behaviour,
-        request_deserializer=template.request_deserializer,
-        response_serializer=template.response_serializer,
-    )

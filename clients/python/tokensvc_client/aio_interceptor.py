@@ -39,10 +39,10 @@ from tokensvc_client._auth import (
     step,
 )
 from tokensvc_client._chains import ActorChain, TransactionTokens, annotate_span
-from tokensvc_client._handlers import Handler, Kind, behaviour_of, handler_of_kind, kind_of
 from tokensvc_client._rejection import Rejection
 from tokensvc_client._stepup import StepUp
 from tokensvc_client.context import Verified, claims_set
+from tokensvc_client.handlers import Handler, Kind, behaviour_of, handler_of_kind, kind_of
 from tokensvc_client.jwks import AsyncJwksCache, KeyRequest
 from tokensvc_client.verifier import DEFAULT_LEEWAY_SECONDS, Verifier
 
