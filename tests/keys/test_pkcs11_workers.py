@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 from collections.abc import Iterator
 from typing import Any
@@ -28,7 +27,7 @@ import redis
 from tests.keys.conftest import SoftHsm, kid_of
 from tests.support import wait_until
 from tests.support.metrics import scrape
-from tests.support.processes import Serve
+from tests.support.processes import Serve, adjacent_free_ports
 from tokensvc.keys.ring_state import ACTIVE_KEY, DESTROY_KEY, RING_KEY
 from tokensvc.redis.embedded import free_port
 from tokensvc_client.v1 import tokensvc_pb2 as pb
@@ -40,21 +39,6 @@ CALLS = 3  # Issue calls per connection
 #: connections at most until both workers have answered one (SO_REUSEPORT hashes each new
 #: connection to a worker: all of 64 on one worker is a 2**-63 chance)
 MAX_CONNECTIONS = 64
-
-
-def _adjacent_free_ports() -> int:
-    """A port P with P+1 also free (worker i serves metrics on P+i-1)."""
-    for _ in range(50):
-        port = free_port()
-        if port >= 65535:
-            continue
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise AssertionError("no two adjacent free ports")
 
 
 def _token_ids(softhsm: SoftHsm) -> set[bytes]:
@@ -144,7 +128,7 @@ class Workers:
 
 @pytest.fixture
 def workers(tmp_path, redis_url, softhsm) -> Iterator[Workers]:
-    grpc_port, metrics_port = free_port(), _adjacent_free_ports()
+    grpc_port, metrics_port = free_port(), adjacent_free_ports()
     in_token_before = _token_ids(softhsm)
     # the JWK Set may be cached 1 s: a rotated key is published 1 s before it signs;
     # tokens live 60 s, so the retired key stays published for the whole test

@@ -6,12 +6,11 @@ there would reach a random worker). Real processes over loopback."""
 from __future__ import annotations
 
 import http.client
-import socket
 
 import grpc
 
 from tests.support.metrics import scrape
-from tests.support.processes import Serve, failed_start
+from tests.support.processes import Serve, adjacent_free_ports, failed_start
 from tokensvc.observe import metrics
 from tokensvc.redis.embedded import free_port
 from tokensvc_client.v1 import tokensvc_pb2 as pb
@@ -19,21 +18,6 @@ from tokensvc_client.v1 import tokensvc_pb2_grpc as pb_grpc
 
 CHANNELS = 16  # connections: SO_REUSEPORT spreads them over the workers
 CALLS = 3  # Issue calls per connection
-
-
-def _two_free_ports() -> int:
-    """A port P with P+1 also free (both bound for a moment on loopback)."""
-    for _ in range(50):
-        port = free_port()
-        if port >= 65535:
-            continue
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise AssertionError("no two adjacent free ports")
 
 
 def _status(port: int, path: str) -> int:
@@ -60,7 +44,7 @@ def _issued(port: int) -> tuple[float, set[str]]:
 
 
 def test_each_worker_is_a_scrape_target_and_the_targets_add_up(tmp_path, redis_url):
-    grpc_port, http_port, metrics_port = free_port(), free_port(), _two_free_ports()
+    grpc_port, http_port, metrics_port = free_port(), free_port(), adjacent_free_ports()
     serve = Serve(
         "--insecure",
         "--workers",

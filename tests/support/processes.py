@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -68,3 +69,21 @@ def failed_start(*args: str) -> str:
     assert len(lines) == 1 and lines[0].startswith("tokensvc: "), done.stderr
     assert "Traceback" not in done.stderr
     return lines[0]
+
+
+def adjacent_free_ports() -> int:
+    """A loopback port P with P+1 also free (each of two workers serves metrics on its own
+    port: P, P+1), both bound for a moment to check."""
+    from tokensvc.redis.embedded import free_port
+
+    for _ in range(50):
+        port = free_port()
+        if port >= 65535:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no two adjacent free ports")
