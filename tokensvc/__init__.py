@@ -8,11 +8,11 @@ Sub-packages, each named after what it owns; imports run from top to bottom only
     api        the gRPC surface: servicer, RPC groups, admission, validation, status table
     observe    audit trail, metrics, tracing, logs       | keys      the key ring
     security   caller policy, TLS material               | http      JWKS/discovery listener
-    store      families, revocations, rate limits in Redis (+ Lua)  | config  settings
-    config_env, config_flags   loading the settings from the environment and the flags
+    store      families, revocations, rate limits in Redis (+ Lua)
+    config     settings and their checks; the flag table (flags), loading them (env)
     redis      connections, Sentinel/Cluster, watchdog, embedded redis-server
     proc       process ownership, task helpers | families  refresh-token format | errors  roots
-    handlers   gRPC handler shapes: the one wrapper of the drain, decoding guard, RPC metrics
+    handlers   the one handler wrapper (drain, decoding guard, RPC metrics) and its registrar
 
 The token verifier itself is the client library's (``tokensvc_client.verifier``): the
 server's Introspect and every interceptor use the same one.

@@ -118,7 +118,7 @@ def test_catch_up_stays_complete_across_the_reader_losing_redis(tokensvc, stub, 
 @pytest.mark.parametrize("value", ["0", "10001"])
 def test_the_cap_is_validated(make_settings, value):
     from tokensvc.config import ConfigError
-    from tokensvc.config_env import parse_args
+    from tokensvc.config.env import parse_args
 
     with pytest.raises(ConfigError, match="max-watchers-per-client"):
         parse_args(["--insecure", "--max-watchers-per-client", value])

@@ -10,9 +10,9 @@ import stat
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from tokensvc import config_env
 from tokensvc.cli import main as cli
 from tokensvc.cli.devcerts import DEFAULT_WORKLOADS
+from tokensvc.config import env as config_env
 from tokensvc.observe import logs
 
 KEYS = ("server", *DEFAULT_WORKLOADS)

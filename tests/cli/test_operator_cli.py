@@ -21,10 +21,10 @@ import redis.asyncio as aioredis
 from jwcrypto import jwk
 
 from tests.support import ServerThread
-from tokensvc import config_env
 from tokensvc.cli import main as cli
 from tokensvc.cli.devcerts import DevCA
 from tokensvc.config import Settings
+from tokensvc.config import env as config_env
 from tokensvc.errors import ConfigError
 from tokensvc.keys.ring import KeyRing, KeyRingError, load_kek
 from tokensvc.observe import metrics

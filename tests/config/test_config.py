@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from tokensvc import config_env, config_flags
 from tokensvc.config import ConfigError
+from tokensvc.config import env as config_env
+from tokensvc.config import flags as config_flags
 
 
 def test_defaults_env_and_flags_merge_in_order():
@@ -117,7 +118,7 @@ def test_cli_reports_an_unreachable_redis_in_one_line_and_exit_2(tmp_path):
 def test_workers_default_to_the_cpus_in_production_and_one_in_development(tmp_path):
     import os
 
-    from tokensvc.config_env import load
+    from tokensvc.config.env import load
 
     cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
     cert.write_text("x")

@@ -22,9 +22,11 @@ from grpc_health.v1 import health_pb2
 from opentelemetry import environment_variables as otel_api_env
 from opentelemetry.sdk import environment_variables as otel_sdk_env
 
-from tokensvc import config, config_env, config_flags
+from tokensvc import config
 from tokensvc.cli import main as cli
 from tokensvc.cli.devcerts import write_dev_pki
+from tokensvc.config import env as config_env
+from tokensvc.config import flags as config_flags
 from tokensvc.keys.ring import KeyRingError, load_kek
 from tokensvc.redis.embedded import free_port
 from tokensvc.security.policy import CallerPolicy

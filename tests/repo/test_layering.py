@@ -21,8 +21,6 @@ FLOORS: list[set[str]] = [
     {"runtime"},
     {"api"},
     {"observe", "keys", "security", "http"},
-    {"config_env"},  # settings from the environment and flags: config_flags, config
-    {"config_flags"},  # the serve flag table: config
     {"store", "config"},
     {"redis"},
     {"proc", "families", "handlers"},

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tokensvc.config import ConfigError
-from tokensvc.config_env import parse_args
+from tokensvc.config.env import parse_args
 from tokensvc.security.policy import CallerPolicy, ExchangeRule, TransactionRule
 
 EDGE = "spiffe://tokensvc.test/ns/edge/sa/gateway"

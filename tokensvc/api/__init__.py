@@ -8,6 +8,6 @@ and verification they share),
 ``admission`` (who may call, how often), ``validation`` (field limits), ``status`` (errors ->
 gRPC status codes), ``decoding`` (undecodable requests), ``revocation_hub``, ``times``,
 ``reflection`` and ``health`` (gRPC's own services, their streams capped per client).
-May import: observe, keys, security, http, config_env, config_flags, store, config, redis,
+May import: observe, keys, security, http, store, config, redis,
 proc, families, errors and the public modules of ``tokensvc_client``.
 """

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
-from tokensvc import config, config_env, config_flags
+from tokensvc import config
 from tokensvc.cli import admin, local, tokens
 from tokensvc.cli.output import add_output_arg, emit, printable
 from tokensvc.cli.transport import (
@@ -36,6 +36,8 @@ from tokensvc.cli.transport import (
     open_channel,
     quiet_grpc,
 )
+from tokensvc.config import env as config_env
+from tokensvc.config import flags as config_flags
 
 log = logging.getLogger("tokensvc.cli")
 

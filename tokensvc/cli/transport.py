@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tokensvc.config import is_loopback
-from tokensvc.config_env import env_flag
+from tokensvc.config.env import env_flag
 from tokensvc.errors import TokensvcError
 
 DEFAULT_TARGET = "127.0.0.1:50051"

@@ -2,5 +2,5 @@
 behind an accept gate that bounds connections per client.
 
 Owns: ``listener`` (aiohttp application and server), ``gate`` (connection admission).
-May import: config_env, config_flags, store, config, redis, proc, families, errors.
+May import: store, config, redis, proc, families, errors.
 """

@@ -6,5 +6,5 @@ Owns: ``ring`` (the KeyRing: signing, the KEK file), ``ring_state`` (the ring's 
 its reads and the deployment secrets), ``rotation`` (the lifecycle), ``backend`` (the
 private-key interface), ``local`` (keys under the KEK), ``pkcs11`` and ``token_pool`` (keys
 in a PKCS#11 token; python-pkcs11 is imported only with ``--pkcs11-module``).
-May import: config_env, config_flags, store, config, redis, proc, families, errors.
+May import: store, config, redis, proc, families, errors.
 """

@@ -5,5 +5,5 @@ Owns: ``audit`` (records: building, redaction, log lines), ``audit_writer`` (the
 writes to the Redis streams), ``audit_tail`` (reading them back), ``metrics`` (instruments and
 gauges the alert rules read), ``rpc_metrics`` (RPC duration per method and status),
 ``tracing``, ``quiet_spans``, ``logs``.
-May import: config_env, config_flags, store, config, redis, proc, families, errors.
+May import: store, config, redis, proc, families, errors.
 """

@@ -2,5 +2,5 @@
 the TLS material (server certificate, client CA, reloading on change).
 
 Owns: ``policy``, ``tls``.
-May import: config_env, config_flags, store, config, redis, proc, families, errors.
+May import: store, config, redis, proc, families, errors.
 """

@@ -3,7 +3,7 @@ merged and validated into one :class:`~tokensvc.config.Settings`.
 
 A bad value raises :class:`~tokensvc.errors.ConfigError` whose message is the one line the
 CLI prints; so does a boolean variable spelled neither true nor false. The names and types
-read are those of the flag table (:mod:`tokensvc.config_flags`).
+read are those of the flag table (:mod:`tokensvc.config.flags`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from tokensvc.config import Rate, Settings
-from tokensvc.config_flags import FLAGS, OPTIONS, add_arguments
+from tokensvc.config.flags import FLAGS, OPTIONS, add_arguments
 from tokensvc.errors import ConfigError
 
 __all__ = ["env_flag", "load", "parse_args", "unknown_variables"]

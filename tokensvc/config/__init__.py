@@ -3,8 +3,11 @@
 Everything is validated once, at start-up, by :meth:`Settings.validate`: the named checks
 below run in order and the first bad value raises :class:`ConfigError` whose message is
 the one line the CLI prints. Where the values come from is elsewhere: the flag and
-variable table in :mod:`tokensvc.config_flags`, the merge of defaults, ``TOKENSVC_*``
-environment and flags in :mod:`tokensvc.config_env`.
+variable table in :mod:`tokensvc.config.flags`, the merge of defaults, ``TOKENSVC_*``
+environment and flags in :mod:`tokensvc.config.env`.
+
+Owns: the settings and their checks (here), ``flags`` and ``env``.
+May import: redis, proc, families, errors.
 """
 
 from __future__ import annotations

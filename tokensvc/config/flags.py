@@ -1,7 +1,7 @@
 """The ``serve`` flags: one row per setting (help text and type), each also a
 ``TOKENSVC_<NAME>`` environment variable, and their argparse definitions.
 
-:mod:`tokensvc.config_env` reads the same table to take the values from the environment;
+:mod:`tokensvc.config.env` reads the same table to take the values from the environment;
 docs/configuration.md lists every flag (tests/repo/test_docs.py compares the two).
 """
 
@@ -127,7 +127,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             default = ",".join(default)
         if isinstance(default, Rate):
             default = str(default)
-        if name == "workers":  # see config_env._default_workers
+        if name == "workers":  # see env._default_workers
             default = "one per CPU with TLS, 1 with --insecure or port 0"
         env = "TOKENSVC_" + name.upper()
         parser.add_argument(
