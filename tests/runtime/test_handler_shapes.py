@@ -159,3 +159,26 @@ def test_rpc_metrics_time_coroutine_style_streams(
             break
         threading.Event().wait(0.05)
     assert 'rpc_method="grpc.health.v1.Health/Watch"' in rendered
+
+
+def test_the_registrar_remembers_only_methods_the_server_serves():
+    """A client calling ever new method names (each answered UNIMPLEMENTED) cannot grow the
+    registrar's table of wrapped handlers: only served methods are remembered, once."""
+    from tokensvc.handlers import _WrappedGenericHandler
+
+    async def behaviour(request: Any, context: Any) -> bytes:
+        return b""
+
+    class Details(grpc.HandlerCallDetails):
+        def __init__(self, method: str) -> None:
+            self.method = method
+            self.invocation_metadata = ()
+
+    served = grpc.unary_unary_rpc_method_handler(behaviour)
+    inner = grpc.method_handlers_generic_handler("s.Svc", {"Get": served})
+    wrapped = _WrappedGenericHandler(inner, lambda _method, handler: handler)
+    for i in range(1000):
+        assert wrapped.service(Details(f"/s.Svc/Other{i}")) is None
+    first = wrapped.service(Details("/s.Svc/Get"))
+    assert first is served and wrapped.service(Details("/s.Svc/Get")) is first
+    assert len(wrapped._built) == 1
